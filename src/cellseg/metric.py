@@ -1,0 +1,135 @@
+"""The exact competition metric.
+
+Per image and threshold t in 0.50, 0.55, ..., 0.95, a prediction matches a ground-truth object when
+IoU > t (strictly: IoU exactly 0.5 is not a match). precision(t) = TP / (TP + FP + FN); the image
+score is the mean over the 10 thresholds and the dataset score is the mean over images (not counts
+summed over images). Per cell type: the mean over that type's images.
+
+Edge cases (documented choices): no predictions on an image with cells -> 0.0; no cells and no
+predictions -> 1.0; no cells but predictions -> 0.0.
+
+IoUs come from label images with one ``bincount`` over the pixels both label images cover (sparse:
+only intersecting pairs exist; nothing of shape (n, H*W) is built). Within one label image instances
+cannot overlap, and for t >= 0.5 that makes every match unique, so TP(t) = #pairs with IoU > t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import CellsegError
+from .masks import CropMask, label_image
+
+THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
+
+
+def matched_ious(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np.ndarray:
+    """IoUs of all intersecting (gt, pred) pairs, shape (P,) float64.
+
+    Args:
+        gt: (H, W) int label image, 0 = background, objects 1..n_gt.
+        pred: (H, W) int label image, objects 1..n_pred.
+    """
+    g = gt.ravel().astype(np.int64, copy=False)
+    p = pred.ravel().astype(np.int64, copy=False)
+    area_g = np.bincount(g, minlength=n_gt + 1)
+    area_p = np.bincount(p, minlength=n_pred + 1)
+    both = (g > 0) & (p > 0)
+    keys = g[both] * (n_pred + 1) + p[both]
+    pair, inter = np.unique(keys, return_counts=True)
+    gi, pi = np.divmod(pair, n_pred + 1)
+    union = area_g[gi] + area_p[pi] - inter
+    return inter / union
+
+
+def iou_matrix(gt: np.ndarray, pred: np.ndarray, n_gt: int | None = None, n_pred: int | None = None) -> np.ndarray:
+    """Dense (n_gt, n_pred) IoU matrix from two label images (for inspection and small cases)."""
+    n_gt = int(gt.max()) if n_gt is None else n_gt
+    n_pred = int(pred.max()) if n_pred is None else n_pred
+    g = gt.ravel().astype(np.int64)
+    p = pred.ravel().astype(np.int64)
+    area_g = np.bincount(g, minlength=n_gt + 1)
+    area_p = np.bincount(p, minlength=n_pred + 1)
+    inter = np.bincount(g * (n_pred + 1) + p, minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
+    inter = inter[1:, 1:].astype(np.float64)
+    union = area_g[1:, None] + area_p[None, 1:] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def score_from_ious(ious: np.ndarray, n_gt: int, n_pred: int) -> float:
+    """Image score from the IoUs of intersecting pairs (see module docstring)."""
+    if n_gt == 0 and n_pred == 0:
+        return 1.0
+    if n_gt == 0 or n_pred == 0:
+        return 0.0
+    tp = (ious[None, :] > THRESHOLDS[:, None]).sum(axis=1)
+    return float(np.mean(tp / (n_gt + n_pred - tp)))
+
+
+def image_score(gt: np.ndarray, pred: np.ndarray, n_gt: int | None = None, n_pred: int | None = None) -> float:
+    """Competition score of one image from (H, W) label images.
+
+    ``n_gt``/``n_pred`` default to the maximum label; pass them when some object may have no pixels
+    left (it then counts as unmatched).
+    """
+    n_gt = int(gt.max()) if n_gt is None else n_gt
+    n_pred = int(pred.max()) if n_pred is None else n_pred
+    return score_from_ious(matched_ious(gt, pred, n_gt, n_pred), n_gt, n_pred)
+
+
+@dataclass
+class ScoreReport:
+    """Dataset score, per-type scores and a per-image table (id, cell_type, score, n_true, n_pred)."""
+
+    score: float
+    per_class: dict[str, float]
+    per_image: pd.DataFrame
+
+    @property
+    def images(self) -> int:
+        return len(self.per_image)
+
+    def to_json(self) -> dict:
+        return {"score": self.score, "per_class": self.per_class, "images": self.images}
+
+    def table(self) -> str:
+        lines = [f"{'cell type':<10} {'images':>6} {'score':>7}"]
+        for ct, s in self.per_class.items():
+            n = int((self.per_image["cell_type"] == ct).sum())
+            lines.append(f"{ct:<10} {n:>6} {s:>7.4f}")
+        lines.append(f"{'overall':<10} {self.images:>6} {self.score:>7.4f}")
+        return "\n".join(lines)
+
+
+def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> ScoreReport:
+    """Score predictions against ground truth.
+
+    Args:
+        truth: image id -> :class:`cellseg.data.ImageAnnotation` (id, cell_type, height, width, instances).
+        preds: image id -> predicted instances. Ids in ``truth`` but not in ``preds`` score 0 (no
+            predictions); ids in ``preds`` but not in ``truth`` are an error.
+
+    Raises:
+        CellsegError: unknown ids, or overlapping predicted masks in an image (the Kaggle scorer
+            rejects those submissions).
+    """
+    unknown = sorted(set(preds) - set(truth))
+    if unknown:
+        raise CellsegError(f"{len(unknown)} predicted image id(s) not in the truth, e.g. {unknown[0]!r}")
+    rows = []
+    for image_id, ann in truth.items():
+        gt, _ = label_image(ann.instances, ann.height, ann.width)
+        crops = list(preds.get(image_id, ()))
+        pr, overlap = label_image(crops, ann.height, ann.width)
+        if overlap:
+            raise CellsegError(f"image {image_id}: predicted masks overlap on {overlap} pixel(s); the Kaggle scorer rejects this")
+        s = image_score(gt, pr, len(ann.instances), len(crops))
+        rows.append((image_id, ann.cell_type, s, len(ann.instances), len(crops)))
+    per_image = pd.DataFrame(rows, columns=["id", "cell_type", "score", "n_true", "n_pred"])
+    per_class = {ct: float(g["score"].mean()) for ct, g in per_image.groupby("cell_type", sort=True)}
+    score = float(per_image["score"].mean()) if len(per_image) else 0.0
+    return ScoreReport(score=score, per_class=per_class, per_image=per_image)

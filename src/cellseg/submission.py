@@ -1,0 +1,129 @@
+"""submission.csv: write (atomically), read, and validate like the Kaggle scorer.
+
+Format: header ``id,predicted``; one row per predicted instance with its row-major RLE; an image
+with no predictions gets one row with an empty ``predicted``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import CellsegError
+from .io import atomic_path, image_size
+from .masks import CropMask
+from .rle import decode_crop
+
+HEADER = ("id", "predicted")
+
+
+def write_submission(path: str | Path, rows: Mapping[str, Sequence[str]]) -> Path:
+    """Write ``rows`` (image id -> RLE strings, in order) to ``path`` atomically.
+
+    An id with no RLE gets one row with an empty ``predicted``. Returns the path.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(HEADER)
+            for image_id, rles in rows.items():
+                rles = [r for r in rles if r]
+                if not rles:
+                    w.writerow((image_id, ""))
+                for r in rles:
+                    w.writerow((image_id, r))
+    return path
+
+
+def read_submission(path: str | Path) -> dict[str, list[tuple[int, str]]]:
+    """Read a submission: image id -> [(1-based line, rle), ...] (empty rles dropped, ids kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellsegError(f"{path}: file not found")
+    out: dict[str, list[tuple[int, str]]] = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != list(HEADER):
+            raise CellsegError(f"{path}:1: header must be 'id,predicted', got {','.join(header or [])!r}")
+        for line, row in enumerate(reader, start=2):
+            if len(row) != 2:
+                raise CellsegError(f"{path}:{line}: expected 2 fields, got {len(row)}")
+            image_id, rle = row[0].strip(), row[1].strip()
+            if not image_id:
+                raise CellsegError(f"{path}:{line}: empty id")
+            out.setdefault(image_id, [])
+            if rle:
+                out[image_id].append((line, rle))
+    return out
+
+
+def decode_submission(path: str | Path, sizes: Mapping[str, tuple[int, int]]) -> dict[str, list[CropMask]]:
+    """Decode every RLE of a submission onto crops, with (height, width) per id from ``sizes``.
+
+    Raises CellsegError naming the file and line for a bad RLE or an id missing from ``sizes``.
+    """
+    path = Path(path)
+    out = {}
+    for image_id, items in read_submission(path).items():
+        if image_id not in sizes:
+            line = items[0][0] if items else "?"
+            raise CellsegError(f"{path}:{line}: id {image_id!r} is not in the truth")
+        h, w = sizes[image_id]
+        crops = []
+        for line, rle in items:
+            try:
+                crops.append(decode_crop(rle, h, w))
+            except ValueError as e:
+                raise CellsegError(f"{path}:{line}: {e}") from None
+        out[image_id] = crops
+    return out
+
+
+def validate_submission(path: str | Path, test_dir: str | Path) -> list[str]:
+    """Check a submission against a test folder the way the scorer would.
+
+    Checks: header, every test id present, no unknown ids, RLE syntax, runs within the image (size
+    from the PNG header), no two masks of an image overlapping. Returns the problems, each prefixed
+    with ``line N:`` where it has one; an empty list means valid.
+    """
+    path, test_dir = Path(path), Path(test_dir)
+    if not test_dir.is_dir():
+        raise CellsegError(f"{test_dir}: test folder not found")
+    problems: list[str] = []
+    sizes = {p.stem: p for p in sorted(test_dir.glob("*.png"))}
+    try:
+        sub = read_submission(path)
+    except CellsegError as e:
+        return [str(e)]
+    for missing in sorted(set(sizes) - set(sub)):
+        problems.append(f"test id {missing} has no row")
+    for image_id, items in sub.items():
+        if image_id not in sizes:
+            problems.append(f"line {items[0][0] if items else '?'}: id {image_id} is not in {test_dir}")
+            continue
+        h, w = image_size(sizes[image_id])
+        owner = np.zeros((h, w), dtype=np.int32)  # index+1 into `lines` of the mask owning a pixel
+        lines: list[int] = []
+        for line, rle in items:
+            try:
+                crop = decode_crop(rle, h, w)
+            except ValueError as e:
+                problems.append(f"line {line}: {e}")
+                continue
+            lines.append(line)
+            hh, ww = crop.mask.shape
+            view = owner[crop.top : crop.top + hh, crop.left : crop.left + ww]
+            hit = view[crop.mask]
+            hit = hit[hit > 0]
+            if hit.size:
+                problems.append(
+                    f"line {line}: mask overlaps the mask on line {lines[int(hit[0]) - 1]} "
+                    f"({hit.size} pixel(s)); the scorer rejects overlapping masks"
+                )
+            view[crop.mask & (view == 0)] = len(lines)
+    return problems
