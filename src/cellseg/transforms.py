@@ -29,7 +29,7 @@ class AugmentConfig:
     #: the short side is chosen from it ("choice"); otherwise it is the original short side times a
     #: factor drawn uniformly from ``scale_range`` ("range"). (1.0, 1.0) and [] = no resizing.
     scale_range: tuple[float, float] = (1.0, 1.0)
-    short_sides: list[int] = ()  # type: ignore[assignment]  # tuple default: dataclasses forbid a list
+    short_sides: tuple[int, ...] = ()
     #: Cap on the long side after resizing (0 = no cap).
     max_size: int = 0
     #: Random crop (height, width) taken after resizing; a side larger than the image is clipped to
