@@ -137,7 +137,7 @@ def read_train_records(path: str | Path) -> pd.DataFrame:
             i = int(np.flatnonzero(diff.to_numpy())[0])
             raise _fail(
                 path, int(df["line"].iat[i]),
-                f"{col} {df[col].iat[i]!r} of image {df['id'].iat[i]} differs from its first row ({first.iat[i]!r})",
+                f"{col} {df[col].iat[i]} of image {df['id'].iat[i]} differs from its first row ({first.iat[i]})",
             )
     return df
 

@@ -1,0 +1,29 @@
+"""``cellseg folds``: write a K-fold CSV for a competition folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data import read_train_csv
+from ..folds import make_folds
+from ..io import atomic_write_text
+from ..paths import CompetitionPaths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="competition-layout folder holding train.csv")
+    p.add_argument("-k", "--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--out", type=Path, help="output CSV (default DATA/folds_k{K}_s{SEED}.csv)")
+
+
+def run(args: argparse.Namespace) -> int:
+    comp = CompetitionPaths(args.data).require("train_csv")
+    folds = make_folds(read_train_csv(comp.train_csv), k=args.folds, seed=args.seed)
+    out = args.out or args.data / f"folds_k{args.folds}_s{args.seed}.csv"
+    atomic_write_text(out, folds.to_csv(index=False))
+    table = folds.groupby(["fold", "cell_type"]).size().unstack(fill_value=0)
+    print(table.to_string())
+    print(f"wrote {out} ({len(folds)} images, {folds['sample_id'].nunique()} samples, {args.folds} folds)")
+    return 0

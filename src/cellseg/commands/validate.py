@@ -1,0 +1,25 @@
+"""``cellseg validate``: check a submission.csv as the Kaggle scorer would; exit 0 only when valid."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..submission import validate_submission
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("submission", type=Path, help="submission.csv to check")
+    p.add_argument("--test-dir", required=True, type=Path, help="folder of the test PNGs (ids and sizes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    problems = validate_submission(args.submission, args.test_dir)
+    for p in problems:
+        print(f"{args.submission}: {p}", file=sys.stderr)
+    if problems:
+        print(f"{args.submission}: INVALID ({len(problems)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"{args.submission}: valid")
+    return 0

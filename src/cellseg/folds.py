@@ -1,0 +1,54 @@
+"""K folds grouped by ``sample_id`` (images of one sample never straddle folds) and stratified by
+cell type, via scikit-learn's ``StratifiedGroupKFold``; deterministic for a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import CellsegError
+
+FOLD_COLUMNS = ("id", "sample_id", "cell_type", "fold")
+
+
+def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Assign each image of a :class:`cellseg.data.TrainSet` to one of ``k`` folds.
+
+    Returns a DataFrame with columns id, sample_id, cell_type, fold (0..k-1), in train.csv order.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rows = [(a.id, a.meta.get("sample_id") or a.id, a.cell_type) for a in train_set.images.values()]
+    df = pd.DataFrame(rows, columns=["id", "sample_id", "cell_type"])
+    groups = df["sample_id"].nunique()
+    if k < 2:
+        raise CellsegError(f"need at least 2 folds, got {k}")
+    if groups < k:
+        raise CellsegError(f"cannot make {k} folds from {groups} sample_id group(s)")
+    df["fold"] = -1
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, hold) in enumerate(splitter.split(df, df["cell_type"], groups=df["sample_id"])):
+        df.loc[df.index[hold], "fold"] = fold
+    return df
+
+
+def read_folds(path: str | Path) -> pd.DataFrame:
+    """Read a folds CSV written by :func:`make_folds` (``cellseg folds``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellsegError(f"{path}: folds file not found")
+    df = pd.read_csv(path, dtype={"id": str, "sample_id": str, "cell_type": str, "fold": int})
+    missing = [c for c in FOLD_COLUMNS if c not in df.columns]
+    if missing:
+        raise CellsegError(f"{path}:1: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def split(folds: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
+    """(train ids, hold-out ids) for ``fold``."""
+    k = int(folds["fold"].max()) + 1
+    if not 0 <= fold < k:
+        raise CellsegError(f"fold {fold} out of range 0..{k - 1}")
+    hold = folds["fold"] == fold
+    return folds.loc[~hold, "id"].tolist(), folds.loc[hold, "id"].tolist()

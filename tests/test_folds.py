@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from cellseg.data import read_train_csv
+from cellseg.errors import CellsegError
+from cellseg.folds import make_folds, split
+from helpers import train_rows, write_train_csv
+
+
+def make_set(tmp_path, n_samples=12, per_sample=3):
+    m = np.zeros((8, 8), bool)
+    m[1:4, 1:4] = True
+    rows = []
+    types = ["cort", "shsy5y", "astro"]
+    for s in range(n_samples):
+        ct = types[s % 3]
+        for j in range(per_sample):
+            rows += train_rows(f"im{s}_{j}", ct, [m], sample_id=f"{ct}_sample{s}")
+    return read_train_csv(write_train_csv(tmp_path / "train.csv", rows))
+
+
+def test_grouped_stratified_deterministic(tmp_path):
+    ts = make_set(tmp_path)
+    f1 = make_folds(ts, k=3, seed=7)
+    assert list(f1.columns) == ["id", "sample_id", "cell_type", "fold"]
+    assert set(f1["fold"]) == {0, 1, 2}
+    # a sample never straddles folds
+    assert (f1.groupby("sample_id")["fold"].nunique() == 1).all()
+    # each fold holds every cell type (4 samples per type, 3 folds)
+    assert (f1.groupby("fold")["cell_type"].nunique() == 3).all()
+    assert f1.equals(make_folds(ts, k=3, seed=7))
+    tr, ho = split(f1, 0)
+    assert set(tr).isdisjoint(ho) and len(tr) + len(ho) == len(f1)
+
+
+def test_seed_changes_assignment(tmp_path):
+    ts = make_set(tmp_path, n_samples=30, per_sample=1)
+    assignments = {tuple(make_folds(ts, k=5, seed=s)["fold"]) for s in range(5)}
+    assert len(assignments) > 1
+
+
+def test_too_few_groups(tmp_path):
+    ts = make_set(tmp_path, n_samples=2)
+    with pytest.raises(CellsegError, match="cannot make 5 folds from 2"):
+        make_folds(ts, k=5)
