@@ -34,14 +34,17 @@ def matched_ious(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np
         gt: (H, W) int label image, 0 = background, objects 1..n_gt.
         pred: (H, W) int label image, objects 1..n_pred.
     """
-    g = gt.ravel().astype(np.int64, copy=False)
-    p = pred.ravel().astype(np.int64, copy=False)
-    area_g = np.bincount(g, minlength=n_gt + 1)
-    area_p = np.bincount(p, minlength=n_pred + 1)
-    both = (g > 0) & (p > 0)
-    keys = g[both] * (n_pred + 1) + p[both]
-    pair, inter = np.unique(keys, return_counts=True)
-    gi, pi = np.divmod(pair, n_pred + 1)
+    g = gt.ravel()
+    p = pred.ravel()
+    fg = (g | p) != 0  # pixels covered by either image; background/background pairs are not needed
+    keys = g[fg].astype(np.int64) * (n_pred + 1) + p[fg]
+    # (n_gt + 1) x (n_pred + 1) contingency table: memory is O(objects^2), never O(objects x pixels)
+    table = np.bincount(keys, minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
+    area_g = table.sum(axis=1)
+    area_p = table.sum(axis=0)
+    gi, pi = np.nonzero(table[1:, 1:])
+    gi, pi = gi + 1, pi + 1
+    inter = table[gi, pi]
     union = area_g[gi] + area_p[pi] - inter
     return inter / union
 
