@@ -1,0 +1,316 @@
+"""Raw inference: models x TTA views of one image -> detections with soft masks on their crops.
+
+torchvision's Mask R-CNN would paste every 28 x 28 mask onto a full image (1000 x 520 x 704 floats
+per view). Here ``model.transform.postprocess`` is replaced so that the model returns boxes in
+original-image coordinates and the 28 x 28 mask probabilities; :func:`paste_soft` then samples each
+mask onto its own box crop only (``grid_sample``, vectorised in buckets of similar crop size).
+
+Views (``identity``, ``hflip``, ``vflip``, ``hvflip``) are batched into one forward per model and
+mapped back exactly: boxes mirrored, 28 x 28 masks flipped. On CUDA the convolutional parts (backbone,
+RPN head, box and mask heads) run under fp16 autocast while box decoding stays in fp32.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.transform import resize_boxes
+
+from . import CELL_TYPES, CLASS_IDS
+from .ensemble import Detections, SoftCrop
+from .errors import CellsegError
+from .manifest import FusionConfig, Manifest
+
+VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
+    "identity": (False, False),
+    "hflip": (True, False),
+    "vflip": (False, True),
+    "hvflip": (True, True),
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CellsegError("--device cuda asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def _postprocess_keep_crops(self, result, image_shapes, original_image_sizes):
+    """Replacement for ``GeneralizedRCNNTransform.postprocess``: rescale boxes, keep 28x28 masks."""
+    if self.training:
+        return result
+    for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+        pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+    return result
+
+
+class _Autocast(nn.Module):
+    """Runs ``module`` under CUDA fp16 autocast and returns float32 tensors (nested dict/list/tuple)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = self.module(*args, **kwargs)
+        return _to_float(out)
+
+
+def _to_float(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return type(x)((k, _to_float(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    return x
+
+
+def prepare_model(model: nn.Module, fusion: FusionConfig, device: torch.device, fp16: bool | None = None) -> nn.Module:
+    """Ready a torchvision MaskRCNN for ensemble inference (in place; returns it).
+
+    Loosens the model's own filtering (``roi_heads.score_thresh``/``nms_thresh``/
+    ``detections_per_img`` from the manifest's fusion section), keeps masks as 28 x 28
+    probabilities, moves to ``device``, eval mode; on CUDA wraps the conv parts in fp16 autocast.
+    """
+    if not hasattr(model, "roi_heads") or getattr(model.roi_heads, "mask_predictor", None) is None:
+        raise CellsegError(f"{type(model).__name__} is not a Mask R-CNN (no roi_heads.mask_predictor)")
+    rh = model.roi_heads
+    rh.score_thresh = float(fusion.model_score_thresh)
+    rh.nms_thresh = float(fusion.model_nms_thresh)
+    rh.detections_per_img = int(fusion.detections_per_view)
+    model.transform.postprocess = types.MethodType(_postprocess_keep_crops, model.transform)
+    model.eval().to(device)
+    if fp16 is None:
+        fp16 = device.type == "cuda"
+    if fp16 and not isinstance(model.backbone, _Autocast):
+        model.backbone = _Autocast(model.backbone)
+        model.rpn.head = _Autocast(model.rpn.head)
+        rh.box_head = _Autocast(rh.box_head)
+        rh.mask_head = _Autocast(rh.mask_head)
+    return model
+
+
+def image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W) uint8 grey -> (3, H, W) float32 in [0, 1] on ``device`` (grey repeated)."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    return (t.float() / 255.0).unsqueeze(0).expand(3, -1, -1)
+
+
+def flip_image(t: torch.Tensor, view: str) -> torch.Tensor:
+    h, v = VIEW_FLIPS[view]
+    dims = ([-1] if h else []) + ([-2] if v else [])
+    return t.flip(dims) if dims else t
+
+
+def unflip_boxes(boxes: torch.Tensor, view: str, height: int, width: int) -> torch.Tensor:
+    """Boxes (N, 4) predicted on a flipped view -> original frame (a flip is its own inverse)."""
+    h, v = VIEW_FLIPS[view]
+    b = boxes.clone()
+    if h:
+        b[:, 0], b[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    if v:
+        b[:, 1], b[:, 3] = height - boxes[:, 3], height - boxes[:, 1]
+    return b
+
+
+def unflip_masks(masks: torch.Tensor, view: str) -> torch.Tensor:
+    """(N, M, M) mask probabilities on their boxes, flipped back like the boxes."""
+    h, v = VIEW_FLIPS[view]
+    dims = ([-1] if h else []) + ([-2] if v else [])
+    return masks.flip(dims) if dims else masks
+
+
+def crop_windows(boxes: np.ndarray, height: int, width: int, margin: int = 1) -> np.ndarray:
+    """Integer crop (top, left, bottom, right) (N, 4) covering each box plus ``margin``, clipped."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    top = np.clip(np.floor(b[:, 1]) - margin, 0, height)
+    left = np.clip(np.floor(b[:, 0]) - margin, 0, width)
+    bottom = np.clip(np.ceil(b[:, 3]) + margin, 0, height)
+    right = np.clip(np.ceil(b[:, 2]) + margin, 0, width)
+    bottom = np.maximum(bottom, np.minimum(top + 1, height))
+    right = np.maximum(right, np.minimum(left + 1, width))
+    return np.stack([top, left, bottom, right], axis=1).astype(np.int64)
+
+
+def paste_soft(
+    masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, bucket: int = 128
+) -> list[SoftCrop]:
+    """Paste (N, M, M) mask probabilities onto their boxes' crops, never onto the full image.
+
+    Pixel (y, x) of the crop samples the M x M grid bilinearly at its centre, the mask spanning the
+    box exactly (the box edges are the outer edges of the mask's border cells; outside, the mask
+    fades to 0 as in torchvision's zero-padded paste). Crops are the box + 1 px margin, clipped to
+    the (height, width) image. Vectorised: detections sorted by crop size, padded to the largest
+    crop of each ``bucket``. Returns N float32 SoftCrops in input order.
+    """
+    n = masks.shape[0]
+    if n == 0:
+        return []
+    masks = masks.float().cpu()
+    boxes_np = boxes.float().cpu().numpy()
+    win = crop_windows(boxes_np, height, width)
+    sizes = (win[:, 2] - win[:, 0]) * (win[:, 3] - win[:, 1])
+    order = np.argsort(sizes, kind="stable")
+    out: list[SoftCrop | None] = [None] * n
+    for s in range(0, n, bucket):
+        idx = order[s : s + bucket]
+        w = win[idx]
+        hh, ww = int((w[:, 2] - w[:, 0]).max()), int((w[:, 3] - w[:, 1]).max())
+        b = torch.from_numpy(boxes_np[idx]).double()
+        bw = (b[:, 2] - b[:, 0]).clamp(min=1e-3)
+        bh = (b[:, 3] - b[:, 1]).clamp(min=1e-3)
+        ys = torch.from_numpy(w[:, 0]).double()[:, None] + torch.arange(hh, dtype=torch.float64)[None] + 0.5
+        xs = torch.from_numpy(w[:, 1]).double()[:, None] + torch.arange(ww, dtype=torch.float64)[None] + 0.5
+        gy = (2 * (ys - b[:, 1:2]) / bh[:, None] - 1).float()  # (k, hh)
+        gx = (2 * (xs - b[:, 0:1]) / bw[:, None] - 1).float()  # (k, ww)
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (k, hh, ww, 2)
+        sampled = F.grid_sample(masks[torch.from_numpy(idx)][:, None], grid, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)[:, 0].numpy()
+        for j, i in enumerate(idx):
+            t, l, bo, r = win[i]
+            out[i] = SoftCrop(int(t), int(l), np.ascontiguousarray(sampled[j, : bo - t, : r - l]))
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class RawView:
+    """One model x view: boxes (N, 4), scores (N,), labels (N,) class ids, masks (N, M, M) probs,
+    all in the original image frame, on CPU."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    model: int
+    view: str
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    weight: float
+    label_map: np.ndarray  # model label -> competition class id (0 = drop)
+    name: str = ""
+
+
+def label_map_for(class_names: Sequence[str] | None, num_classes: int) -> np.ndarray:
+    """Model label i (1-based, ``class_names[i-1]``) -> competition class id; unknown names -> 0."""
+    names = list(class_names) if class_names else list(CELL_TYPES)
+    lut = np.zeros(max(num_classes, len(names) + 1), dtype=np.int64)
+    for i, name in enumerate(names, start=1):
+        lut[i] = CLASS_IDS.get(name, 0)
+    return lut
+
+
+def _class_names(info, model) -> Sequence[str] | None:
+    for obj in (info, getattr(info, "config", None), getattr(getattr(info, "config", None), "model", None)):
+        names = getattr(obj, "class_names", None) if obj is not None else None
+        if names:
+            return names
+    return None
+
+
+def load_ensemble(manifest: Manifest, device: torch.device, fp16: bool | None = None) -> list[LoadedModel]:
+    """Load and prepare every model of the manifest (checksums are checked by load_manifest)."""
+    from .checkpoint import load_model
+
+    out = []
+    for entry in manifest.models:
+        path = manifest.checkpoint_path(entry)
+        model, info = load_model(path, device)
+        prepare_model(model, manifest.fusion, device, fp16)
+        num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+        out.append(LoadedModel(model, float(entry.weight), label_map_for(_class_names(info, model), num_classes), str(path)))
+    return out
+
+
+@torch.inference_mode()
+def predict_views(
+    models: Sequence[LoadedModel], image: np.ndarray, views: Sequence[str], device: torch.device, batch: int = 4
+) -> list[RawView]:
+    """Run every model on every view of ``image`` (H, W) uint8; views batched ``batch`` at a time."""
+    height, width = image.shape
+    base = image_tensor(image, device)
+    out = []
+    for mi, lm in enumerate(models):
+        for s in range(0, len(views), batch):
+            chunk = list(views[s : s + batch])
+            preds = lm.model([flip_image(base, v) for v in chunk])
+            for v, p in zip(chunk, preds):
+                labels = torch.from_numpy(lm.label_map[p["labels"].cpu().numpy().clip(0, len(lm.label_map) - 1)])
+                out.append(
+                    RawView(
+                        boxes=unflip_boxes(p["boxes"].float().cpu(), v, height, width),
+                        scores=p["scores"].float().cpu(),
+                        labels=labels,
+                        masks=unflip_masks(p["masks"][:, 0].float().cpu(), v),
+                        model=mi,
+                        view=v,
+                    )
+                )
+    return out
+
+
+def raw_to_detections(
+    raw: Sequence[RawView], models: Sequence[LoadedModel], height: int, width: int, min_score: float = 0.0
+) -> Detections:
+    """Paste the masks of every raw view with score >= ``min_score`` onto crops -> one Detections.
+
+    ``source`` numbers the (model, view) pairs in ``raw`` order; ``weight`` is the model's weight.
+    """
+    parts = []
+    for si, r in enumerate(raw):
+        keep = (r.scores >= min_score) & (r.labels > 0)
+        if not bool(keep.any()):
+            continue
+        boxes, masks = r.boxes[keep], r.masks[keep]
+        n = int(keep.sum())
+        parts.append(
+            Detections(
+                boxes.numpy().astype(np.float32), r.scores[keep].numpy().astype(np.float32),
+                r.labels[keep].numpy().astype(np.int64), paste_soft(masks, boxes, height, width),
+                np.full(n, si, dtype=np.int64), np.full(n, models[r.model].weight, dtype=np.float32),
+            )
+        )
+    return Detections.concat(parts)
+
+
+def raw_vote_inputs(raw: Sequence[RawView], models: Sequence[LoadedModel]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, scores, weights) over every raw detection, for :func:`cellseg.postprocess.vote_cell_type`."""
+    if not raw:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    labels = np.concatenate([r.labels.numpy() for r in raw])
+    scores = np.concatenate([r.scores.numpy() for r in raw])
+    weights = np.concatenate([np.full(len(r.scores), models[r.model].weight, np.float32) for r in raw])
+    return labels, scores, weights
+
+
+def relabel(raw: Sequence[RawView], class_id: int) -> list[RawView]:
+    """Every detection of an image gets the image's voted class (each image holds one cell type)."""
+    return [
+        RawView(r.boxes, r.scores, torch.full_like(r.labels, class_id), r.masks, r.model, r.view) for r in raw
+    ]
+
+
+__all__ = [
+    "VIEW_FLIPS",
+    "resolve_device",
+    "prepare_model",
+    "load_ensemble",
+    "predict_views",
+    "paste_soft",
+    "raw_to_detections",
+    "RawView",
+    "LoadedModel",
+]
