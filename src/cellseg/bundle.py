@@ -286,18 +286,19 @@ def stage_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         files: list[BundleFile] = []
-        wheel = build_wheel(repo, tmp / "wheels")
-        extras = fetch_extra_wheels(list(extra_wheels), tmp / "wheels", Path(wheel_dir) if wheel_dir else None)
-        for p in [wheel, *extras]:
-            files.append(_hash(p, f"wheels/{p.name}"))
         wdir = f"weights/{name}"
-        for src, rel, want in weights:
+        for src, rel, want in weights:  # first: a bad checkpoint fails before the slow wheel build
             got = copy_hashed(src, tmp / wdir / rel)
             if got.sha256 != want:
                 raise CellsegError(f"{src}: sha256 mismatch (manifest {want[:12]}..., file {got.sha256[:12]}...)")
             files.append(BundleFile(f"{wdir}/{rel}", got.size, got.sha256))
         man = copy_hashed(manifest_file, tmp / wdir / "manifest.yaml")
         files.append(BundleFile(f"{wdir}/manifest.yaml", man.size, man.sha256))
+        (tmp / "wheels").mkdir()
+        extras = fetch_extra_wheels(list(extra_wheels), tmp / "wheels", Path(wheel_dir) if wheel_dir else None)
+        wheel = build_wheel(repo, tmp / "wheels")
+        for p in [wheel, *extras]:
+            files.append(_hash(p, f"wheels/{p.name}"))
         files.sort(key=lambda f: f.path)
         marker = {
             "format": 1,
