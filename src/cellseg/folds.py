@@ -52,3 +52,22 @@ def split(folds: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
         raise CellsegError(f"fold {fold} out of range 0..{k - 1}")
     hold = folds["fold"] == fold
     return folds.loc[~hold, "id"].tolist(), folds.loc[hold, "id"].tolist()
+
+
+def select_ids(train_set, fold: int | None = None, k: int = 5, seed: int = 0, images: int | None = None) -> list[str]:
+    """Train image ids for a hold-out run: fold ``fold``'s hold-out, or a seeded random sample of
+    ``images`` ids (stratified order kept), or every image when neither is given."""
+    import numpy as np
+
+    ids = list(train_set.images)
+    if fold is not None and images is not None:
+        raise CellsegError("give either a fold or a number of images, not both")
+    if fold is not None:
+        return split(make_folds(train_set, k=k, seed=seed), fold)[1]
+    if images is not None:
+        if images < 1:
+            raise CellsegError(f"--images must be >= 1, got {images}")
+        rng = np.random.default_rng(seed)
+        pick = set(rng.permutation(len(ids))[: min(images, len(ids))].tolist())
+        return [i for n, i in enumerate(ids) if n in pick]
+    return ids

@@ -27,8 +27,8 @@ from .masks import CropMask, label_image
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
 
-def matched_ious(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np.ndarray:
-    """IoUs of all intersecting (gt, pred) pairs, shape (P,) float64.
+def matched_pairs(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All intersecting (gt, pred) pairs: gt labels (P,), pred labels (P,) (1-based) and IoUs (P,).
 
     Args:
         gt: (H, W) int label image, 0 = background, objects 1..n_gt.
@@ -46,7 +46,12 @@ def matched_ious(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np
     gi, pi = gi + 1, pi + 1
     inter = table[gi, pi]
     union = area_g[gi] + area_p[pi] - inter
-    return inter / union
+    return gi, pi, inter / union
+
+
+def matched_ious(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np.ndarray:
+    """IoUs of all intersecting (gt, pred) pairs, shape (P,) float64 (see :func:`matched_pairs`)."""
+    return matched_pairs(gt, pred, n_gt, n_pred)[2]
 
 
 def iou_matrix(gt: np.ndarray, pred: np.ndarray, n_gt: int | None = None, n_pred: int | None = None) -> np.ndarray:

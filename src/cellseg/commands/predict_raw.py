@@ -1,0 +1,32 @@
+"""``cellseg predict-raw``: cache an ensemble's pre-fusion predictions on train images for tuning."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data import read_train_csv
+from ..folds import select_ids
+from ..paths import CompetitionPaths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="competition-layout folder (train.csv, train/)")
+    p.add_argument("--weights", required=True, type=Path, help="ensemble manifest (weights/<name>/manifest.yaml)")
+    p.add_argument("--out", required=True, type=Path, help="cache folder: one <id>.npz per image + index.json; re-running resumes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fold", type=int, help="cache this fold's hold-out (folds grouped by sample_id)")
+    g.add_argument("--images", type=int, help="cache a random sample of N train images")
+    p.add_argument("-k", "--folds", type=int, default=5, help="number of folds for --fold (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="fold / sample seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tune import predict_raw
+
+    comp = CompetitionPaths(args.data).require("train_csv", "train_dir")
+    ids = select_ids(read_train_csv(comp.train_csv), args.fold, args.folds, args.seed, args.images)
+    out = predict_raw(args.data, args.weights, args.out, ids, device=args.device)
+    print(f"cached {len(ids)} image(s) in {out}")
+    return 0

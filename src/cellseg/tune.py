@@ -1,0 +1,385 @@
+"""Threshold tuning on cached predictions.
+
+``cellseg predict-raw`` runs the ensemble once over hold-out train images and caches, per image, the
+PRE-fusion detections of every model x TTA view (after the cell-type vote) in one compressed
+``<id>.npz``: boxes, scores, labels, sources, model weights and the soft masks quantised to uint8 on
+their crops. Caching before fusion lets the tuner search the NMS IoU too; caching soft masks lets it
+search the mask binarisation threshold. Tuning never re-runs the models.
+
+``cellseg tune`` evaluates, for every cached image, the competition score of every combination of
+(NMS IoU, mask threshold, minimum pixels, score threshold) in a grid. The score threshold is free:
+overlap removal is greedy in descending score order, so the instances that survive a score threshold
+are exactly the survivors of the full run above it; one post-processing pass per (NMS, mask,
+min-pixels) gives the score for all score thresholds at once. Per cell type the best combination is
+chosen; to guard against overfitting, the same choice is repeated on K-1 of K sample-grouped folds
+and scored on the held-out one (out-of-fold score).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import CELL_TYPES, CLASS_IDS
+from .ensemble import Detections, SoftCrop, fuse
+from .errors import CellsegError
+from .io import atomic_path, atomic_write_text, read_gray
+from .manifest import ClassThresholds, Manifest, load_manifest, write_manifest
+from .masks import fill_holes, label_image
+from .metric import THRESHOLDS, matched_pairs
+from .postprocess import binarize, min_pixels_filter, remove_overlaps
+
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class CachedImage:
+    """Pre-fusion detections of one image, as cached by :func:`predict_raw`."""
+
+    id: str
+    cell_type: str
+    height: int
+    width: int
+    total_weight: float
+    dets: Detections
+
+
+def save_cached(path: str | Path, img: CachedImage) -> None:
+    """Write ``img`` as a compressed npz (soft masks quantised to uint8), atomically."""
+    d = img.dets
+    shapes = np.array([m.prob.shape for m in d.masks], dtype=np.int32).reshape(-1, 2)
+    flat = (
+        np.concatenate([m.prob.ravel() for m in d.masks]) if d.masks else np.zeros(0, np.float32)
+    )
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                version=CACHE_VERSION,
+                meta=json.dumps({"id": img.id, "cell_type": img.cell_type, "height": img.height,
+                                 "width": img.width, "total_weight": img.total_weight}),
+                boxes=d.boxes, scores=d.scores, labels=d.labels, source=d.source, weight=d.weight,
+                tops=np.array([m.top for m in d.masks], np.int32), lefts=np.array([m.left for m in d.masks], np.int32),
+                shapes=shapes, probs=np.round(np.clip(flat, 0, 1) * 255).astype(np.uint8),
+            )
+
+
+def load_cached(path: str | Path) -> CachedImage:
+    """Read one cached image written by :func:`save_cached`."""
+    with np.load(path) as z:
+        if int(z["version"]) != CACHE_VERSION:
+            raise CellsegError(f"{path}: cache version {int(z['version'])}, expected {CACHE_VERSION}; re-run predict-raw")
+        meta = json.loads(str(z["meta"]))
+        shapes, probs = z["shapes"], z["probs"].astype(np.float32) / 255.0
+        ends = np.cumsum(shapes[:, 0] * shapes[:, 1])
+        starts = ends - shapes[:, 0] * shapes[:, 1]
+        masks = [
+            SoftCrop(int(t), int(l), probs[s:e].reshape(int(h), int(w)))
+            for t, l, s, e, (h, w) in zip(z["tops"], z["lefts"], starts, ends, shapes)
+        ]
+        dets = Detections(z["boxes"], z["scores"], z["labels"], masks, z["source"], z["weight"])
+    return CachedImage(meta["id"], meta["cell_type"], meta["height"], meta["width"], meta["total_weight"], dets)
+
+
+def image_detections(image: np.ndarray, loaded, views: Sequence[str], manifest: Manifest, device,
+                     cell_type: str | None = None, min_score: float | None = None) -> tuple[Detections, str, float]:
+    """Pre-fusion detections of one (H, W) uint8 image over models x views.
+
+    The image's cell type is ``cell_type`` when given, else the score-weighted vote; every detection
+    is relabelled to it. Returns (detections with score >= ``min_score`` (default: the manifest's
+    model score floor), cell type, total weight of all model x view runs).
+    """
+    from .postprocess import vote_cell_type
+    from .predict import predict_views, raw_to_detections, raw_vote_inputs, relabel
+
+    height, width = image.shape
+    raw = predict_views(loaded, image, views, device)
+    if cell_type is None:
+        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
+    raw = relabel(raw, CLASS_IDS[cell_type])
+    floor = manifest.fusion.model_score_thresh if min_score is None else min_score
+    dets = raw_to_detections(raw, loaded, height, width, min_score=floor)
+    return dets, cell_type, float(sum(m.weight for m in loaded) * len(views))
+
+
+def predict_raw(
+    data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path, image_ids: Sequence[str],
+    split: str = "train", device: str = "auto", progress: bool = True,
+) -> Path:
+    """Cache pre-fusion detections of ``image_ids`` (PNGs in ``data_dir/split``) into ``out_dir``.
+
+    Writes ``<id>.npz`` per image and ``index.json`` (manifest, checksums, views, ids). Images whose
+    file is already cached for the same manifest are skipped, so an interrupted run resumes.
+    """
+    from tqdm.auto import tqdm
+
+    from .paths import CompetitionPaths
+    from .predict import load_ensemble, resolve_device
+
+    manifest = load_manifest(manifest_path, verify=True)
+    if not manifest.models:
+        raise CellsegError(f"{manifest_path}: manifest lists no model")
+    paths = CompetitionPaths(Path(data_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / "index.json"
+    key = {"manifest": str(Path(manifest_path).resolve()), "sha256": [m.sha256 for m in manifest.models],
+           "views": list(manifest.tta), "split": split}
+    if index_path.exists():
+        old = json.loads(index_path.read_text())
+        if {k: old.get(k) for k in key} != key:
+            raise CellsegError(f"{out} holds a cache of another manifest or split; use a new --out folder")
+    dev = resolve_device(device)
+    loaded = load_ensemble(manifest, dev)
+    done = []
+    for image_id in tqdm(list(image_ids), desc="predict-raw", unit="img", disable=None if progress else True):
+        target = out / f"{image_id}.npz"
+        if not target.exists():
+            image = read_gray(paths.image(split, image_id))
+            dets, cell_type, total = image_detections(image, loaded, manifest.tta, manifest, dev)
+            save_cached(target, CachedImage(image_id, cell_type, *image.shape, total, dets))
+        done.append(image_id)
+    atomic_write_text(index_path, json.dumps({**key, "ids": done, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring a grid
+
+
+@dataclass
+class TuneGrid:
+    """Candidate values per threshold; the manifest's current values are always added."""
+
+    nms_iou: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5])
+    mask_threshold: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6])
+    min_pixels: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100, 150, 200])
+    score: list[float] = field(default_factory=lambda: [round(float(s), 3) for s in np.arange(0.05, 0.951, 0.025)])
+
+    def with_values(self, th: ClassThresholds) -> "TuneGrid":
+        def add(vals, v):
+            return sorted(set(vals) | {v})
+
+        return TuneGrid(add(self.nms_iou, th.nms_iou), add(self.mask_threshold, th.mask_threshold),
+                        add(self.min_pixels, th.min_pixels), add(self.score, th.score))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.nms_iou), len(self.mask_threshold), len(self.min_pixels), len(self.score))
+
+    def values(self, index: tuple[int, int, int, int]) -> ClassThresholds:
+        a, b, c, d = index
+        return ClassThresholds(score=float(self.score[d]), mask_threshold=float(self.mask_threshold[b]),
+                               nms_iou=float(self.nms_iou[a]), min_pixels=int(self.min_pixels[c]))
+
+    def index_of(self, th: ClassThresholds) -> tuple[int, int, int, int]:
+        return (self.nms_iou.index(th.nms_iou), self.mask_threshold.index(th.mask_threshold),
+                self.min_pixels.index(th.min_pixels), self.score.index(th.score))
+
+
+def scores_over_thresholds(scores: np.ndarray, ious: np.ndarray, n_gt: int, score_grid: np.ndarray) -> np.ndarray:
+    """Image score for every score threshold, shape (S,).
+
+    ``scores`` (K,) of the final disjoint instances; ``ious`` (K,) each one's IoU with its best
+    ground-truth object (0 if none). An instance counts at threshold s when its score >= s.
+    """
+    inside = scores[None, :] >= score_grid[:, None]  # (S, K)
+    n_pred = inside.sum(axis=1)
+    tp = ((ious[None, None, :] > THRESHOLDS[:, None, None]) & inside[None]).sum(axis=2)  # (T, S)
+    denom = n_gt + n_pred[None, :] - tp
+    prec = np.divide(tp, denom, out=np.where(denom == 0, 1.0, 0.0), where=denom > 0)
+    return prec.mean(axis=0)
+
+
+def image_grid_scores(img: CachedImage, truth, grid: TuneGrid, manifest: Manifest) -> np.ndarray:
+    """Competition score of one cached image for every grid combination, shape ``grid.shape``."""
+    fu, pp = manifest.fusion, manifest.postprocess
+    gt, _ = label_image(truth.instances, img.height, img.width)
+    n_gt = len(truth.instances)
+    score_grid = np.asarray(grid.score, dtype=np.float64)
+    out = np.zeros(grid.shape)
+    for a, nms in enumerate(grid.nms_iou):
+        for b, mthr in enumerate(grid.mask_threshold):
+            fused = fuse(img.dets, img.height, img.width, nms, fu.iou_type, mthr, fu.average_masks, fu.score_mode,
+                         total_weight=img.total_weight)
+            crops = [binarize(m, mthr) for m in fused.masks]
+            if pp.fill_holes:
+                crops = [fill_holes(c) for c in crops]
+            for c, min_px in enumerate(grid.min_pixels):
+                keep = min_pixels_filter(crops, min_px)
+                kept, idx = remove_overlaps([crops[i] for i in keep], fused.scores[keep], img.height, img.width,
+                                            pp.max_lost_fraction, min_px)
+                scores = fused.scores[keep][idx].astype(np.float64)
+                pred, _ = label_image(kept, img.height, img.width)
+                ious = np.zeros(len(kept))
+                if kept:
+                    _, pi, iou = matched_pairs(gt, pred, n_gt, len(kept))
+                    np.maximum.at(ious, pi - 1, iou)
+                out[a, b, c] = scores_over_thresholds(scores, ious, n_gt, score_grid)
+    return out
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+@dataclass
+class ClassResult:
+    cell_type: str
+    images: int
+    default: ClassThresholds
+    tuned: ClassThresholds
+    default_score: float
+    tuned_score: float
+    out_of_fold_score: float
+    curves: dict[str, tuple[list[float], list[float]]]
+
+
+@dataclass
+class TuneResult:
+    classes: dict[str, ClassResult]
+    default_score: float
+    tuned_score: float
+    out_of_fold_score: float
+    images: int
+    seconds: float
+
+
+def _group_folds(groups: Sequence[str], k: int) -> np.ndarray:
+    """Fold index (0..k-1) per item, grouped (one group never straddles folds), deterministic."""
+    uniq = sorted(set(groups))
+    k = max(1, min(k, len(uniq)))
+    fold_of = {g: i % k for i, g in enumerate(uniq)}
+    return np.array([fold_of[g] for g in groups], dtype=np.int64)
+
+
+def choose(tables: np.ndarray) -> tuple[int, ...]:
+    """Grid index with the best mean score over images; ``tables`` (n_images, *grid.shape)."""
+    mean = tables.mean(axis=0)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mean)), mean.shape))
+
+
+def tune(cache_dir: str | Path, truth: dict, manifest: Manifest, grid: TuneGrid | None = None, folds: int = 3,
+         jobs: int = 1, progress: bool = True) -> TuneResult:
+    """Tune per-class thresholds on every cached image that has ground truth in ``truth``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    files = sorted(Path(cache_dir).glob("*.npz"))
+    files = [f for f in files if f.stem in truth]
+    if not files:
+        raise CellsegError(f"{cache_dir}: no cached image with ground truth (run `cellseg predict-raw` first)")
+    grid = grid or TuneGrid()
+    per_class: dict[str, list] = {}
+    cells = {}
+    for f in tqdm(files, desc="read cache", unit="img", disable=None if progress else True):
+        img = load_cached(f)
+        per_class.setdefault(img.cell_type, []).append(img)
+    grids = {ct: grid.with_values(manifest.thresholds(ct)) for ct in per_class}
+    jobs_list = [(img, ct) for ct, imgs in per_class.items() for img in imgs]
+    tables: dict[str, list[np.ndarray]] = {ct: [] for ct in per_class}
+    bar = tqdm(total=len(jobs_list), desc="tune", unit="img", disable=None if progress else True)
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as ex:
+            futs = [(ct, ex.submit(image_grid_scores, img, truth[img.id], grids[ct], manifest)) for img, ct in jobs_list]
+            for ct, fu in futs:
+                tables[ct].append(fu.result())
+                bar.update()
+    else:
+        for img, ct in jobs_list:
+            tables[ct].append(image_grid_scores(img, truth[img.id], grids[ct], manifest))
+            bar.update()
+    bar.close()
+    results, all_default, all_tuned, all_oof = {}, [], [], []
+    for ct in [c for c in CELL_TYPES if c in per_class]:
+        g, tab = grids[ct], np.stack(tables[ct])
+        default = manifest.thresholds(ct)
+        d_idx, best = g.index_of(default), choose(tab)
+        groups = [truth[img.id].meta.get("sample_id") or img.id for img in per_class[ct]]
+        fold = _group_folds(groups, folds)
+        oof = np.zeros(len(tab))
+        for k in np.unique(fold):
+            held = fold == k
+            idx = choose(tab[~held]) if (~held).any() else best
+            oof[held] = tab[held][(slice(None), *idx)]
+        curves = {}
+        for axis, name in enumerate(("nms_iou", "mask_threshold", "min_pixels", "score")):
+            sl = list(best)
+            sl[axis] = slice(None)
+            curves[name] = (list(map(float, getattr(g, name))), tab.mean(axis=0)[tuple(sl)].tolist())
+        results[ct] = ClassResult(ct, len(tab), default, g.values(best), float(tab[(slice(None), *d_idx)].mean()),
+                                  float(tab[(slice(None), *best)].mean()), float(oof.mean()), curves)
+        all_default += tab[(slice(None), *d_idx)].tolist()
+        all_tuned += tab[(slice(None), *best)].tolist()
+        all_oof += oof.tolist()
+    return TuneResult(results, float(np.mean(all_default)), float(np.mean(all_tuned)), float(np.mean(all_oof)),
+                      len(all_tuned), time.time() - t0)
+
+
+def report_table(res: TuneResult) -> str:
+    lines = [f"{'cell type':<9} {'images':>6} {'default':>8} {'tuned':>8} {'out-of-fold':>11}   chosen (score / mask / nms / min px)"]
+    for ct, r in res.classes.items():
+        t = r.tuned
+        lines.append(f"{ct:<9} {r.images:>6} {r.default_score:>8.4f} {r.tuned_score:>8.4f} {r.out_of_fold_score:>11.4f}   "
+                     f"{t.score:.3f} / {t.mask_threshold:.2f} / {t.nms_iou:.2f} / {t.min_pixels}")
+    lines.append(f"{'overall':<9} {res.images:>6} {res.default_score:>8.4f} {res.tuned_score:>8.4f} {res.out_of_fold_score:>11.4f}")
+    return "\n".join(lines)
+
+
+def plot_curves(res: TuneResult, out_dir: str | Path) -> list[Path]:
+    """One PNG per class: score vs each threshold, the others held at the chosen values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ct, r in res.classes.items():
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+        for ax, (name, (xs, ys)) in zip(axes, r.curves.items()):
+            ax.plot(xs, ys, marker="o", ms=3)
+            ax.axvline(getattr(r.tuned, name), color="tab:green", ls="--", label="tuned")
+            ax.axvline(getattr(r.default, name), color="tab:red", ls=":", label="default")
+            ax.set_xlabel(name)
+            ax.set_ylabel("score")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{ct}: {r.images} images, tuned {r.tuned_score:.4f} (default {r.default_score:.4f})")
+        fig.tight_layout()
+        p = out_dir / f"tune_{ct}.png"
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_tuned_manifest(manifest_path: str | Path, manifest: Manifest, res: TuneResult) -> tuple[Path, Path]:
+    """Keep the current manifest as ``manifest.vN.yaml`` and write the tuned values into the manifest.
+
+    Returns (new manifest path, kept old version path).
+    """
+    path = Path(manifest_path)
+    if path.is_dir():
+        path = path / "manifest.yaml"
+    n = 1
+    while (old := path.with_name(f"{path.stem}.v{n}{path.suffix}")).exists():
+        n += 1
+    shutil.copy2(path, old)
+    classes = dict(manifest.classes)
+    for ct, r in res.classes.items():
+        classes[ct] = r.tuned
+    write_manifest(dataclasses.replace(manifest, classes=classes), path, fill_checksums=False)
+    return path, old
