@@ -1,0 +1,576 @@
+#!/usr/bin/env python
+"""Upload the bundle, push the kernel and submit it to the competition, with Kaggle's own client.
+
+    python tools/push.py all --wait                 # the whole loop: dataset -> kernel -> submission score
+    python tools/push.py dataset -m "thresholds v2" # new dataset version from weights/demo (staged first)
+    python tools/push.py kernel                     # push kernel/submit.py, wait for COMPLETE or ERROR (+ log)
+    python tools/push.py submit --wait              # submit the latest kernel version, print the score
+    python tools/push.py all --dry-run              # the full plan (files, sizes, metadata, calls), no network
+
+Steps (see docs/KAGGLE.md):
+  dataset  stage the bundle (``cellseg bundle``) unless ``--bundle`` names a staged one; create the
+           dataset when new (private), otherwise wait until the previous version is ready and add a
+           version with notes. Sub-folders go up zipped (``dir_mode="zip"``). ``--wait``/``all``: poll
+           until the new version is ready.
+  kernel   stage kernel-metadata.json (owner filled in) + the entry file, check the dataset is ready,
+           push, poll until COMPLETE or ERROR; on ERROR print the tail of the kernel's log.
+  submit   ``competition_submit_code`` with the kernel version; ``--wait``: poll until scored.
+  all      the three in order, stopping at the first failure with what to do next.
+
+Exit status: 0 ok, 2 bad input / credentials / metadata (one line per problem, before any network
+call), 1 remote failure. Transient failures (connection errors, 5xx, 429) are retried with backoff for
+at most ``--retry-budget`` seconds per call. A failed upload creates no dataset version; running the
+same command again resumes top-level file uploads from ``$TMPDIR/.kaggle-uploads-<euid>/``.
+
+The API key is never printed: the kaggle client's verbose mode (which would print request headers)
+is switched off, and no message here includes it.
+
+Testing hook: when ``CELLSEG_KAGGLE_ENDPOINT`` is set (e.g. ``http://127.0.0.1:8765``), the client
+talks to that server instead of Kaggle (``tests/fake_kaggle.py`` serves one). Never set it otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import cellseg  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO / "src"))
+
+from cellseg import bundle as bundle_mod  # noqa: E402
+from cellseg import kaggle_meta as km  # noqa: E402
+from cellseg.errors import CellsegError  # noqa: E402
+
+ENDPOINT_ENV = "CELLSEG_KAGGLE_ENDPOINT"
+SUBMISSION_FILE = "submission.csv"
+STEPS = ("dataset", "kernel", "submit")
+
+
+class UsageError(Exception):
+    """Bad input, credentials or metadata: exit 2. ``lines`` are printed one per line."""
+
+    def __init__(self, *lines: str):
+        self.lines = list(lines)
+        super().__init__("; ".join(lines))
+
+
+class RemoteError(Exception):
+    """Kaggle refused or failed: exit 1, with ``hint`` saying what to do next."""
+
+    def __init__(self, message: str, hint: str = ""):
+        self.hint = hint
+        super().__init__(message)
+
+
+def say(*msg: Any) -> None:
+    print(*msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"push.py: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kaggle client, with bounded retries and readable errors
+
+
+def http_status(e: BaseException) -> int | None:
+    resp = getattr(e, "response", None)
+    return getattr(resp, "status_code", None)
+
+
+def describe(e: BaseException) -> str:
+    """One line for an exception from the client: the server's own message on HTTP errors."""
+    code = http_status(e)
+    if code is not None:
+        return f"HTTP {code}: {str(e) or 'no message'}"
+    name = type(e).__name__
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{name}: {text}" if text else name
+
+
+def transient(e: BaseException) -> bool:
+    """Connection errors, timeouts, 5xx and 429 are worth retrying; everything else is an answer."""
+    import requests
+    import urllib3.exceptions as u3
+
+    code = http_status(e)
+    if code is not None:
+        return code >= 500 or code == 429
+    return isinstance(e, (requests.ConnectionError, requests.Timeout, u3.HTTPError, ConnectionError))
+
+
+class Kaggle:
+    """The real ``KaggleApi``, imported only after credentials are known to exist (the import
+    authenticates and may exit), with one bounded retry policy for every call."""
+
+    def __init__(self, retry_budget: float, poll_interval: float, wait_timeout: float):
+        self.retry_budget = retry_budget
+        self.poll_interval = poll_interval
+        self.wait_timeout = wait_timeout
+        if not km.has_credentials():
+            raise UsageError(
+                "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json (chmod 600) in "
+                f"{km.kaggle_config_dir()} (https://www.kaggle.com/settings -> Create New Token)"
+            )
+        # The client's verbose mode prints request headers, Authorization included.
+        for var in ("VERBOSE", "VERBOSE_OUTPUT"):
+            os.environ.pop(var, None)
+        endpoint = os.environ.get(ENDPOINT_ENV)
+        if endpoint:
+            os.environ["KAGGLE_API_ENVIRONMENT"] = "LOCALHOST"
+        try:
+            import kagglesdk.kaggle_env as kenv
+
+            if endpoint:
+                kenv._env_to_endpoint[kenv.KaggleEnv.LOCAL] = endpoint.rstrip("/")
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.args = ["--local"] if endpoint else []
+            api.authenticate()
+        except SystemExit:
+            raise UsageError("the kaggle client refused the credentials (see its message above)") from None
+        except ImportError as e:
+            raise UsageError(f"the kaggle client is not installed ({e}): pip install kaggle==2.2.5 six") from None
+        # The client retries some calls itself (uploads, create version, get submission) for up to
+        # minutes; route those through the same bounded policy.
+        api.with_retry = lambda func, *a, **kw: (lambda *fa, **fkw: self.retrying(func.__name__, func, *fa, **fkw))
+        self.api = api
+
+    def retrying(self, what: str, fn: Callable, *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
+        """Call ``fn``; retry transient failures with exponential backoff within ``retry_budget``
+        seconds. Non-idempotent calls are retried only when the connection failed outright.
+        Other exceptions propagate unchanged; an exhausted budget raises :class:`RemoteError`."""
+        import requests
+
+        deadline = time.monotonic() + self.retry_budget
+        delay = min(1.0, max(self.retry_budget / 8, 0.05))
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, **kwargs)
+            except SystemExit as e:  # the client calls exit() on some failures
+                raise RemoteError(f"{what}: the kaggle client gave up (exit {e.code})") from None
+            except Exception as e:
+                retry = transient(e) if idempotent else isinstance(e, requests.ConnectionError) and http_status(e) is None
+                left = deadline - time.monotonic()
+                if not retry:
+                    raise
+                if left <= 0:
+                    raise RemoteError(
+                        f"{what}: gave up after {attempt} attempts in {self.retry_budget:g} s ({describe(e)})",
+                        "check your connection and https://status.kaggle.com, then run the same command again",
+                    ) from None
+                pause = delay
+                after = getattr(getattr(e, "response", None), "headers", {}) or {}
+                if http_status(e) == 429 and str(after.get("Retry-After", "")).isdigit():
+                    pause = float(after["Retry-After"])
+                pause = min(pause, left)
+                warn(f"{what}: {describe(e)}; retry {attempt} in {pause:.1f} s")
+                time.sleep(pause)
+                delay *= 2
+
+    def call(self, what: str, fn: Callable, *args: Any, hint: str = "", **kwargs: Any) -> Any:
+        """:meth:`retrying`, with any remaining failure turned into a :class:`RemoteError`."""
+        try:
+            return self.retrying(what, fn, *args, **kwargs)
+        except RemoteError:
+            raise
+        except Exception as e:
+            raise RemoteError(f"{what}: {describe(e)}", hint) from None
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def dataset_state(self, ref: str) -> str | None:
+        """Lower-case status of the dataset's latest version ('ready', 'blobs_received', ...), None if absent."""
+        try:
+            return self.retrying("dataset status", self.api.dataset_status, ref)
+        except RemoteError:
+            raise
+        except Exception as e:
+            if http_status(e) == 404:
+                return None
+            raise RemoteError(f"dataset status of {ref}: {describe(e)}", "check --username and that you can see the dataset") from None
+
+    def wait_dataset(self, ref: str, accept_failed: bool = False) -> str:
+        """Poll until the latest version is ready (or failed, when ``accept_failed``)."""
+        start = time.monotonic()
+        last = None
+        while True:
+            state = self.dataset_state(ref)
+            if state is None:
+                raise RemoteError(f"dataset {ref} does not exist on Kaggle", "run: python tools/push.py dataset")
+            if state != last:
+                say(f"dataset {ref}: {state}")
+                last = state
+            if state == "ready" or (accept_failed and state in ("failed", "deleted")):
+                return state
+            if state in ("failed", "deleted"):
+                raise RemoteError(f"dataset {ref}: the new version {state} while Kaggle processed it",
+                                  f"open https://www.kaggle.com/datasets/{ref} for details, then push the dataset again")
+            if time.monotonic() - start > self.wait_timeout:
+                raise RemoteError(f"dataset {ref} still '{state}' after {self.wait_timeout:g} s",
+                                  "run the same command again later")
+            time.sleep(self.poll_interval)
+
+
+# ----------------------------------------------------------------------------------------------
+# Local preparation (no network)
+
+
+def load_kernel_meta(repo: Path, username: str, dataset_ref: str) -> dict:
+    meta = km.fill(km.load_template(repo / km.KERNEL_METADATA), username)
+    problems = km.validate_kernel_metadata(meta, repo)
+    if dataset_ref not in meta.get("dataset_sources", []):
+        problems.append(f"kernel dataset_sources: {meta.get('dataset_sources')} does not include the bundle dataset {dataset_ref}")
+    if problems:
+        raise UsageError(*problems)
+    return meta
+
+
+def stage_kernel(repo: Path, meta: dict, folder: Path) -> list[bundle_mod.BundleFile]:
+    """Copy the entry file (same relative path) and write the filled kernel-metadata.json into ``folder``."""
+    code = meta["code_file"]
+    info = bundle_mod.copy_hashed(repo / code, folder / code)
+    km.write_json(folder / km.KERNEL_METADATA, meta)
+    return [bundle_mod.BundleFile(code, info.size, info.sha256)]
+
+
+def prepare_bundle(args: argparse.Namespace, username: str, scratch: Path) -> bundle_mod.Bundle:
+    """The bundle to upload: ``--bundle`` as staged, else staged now from ``--weights``."""
+    if args.bundle:
+        b = bundle_mod.read_bundle(args.bundle)
+    else:
+        manifest = Path(args.weights) if args.weights else args.repo / "weights" / "demo" / "manifest.yaml"
+        out = scratch / "bundle" if args.dry_run else args.repo / "dist" / "kaggle-bundle"
+        say(f"staging the bundle from {manifest} into {out}")
+        b = bundle_mod.stage_bundle(manifest, out, username=username, repo=args.repo)
+    problems = km.validate_dataset_metadata(b.metadata)
+    owner = str(b.metadata.get("id", "")).split("/")[0]
+    if not problems and owner != username:
+        problems.append(f"dataset id: {b.metadata['id']} is owned by {owner!r}, but the user is {username!r} (stage it again)")
+    if problems:
+        raise UsageError(*problems)
+    return b
+
+
+def default_message(b: bundle_mod.Bundle | None) -> str:
+    if b is None:
+        return "cellseg submission"
+    commit = (b.marker.get("git_commit") or "")[:10]
+    return f"cellseg {b.marker.get('version', '?')} weights={b.marker.get('weights', '?')}" + (f" commit={commit}" if commit else "")
+
+
+def upload_names(b: bundle_mod.Bundle) -> list[str]:
+    """What the client sends for a bundle folder with dir_mode='zip': top-level files as they are,
+    each sub-folder as one <name>.zip (Kaggle unpacks it)."""
+    names = set()
+    for f in b.files:
+        top = f.path.split("/")[0]
+        names.add(top if top == f.path else f"{top}.zip (folder {top}/)")
+    return sorted(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+
+def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> None:
+    api, ref, folder = k.api, b.metadata["id"], str(b.root)
+    resume_hint = ("run the same command again (finished uploads resume); no dataset version was created, "
+                   "so nothing is half-done on Kaggle")
+
+    def create() -> Any:
+        say(f"dataset {ref}: creating it (private)")
+        return k.call("dataset create", api.dataset_create_new, folder, public=False, quiet=False,
+                      dir_mode="zip", hint=resume_hint)
+
+    def version() -> Any:
+        say(f"dataset {ref}: new version ({notes!r})")
+        return k.retrying("dataset version", api.dataset_create_version, folder, notes, quiet=False, dir_mode="zip")
+
+    state = k.dataset_state(ref)
+    if state is None:
+        resp = create()
+    else:
+        if state != "ready":
+            # Versioning while the previous version still processes is answered with 403.
+            say(f"dataset {ref}: previous version is '{state}'; waiting until it is ready before versioning")
+            k.wait_dataset(ref, accept_failed=True)
+        try:
+            resp = version()
+        except RemoteError:
+            raise
+        except Exception as e:
+            code = http_status(e)
+            if code == 404:
+                say(f"dataset {ref}: Kaggle says it does not exist ({describe(e)}); creating it instead")
+                resp = create()
+            elif code == 403:
+                say(f"dataset {ref}: {describe(e)}; waiting for the previous version to finish, then trying once more")
+                k.wait_dataset(ref, accept_failed=True)
+                resp = k.call("dataset version", version, hint=(
+                    f"you must own {ref} (is --username right?) and no other version may be processing; "
+                    f"see https://www.kaggle.com/datasets/{ref}"))
+            elif isinstance(e, ValueError):
+                raise RemoteError(f"dataset version: {e}", resume_hint) from None
+            else:
+                raise RemoteError(f"dataset version: {describe(e)}", resume_hint) from None
+    error = getattr(resp, "error", None)
+    if error:
+        raise RemoteError(f"dataset {ref}: Kaggle answered: {error}", "fix what it says, then push the dataset again")
+    say(f"dataset {ref}: uploaded ({getattr(resp, 'url', '') or 'https://www.kaggle.com/datasets/' + ref})")
+    if wait:
+        k.wait_dataset(ref)
+
+
+def kernel_log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of the kernel's log (Kaggle's JSON log flattened), or '' if unavailable."""
+    with tempfile.TemporaryDirectory(prefix="cellseg-kernel-log-") as tmp:
+        try:
+            files, _ = k.retrying("kernel output", k.api.kernels_output, ref, tmp, quiet=True)
+        except Exception as e:  # the log is a courtesy; the ERROR itself is reported anyway
+            warn(f"could not fetch the kernel log: {describe(e)}")
+            return ""
+        logs = [Path(f) for f in files if str(f).endswith(".log")]
+        if not logs:
+            return ""
+        text = logs[0].read_text(errors="replace")
+    try:
+        events = json.loads(text)
+        text = "".join(ev.get("data", "") for ev in events if isinstance(ev, dict))
+    except ValueError:
+        pass
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
+    """Push the kernel and poll it to the end; returns its version number."""
+    ref = meta["id"]
+    state = k.dataset_state(dataset_ref)
+    if state is None:
+        raise RemoteError(f"the kernel's dataset {dataset_ref} does not exist on Kaggle", "run: python tools/push.py dataset")
+    if state != "ready":
+        say(f"dataset {dataset_ref} is '{state}': waiting until it is ready before pushing the kernel")
+        k.wait_dataset(dataset_ref)
+    with tempfile.TemporaryDirectory(prefix="cellseg-kernel-") as tmp:
+        stage_kernel(repo, meta, Path(tmp))
+        say(f"kernel {ref}: pushing {meta['code_file']} (internet off, GPU on)")
+        resp = k.call("kernel push", k.api.kernels_push, tmp, idempotent=False,
+                      hint="fix what Kaggle says, then run: python tools/push.py kernel")
+    if getattr(resp, "error", None):
+        raise RemoteError(f"kernel {ref}: Kaggle answered: {resp.error}", "fix it, then run: python tools/push.py kernel")
+    invalid = {kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
+               for kind in ("dataset", "competition", "kernel", "model")}
+    invalid = {kind: v for kind, v in invalid.items() if v}
+    if invalid:
+        what = ", ".join(f"{kind}_sources {v}" for kind, v in invalid.items())
+        raise RemoteError(f"kernel {ref}: Kaggle rejected {what}",
+                          "check that the dataset exists and is yours, and that you accepted the competition rules")
+    version = resp.version_number
+    say(f"kernel {ref}: version {version} pushed ({resp.url or ''}); waiting for it to run")
+    start, last = time.monotonic(), None
+    while True:
+        st = k.call("kernel status", k.api.kernels_status, ref)
+        name = st.status.name
+        if name != last:
+            say(f"kernel {ref} v{version}: {name}")
+            last = name
+        if name == "COMPLETE":
+            return version
+        if name in ("ERROR", "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED"):
+            tail = kernel_log_tail(k, ref)
+            if tail:
+                say(f"--- last lines of the kernel log ---\n{tail}\n---")
+            raise RemoteError(f"kernel {ref} v{version} ended in {name}: {st.failure_message or 'no message'}",
+                              "fix the kernel (run `cellseg dry-run` locally), then: python tools/push.py kernel")
+        if time.monotonic() - start > k.wait_timeout:
+            raise RemoteError(f"kernel {ref} still {name} after {k.wait_timeout:g} s",
+                              f"check https://www.kaggle.com/code/{ref}, then run: python tools/push.py submit")
+        time.sleep(k.poll_interval)
+
+
+def step_submit(k: Kaggle, kernel_ref: str, version: int | None, message: str, wait: bool) -> None:
+    label = f"{kernel_ref}" + (f" v{version}" if version else " (latest version)")
+    say(f"submitting {label} to {km.COMPETITION}")
+    resp = k.call("submit", k.api.competition_submit_code, SUBMISSION_FILE, message, km.COMPETITION,
+                  kernel_ref, version, quiet=True, idempotent=False,
+                  hint="check that the kernel version completed and wrote submission.csv, and your daily submission count")
+    ref = getattr(resp, "ref", 0)
+    say(f"submission {ref}: {getattr(resp, 'message', '')}")
+    if not ref:
+        raise RemoteError("submit: Kaggle returned no submission reference", "check the competition's submissions page")
+    if not wait:
+        say(f"scoring takes a while: see https://www.kaggle.com/competitions/{km.COMPETITION}/submissions")
+        return
+    start, last = time.monotonic(), None
+    while True:
+        try:
+            sub = k.retrying("submission status", k.api.get_submission, ref)
+            name = sub.status.name
+        except RemoteError:
+            raise
+        except Exception as e:
+            if http_status(e) != 404:  # a fresh submission may not be readable yet
+                raise RemoteError(f"submission {ref}: {describe(e)}") from None
+            sub, name = None, "PENDING"
+        if name != last:
+            say(f"submission {ref}: {name}")
+            last = name
+        if name == "COMPLETE":
+            say(f"submission {ref}: public score {sub.public_score or '(not published)'}"
+                + (f", private score {sub.private_score}" if sub.private_score else ""))
+            return
+        if name == "ERROR":
+            raise RemoteError(f"submission {ref} failed: {(sub.error_description or 'no message').strip()}",
+                              "run `cellseg validate` on the kernel's output and `cellseg dry-run` locally")
+        if time.monotonic() - start > k.wait_timeout:
+            raise RemoteError(f"submission {ref} still {name} after {k.wait_timeout:g} s",
+                              f"see https://www.kaggle.com/competitions/{km.COMPETITION}/submissions")
+        time.sleep(k.poll_interval)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run
+
+
+def print_plan(steps: list[str], b: bundle_mod.Bundle | None, kmeta: dict | None, kfiles: list, message: str,
+               args: argparse.Namespace) -> None:
+    say("DRY RUN: nothing is sent to Kaggle.")
+    if b is not None:
+        ref = b.metadata["id"]
+        say(f"\n[dataset] {ref} from {b.root}")
+        say(bundle_mod.format_table(b.files))
+        say(f"uploads (dir_mode=zip): {', '.join(upload_names(b))}")
+        say("dataset-metadata.json: " + json.dumps(b.metadata, indent=2))
+        say("calls:")
+        say(f"  datasets.DatasetApiService/GetDatasetStatus {ref}")
+        say("  if 404: blobs.BlobApiService/StartBlobUpload + PUT per upload; datasets.DatasetApiService/CreateDataset (isPrivate=true)")
+        say("  else:   wait until status is 'ready'; StartBlobUpload + PUT per upload; "
+            f"datasets.DatasetApiService/CreateDatasetVersion (versionNotes={message!r})")
+        if args.wait or "kernel" in steps:
+            say("  poll GetDatasetStatus until 'ready'")
+    if kmeta is not None:
+        say(f"\n[kernel] {kmeta['id']}")
+        say(bundle_mod.format_table(kfiles))
+        say("kernel-metadata.json: " + json.dumps(kmeta, indent=2))
+        say("calls:")
+        say(f"  GetDatasetStatus {kmeta['dataset_sources']} must be 'ready'")
+        say("  kernels.KernelsApiService/SaveKernel (enableInternet=false, enableGpu=true, isPrivate=true)")
+        say("  poll kernels.KernelsApiService/GetKernelSessionStatus until COMPLETE or ERROR;"
+            " on ERROR ListKernelSessionOutput -> log tail")
+    if "submit" in steps:
+        kernel_ref = kmeta["id"] if kmeta else "?"
+        version = "the version just pushed" if "kernel" in steps else (args.kernel_version or "latest")
+        say(f"\n[submit] {kernel_ref} ({version}) -> {km.COMPETITION}")
+        say(f"  competitions.CompetitionApiService/CreateCodeSubmission (fileName={SUBMISSION_FILE}, "
+            f"description={message!r})")
+        if args.wait:
+            say("  poll competitions.CompetitionApiService/GetSubmission until COMPLETE, print the score")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="push.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Details: docs/KAGGLE.md")
+    p.add_argument("step", choices=(*STEPS, "all"), help="what to do (all = dataset, kernel, submit in order)")
+    p.add_argument("--dry-run", action="store_true", help="print the full plan (files, sizes, metadata, calls); no network")
+    p.add_argument("-m", "--message", default=None, help="dataset version notes and submission description")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the last step's result too (dataset ready / submission scored)")
+    p.add_argument("--username", default=None, help="Kaggle user name (default: KAGGLE_USERNAME, then kaggle.json)")
+    p.add_argument("--weights", default=None, metavar="MANIFEST",
+                   help="ensemble to ship (default: weights/demo/manifest.yaml); staged into dist/kaggle-bundle")
+    p.add_argument("--bundle", default=None, metavar="DIR", help="upload this already staged bundle (cellseg bundle --out DIR)")
+    p.add_argument("--repo", type=Path, default=REPO, metavar="DIR",
+                   help="checkout holding the metadata templates and kernel/submit.py (default: this one)")
+    p.add_argument("--kernel-version", type=int, default=None, metavar="N",
+                   help="submit: kernel version to submit (default: the one just pushed, else the latest)")
+    p.add_argument("--poll-interval", type=float, default=20.0, metavar="S", help="seconds between status polls (default 20)")
+    p.add_argument("--wait-timeout", type=float, default=10 * 3600, metavar="S",
+                   help="give up waiting for a status after S seconds (default 36000)")
+    p.add_argument("--retry-budget", type=float, default=120.0, metavar="S",
+                   help="retry transient failures of one call for at most S seconds (default 120)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    steps = list(STEPS) if args.step == "all" else [args.step]
+    args.repo = args.repo.resolve()
+    username = km.resolve_username(args.username)
+    with tempfile.TemporaryDirectory(prefix="cellseg-push-") as scratch:
+        # Everything local first: staging and every metadata check, before any network call.
+        b = prepare_bundle(args, username, Path(scratch)) if "dataset" in steps else None
+        dataset_ref = b.metadata["id"] if b else km.fill(km.load_template(args.repo / km.DATASET_METADATA), username)["id"]
+        kmeta = load_kernel_meta(args.repo, username, dataset_ref) if {"kernel", "submit"} & set(steps) else None
+        message = args.message or default_message(b)
+        if args.dry_run:
+            kfiles = stage_kernel(args.repo, kmeta, Path(scratch) / "kernel") if kmeta and "kernel" in steps else []
+            print_plan(steps, b, kmeta if "kernel" in steps or "submit" in steps else None, kfiles, message, args)
+            return 0
+        k = Kaggle(args.retry_budget, args.poll_interval, args.wait_timeout)
+        if b is not None:
+            say(bundle_mod.format_table(b.files))
+        version = args.kernel_version
+        step = steps[0]
+        try:
+            if "dataset" in steps:
+                step_dataset(k, b, message, wait=args.wait or len(steps) > 1)
+            if "kernel" in steps:
+                step = "kernel"
+                version = step_kernel(k, args.repo, kmeta, dataset_ref)
+            if "submit" in steps:
+                step = "submit"
+                step_submit(k, kmeta["id"], version, message, wait=args.wait)
+        except RemoteError as e:
+            rest = steps[steps.index(step) + 1:]
+            if rest:  # `all` stopped early: say where to resume
+                e.hint = (e.hint + "; " if e.hint else "") + "afterwards: " + ", then ".join(
+                    f"python tools/push.py {s}" for s in rest)
+            raise
+    say("done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        for line in e.lines:
+            print(f"push.py: error: {line}", file=sys.stderr)
+        return 2
+    except km.MetadataError as e:
+        for line in e.problems:
+            print(f"push.py: error: {line}", file=sys.stderr)
+        return 2
+    except CellsegError as e:
+        print(f"push.py: error: {e}", file=sys.stderr)
+        return 2
+    except RemoteError as e:
+        print(f"push.py: failed: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"push.py: next: {e.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("push.py: interrupted (nothing is left half-done: run the same command again)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
