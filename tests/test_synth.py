@@ -1,0 +1,244 @@
+"""cellseg.synth: layout, statistics per cell type, determinism, non-overlap, broken astro masks,
+non-thresholdable images, and the ``cellseg synth`` command through a real subprocess."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellseg import CELL_TYPES, IMAGE_SHAPE, rle, synth
+from cellseg.data import cell_type_from_filename, read_train_csv
+from cellseg.io import read_gray
+from cellseg.masks import fill_holes, label_image
+
+H, W = IMAGE_SHAPE
+REAL_MEAN_INSTANCES = {"cort": 34, "shsy5y": 337, "astro": 80}
+REAL_MEAN_AREA = {"cort": 240, "shsy5y": 225, "astro": 906}
+
+
+def _cellseg_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("cellseg")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cellseg"]
+
+
+@pytest.fixture(scope="module")
+def sample() -> dict[str, list[synth.SynthImage]]:
+    """A moderately sized sample per type, straight from make_image (no files)."""
+    rng = np.random.default_rng(2024)
+    counts = {"cort": 24, "shsy5y": 10, "astro": 20}
+    return {t: [synth.make_image(rng, t) for _ in range(n)] for t, n in counts.items()}
+
+
+def _iou(a, b) -> float:
+    """IoU of two CropMasks (any boxes)."""
+    fa, fb = a.to_full(H, W), b.to_full(H, W)
+    return float((fa & fb).sum() / max(1, (fa | fb).sum()))
+
+
+def _elongation(crop) -> float:
+    """sqrt of the ratio of the second-moment eigenvalues (1 = round)."""
+    ys, xs = np.nonzero(crop.mask)
+    ev = np.linalg.eigvalsh(np.cov(np.vstack([ys, xs]).astype(float)))
+    return float(np.sqrt(ev[1] / max(ev[0], 1e-6)))
+
+
+def _otsu(img: np.ndarray) -> int:
+    hist = np.bincount(img.ravel(), minlength=256).astype(float)
+    p = hist / hist.sum()
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    between = (mu[-1] * w0 - mu) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return int(np.argmax(between))
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def test_layout_and_csv_columns(synth_dir: Path) -> None:
+    df = pd.read_csv(synth_dir / "train.csv", dtype=str, keep_default_na=False)
+    assert tuple(df.columns) == synth.TRAIN_COLUMNS
+    ids = df["id"].unique()
+    assert len(ids) == 12
+    assert sorted(p.stem for p in (synth_dir / "train").glob("*.png")) == sorted(ids)
+    assert all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
+    assert set(df["width"]) == {str(W)} and set(df["height"]) == {str(H)}
+    assert df["plate_time"].str.fullmatch(r"\d\dh\d\dm\d\ds").all()
+    assert df["sample_date"].str.fullmatch(r"20\d\d-\d\d-\d\d").all()
+    assert df["elapsed_timedelta"].str.fullmatch(r"\d+ days \d\d:\d\d:\d\d").all()
+    assert df["sample_id"].str.fullmatch(r"(shsy5y|astro|cort)\[[a-z-]+\]_[A-H]\d+-\d_Vessel-\d+_Ph_\d").all()
+    per_image = df.drop(columns="annotation").drop_duplicates()
+    assert len(per_image) == 12  # metadata constant within an image
+    assert (per_image["sample_id"].map(cell_type_from_filename) == per_image["cell_type"]).all()
+    assert per_image["cell_type"].value_counts().to_dict() == {"cort": 6, "shsy5y": 3, "astro": 3}
+    assert per_image["sample_id"].value_counts().max() >= 2  # time series share a sample id
+    # images: 8-bit one channel 520x704
+    img = read_gray(next((synth_dir / "train").glob("*.png")))
+    assert img.shape == (H, W) and img.dtype == np.uint8
+    # test + sample submission
+    test_ids = sorted(p.stem for p in (synth_dir / "test").glob("*.png"))
+    assert len(test_ids) == 3 and not set(test_ids) & set(ids)
+    sub = pd.read_csv(synth_dir / "sample_submission.csv", dtype=str, keep_default_na=False)
+    assert list(sub.columns) == ["id", "predicted"]
+    assert sorted(sub["id"]) == test_ids and (sub["predicted"] == "").all()
+    # unlabeled images: the file name tells the cell type
+    semi = sorted((synth_dir / "train_semi_supervised").glob("*.png"))
+    assert len(semi) == 3
+    assert all(cell_type_from_filename(p.name) in CELL_TYPES for p in semi)
+    # nothing else, no temporary folders left beside it
+    assert sorted(p.name for p in synth_dir.iterdir()) == [
+        "sample_submission.csv", "test", "train", "train.csv", "train_semi_supervised"]
+    assert [p.name for p in synth_dir.parent.iterdir()] == [synth_dir.name]
+
+
+def test_train_csv_loads_and_annotations_never_overlap(synth_dir: Path) -> None:
+    df = pd.read_csv(synth_dir / "train.csv", dtype=str, keep_default_na=False)
+    for image_id, rows in df.groupby("id"):
+        crops = [rle.decode_crop(a, H, W) for a in rows["annotation"]]  # parse() checks bounds/order
+        assert all(c.area > 0 for c in crops)
+        _, overlap = label_image(crops, H, W)
+        assert overlap == 0, image_id
+    ts = read_train_csv(synth_dir / "train.csv")  # the project's own loader accepts it
+    assert len(ts) == 12 and sum(len(a.instances) for a in ts.images.values()) == len(df)
+
+
+def test_split_counts_follow_the_real_shares() -> None:
+    assert synth.split_counts(606) == {"cort": 320, "shsy5y": 155, "astro": 131}
+    assert synth.split_counts(3) == {"cort": 1, "shsy5y": 1, "astro": 1}
+    for n in (4, 7, 12, 100):
+        c = synth.split_counts(n)
+        assert sum(c.values()) == n and min(c.values()) >= 1 and c["cort"] >= c["shsy5y"] >= c["astro"]
+    assert sum(synth.split_counts(2).values()) == 2
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+
+def test_statistics_per_type_roughly_match_the_real_data(sample) -> None:
+    for t, images in sample.items():
+        counts = np.array([len(s.annotations) for s in images])
+        areas = np.array([a.area for s in images for a in s.annotations])
+        assert 0.6 * REAL_MEAN_INSTANCES[t] < counts.mean() < 1.5 * REAL_MEAN_INSTANCES[t], t
+        assert 0.75 * REAL_MEAN_AREA[t] < areas.mean() < 1.3 * REAL_MEAN_AREA[t], t
+        assert areas.min() >= synth.SPECS[t].min_area
+        assert all(s.image.shape == (H, W) and s.image.dtype == np.uint8 for s in images)
+    # spread: shsy5y images are crowded, cort ones sparse; astro cells the largest
+    assert min(len(s.cells) for s in sample["shsy5y"]) > max(len(s.cells) for s in sample["cort"])
+    elong = {t: np.median([_elongation(c) for s in sample[t] for c in s.cells]) for t in ("cort", "shsy5y")}
+    assert elong["shsy5y"] > 1.6 * elong["cort"], elong
+
+
+def test_cells_never_overlap_and_shsy5y_cells_touch(sample) -> None:
+    touching = 0
+    for t, images in sample.items():
+        for s in images[:3]:
+            labels, overlap = label_image(s.cells, H, W)
+            assert overlap == 0
+            if t == "shsy5y":
+                fg = labels > 0
+                touching += int(((labels[:, 1:] != labels[:, :-1]) & fg[:, 1:] & fg[:, :-1]).sum())
+    assert touching > 100  # densely packed cells share borders
+
+
+def test_broken_astro_annotations_are_repaired_by_hole_filling(sample) -> None:
+    broken = [(s.annotations[i], s.cells[i]) for s in sample["astro"] for i in np.flatnonzero(s.broken)]
+    n_astro = sum(len(s.cells) for s in sample["astro"])
+    share = len(broken) / n_astro
+    assert 0.15 < share < 0.5, share  # the module docstring says ~30 %
+    assert not any(s.broken.any() for t in ("cort", "shsy5y") for s in sample[t])
+    before = np.array([_iou(a, c) for a, c in broken[:60]])
+    after = np.array([_iou(fill_holes(a), c) for a, c in broken[:60]])
+    assert before.mean() < 0.75
+    assert after.mean() > 0.95 and after.mean() > before.mean() + 0.2
+    # unbroken annotations are exactly the drawn cells
+    s = sample["astro"][0]
+    ok = np.flatnonzero(~s.broken)
+    assert all(np.array_equal(s.annotations[i].mask, s.cells[i].mask) for i in ok)
+
+
+def test_images_are_not_thresholdable(sample) -> None:
+    for t, images in sample.items():
+        for s in images[:4]:
+            union = label_image(s.cells, H, W)[0] > 0
+            thr = _otsu(s.image)
+            best = 0.0
+            for pred in (s.image > thr, s.image <= thr):
+                best = max(best, float((pred & union).sum() / (pred | union).sum()))
+            assert best < 0.75, (t, best)
+            # but the cells are there: the image differs inside and outside them
+            inside, outside = s.image[union].astype(float), s.image[~union].astype(float)
+            assert abs(inside.mean() - outside.mean()) > 1.0 or inside.std() > outside.std() + 0.5, t
+
+
+def test_background_is_grey_with_uneven_illumination(sample) -> None:
+    s = sample["cort"][0]  # sparse: mostly background
+    bg = s.image.astype(float)
+    assert 100 < np.median(bg) < 160
+    blocks = bg[: H // 4 * 4, : W // 4 * 4].reshape(4, H // 4, 4, W // 4).mean(axis=(1, 3))
+    assert blocks.max() - blocks.min() > 3  # low-frequency gradient/vignetting
+    assert bg.std() < 25  # modest contrast
+
+
+# ----------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
+    kw = dict(train_images=3, test_images=1, semi_images=1, progress=False, workers=1)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    synth.generate(a, seed=5, **kw)
+    synth.generate(b, seed=5, **kw)
+    synth.generate(c, seed=6, **kw)
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert not mismatch and not errors and len(match) == len(files) == 7
+    assert (a / "train.csv").read_bytes() != (c / "train.csv").read_bytes()
+
+
+def test_worker_processes_give_the_same_files(tmp_path: Path) -> None:
+    kw = dict(train_images=3, test_images=1, semi_images=4, seed=11, progress=False)
+    synth.generate(tmp_path / "one", workers=1, **kw)
+    synth.generate(tmp_path / "two", workers=2, **kw)  # 8 images >= 4 per worker: a process pool
+    files = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "one", tmp_path / "two", files, shallow=False)
+    assert not mismatch and not errors
+
+
+# ------------------------------------------------------------------------------ refusal and CLI
+
+
+def test_refuses_a_non_empty_out_unless_forced(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(synth.CellsegError, match="not empty"):
+        synth.generate(out, 1, 0, 0, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left
+    s = synth.generate(out, 1, 0, 0, progress=False, force=True)
+    assert s["train_images"] == 1 and not (out / "keep.txt").exists() and (out / "train.csv").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+    with pytest.raises(synth.CellsegError, match="train_images"):
+        synth.generate(tmp_path / "neg", -1, progress=False)
+
+
+def test_cli_writes_the_layout_and_refuses_non_empty_out(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    cmd = _cellseg_cmd() + ["synth", "--out", str(out), "--train-images", "3", "--test-images", "1",
+                            "--semi-images", "1", "--seed", "7"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "3 train" in p.stdout
+    df = pd.read_csv(out / "train.csv")
+    assert df["id"].nunique() == 3 and set(df["cell_type"]) == {"cort", "shsy5y", "astro"}
+    assert len(list((out / "test").glob("*.png"))) == 1
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "not empty" in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    h = subprocess.run(_cellseg_cmd() + ["synth", "--help"], capture_output=True, text=True, timeout=60)
+    assert h.returncode == 0 and "--train-images" in h.stdout and "--force" in h.stdout
