@@ -1,0 +1,434 @@
+"""The torch Dataset of training / hold-out images: train.csv, pseudo-label csv files and COCO json.
+
+Entry points::
+
+    build_datasets(data_dir, augment: AugmentConfig | None = None, fold: int | None = None, k=5,
+                   seed=0, fill_holes=True, extra_csv=(), coco_json=(), coco_images_dir=None,
+                   extra_ratio=None, use_train=True, folds_csv=None, coco_cell_type="shsy5y",
+                   progress=False) -> (train_ds, val_ds or None)
+    build_train_dataset(cfg: ExperimentConfig, data_dir, train_ids) -> CellDataset   # for cellseg.train
+    collate_fn(batch) -> (images tuple, targets tuple)
+
+``CellDataset[i]`` is ``(image, target)``::
+
+    image   (3, H, W) float32 in [0, 1] (grey repeated)
+    target  {"boxes": (N, 4) float32 x0, y0, x1, y1 (exclusive max corner, tight on the masks),
+             "labels": (N,) int64 (shsy5y=1, astro=2, cort=3), "masks": (N, H, W) uint8,
+             "image_id": str}
+
+N may be 0 (e.g. every cell cropped away). Augmentation (``augment``; hold-out items never are)
+runs copy-paste (:func:`cellseg.transforms.copy_paste`, sources from this dataset's own images of
+the same cell type) and then :func:`cellseg.transforms.build_transform`. Randomness is drawn from
+torch's generator, so DataLoader worker seeding covers the numpy side too.
+
+Sources:
+
+* ``train.csv`` of the data dir (hole filling on by default), split by fold via
+  :func:`cellseg.folds.make_folds` (or ``folds_csv``): train = the other folds, val = the fold.
+* ``extra_csv``: train.csv-format files (pseudo-labels; an optional ``source`` column is allowed);
+  images looked up in ``<data>/train_semi_supervised/``, then ``<data>/train/``, then the csv's
+  folder. Ids that belong to the hold-out fold are left out (no leakage). With ``extra_ratio`` each
+  epoch draws ``round(extra_ratio * n_train)`` extra items (call :meth:`CellDataset.set_epoch` each
+  epoch to redraw); without it every extra image is used once per epoch.
+* ``coco_json``: COCO instance files (LIVECell): polygons, RLE or compressed RLE via pycocotools;
+  ``file_name`` relative to the json's folder or to ``coco_images_dir``. Class: the category name
+  if it is a cell type, else a file-name prefix (``SHSY5Y_...``), else ``coco_cell_type``. Decoded
+  per item, never all at once. Pooled with ``extra_csv`` for ``extra_ratio``.
+
+Cost: masks are kept as crops (:class:`cellseg.masks.CropMask`) and the (N, H, W) stack is built per
+item; see benchmarks/README.md ("dataset item") for the per-item time at 704 x 520 with ~340 cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from . import CELL_TYPES, CLASS_IDS
+from .errors import CellsegError
+from .io import read_gray
+from .masks import CropMask, boxes as crop_boxes, stack
+from .paths import CompetitionPaths
+from .transforms import AugmentConfig, build_transform, copy_paste_indexed, tight_boxes_near
+
+
+@dataclass
+class Record:
+    """One image of a dataset.
+
+    ``instances`` (train.csv-format sources) holds the annotations as crops; ``coco`` holds raw COCO
+    annotation dicts (``segmentation``, ``bbox``, ``label``) decoded when the item is read.
+    """
+
+    image_id: str
+    path: Path
+    cell_type: str
+    height: int
+    width: int
+    instances: list[CropMask] | None = None
+    coco: list[dict] | None = None
+    source: str = "train"
+
+    def __len__(self) -> int:
+        return len(self.instances if self.instances is not None else self.coco or [])
+
+
+def _labels_of(cell_type: str, n: int) -> np.ndarray:
+    return np.full(n, CLASS_IDS[cell_type], dtype=np.int64)
+
+
+def load_record(rec: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read one record: image (H, W) uint8, masks (N, H, W) bool, labels (N,) int64, boxes (N, 4) float32."""
+    image = read_gray(rec.path)
+    if image.shape != (rec.height, rec.width):
+        raise CellsegError(
+            f"{rec.path}: image is {image.shape[0]}x{image.shape[1]} but its annotations say {rec.height}x{rec.width}"
+        )
+    if rec.coco is not None:
+        masks, labels, boxes = _decode_coco(rec)
+        return image, masks, labels, boxes
+    crops = rec.instances or []
+    return image, stack(crops, rec.height, rec.width), _labels_of(rec.cell_type, len(crops)), crop_boxes(crops)
+
+
+def _decode_coco(rec: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from pycocotools import mask as mask_utils
+
+    h, w = rec.height, rec.width
+    if not rec.coco:
+        return np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.float32)
+    rles = []
+    for ann in rec.coco:
+        seg = ann["segmentation"]
+        if isinstance(seg, list):  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:  # compressed RLE
+            rle = {"size": seg["size"], "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+        rles.append(rle)
+    masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).astype(bool, copy=False)
+    hint = np.array([a["bbox"] for a in rec.coco], dtype=np.float64).reshape(-1, 4)
+    hint[:, 2:] += hint[:, :2]
+    boxes, area = tight_boxes_near(masks, hint)
+    keep = area > 0
+    labels = np.array([a["label"] for a in rec.coco], dtype=np.int64)
+    return masks[keep], labels[keep], boxes[keep]
+
+
+class CellDataset(Dataset):
+    """Map-style dataset over :class:`Record` objects (see the module docstring for the item layout).
+
+    Args:
+        records: the base images (train.csv images of the training folds, or the hold-out fold).
+        augment: augmentation policy; None = no augmentation (hold-out / inference-like items).
+        extra: extra records (pseudo-labels, COCO), drawn per epoch according to ``extra_ratio``.
+        extra_ratio: extra items per epoch as a fraction of ``len(records)`` (None = all extras once;
+            ignored when ``records`` is empty).
+        seed: seed of the per-epoch extra draw.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        augment: AugmentConfig | None = None,
+        extra: Sequence[Record] = (),
+        extra_ratio: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.records = list(records)
+        self.extra = list(extra)
+        self.augment = augment
+        self.extra_ratio = extra_ratio
+        self.seed = seed
+        self.transform = build_transform(augment) if augment is not None else None
+        self._to_float = build_transform(AugmentConfig(enabled=False, min_area=1))
+        pool = [r for r in self.records + self.extra if r.instances]
+        self._paste_pool: dict[str | None, list[Record]] = {None: pool}
+        for t in CELL_TYPES:
+            self._paste_pool[t] = [r for r in pool if r.cell_type == t]
+        self.set_epoch(0)
+
+    # ---------------------------------------------------------------- epoch / indexing
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw which extra records this epoch uses (only matters with ``extra_ratio``)."""
+        self.epoch = epoch
+        n = len(self.extra)
+        if self.extra_ratio is None or not self.records or n == 0:
+            self._extra_index = np.arange(n)
+            return
+        want = int(round(self.extra_ratio * len(self.records)))
+        rng = np.random.default_rng([self.seed, epoch])
+        self._extra_index = rng.choice(n, size=want, replace=want > n) if want else np.zeros(0, dtype=int)
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self._extra_index)
+
+    def record(self, index: int) -> Record:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index < len(self.records):
+            return self.records[index]
+        return self.extra[int(self._extra_index[index - len(self.records)])]
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Cell type of every item in index order (e.g. for a class-balanced sampler)."""
+        return [self.record(i).cell_type for i in range(len(self))]
+
+    # ---------------------------------------------------------------- items
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        rec = self.record(index)
+        image, masks, labels, boxes = load_record(rec)
+        cfg = self.augment
+        if cfg is not None and cfg.enabled and cfg.copy_paste_p > 0 and rec.instances is not None:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+            if rng.random() < cfg.copy_paste_p:
+                pasted = self._copy_paste(rec, image, masks, labels, boxes, rng)
+                if pasted is not None:
+                    image, masks, labels, boxes = pasted
+        return self._finish(rec.image_id, image, masks, labels, boxes)
+
+    def _copy_paste(self, rec: Record, image, masks, labels, boxes, rng: np.random.Generator):
+        cfg = self.augment
+        pool = self._paste_pool[rec.cell_type] if cfg.copy_paste_same_type else self._paste_pool[None]
+        pool = [r for r in pool if r is not rec] or [r for r in self._paste_pool[None] if r is not rec]
+        if not pool:
+            return None
+        src = pool[int(rng.integers(len(pool)))]
+        crops = src.instances
+        pick = np.sort(rng.choice(len(crops), size=min(len(crops), cfg.copy_paste_max_cells), replace=False))
+        src_crops = [crops[i] for i in pick]
+        src_image = read_gray(src.path)
+        src_masks = stack(src_crops, src.height, src.width)
+        image, masks, labels, kept, pasted = copy_paste_indexed(
+            image, masks, labels, src_image, src_masks, _labels_of(src.cell_type, len(src_crops)), rng,
+            cfg.copy_paste_max_cells, min_area=cfg.min_area,
+        )
+        # covered cells only shrink, so their old boxes still hold them: hints for TightBoxes
+        boxes = np.concatenate([boxes[kept], crop_boxes(src_crops)[pasted]]).astype(np.float32)
+        return image, masks, labels, boxes
+
+    def _finish(self, image_id, image, masks, labels, boxes) -> tuple[torch.Tensor, dict[str, Any]]:
+        h, w = image.shape
+        masks = np.ascontiguousarray(masks)
+        t_masks = torch.from_numpy(masks.view(np.uint8) if masks.dtype == bool else masks.astype(np.uint8))
+        if not image.flags.writeable:  # PIL-backed arrays are read-only
+            image = image.copy()
+        sample = (
+            tv_tensors.Image(torch.from_numpy(image)[None]),
+            {
+                "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY", canvas_size=(h, w)),
+                "labels": torch.from_numpy(labels),
+                "masks": tv_tensors.Mask(t_masks),
+                "image_id": image_id,
+            },
+        )
+        img, target = (self.transform or self._to_float)(*sample)
+        img = img.as_subclass(torch.Tensor).expand(3, -1, -1).contiguous()
+        return img, {
+            "boxes": target["boxes"].as_subclass(torch.Tensor).to(torch.float32),
+            "labels": target["labels"].to(torch.int64),
+            "masks": target["masks"].as_subclass(torch.Tensor),
+            "image_id": image_id,
+        }
+
+
+def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...]]:
+    """Batch for torchvision detection models: (tuple of images, tuple of targets)."""
+    return tuple(zip(*batch))  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------- building records
+
+
+def train_records(train_set, images_dir: Path, ids: Iterable[str] | None = None, source: str = "train") -> list[Record]:
+    """Records of a :class:`cellseg.data.TrainSet`'s images (``ids`` order; default all)."""
+    ids = list(train_set.images) if ids is None else list(ids)
+    out = []
+    for i in ids:
+        if i not in train_set.images:
+            raise CellsegError(f"image id {i!r} is not in {train_set.path}")
+        a = train_set.images[i]
+        out.append(Record(i, Path(images_dir) / f"{i}.png", a.cell_type, a.height, a.width, list(a.instances), source=source))
+    return out
+
+
+def _find_image(image_id: str, folders: Sequence[Path], what: str) -> Path:
+    for folder in folders:
+        p = folder / f"{image_id}.png"
+        if p.is_file():
+            return p
+    raise CellsegError(f"{what}: image {image_id}.png not found in {', '.join(str(f) for f in folders)}")
+
+
+def extra_csv_records(path: str | Path, data_dir: str | Path, fill_holes: bool = True, exclude: Iterable[str] = ()) -> list[Record]:
+    """Records of a train.csv-format file (pseudo-labels), leaving out ``exclude`` ids."""
+    from .data import read_train_csv
+
+    path, paths = Path(path), CompetitionPaths(Path(data_dir))
+    ts = read_train_csv(path, fill_holes=fill_holes)
+    skip = set(exclude)
+    folders = [paths.semi_dir, paths.train_dir, path.parent]
+    out = []
+    for i, a in ts.images.items():
+        if i in skip:
+            continue
+        out.append(Record(i, _find_image(i, folders, str(path)), a.cell_type, a.height, a.width, list(a.instances), source=f"csv:{path.name}"))
+    return out
+
+
+def _coco_class(category: str, file_name: str, default: str) -> str:
+    name = category.lower()
+    if name in CLASS_IDS:
+        return name
+    stem = Path(file_name).name.lower()
+    for t in CELL_TYPES:
+        if stem.startswith(t):
+            return t
+    return default
+
+
+def coco_records(
+    path: str | Path, images_dir: str | Path | None = None, default_type: str = "shsy5y", exclude: Iterable[str] = ()
+) -> list[Record]:
+    """Records of a COCO instance json (annotations kept raw, decoded per item; iscrowd skipped).
+
+    An image's class (``cell_type``) is the most common class of its annotations.
+    """
+    import json
+
+    path = Path(path)
+    if default_type not in CLASS_IDS:
+        raise CellsegError(f"unknown cell type {default_type!r} (known: {', '.join(CELL_TYPES)})")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CellsegError(f"{path}: COCO json not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CellsegError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise CellsegError(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
+    cats = {c["id"]: str(c.get("name", "")) for c in data.get("categories", [])}
+    anns: dict[Any, list[dict]] = {}
+    for a in data["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        anns.setdefault(a["image_id"], []).append(a)
+    skip = set(exclude)
+    folders = [path.parent] + ([Path(images_dir)] if images_dir is not None else [])
+    out = []
+    for im in data["images"]:
+        fname = im["file_name"]
+        image_id = Path(fname).stem
+        if image_id in skip:
+            continue
+        cands = [f / fname for f in folders] + ([Path(images_dir) / Path(fname).name] if images_dir else [])
+        file = next((c for c in cands if c.is_file()), None)
+        if file is None:
+            raise CellsegError(f"{path}: image {fname} not found in {', '.join(str(f) for f in folders)}")
+        items = []
+        for a in anns.get(im["id"], []):
+            t = _coco_class(cats.get(a.get("category_id"), ""), fname, default_type)
+            items.append({"segmentation": a["segmentation"], "bbox": a.get("bbox", [0, 0, im["width"], im["height"]]), "label": CLASS_IDS[t]})
+        if items:
+            counts = np.bincount([x["label"] for x in items], minlength=len(CELL_TYPES) + 1)
+            cell_type = CELL_TYPES[int(np.argmax(counts[1:]))]
+        else:
+            cell_type = _coco_class("", fname, default_type)
+        out.append(Record(image_id, file, cell_type, int(im["height"]), int(im["width"]), coco=items, source=f"coco:{path.name}"))
+    return out
+
+
+# -------------------------------------------------------------------- constructors
+
+
+def build_datasets(
+    data_dir: str | Path,
+    augment: AugmentConfig | None = None,
+    fold: int | None = None,
+    k: int = 5,
+    seed: int = 0,
+    fill_holes: bool = True,
+    extra_csv: Sequence[str | Path] = (),
+    coco_json: Sequence[str | Path] = (),
+    coco_images_dir: str | Path | None = None,
+    extra_ratio: float | None = None,
+    use_train: bool = True,
+    folds_csv: str | Path | None = None,
+    coco_cell_type: str = "shsy5y",
+    progress: bool = False,
+) -> tuple[CellDataset, CellDataset | None]:
+    """Train and hold-out datasets of a competition-layout folder.
+
+    Args:
+        data_dir: folder with train.csv and train/ (real or ``cellseg synth``).
+        augment: training augmentation (default :class:`AugmentConfig()`); hold-out is never augmented.
+        fold: hold-out fold (0..k-1), or None = every train.csv image trains and val_ds is None.
+        k, seed: :func:`cellseg.folds.make_folds` arguments (ignored with ``folds_csv``).
+        fill_holes: fill holes of train.csv / extra csv masks (both datasets).
+        extra_csv, coco_json, coco_images_dir, extra_ratio, coco_cell_type: extra training sources
+            (see the module docstring); never part of val_ds.
+        use_train: False leaves train.csv images out of train_ds (e.g. LIVECell-only pre-training).
+        folds_csv: a folds file written by ``cellseg folds`` instead of computing them.
+    """
+    from .data import read_train_csv
+    from .folds import make_folds, read_folds, split
+
+    paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
+    ts = read_train_csv(paths.train_csv, fill_holes=fill_holes, progress=progress)
+    hold_ids: list[str] = []
+    train_ids = list(ts.images)
+    if fold is not None:
+        folds = read_folds(folds_csv) if folds_csv is not None else make_folds(ts, k=k, seed=seed)
+        train_ids, hold_ids = split(folds, fold)
+        unknown = sorted(set(train_ids + hold_ids) - set(ts.images))
+        if unknown:
+            raise CellsegError(f"{folds_csv}: id {unknown[0]!r} is not in {paths.train_csv}")
+    extra: list[Record] = []
+    for p in extra_csv:
+        extra += extra_csv_records(p, data_dir, fill_holes=fill_holes, exclude=hold_ids)
+    for p in coco_json:
+        extra += coco_records(p, coco_images_dir, default_type=coco_cell_type, exclude=hold_ids)
+    base = train_records(ts, paths.train_dir, train_ids) if use_train else []
+    train_ds = CellDataset(base, augment if augment is not None else AugmentConfig(), extra, extra_ratio, seed=seed)
+    val_ds = CellDataset(train_records(ts, paths.train_dir, hold_ids)) if fold is not None else None
+    return train_ds, val_ds
+
+
+def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> CellDataset:
+    """The augmented training dataset for :func:`cellseg.train.train`: ``train_ids`` of train.csv
+    (holes filled per ``cfg.data.fill_holes``) plus ``cfg.data.extra_csv`` / ``coco_json`` (ids not in
+    ``train_ids`` but in train.csv, i.e. hold-out ids, are excluded from the extras).
+
+    Reads optional ``cfg.data`` fields when present: ``extra_ratio``, ``coco_images_dir``,
+    ``coco_cell_type``.
+    """
+    from .data import read_train_csv
+
+    data = cfg.data
+    paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
+    ts = read_train_csv(paths.train_csv, fill_holes=data.fill_holes)
+    hold = set(ts.images) - set(train_ids)
+    extra: list[Record] = []
+    for p in data.extra_csv:
+        extra += extra_csv_records(p, data_dir, fill_holes=data.fill_holes, exclude=hold)
+    for p in data.coco_json:
+        extra += coco_records(
+            p, getattr(data, "coco_images_dir", None) or None, default_type=getattr(data, "coco_cell_type", "shsy5y"),
+            exclude=hold,
+        )
+    return CellDataset(
+        train_records(ts, paths.train_dir, train_ids), cfg.augment, extra, getattr(data, "extra_ratio", None),
+        seed=cfg.train.seed,
+    )
