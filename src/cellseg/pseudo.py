@@ -1,0 +1,94 @@
+"""Pseudo-labels for the unlabeled images (``train_semi_supervised/``).
+
+The ensemble runs on each unlabeled image with the cell type read from the file name (the vote when
+the name does not say), and only confident instances are kept: the manifest's per-class thresholds
+made stricter (score + ``score_margin``, minimum pixels x ``min_pixels_factor``). The result is a
+train.csv-format file (the 9 columns, the unknown ones empty, plus ``source``) that training takes
+next to train.csv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import TRAIN_COLUMNS, cell_type_from_filename
+from .errors import CellsegError
+from .io import atomic_path, read_gray
+from .manifest import ClassThresholds, Manifest, load_manifest
+from .rle import encode_crop
+
+
+def stricter(th: ClassThresholds, score_margin: float, min_pixels_factor: float) -> ClassThresholds:
+    """The thresholds used for pseudo-labels: a higher score bar and a larger minimum size."""
+    return dataclasses.replace(
+        th, score=float(min(0.99, th.score + score_margin)), min_pixels=int(round(th.min_pixels * min_pixels_factor))
+    )
+
+
+def sample_id_from_filename(name: str) -> str:
+    """``shsy5y[diff]_E10-4_Vessel-714_Ph_3_0001.png`` -> ``shsy5y[diff]_E10-4_Vessel-714_Ph_3``."""
+    return re.sub(r"_\d+$", "", Path(name).stem)
+
+
+@dataclass
+class PseudoResult:
+    path: Path
+    table: pd.DataFrame  # per cell type: images, instances, per_image, mean_score
+    rows: int
+
+
+def pseudo_label(
+    data_dir: str | Path, manifest_path: str | Path, out_csv: str | Path, images: int | None = None,
+    score_margin: float = 0.1, min_pixels_factor: float = 1.5, seed: int = 0, device: str = "auto",
+    progress: bool = True,
+) -> PseudoResult:
+    """Pseudo-label ``data_dir/train_semi_supervised/*.png`` into ``out_csv`` (written atomically)."""
+    from tqdm.auto import tqdm
+
+    from .ensemble import fuse
+    from .postprocess import postprocess
+    from .predict import load_ensemble, resolve_device
+    from .tune import image_detections
+
+    folder = Path(data_dir) / "train_semi_supervised"
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not files:
+        raise CellsegError(f"{folder}: no unlabeled PNG images found")
+    if images is not None:
+        pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:images])
+        files = [files[i] for i in pick]
+    manifest: Manifest = load_manifest(manifest_path, verify=True)
+    dev = resolve_device(device)
+    loaded = load_ensemble(manifest, dev)
+    fu = manifest.fusion
+    rows, stats = [], []
+    for f in tqdm(files, desc="pseudo-label", unit="img", disable=None if progress else True):
+        image = read_gray(f)
+        h, w = image.shape
+        dets, cell_type, total = image_detections(image, loaded, manifest.tta, manifest, dev,
+                                                  cell_type=cell_type_from_filename(f.name))
+        th = stricter(manifest.thresholds(cell_type), score_margin, min_pixels_factor)
+        fused = fuse(dets, h, w, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode, total)
+        crops, scores = postprocess(fused, th, manifest.postprocess, h, w)
+        stats.append((cell_type, len(crops), float(scores.mean()) if len(scores) else np.nan))
+        for c in crops:
+            rows.append({
+                "id": f.stem, "annotation": encode_crop(c, h, w), "width": w, "height": h, "cell_type": cell_type,
+                "plate_time": "", "sample_date": "", "sample_id": sample_id_from_filename(f.name),
+                "elapsed_timedelta": "", "source": f"pseudo:{manifest.name or Path(manifest_path).parent.name}",
+            })
+    df = pd.DataFrame(rows, columns=[*TRAIN_COLUMNS, "source"])
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False)
+    st = pd.DataFrame(stats, columns=["cell_type", "instances", "mean_score"])
+    table = st.groupby("cell_type").agg(
+        images=("instances", "size"), instances=("instances", "sum"), per_image=("instances", "mean"),
+        mean_score=("mean_score", "mean"),
+    )
+    return PseudoResult(Path(out_csv), table, len(df))
