@@ -190,6 +190,14 @@ def test_missing_credentials_is_one_line_and_exit_2(tmp_path, site, fake):
     assert p.stderr.strip().count("\n") == 0 and "no Kaggle credentials" in p.stderr
 
 
+def test_rejected_key_is_a_credentials_error(tmp_path, site, fake):
+    p = push(tmp_path, site, fake.url, "kernel", env_extra={"KAGGLE_KEY": "stale-key"})
+    assert p.returncode == 2
+    (line,) = error_lines(p)
+    assert "Kaggle rejected the credentials (HTTP 401: Unauthenticated)" in line
+    assert [c.status for c in fake.calls] == [401]
+
+
 def test_server_down_gives_up_within_the_retry_budget(tmp_path, site):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

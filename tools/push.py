@@ -56,7 +56,11 @@ SUBMISSION_FILE = "submission.csv"
 STEPS = ("dataset", "kernel", "submit")
 
 
-class UsageError(Exception):
+class PushError(Exception):
+    """A failure push.py reports itself (no traceback)."""
+
+
+class UsageError(PushError):
     """Bad input, credentials or metadata: exit 2. ``lines`` are printed one per line."""
 
     def __init__(self, *lines: str):
@@ -64,7 +68,7 @@ class UsageError(Exception):
         super().__init__("; ".join(lines))
 
 
-class RemoteError(Exception):
+class RemoteError(PushError):
     """Kaggle refused or failed: exit 1, with ``hint`` saying what to do next."""
 
     def __init__(self, message: str, hint: str = ""):
@@ -164,6 +168,9 @@ class Kaggle:
             except SystemExit as e:  # the client calls exit() on some failures
                 raise RemoteError(f"{what}: the kaggle client gave up (exit {e.code})") from None
             except Exception as e:
+                if http_status(e) == 401:
+                    raise UsageError(f"Kaggle rejected the credentials ({describe(e)}): check KAGGLE_KEY or "
+                                     f"{km.kaggle_config_dir() / 'kaggle.json'}") from None
                 retry = transient(e) if idempotent else isinstance(e, requests.ConnectionError) and http_status(e) is None
                 left = deadline - time.monotonic()
                 if not retry:
@@ -186,7 +193,7 @@ class Kaggle:
         """:meth:`retrying`, with any remaining failure turned into a :class:`RemoteError`."""
         try:
             return self.retrying(what, fn, *args, **kwargs)
-        except RemoteError:
+        except PushError:
             raise
         except Exception as e:
             raise RemoteError(f"{what}: {describe(e)}", hint) from None
@@ -197,7 +204,7 @@ class Kaggle:
         """Lower-case status of the dataset's latest version ('ready', 'blobs_received', ...), None if absent."""
         try:
             return self.retrying("dataset status", self.api.dataset_status, ref)
-        except RemoteError:
+        except PushError:
             raise
         except Exception as e:
             if http_status(e) == 404:
@@ -243,9 +250,9 @@ def load_kernel_meta(repo: Path, username: str, dataset_ref: str) -> dict:
 def stage_kernel(repo: Path, meta: dict, folder: Path) -> list[bundle_mod.BundleFile]:
     """Copy the entry file (same relative path) and write the filled kernel-metadata.json into ``folder``."""
     code = meta["code_file"]
-    info = bundle_mod.copy_hashed(repo / code, folder / code)
+    info = bundle_mod.copy_hashed(repo / code, folder / code, code)
     km.write_json(folder / km.KERNEL_METADATA, meta)
-    return [bundle_mod.BundleFile(code, info.size, info.sha256)]
+    return [info]
 
 
 def prepare_bundle(args: argparse.Namespace, username: str, scratch: Path) -> bundle_mod.Bundle:
@@ -311,7 +318,7 @@ def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> Non
             k.wait_dataset(ref, accept_failed=True)
         try:
             resp = version()
-        except RemoteError:
+        except PushError:
             raise
         except Exception as e:
             code = http_status(e)
@@ -420,7 +427,7 @@ def step_submit(k: Kaggle, kernel_ref: str, version: int | None, message: str, w
         try:
             sub = k.retrying("submission status", k.api.get_submission, ref)
             name = sub.status.name
-        except RemoteError:
+        except PushError:
             raise
         except Exception as e:
             if http_status(e) != 404:  # a fresh submission may not be readable yet

@@ -56,7 +56,7 @@ _SOURCE_SUFFIXES = {".py", ".typed", ".yaml", ".yml", ".json", ".txt", ".csv"}
 
 def denied(name: str) -> bool:
     """True when a file or folder name must never be part of a bundle."""
-    return name.startswith(".") and name not in (".",) or any(fnmatch.fnmatch(name.lower(), p) for p in DENY_PATTERNS)
+    return name.startswith(".") or any(fnmatch.fnmatch(name.lower(), p) for p in DENY_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,9 @@ class Bundle:
     marker: dict
     files: list[BundleFile] = field(default_factory=list)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
 
-
-def copy_hashed(src: Path, dst: Path, chunk: int = 1 << 20) -> BundleFile:
-    """Copy ``src`` to ``dst`` reading it once; return its size and sha256 (``path`` = dst name)."""
+def copy_hashed(src: Path, dst: Path, rel: str, chunk: int = 1 << 20) -> BundleFile:
+    """Copy ``src`` to ``dst`` reading it once; return it as bundle file ``rel`` with size and sha256."""
     h = hashlib.sha256()
     size = 0
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +89,7 @@ def copy_hashed(src: Path, dst: Path, chunk: int = 1 << 20) -> BundleFile:
             fout.write(block)
             size += len(block)
     shutil.copystat(src, dst)
-    return BundleFile(dst.name, size, h.hexdigest())
+    return BundleFile(rel, size, h.hexdigest())
 
 
 def _hash(path: Path, rel: str) -> BundleFile:
@@ -275,7 +271,7 @@ def stage_bundle(
         raise CellsegError("cellseg runs from an installed wheel: pass the source checkout with --repo")
     repo = repo.resolve()
     out = Path(out).resolve()
-    if out == repo or repo in out.parents and out.relative_to(repo).parts[0] in ("src", "weights", "kernel", "tools"):
+    if out == repo or (repo in out.parents and out.relative_to(repo).parts[0] in ("src", "weights", "kernel", "tools")):
         raise CellsegError(f"--out {out} would write into the checkout's sources: pick another folder")
     # Everything that can be checked locally is checked before the slow work.
     meta = fill(load_template(repo / DATASET_METADATA), resolve_username(username))
@@ -288,12 +284,11 @@ def stage_bundle(
         files: list[BundleFile] = []
         wdir = f"weights/{name}"
         for src, rel, want in weights:  # first: a bad checkpoint fails before the slow wheel build
-            got = copy_hashed(src, tmp / wdir / rel)
+            got = copy_hashed(src, tmp / wdir / rel, f"{wdir}/{rel}")
             if got.sha256 != want:
                 raise CellsegError(f"{src}: sha256 mismatch (manifest {want[:12]}..., file {got.sha256[:12]}...)")
-            files.append(BundleFile(f"{wdir}/{rel}", got.size, got.sha256))
-        man = copy_hashed(manifest_file, tmp / wdir / "manifest.yaml")
-        files.append(BundleFile(f"{wdir}/manifest.yaml", man.size, man.sha256))
+            files.append(got)
+        files.append(copy_hashed(manifest_file, tmp / wdir / "manifest.yaml", f"{wdir}/manifest.yaml"))
         (tmp / "wheels").mkdir()
         extras = fetch_extra_wheels(list(extra_wheels), tmp / "wheels", Path(wheel_dir) if wheel_dir else None)
         wheel = build_wheel(repo, tmp / "wheels")
