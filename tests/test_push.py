@@ -304,3 +304,50 @@ def test_all_stops_at_the_first_failure_and_says_what_next(tmp_path, site, fake)
     assert p.returncode == 1
     assert "CreateCodeSubmission" not in fake.methods() and "CreateDataset" in fake.methods()
     assert "push.py: next:" in p.stderr and "push.py kernel" in p.stderr
+
+
+VALID_KERNEL = {
+    "id": KERNEL, "title": "Sartorius cellseg submit", "code_file": "kernel/submit.py", "language": "python",
+    "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
+    "dataset_sources": [DATASET], "competition_sources": ["sartorius-cell-instance-segmentation"],
+}
+VALID_DATASET = {"id": DATASET, "title": "Sartorius cellseg bundle", "licenses": [{"name": "CC0-1.0"}]}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"id": "alice/Bad_Slug"}, "dataset id"),
+    ({"id": "alice/short"}, "6-50"),
+    ({"id": "alice/" + "x" * 51}, "6-50"),
+    ({"id": "sartorius-cellseg-bundle"}, "owner/slug"),
+    ({"id": "{username}/sartorius-cellseg-bundle"}, "placeholder"),
+    ({"title": "Tiny"}, "dataset title"),
+    ({"licenses": []}, "licenses"),
+    ({"subtitle": "too short"}, "subtitle"),
+])
+def test_each_dataset_metadata_problem_is_one_line(change, field):
+    from cellseg.kaggle_meta import validate_dataset_metadata
+
+    assert validate_dataset_metadata(VALID_DATASET) == []
+    (problem,) = validate_dataset_metadata({**VALID_DATASET, **change})
+    assert field in problem and "\n" not in problem
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"title": "Another title"}, "slugifies to 'another-title'"),
+    ({"code_file": "kernel/missing.py"}, "not found"),
+    ({"code_file": "../outside.py"}, "relative path inside"),
+    ({"enable_internet": None}, "enable_internet"),
+    ({"enable_gpu": False}, "enable_gpu"),
+    ({"dataset_sources": ["alice"]}, "dataset_sources"),
+    ({"dataset_sources": ["alice/Bad Slug"]}, "dataset_sources"),
+    ({"competition_sources": []}, "competition_sources"),
+    ({"kernel_type": "app"}, "kernel_type"),
+])
+def test_each_kernel_metadata_problem_is_one_line(tmp_path, change, field):
+    from cellseg.kaggle_meta import validate_kernel_metadata
+
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel" / "submit.py").write_text("print()\n")
+    assert validate_kernel_metadata(VALID_KERNEL, tmp_path) == []
+    (problem,) = validate_kernel_metadata({**VALID_KERNEL, **change}, tmp_path)
+    assert field in problem and "\n" not in problem
