@@ -1,0 +1,174 @@
+"""The typed experiment config: one YAML file per model (``configs/*.yaml``) loaded into
+:class:`ExperimentConfig` with :func:`load_experiment` (``KEY=VALUE`` overrides, dotted keys).
+
+Sections: ``model`` (:class:`ModelConfig`, everything needed to rebuild the network; it is stored in
+every checkpoint), ``train`` (:class:`TrainConfig`: optimiser, schedule, AMP, validation),
+``data`` (:class:`DataConfig`: which annotations, folds) and ``augment``
+(:class:`cellseg.transforms.AugmentConfig`, owned by the augmentation module).
+
+    cfg = load_experiment("configs/demo.yaml", ["train.epochs=3", "model.min_size=800"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from . import CELL_TYPES
+from .config import load_yaml
+from .errors import CellsegError
+from .transforms import AugmentConfig
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a torchvision Mask R-CNN (see :func:`cellseg.models.build_model`).
+
+    Sizes are in pixels of the network input, i.e. after the ``min_size``/``max_size`` rescale
+    (a 520 x 704 image with ``min_size: 1040`` is upscaled 2x; cells are then ~20-60 px).
+    """
+
+    name: str = "maskrcnn_r50_fpn"
+    #: torchvision head variant: v1 = maskrcnn_resnet50_fpn, v2 = maskrcnn_resnet50_fpn_v2
+    #: (2-conv RPN head, 4conv1fc box head and norm layers in FPN and heads).
+    heads: Literal["v1", "v2"] = "v1"
+    #: any torchvision ResNet: resnet18, resnet34, resnet50, resnet101, resnext50_32x4d, ...
+    backbone: str = "resnet50"
+    #: residual blocks per stage overriding the named ResNet's (e.g. [1, 1, 1, 1]: a slim "resnet10").
+    backbone_blocks: list[int] = field(default_factory=list)
+    #: backbone norm: frozen_bn (pretrained init, Detectron2 default), bn (train from scratch), gn.
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
+    #: ResNet stages trained (0-5, counted from the top as in torchvision); 5 = all.
+    trainable_backbone_layers: int = 3
+    #: ResNet stages that feed the FPN (1 = stride 4 ... 4 = stride 32); one extra max-pool level.
+    returned_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    fpn_channels: int = 256
+    #: 3 cell types + background.
+    num_classes: int = 4
+    class_names: list[str] = field(default_factory=lambda: list(CELL_TYPES))
+    #: input rescale. input_scale > 0: every image (train and test) is scaled by this factor, so the
+    #: augmentation's scale jitter/crops survive (e.g. 2.0: 520 x 704 -> 1040 x 1408). input_scale 0:
+    #: torchvision's GeneralizedRCNNTransform, short side -> min_size, long side <= max_size.
+    input_scale: float = 0.0
+    min_size: int = 1040
+    max_size: int = 1408
+    #: per-channel normalisation of the (3, H, W) [0, 1] input (grey repeated to 3 channels).
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    #: anchor sizes per FPN level (len = len(returned_layers) + 1) and aspect ratios (h/w) for every level.
+    anchor_sizes: list[list[int]] = field(default_factory=lambda: [[16], [32], [64], [128], [256]])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 4000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 4000
+    rpn_post_nms_top_n_test: int = 2000
+    rpn_nms_thresh: float = 0.7
+    rpn_batch_size_per_image: int = 256
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    #: inference defaults (the predictor overrides score/nms/detections from the manifest).
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 1000
+    #: RoIAlign sampling ratio of the box/mask poolers (torchvision: 2; Detectron2: 0 = adaptive).
+    roi_sampling_ratio: int = 2
+    mask_roi_size: int = 14
+    #: box head width (torchvision: 1024) and mask head depth (torchvision: 4 convs).
+    box_head_dim: int = 1024
+    mask_head_convs: int = 4
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.num_classes - 1:
+            raise CellsegError(
+                f"model.class_names has {len(self.class_names)} names but num_classes={self.num_classes} "
+                "(classes + background)"
+            )
+        levels = len(self.returned_layers) + 1
+        if len(self.anchor_sizes) != levels:
+            raise CellsegError(
+                f"model.anchor_sizes has {len(self.anchor_sizes)} levels but the FPN has {levels} "
+                f"(returned_layers {self.returned_layers} + a max-pool level)"
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise CellsegError("model.image_mean and model.image_std need 3 values (grey repeated to RGB)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule and validation. Iteration counts are optimiser steps."""
+
+    epochs: int = 24
+    #: images per process and step (DDP: global batch = batch_size x world size).
+    batch_size: int = 2
+    num_workers: int = 2
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    #: linear warm-up from lr * warmup_factor over warmup_iters steps.
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    schedule: Literal["cosine", "step"] = "cosine"
+    #: cosine: final lr = lr * min_lr_ratio. step: multiply by gamma at these fractions of training.
+    min_lr_ratio: float = 0.01
+    steps: list[float] = field(default_factory=lambda: [0.75, 0.92])
+    gamma: float = 0.1
+    #: max global L2 norm of the gradients (0 = off).
+    grad_clip: float = 10.0
+    #: mixed precision on GPU (torch.autocast + GradScaler); always off on CPU.
+    amp: bool = True
+    seed: int = 0
+    #: validate on the fold's hold-out every N epochs (and after the last); 0 = never.
+    val_every: int = 1
+    #: post-processing of validation predictions (competition metric on the hold-out).
+    val_score_thresh: float = 0.5
+    val_mask_thresh: float = 0.5
+    val_min_pixels: int = 0
+    #: use at most this many hold-out images for validation (0 = all).
+    val_max_images: int = 0
+    #: stop after this many optimiser steps in total (0 = run all epochs); for smoke runs.
+    max_steps: int = 0
+    #: write best.pth weights in float16 (halves the size; loaded back as float32).
+    half_best: bool = False
+    #: DDP: convert BatchNorm layers to SyncBatchNorm (GPU only).
+    sync_bn: bool = False
+    #: torch CPU threads per process (0 = torch default).
+    threads: int = 0
+    #: print the losses every N steps to the log (0 = only the progress bar).
+    log_every: int = 50
+
+
+@dataclass
+class DataConfig:
+    """Which annotations train the model and how the hold-out is chosen (see :mod:`cellseg.folds`)."""
+
+    #: fill holes of train.csv masks (broken astro outlines) before training.
+    fill_holes: bool = True
+    #: extra train.csv-format files (e.g. pseudo-labels), image PNGs found next to them or in the data dir.
+    extra_csv: list[str] = field(default_factory=list)
+    #: extra COCO instance json files (e.g. LIVECell).
+    coco_json: list[str] = field(default_factory=list)
+    folds: int = 5
+    fold_seed: int = 0
+    #: extra items per epoch as a fraction of the train images (None = every extra image once per epoch).
+    extra_ratio: float | None = None
+    #: folder of the COCO json images when not beside the json; class of COCO images without a cell-type name.
+    coco_images_dir: str | None = None
+    coco_cell_type: str = "shsy5y"
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config with ``KEY=VALUE`` overrides (e.g. ``train.lr=0.01``)."""
+    return load_yaml(ExperimentConfig, path, overrides)

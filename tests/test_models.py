@@ -1,0 +1,147 @@
+"""Mask R-CNN builder: torchvision-compatible layouts, config options, the fixed-scale transform."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import MaskRCNN
+
+from cellseg.config import from_dict
+from cellseg.errors import CellsegError
+from cellseg.models import build_model, class_specific, count_parameters
+from cellseg.settings import ExperimentConfig, ModelConfig, load_experiment
+
+TINY = dict(
+    backbone="resnet18", backbone_blocks=[1, 1, 1, 1], norm="bn", trainable_backbone_layers=5,
+    returned_layers=[1, 2], anchor_sizes=[[8], [16], [32]], fpn_channels=16, box_head_dim=32,
+    mask_head_convs=1, input_scale=1.0, rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=200,
+    box_batch_size_per_image=32, box_detections_per_img=50,
+)
+
+
+def shapes(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize(
+    "heads, reference",
+    [("v1", torchvision.models.detection.maskrcnn_resnet50_fpn), ("v2", torchvision.models.detection.maskrcnn_resnet50_fpn_v2)],
+)
+def test_r50_layout_matches_torchvision(heads, reference):
+    """Same parameter names and shapes as torchvision's builders, so their checkpoints load."""
+    ours = build_model(ModelConfig(heads=heads))
+    ref = reference(weights=None, weights_backbone=None, num_classes=4)
+    assert isinstance(ours, MaskRCNN)
+    assert shapes(ours.state_dict()) == shapes(ref.state_dict())
+
+
+def test_config_files_build():
+    """Every shipped config loads and builds (cheaply: no R50 forward)."""
+    from cellseg.paths import configs_dir
+
+    files = sorted(configs_dir().glob("*.yaml"))
+    assert {"demo.yaml", "maskrcnn_r50_fpn.yaml", "maskrcnn_r50_fpn_v2.yaml"} <= {f.name for f in files}
+    for f in files:
+        cfg = load_experiment(f)
+        model = build_model(cfg.model)
+        assert model.roi_heads.detections_per_img == cfg.model.box_detections_per_img
+        assert model.roi_heads.box_predictor.cls_score.out_features == 4
+        assert len(model.rpn.anchor_generator.sizes) == len(cfg.model.returned_layers) + 1
+
+
+def test_cell_tuned_settings_reach_the_model():
+    cfg = ModelConfig(**TINY)
+    cfg.box_detections_per_img, cfg.rpn_pre_nms_top_n_test, cfg.aspect_ratios = 777, 1234, [0.25, 1.0, 4.0]
+    m = build_model(cfg)
+    assert m.roi_heads.detections_per_img == 777
+    assert m.rpn._pre_nms_top_n["testing"] == 1234
+    assert m.rpn.anchor_generator.sizes == ((8,), (16,), (32,))
+    assert m.rpn.head.cls_logits.out_channels == 3
+    assert m.backbone.out_channels == 16
+    assert m.roi_heads.box_head.fc6.out_features == 32
+    total, trainable = count_parameters(m)
+    assert total == trainable  # trainable_backbone_layers=5
+
+
+def test_frozen_stages_and_norms():
+    cfg = ModelConfig(backbone="resnet18", norm="frozen_bn", trainable_backbone_layers=2, fpn_channels=32)
+    body = build_model(cfg).backbone.body
+    grads = {n.split(".")[0]: p.requires_grad for n, p in body.named_parameters()}
+    assert grads == {"conv1": False, "layer1": False, "layer2": False, "layer3": True, "layer4": True}
+    assert isinstance(body.bn1, torchvision.ops.FrozenBatchNorm2d)
+    gn = build_model(ModelConfig(backbone="resnet18", norm="gn", fpn_channels=32)).backbone.body
+    assert isinstance(gn.bn1, torch.nn.GroupNorm)
+
+
+def test_slim_backbone_blocks():
+    m = build_model(ModelConfig(**TINY))
+    assert [len(getattr(m.backbone.body, f"layer{i}")) for i in (1, 2)] == [1, 1]
+    assert "layer3" not in dict(m.backbone.body.named_children())  # not returned -> not computed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"anchor_sizes": [[8], [16]]}, "anchor_sizes has 2 levels but the FPN has 3"),
+        ({"class_names": ["a"]}, "class_names has 1 names"),
+        ({"backbone": "vgg16"}, "unknown ResNet"),
+        ({"returned_layers": [2, 1], "anchor_sizes": [[8], [16], [32]]}, "returned_layers must be increasing"),
+        ({"trainable_backbone_layers": 7}, "must be 0-5"),
+    ],
+)
+def test_bad_model_configs_are_clear_errors(change, message):
+    with pytest.raises(CellsegError, match=message):
+        build_model(ModelConfig(**{**TINY, **change}))
+
+
+def test_unknown_key_names_the_path(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("model:\n  anchor_size: [[8]]\n")
+    with pytest.raises(CellsegError, match="model.anchor_size"):
+        load_experiment(p)
+    with pytest.raises(CellsegError, match="train.lr: expected float"):
+        from_dict(ExperimentConfig, {"train": {"lr": "fast"}})
+
+
+def test_train_forward_and_eval_output():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(**TINY))
+    image = torch.rand(3, 64, 80)
+    masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
+    masks[0, 10:20, 10:22] = 1
+    masks[1, 30:44, 40:50] = 1
+    target = {"boxes": torch.tensor([[10, 10, 22, 20], [40, 30, 50, 44]], dtype=torch.float32),
+              "labels": torch.tensor([1, 3]), "masks": masks}
+    m.train()
+    losses = m([image], [target])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    assert m.roi_heads.mask_predictor.mask_fcn_logits.weight.grad is not None
+    m.eval()
+    with torch.no_grad():
+        out = m([image])[0]
+    assert out["masks"].shape[1:] == (1, 64, 80)  # pasted back at the input size
+    assert out["boxes"].shape[0] <= 50
+
+
+def test_scaled_transform_scales_image_masks_boxes():
+    m = build_model(ModelConfig(**{**TINY, "input_scale": 2.0}))
+    masks = torch.zeros(1, 30, 40, dtype=torch.uint8)
+    masks[0, 5:15, 10:20] = 1
+    target = {"boxes": torch.tensor([[10.0, 5.0, 20.0, 15.0]]), "labels": torch.tensor([2]), "masks": masks}
+    m.transform.train()
+    images, targets = m.transform([torch.rand(3, 30, 40)], [target])
+    assert images.image_sizes == [(60, 80)]
+    assert targets[0]["boxes"].tolist() == [[20.0, 10.0, 40.0, 30.0]]
+    assert targets[0]["masks"].shape == (1, 60, 80) and int(targets[0]["masks"].sum()) == 400
+    # torchvision-style min_size resizing when input_scale is 0
+    m0 = build_model(ModelConfig(**{**TINY, "input_scale": 0.0, "min_size": 90, "max_size": 1000}))
+    m0.transform.eval()
+    assert m0.transform([torch.rand(3, 30, 40)])[0].image_sizes == [(90, 120)]
+
+
+def test_class_specific_keys():
+    assert class_specific("roi_heads.box_predictor.cls_score.weight")
+    assert class_specific("roi_heads.mask_predictor.mask_fcn_logits.bias")
+    assert not class_specific("roi_heads.mask_predictor.conv5_mask.weight")
