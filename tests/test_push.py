@@ -8,12 +8,12 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 from fake_kaggle import REPO, FakeKaggle, make_checkout, make_weights
@@ -158,8 +158,6 @@ def test_404_on_version_creates_the_dataset(tmp_path, site, fake):
 
 def test_invalid_slug_is_caught_before_any_request(tmp_path, site, fake):
     bad = tmp_path / "bundle"
-    import shutil
-
     shutil.copytree(site["bundle"], bad)
     meta = json.loads((bad / "dataset-metadata.json").read_text())
     meta["id"] = f"{USER}/Cell_Bundle"
