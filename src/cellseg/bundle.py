@@ -41,12 +41,11 @@ PACKAGE = "sartorius-cellseg"
 #: Empty: everything cellseg imports at inference is already on the image (FACTS.md).
 EXTRA_WHEELS: tuple[str, ...] = ()
 
-#: Names that never go up, wherever they are (credentials, VCS, caches, environments).
+#: Names that never go up, wherever they are (credentials, caches, environments). Every hidden name
+#: (.git, .env, .venv, .pytest_cache, ...) is denied as well.
 DENY_PATTERNS: tuple[str, ...] = (
-    "kaggle.json", "access_token", "access_token.txt", ".env", ".env.*", "*.env", ".netrc", ".pypirc",
-    "*.pem", "*.key", "id_rsa*", "id_ed25519*", "*credential*", "*secret*", "*token*",
-    ".git", ".gitignore", ".hg", ".svn", "__pycache__", "*.pyc", "*.pyo", ".pytest_cache",
-    ".hypothesis", ".mypy_cache", ".ipynb_checkpoints", ".venv", "venv", "*.egg-info", ".DS_Store",
+    "kaggle.json", "access_token", "access_token.txt", "*.env", "*.pem", "*.key", "id_rsa*", "id_ed25519*",
+    "*credential*", "*secret*", "*token*", "__pycache__", "*.pyc", "*.pyo", "venv", "*.egg-info",
 )
 #: Top-level files of the checkout the wheel build reads.
 _BUILD_FILES = ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "LICENSE.txt", "MANIFEST.in")
@@ -98,14 +97,12 @@ def _hash(path: Path, rel: str) -> BundleFile:
     return BundleFile(rel, path.stat().st_size, sha256_file(path))
 
 
-def copy_source_tree(repo: Path, dst: Path) -> list[str]:
+def copy_source_tree(repo: Path, dst: Path) -> None:
     """Copy what the wheel build needs from ``repo`` into ``dst``: the top-level build files and the
-    package's source files under ``src/``, skipping anything :func:`denied`. Returns the copied paths."""
-    copied = []
+    package's source files under ``src/``, skipping anything :func:`denied`."""
     for name in _BUILD_FILES:
         if (repo / name).is_file():
             shutil.copy2(repo / name, dst / name)
-            copied.append(name)
     if not (dst / "pyproject.toml").is_file():
         raise CellsegError(f"{repo}: no pyproject.toml (is it the sartorius-cellseg checkout?)")
     src_root = repo / "src"
@@ -118,8 +115,6 @@ def copy_source_tree(repo: Path, dst: Path) -> list[str]:
             rel = p.relative_to(repo)
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, dst / rel)
-            copied.append(str(rel))
-    return copied
 
 
 def build_wheel(repo: Path, out_dir: Path) -> Path:
