@@ -45,7 +45,8 @@ class FusionConfig:
     fused score is the keeper's (``max``) or the weighted sum of the cluster's scores divided by the
     total weight of all views x models (``mean``; penalises detections few views agree on).
     ``model_score_thresh`` / ``model_nms_thresh`` loosen the models' own filtering at inference;
-    ``detections_per_view`` caps each model x view.
+    ``detections_per_view`` caps each model x view. ``paste_shift``: pixels (down-right) by which
+    28 x 28 masks are placed relative to their boxes (see :func:`cellseg.predict.paste_soft`).
     """
 
     iou_type: Literal["mask", "box"] = "mask"
@@ -54,6 +55,7 @@ class FusionConfig:
     detections_per_view: int = 1000
     model_score_thresh: float = 0.05
     model_nms_thresh: float = 0.9
+    paste_shift: float = 0.25
 
 
 @dataclass
