@@ -72,7 +72,8 @@ def test_stricter_and_sample_id():
     th = ClassThresholds(score=0.5, mask_threshold=0.5, nms_iou=0.3, min_pixels=100)
     s = stricter(th, 0.6, 1.5)
     assert s.score == 0.99 and s.min_pixels == 150 and s.nms_iou == 0.3
-    assert sample_id_from_filename("shsy5y[diff]_E10-4_Vessel-714_Ph_3_0001.png") == "shsy5y[diff]_E10-4_Vessel-714_Ph_3"
+    for name in ("shsy5y[diff]_E10-4_Vessel-714_Ph_3_0001.png", "shsy5y[diff]_E10-4_Vessel-714_Ph_3_00d04h00m.png"):
+        assert sample_id_from_filename(name) == "shsy5y[diff]_E10-4_Vessel-714_Ph_3"
 
 
 def test_pseudo_label_without_images_is_a_one_line_error(tmp_path, manifest):

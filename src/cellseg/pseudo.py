@@ -32,8 +32,8 @@ def stricter(th: ClassThresholds, score_margin: float, min_pixels_factor: float)
 
 
 def sample_id_from_filename(name: str) -> str:
-    """``shsy5y[diff]_E10-4_Vessel-714_Ph_3_0001.png`` -> ``shsy5y[diff]_E10-4_Vessel-714_Ph_3``."""
-    return re.sub(r"_\d+$", "", Path(name).stem)
+    """Drop the frame suffix: ``..._Ph_3_0001.png`` or ``..._Ph_3_00d04h00m.png`` -> ``..._Ph_3``."""
+    return re.sub(r"_(\d+|\d+d\d+h\d+m)$", "", Path(name).stem)
 
 
 @dataclass
