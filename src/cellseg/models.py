@@ -26,6 +26,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from . import d2compat
 from .errors import CellsegError
 from .settings import ModelConfig
 
@@ -205,7 +206,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         mask_predictor=mask_predictor,
     )
     model.transform = build_transform(cfg)
-    return model
+    return d2compat.apply_options(model, cfg)  # Detectron2-faithful options; all off by default
 
 
 def class_specific(key: str) -> bool:

@@ -80,6 +80,15 @@ class ModelConfig:
     #: box head width (torchvision: 1024) and mask head depth (torchvision: 4 convs).
     box_head_dim: int = 1024
     mask_head_convs: int = 4
+    #: Detectron2-faithful options (cellseg.d2compat; all False = plain torchvision; set by
+    #: ``cellseg convert-detectron2``). Stride of each ResNet stage's first block on its 1x1 conv
+    #: (Detectron2 ``RESNETS.STRIDE_IN_1X1``, MSRA-style weights) instead of the 3x3 conv.
+    stride_in_1x1: bool = False
+    #: RoIAlign with half-pixel alignment (Detectron2 ``ROIAlignV2``) in Detectron2's pooler.
+    roi_aligned: bool = False
+    #: Detectron2's test-time behaviour: unrounded anchors at fixed strides, RPN and box filtering,
+    #: FPN level assignment, resize rounding (``min_size`` 0 = no resize), mask pasting.
+    detectron2_inference: bool = False
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes - 1:
