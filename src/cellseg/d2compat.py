@@ -403,5 +403,6 @@ def apply_options(model: nn.Module, cfg) -> nn.Module:
     _retype(model.rpn, D2RPN)
     model.rpn.min_size = 0.0
     _retype(roi_heads, D2RoIHeads)
-    _retype(model.transform, D2Transform)
+    if type(model.transform) is GeneralizedRCNNTransform:  # a fixed-scale transform keeps its own resize
+        _retype(model.transform, D2Transform)
     return model

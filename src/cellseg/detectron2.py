@@ -91,7 +91,6 @@ _FIXED: list[tuple[str, tuple, str]] = [
     ("MODEL.PROPOSAL_GENERATOR.NAME", ("RPN",), "RPN"),
     ("MODEL.PROPOSAL_GENERATOR.MIN_SIZE", (0, 0.0), "0"),
     ("MODEL.RPN.HEAD_NAME", ("StandardRPNHead",), "StandardRPNHead"),
-    ("MODEL.RPN.CONV_DIMS", ([-1],), "[-1] (one conv)"),
     ("MODEL.RPN.IN_FEATURES", (["p2", "p3", "p4", "p5", "p6"],), "[p2, p3, p4, p5, p6]"),
     ("MODEL.RPN.BBOX_REG_WEIGHTS", ([1.0, 1.0, 1.0, 1.0],), "[1, 1, 1, 1]"),
     ("MODEL.ROI_HEADS.NAME", ("StandardROIHeads",), "StandardROIHeads (no cascade)"),
@@ -99,13 +98,10 @@ _FIXED: list[tuple[str, tuple, str]] = [
     ("MODEL.ROI_BOX_HEAD.NAME", ("FastRCNNConvFCHead",), "FastRCNNConvFCHead"),
     ("MODEL.ROI_BOX_HEAD.NUM_CONV", (0,), "0"),
     ("MODEL.ROI_BOX_HEAD.NUM_FC", (2,), "2"),
-    ("MODEL.ROI_BOX_HEAD.FC_DIM", (1024,), "1024"),
     ("MODEL.ROI_BOX_HEAD.NORM", ("",), "''"),
     ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", (7,), "7"),
     ("MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", ([10.0, 10.0, 5.0, 5.0],), "[10, 10, 5, 5]"),
     ("MODEL.ROI_MASK_HEAD.NAME", ("MaskRCNNConvUpsampleHead",), "MaskRCNNConvUpsampleHead"),
-    ("MODEL.ROI_MASK_HEAD.NUM_CONV", (4,), "4"),
-    ("MODEL.ROI_MASK_HEAD.CONV_DIM", (256,), "256"),
     ("MODEL.ROI_MASK_HEAD.NORM", ("",), "''"),
     ("INPUT.FORMAT", ("BGR", "RGB"), "BGR, RGB"),
 ]
@@ -113,6 +109,7 @@ _FIXED: list[tuple[str, tuple, str]] = [
 #: optional keys (absent in older Detectron2 versions) and the value that is supported.
 _OPTIONAL: list[tuple[str, Any, str]] = [
     ("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", False, "False (softmax classifier)"),
+    ("MODEL.RPN.CONV_DIMS", [-1], "[-1] (one conv)"),
     ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, False, False, False], "all False (no deformable convs)"),
 ]
 
@@ -189,6 +186,13 @@ def check_supported(cfg: dict) -> None:
         for s in level:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not float(s).is_integer() or s <= 0:
                 raise _unsupported("MODEL.ANCHOR_GENERATOR.SIZES", sizes, "positive whole-pixel sizes")
+    for key in ("MODEL.ROI_BOX_HEAD.FC_DIM", "MODEL.ROI_MASK_HEAD.NUM_CONV"):
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _unsupported(key, value, "an int >= 1")
+    conv_dim, fpn_dim = _get(cfg, "MODEL.ROI_MASK_HEAD.CONV_DIM"), _get(cfg, "MODEL.FPN.OUT_CHANNELS")
+    if conv_dim != fpn_dim:
+        raise _unsupported("MODEL.ROI_MASK_HEAD.CONV_DIM", conv_dim, f"MODEL.FPN.OUT_CHANNELS ({fpn_dim})")
     min_test = _get(cfg, "INPUT.MIN_SIZE_TEST")
     if isinstance(min_test, list):
         raise _unsupported("INPUT.MIN_SIZE_TEST", min_test, "one size")
@@ -249,6 +253,8 @@ def model_fields(cfg: dict, class_names: list[str]) -> dict:
         "box_detections_per_img": int(_get(cfg, "TEST.DETECTIONS_PER_IMAGE")),
         "roi_sampling_ratio": int(_get(cfg, "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO")),
         "mask_roi_size": int(_get(cfg, "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION")),
+        "box_head_dim": int(_get(cfg, "MODEL.ROI_BOX_HEAD.FC_DIM")),
+        "mask_head_convs": int(_get(cfg, "MODEL.ROI_MASK_HEAD.NUM_CONV")),
         "stride_in_1x1": bool(_get(cfg, "MODEL.RESNETS.STRIDE_IN_1X1")),
         "roi_aligned": _POOLERS[_get(cfg, "MODEL.ROI_BOX_HEAD.POOLER_TYPE")],
         "detectron2_inference": True,
@@ -443,9 +449,10 @@ def convert_checkpoint(
 ) -> Path:
     """Convert a Detectron2 checkpoint + merged config into ``out_dir/model.pth`` (our
     self-describing checkpoint) and ``out_dir/manifest.yaml`` (one model, identity view, the
-    public-notebook per-class thresholds). Returns the manifest path."""
+    public-notebook per-class thresholds, unshifted mask pasting as Detectron2 does). Returns the
+    manifest path."""
     from .checkpoint import git_commit, save_checkpoint
-    from .manifest import Manifest, ModelEntry, default_classes, write_manifest
+    from .manifest import FusionConfig, Manifest, ModelEntry, default_classes, write_manifest
 
     out_dir = Path(out_dir)
     model, model_cfg, provenance = build_converted(weights, config, class_names)
@@ -456,6 +463,8 @@ def convert_checkpoint(
         name=name or out_dir.name,
         models=[ModelEntry(checkpoint="model.pth")],
         tta=["identity"],
+        # Detectron2 trains on box-aligned mask targets and pastes them unshifted
+        fusion=FusionConfig(paste_shift=0.0),
         classes=default_classes(),
     )
     return write_manifest(manifest, out_dir / "manifest.yaml")
