@@ -1,0 +1,192 @@
+"""Dry run: the kernel's exact predict path on labelled train images, scored with the competition metric.
+
+The chosen train images (a fold's hold-out or a seeded sample) are linked into a temporary
+competition-layout folder (``test/`` + ``sample_submission.csv``) and predicted by
+:func:`cellseg.inference.predict_folder`, exactly as on Kaggle; the written submission.csv is then
+decoded and scored. The report folder receives::
+
+    submission.csv        what the kernel wrote
+    per_image.csv         id, cell_type, voted_type, score, n_true, n_pred, seconds (worst first)
+    overlays/NN_<id>.png  image with truth (green) and prediction (magenta) contours, worst first
+    score_by_class.png    bar chart of the score per cell type
+    summary.json          score, per_class, images, device, seconds per image, projected runtime
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .errors import CellsegError
+from .paths import CompetitionPaths
+
+#: hidden test size the runtime is projected to
+HIDDEN_TEST_IMAGES = 240
+
+
+@dataclass
+class DryRunResult:
+    score: float
+    per_class: dict[str, float]
+    per_image: pd.DataFrame
+    table: str
+    projected_s: float
+    report_dir: Path
+    summary: dict
+
+
+def select_images(train_set, fold: int | None, images: int | None, seed: int = 0, k: int = 5) -> list[str]:
+    """Ids of a fold's hold-out (``fold``) or ``images`` sampled with ``seed`` (all when both None)."""
+    ids = list(train_set.images)
+    if fold is not None:
+        from .folds import make_folds
+
+        df = make_folds(train_set, k=k, seed=seed)
+        if not 0 <= fold < k:
+            raise CellsegError(f"--fold must be in 0..{k - 1}, got {fold}")
+        return df.loc[df["fold"] == fold, "id"].tolist()
+    if images is not None:
+        if images < 1:
+            raise CellsegError(f"--images must be >= 1, got {images}")
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(ids), size=min(images, len(ids)), replace=False)
+        return [ids[i] for i in sorted(pick)]
+    return ids
+
+
+def stage_test_folder(paths: CompetitionPaths, ids: Sequence[str], out: Path) -> Path:
+    """A competition-layout folder at ``out`` whose test/ links the train PNGs of ``ids``."""
+    test = out / "test"
+    test.mkdir(parents=True)
+    for i in ids:
+        src = paths.image("train", i)
+        if not src.is_file():
+            raise CellsegError(f"{src}: train image not found")
+        try:
+            os.symlink(src.resolve(), test / src.name)
+        except OSError:
+            shutil.copy2(src, test / src.name)
+    (out / "sample_submission.csv").write_text("id,predicted\n" + "".join(f"{i},\n" for i in ids))
+    return out
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a label image: (H, W) bool, True where a neighbour has another label."""
+    edge = np.zeros(mask.shape, bool)
+    edge[:-1] |= mask[:-1] != mask[1:]
+    edge[1:] |= mask[1:] != mask[:-1]
+    edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    return edge & (mask > 0)
+
+
+def overlay(image: np.ndarray, truth_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the grey image with truth contours green and prediction contours magenta."""
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.uint8)
+    rgb[contour(truth_labels)] = (0, 230, 0)
+    rgb[contour(pred_labels)] = (255, 0, 255)
+    return rgb
+
+
+def _plot_by_class(per_class: dict[str, float], counts: dict[str, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    bars = ax.bar(names, [per_class[n] for n in names], color=["#4c72b0", "#dd8452", "#55a868"][: len(names)])
+    for b, n in zip(bars, names):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{per_class[n]:.3f}\n({counts.get(n, 0)} img)",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max([0.5, *per_class.values()]) * 1.25)
+    ax.set_ylabel("competition score")
+    ax.set_title("dry run: score by cell type")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def dry_run(
+    data_dir: str | Path,
+    manifest: str | Path,
+    report_dir: str | Path,
+    fold: int | None = None,
+    images: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    time_budget: str | float | None = None,
+    overlays: int = 12,
+    progress: bool = True,
+    log=None,
+) -> DryRunResult:
+    """Run the kernel path on train images and write the report folder (see the module docstring)."""
+    from .data import read_train_csv
+    from .inference import predict_folder
+    from .io import read_gray
+    from .masks import label_image
+    from .metric import score_images
+    from .submission import decode_submission
+
+    paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
+    train = read_train_csv(paths.train_csv)
+    ids = select_images(train, fold, images, seed)
+    if not ids:
+        raise CellsegError("no train image selected")
+    report = Path(report_dir)
+    report.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cellseg-dryrun-") as tmp:
+        comp = stage_test_folder(paths, ids, Path(tmp) / "comp")
+        run = predict_folder(comp, manifest, report / "submission.csv", time_budget=time_budget, device=device,
+                             progress=progress, log=log)
+    truth = {i: train.images[i] for i in ids}
+    preds = decode_submission(report / "submission.csv", {i: (a.height, a.width) for i, a in truth.items()})
+    scores = score_images(truth, preds)
+    per_image = scores.per_image.copy()
+    per_image["voted_type"] = per_image["id"].map(run.cell_types).fillna("")
+    per_image["seconds"] = per_image["id"].map(run.seconds)
+    per_image = per_image.sort_values(["score", "id"]).reset_index(drop=True)
+    per_image.to_csv(report / "per_image.csv", index=False, float_format="%.5f")
+
+    ov = report / "overlays"
+    if ov.exists():
+        shutil.rmtree(ov)
+    ov.mkdir()
+    for rank, row in enumerate(per_image.head(overlays).itertuples()):
+        ann = truth[row.id]
+        img = read_gray(paths.image("train", row.id))
+        gt, _ = label_image(ann.instances, ann.height, ann.width)
+        pr, _ = label_image(preds.get(row.id, []), ann.height, ann.width)
+        Image.fromarray(overlay(img, gt, pr), "RGB").save(ov / f"{rank:02d}_{row.id}_{row.score:.3f}.png")
+    counts = per_image["cell_type"].value_counts().to_dict()
+    _plot_by_class(scores.per_class, counts, report / "score_by_class.png")
+
+    per_img_s = float(np.mean(list(run.seconds.values()))) if run.seconds else float("nan")
+    projected = run.load_s + HIDDEN_TEST_IMAGES * per_img_s
+    summary = {
+        "score": scores.score,
+        "per_class": scores.per_class,
+        "images": len(ids),
+        "device": run.device,
+        "views": run.views,
+        "models": run.models,
+        "seconds_per_image": per_img_s,
+        "forward_seconds_per_image": run.forward_s / max(len(run.seconds), 1),
+        "load_seconds": run.load_s,
+        f"projected_seconds_{HIDDEN_TEST_IMAGES}_images": projected,
+        "failed": run.failed,
+        "time_budget_decisions": run.decisions,
+        "vote_accuracy": float((per_image["voted_type"] == per_image["cell_type"]).mean()),
+    }
+    (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return DryRunResult(scores.score, scores.per_class, per_image, scores.table(), projected, report, summary)
