@@ -14,7 +14,9 @@ from cellseg.config import load_yaml
 from cellseg.errors import CellsegError
 from cellseg.transforms import (
     AugmentConfig,
+    RandomFlipRot90,
     RandomRot90,
+    TightBoxes,
     RandomScaleCrop,
     build_transform,
     copy_paste,
@@ -127,6 +129,37 @@ def test_rot90_maps_image_masks_and_boxes_together(masks, k):
     assert np.array_equal(arr(out_img)[0], np.rot90(arr(image)[0], k))
     assert np.array_equal(arr(out["boxes"]), ref_boxes(want))
     assert torch.equal(out["labels"], target["labels"])
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("h, v", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_flip_rot90_moves_masks_box_by_box_like_whole_frame_ops(masks, h, v, k):
+    def ref(a):  # whole-array numpy reference: hflip, then vflip, then rot90
+        a = a[..., ::-1] if h else a
+        a = a[..., ::-1, :] if v else a
+        return np.rot90(a, k, axes=(-2, -1))
+
+    op = RandomFlipRot90()
+    op.make_params = lambda flat: {"h": h, "v": v, "k": k}
+    image, target = sample(masks)
+    target["label_image"] = tv_tensors.Mask(image[0].clone())  # moved by the whole-frame kernels
+    out_img, out = TightBoxes()(op(image, target))
+    want = ref(masks)
+    assert np.array_equal(arr(out["masks"]), want.astype(np.uint8))
+    assert np.array_equal(arr(out_img), ref(arr(image)))
+    assert np.array_equal(arr(out["label_image"]), ref(arr(image)[0]))
+    assert np.array_equal(arr(out["boxes"]), ref_boxes(want)) and out["boxes"].canvas_size == want.shape[-2:]
+    assert torch.equal(out["labels"], target["labels"])
+
+
+def test_fused_flip_rot90_draws_like_three_independent_ops():
+    op = RandomFlipRot90(hflip=0.5, vflip=0.25, rot90=0.5)
+    torch.manual_seed(0)
+    draws = [op.make_params([]) for _ in range(4000)]
+    assert abs(np.mean([d["h"] for d in draws]) - 0.5) < 0.04
+    assert abs(np.mean([d["v"] for d in draws]) - 0.25) < 0.04
+    ks = np.array([d["k"] for d in draws])
+    assert abs((ks == 0).mean() - 0.5) < 0.04 and abs((ks == 1).mean() - 0.25) < 0.04
 
 
 def test_rot90_draws_both_directions_and_identity():

@@ -115,22 +115,138 @@ class RandomRot90(v2.Transform):
         return {"k": 1 if torch.rand(()) < 0.5 else 3}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        k = params["k"]
-        if k == 0:
-            return inpt
-        if isinstance(inpt, tv_tensors.BoundingBoxes):
-            h, w = inpt.canvas_size
-            b = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.XYXY).as_subclass(torch.Tensor)
-            x0, y0, x1, y1 = b.unbind(-1)
-            # torch.rot90 k=1 moves pixel (r, c) to (w-1-c, r); k=3 moves it to (c, h-1-r).
-            nb = torch.stack([y0, w - x1, y1, w - x0], -1) if k == 1 else torch.stack([h - y1, x0, h - y0, x1], -1)
-            out = tv_tensors.BoundingBoxes(nb, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(w, h))
-            return F.convert_bounding_box_format(out, new_format=inpt.format)
-        if isinstance(inpt, tv_tensors.TVTensor):  # Image, Mask, Video
-            return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt)
-        if isinstance(inpt, torch.Tensor) and inpt.ndim >= 2:  # a pure tensor treated as the image
-            return torch.rot90(inpt, k, dims=(-2, -1))
+        return rot90(inpt, params["k"])
+
+
+def rot90(inpt: Any, k: int) -> Any:
+    """``torch.rot90(., k, dims=(-2, -1))`` for images, masks and pure tensors; exact box mapping for
+    BoundingBoxes (canvas (h, w) -> (w, h) for odd k); anything else unchanged."""
+    k %= 4
+    if k == 0:
         return inpt
+    if k == 2:
+        return rot90(rot90(inpt, 1), 1)
+    if isinstance(inpt, tv_tensors.BoundingBoxes):
+        h, w = inpt.canvas_size
+        b = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.XYXY).as_subclass(torch.Tensor)
+        x0, y0, x1, y1 = b.unbind(-1)
+        # torch.rot90 k=1 moves pixel (r, c) to (w-1-c, r); k=3 moves it to (c, h-1-r).
+        nb = torch.stack([y0, w - x1, y1, w - x0], -1) if k == 1 else torch.stack([h - y1, x0, h - y0, x1], -1)
+        out = tv_tensors.BoundingBoxes(nb, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(w, h))
+        return F.convert_bounding_box_format(out, new_format=inpt.format)
+    if isinstance(inpt, tv_tensors.TVTensor):  # Image, Mask, Video
+        return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), k, dims=(-2, -1)), like=inpt)
+    if isinstance(inpt, torch.Tensor) and inpt.ndim >= 2:  # a pure tensor treated as the image
+        return torch.rot90(inpt, k, dims=(-2, -1))
+    return inpt
+
+
+def _rot90_boxes(b: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
+    """xyxy boxes on an (h, w) canvas after ``torch.rot90(., k, dims=(-2, -1))`` (k in 1, 3)."""
+    x0, y0, x1, y1 = b.T
+    if k == 1:  # pixel (r, c) -> (w - 1 - c, r)
+        return np.stack([y0, w - x1, y1, w - x0], axis=1)
+    return np.stack([h - y1, x0, h - y0, x1], axis=1)  # k == 3: (r, c) -> (c, h - 1 - r)
+
+
+def dihedral_masks(
+    masks: np.ndarray, boxes: np.ndarray, hflip: bool, vflip: bool, k: int, pad: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal flip, then vertical flip, then ``rot90`` by ``k`` of a mask stack, box by box.
+
+    Args:
+        masks: (N, H, W) bool/uint8; boxes: (N, 4) xyxy containing each mask (grown by ``pad``
+            pixels for safety; pixels further out are not moved).
+    Returns:
+        masks (N, H', W') uint8 ((W, H) when k is odd) and the moved windows (N, 4) float32 xyxy,
+        which contain the moved masks. Equal to flipping / rotating the whole stack, at the cost of
+        one zeroed stack plus N window copies instead of full-frame copies.
+    """
+    n, h, w = masks.shape
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    win = np.stack([
+        np.clip(np.floor(b[:, 0]) - pad, 0, w), np.clip(np.floor(b[:, 1]) - pad, 0, h),
+        np.clip(np.ceil(b[:, 2]) + pad, 0, w), np.clip(np.ceil(b[:, 3]) + pad, 0, h),
+    ], axis=1).astype(np.int64).reshape(-1, 4)
+    moved = win.copy()
+    if hflip:
+        moved[:, [0, 2]] = w - moved[:, [2, 0]]
+    if vflip:
+        moved[:, [1, 3]] = h - moved[:, [3, 1]]
+    if k:
+        moved = _rot90_boxes(moved, k, h, w)
+    oh, ow = (w, h) if k % 2 else (h, w)
+    out = np.zeros((n, oh, ow), dtype=np.uint8)
+    for i in range(n):
+        x0, y0, x1, y1 = win[i]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        sub = masks[i, y0:y1, x0:x1]
+        if hflip:
+            sub = sub[:, ::-1]
+        if vflip:
+            sub = sub[::-1]
+        if k:
+            sub = np.rot90(sub, k)
+        X0, Y0, X1, Y1 = moved[i]
+        out[i, Y0:Y1, X0:X1] = sub
+    return out, moved.astype(np.float32)
+
+
+class RandomFlipRot90(v2.Transform):
+    """Horizontal flip (p ``hflip``), vertical flip (p ``vflip``) and rotation by 90/270 degrees
+    (p ``rot90``), drawn independently -- the same distribution as ``v2.RandomHorizontalFlip``,
+    ``v2.RandomVerticalFlip`` and :class:`RandomRot90` in a row -- applied as one operation.
+
+    Images and boxes go through torchvision's kernels (``F.horizontal_flip``, ``F.vertical_flip``)
+    and ``torch.rot90``. The (N, H, W) "masks" of an ``(image, {"boxes", "masks", ...})`` sample
+    move box by box (:func:`dihedral_masks`; boxes must contain their masks, as the dataset's do),
+    which avoids three full copies of a ~100 MB stack; its boxes become the moved windows
+    (TightBoxes makes them tight). Any other input is moved whole.
+    """
+
+    def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rot90: float = 0.5) -> None:
+        super().__init__()
+        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h = bool(torch.rand(()) < self.hflip)
+        v = bool(torch.rand(()) < self.vflip)
+        k = 0
+        if torch.rand(()) < self.rot90:
+            k = 1 if torch.rand(()) < 0.5 else 3
+        return {"h": h, "v": v, "k": k}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["h"]:
+            inpt = self._call_kernel(F.horizontal_flip, inpt)
+        if params["v"]:
+            inpt = self._call_kernel(F.vertical_flip, inpt)
+        return rot90(inpt, params["k"])
+
+    def forward(self, *inputs: Any) -> Any:
+        sample = inputs if len(inputs) > 1 else inputs[0]
+        flat, spec = tree_flatten(sample)
+        needs = self._needs_transform_list(flat)
+        params = self.make_params([x for x, nd in zip(flat, needs) if nd])
+        if not (params["h"] or params["v"] or params["k"]):
+            return sample
+        target = _instance_target(sample)
+        if target is None:
+            return tree_unflatten([self.transform(x, params) if nd else x for x, nd in zip(flat, needs)], spec)
+        masks = target["masks"]
+        out_masks, moved = dihedral_masks(
+            masks.as_subclass(torch.Tensor).numpy(), _xyxy(target["boxes"]), params["h"], params["v"], params["k"]
+        )
+        rest = {key: v for key, v in target.items() if key not in ("masks", "boxes")}
+        flat, spec = tree_flatten((sample[0], rest, *sample[2:]))
+        needs = self._needs_transform_list(flat)
+        out = tree_unflatten([self.transform(x, params) if nd else x for x, nd in zip(flat, needs)], spec)
+        out[1]["boxes"] = tv_tensors.BoundingBoxes(
+            torch.from_numpy(moved), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=tuple(out_masks.shape[-2:])
+        )
+        out[1]["masks"] = tv_tensors.wrap(torch.from_numpy(out_masks), like=masks)
+        return out
 
 
 def take_rows(a: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -162,7 +278,8 @@ def resized_crop_masks(
     width: int,
     size: tuple[int, int],
     index: np.ndarray | None = None,
-) -> np.ndarray:
+    return_boxes: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour ``resized_crop`` of a mask stack, one instance box at a time.
 
     Args:
@@ -172,7 +289,8 @@ def resized_crop_masks(
     Returns:
         (len(index), h, w) uint8, sampled like ``torch.nn.functional.interpolate(mode="nearest")``
         (source index = floor(dst * in / out)). Cost ~ N box-sized copies plus one zeroed stack,
-        instead of resampling N full frames.
+        instead of resampling N full frames. With ``return_boxes`` also the (len(index), 4) float32
+        xyxy output windows, which contain each output mask.
     """
     ch, cw = size
     ys = np.minimum((np.arange(ch) * (height / ch)).astype(np.int64), height - 1) + top
@@ -187,7 +305,29 @@ def resized_crop_masks(
     for i, k in enumerate(index):
         if r0[i] < r1[i] and c0[i] < c1[i]:
             out[i, r0[i] : r1[i], c0[i] : c1[i]] = masks[k][ys[r0[i] : r1[i]]][:, xs[c0[i] : c1[i]]]
+    if return_boxes:
+        return out, np.stack([c0, r0, c1, r1], axis=1).astype(np.float32).reshape(-1, 4)
     return out
+
+
+def _instance_target(sample: Any) -> dict | None:
+    """The target dict of a CPU ``(image, {"boxes", "masks" (N, H, W), ...})`` sample, else None."""
+    target = sample[1] if isinstance(sample, (tuple, list)) and len(sample) >= 2 else None
+    if (
+        isinstance(target, dict)
+        and isinstance(target.get("boxes"), tv_tensors.BoundingBoxes)
+        and isinstance(target.get("masks"), tv_tensors.Mask)
+        and target["masks"].ndim == 3
+        and target["masks"].shape[0] == target["boxes"].shape[0]
+        and target["masks"].device.type == "cpu"
+    ):
+        return target
+    return None
+
+
+def _xyxy(boxes: tv_tensors.BoundingBoxes) -> np.ndarray:
+    b = F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+    return b.as_subclass(torch.Tensor).numpy().astype(np.float64).reshape(-1, 4)
 
 
 class RandomScaleCrop(v2.Transform):
@@ -244,44 +384,35 @@ class RandomScaleCrop(v2.Transform):
         params = self.make_params([x for x, nd in zip(flat, needs) if nd])
         if params["noop"]:
             return sample
-        masks_out = None
-        target = sample[1] if isinstance(sample, (tuple, list)) and len(sample) >= 2 else None
-        if (
-            isinstance(target, dict)
-            and isinstance(target.get("boxes"), tv_tensors.BoundingBoxes)
-            and isinstance(target.get("masks"), tv_tensors.Mask)
-            and target["masks"].ndim == 3
-            and target["masks"].shape[0] == target["boxes"].shape[0]
-            and target["masks"].device.type == "cpu"
-        ):
-            target, masks_out = self._crop_instances(target, params)
-            sample = type(sample)([sample[0], target, *sample[2:]])
-        flat, spec = tree_flatten(sample)
-        needs = self._needs_transform_list(flat)
-        out = tree_unflatten([self.transform(x, params) if nd else x for x, nd in zip(flat, needs)], spec)
-        if masks_out is not None:
-            out[1]["masks"] = masks_out
-        return out
-
-    @staticmethod
-    def _crop_instances(target: dict, params: dict[str, Any]) -> tuple[dict, tv_tensors.Mask]:
+        target = _instance_target(sample)
+        if target is None:
+            flat, spec = tree_flatten(sample)
+            needs = self._needs_transform_list(flat)
+            return tree_unflatten([self.transform(x, params) if nd else x for x, nd in zip(flat, needs)], spec)
         masks, boxes = target["masks"], target["boxes"]
         n = boxes.shape[0]
-        b = F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.XYXY).as_subclass(torch.Tensor)
-        b = b.numpy().astype(np.float64)
+        b = _xyxy(boxes)
         t, l, h, w = params["top"], params["left"], params["height"], params["width"]
         idx = np.flatnonzero((b[:, 0] < l + w) & (b[:, 2] > l) & (b[:, 1] < t + h) & (b[:, 3] > t))
-        out_masks = resized_crop_masks(
-            masks.as_subclass(torch.Tensor).numpy(), b, t, l, h, w, tuple(params["size"]), index=idx
+        out_masks, windows = resized_crop_masks(
+            masks.as_subclass(torch.Tensor).numpy(), b, t, l, h, w, tuple(params["size"]), index=idx, return_boxes=True
         )
-        new = {}
+        rest = {}
         for key, v in target.items():
-            if key == "masks":
+            if key in ("masks", "boxes"):
                 continue
             if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n and idx.size < n:
                 v = _select(v, idx)
-            new[key] = v
-        return new, tv_tensors.wrap(torch.from_numpy(out_masks), like=masks)
+            rest[key] = v
+        flat, spec = tree_flatten((sample[0], rest, *sample[2:]))
+        needs = self._needs_transform_list(flat)
+        out = tree_unflatten([self.transform(x, params) if nd else x for x, nd in zip(flat, needs)], spec)
+        # boxes: the output windows of the kept instances (they contain the masks; TightBoxes tightens)
+        out[1]["boxes"] = tv_tensors.BoundingBoxes(
+            torch.from_numpy(windows), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=tuple(params["size"])
+        )
+        out[1]["masks"] = tv_tensors.wrap(torch.from_numpy(out_masks), like=masks)
+        return out
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         args = (params["top"], params["left"], params["height"], params["width"])
@@ -402,7 +533,8 @@ def _is_range(r: tuple[float, float], neutral: float = 1.0) -> bool:
 def build_transform(cfg: AugmentConfig) -> v2.Compose:
     """The train-time pipeline for ``cfg`` (see the module docstring for the sample layout).
 
-    Order: scale + crop, flips, rot90 -> tight boxes, min area, SanitizeBoundingBoxes -> float
+    Order: scale + crop, flips + rot90 (one :class:`RandomFlipRot90`) -> tight boxes, min area,
+    SanitizeBoundingBoxes -> float
     [0, 1] -> brightness/contrast, gamma, noise. With ``cfg.enabled`` False only the dtype step and
     the box/area clean-up remain.
     """
@@ -412,12 +544,8 @@ def build_transform(cfg: AugmentConfig) -> v2.Compose:
         # commutes with the flips in distribution).
         if cfg.short_sides or _is_range(cfg.scale_range) or any(cfg.crop_size) or cfg.max_size:
             steps.append(RandomScaleCrop(cfg.scale_range, cfg.short_sides, cfg.max_size, cfg.crop_size))
-        if cfg.hflip > 0:
-            steps.append(v2.RandomHorizontalFlip(cfg.hflip))
-        if cfg.vflip > 0:
-            steps.append(v2.RandomVerticalFlip(cfg.vflip))
-        if cfg.rot90 > 0:
-            steps.append(RandomRot90(cfg.rot90))
+        if cfg.hflip > 0 or cfg.vflip > 0 or cfg.rot90 > 0:
+            steps.append(RandomFlipRot90(cfg.hflip, cfg.vflip, cfg.rot90))
     steps += [TightBoxes(cfg.min_area), SanitizeBoundingBoxes(min_size=1), v2.ToDtype(torch.float32, scale=True)]
     if cfg.enabled:
         if _is_range(cfg.brightness) or _is_range(cfg.contrast):
