@@ -103,3 +103,23 @@ def test_decode_accepts_exactly_valid_runs(values):
 def test_empty():
     assert rle.encode(np.zeros((3, 3), bool)) == ""
     assert not rle.decode("", 3, 3).any()
+
+
+@given(st.lists(masks(), min_size=1, max_size=6), st.data())
+@settings(max_examples=200, deadline=None)
+def test_batch_decode_matches_single_decode(mask_list, data):
+    h, w = mask_list[0].shape
+    mask_list = [np.resize(m, (h, w)) for m in mask_list]
+    texts = [rle.encode(m) for m in mask_list]
+    for single, batch in zip([rle.decode_crop(t, h, w) for t in texts], rle.decode_crops(texts, h, w)):
+        assert (single.top, single.left) == (batch.top, batch.left)
+        assert np.array_equal(single.mask, batch.mask)
+
+
+@pytest.mark.parametrize("bad", ["1 2 3", "1 x", "0 3", "3 0", "10 5", "5 1 2 1", "2 3 4 1"])
+def test_batch_decode_names_the_bad_item_with_the_single_message(bad):
+    with pytest.raises(ValueError) as single:
+        rle.decode(bad, 3, 4)
+    with pytest.raises(rle.BatchDecodeError) as batch:
+        rle.decode_crops(["1 2", "4 1", bad, "1 1"], 3, 4)
+    assert batch.value.index == 2 and str(batch.value) == str(single.value)

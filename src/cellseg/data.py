@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import CELL_TYPES
 from .errors import CellsegError
 from .masks import CropMask, fill_holes_all, label_image, stack
-from .rle import decode_crop
+from .rle import BatchDecodeError, decode_crops
 
 TRAIN_COLUMNS = (
     "id",
@@ -161,15 +161,13 @@ def read_train_csv(path: str | Path, fill_holes: bool = False, progress: bool = 
     ):
         first = int(idx[0])
         h, w = int(df["height"].iat[first]), int(df["width"].iat[first])
-        crops = []
-        for i in idx:
-            try:
-                crop = decode_crop(ann[i], h, w)
-            except ValueError as e:
-                raise _fail(path, lines[i], f"bad annotation: {e}") from None
+        try:
+            crops = decode_crops([ann[i] for i in idx], h, w)
+        except BatchDecodeError as e:
+            raise _fail(path, lines[idx[e.index]], f"bad annotation: {e}") from None
+        for i, crop in zip(idx, crops):
             if crop.mask.size == 0:
                 raise _fail(path, lines[i], "empty annotation")
-            crops.append(crop)
         images[image_id] = ImageAnnotation(
             id=image_id,
             cell_type=str(df["cell_type"].iat[first]),
