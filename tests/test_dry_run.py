@@ -1,0 +1,85 @@
+"""cellseg dry-run (and predict) through the real CLI on a small synthetic dataset."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cellseg.cli import main
+from cellseg.dry_run import contour, overlay, select_images
+from cellseg.synth import generate
+
+from inference_helpers import make_manifest
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate(out, train_images=10, test_images=2, semi_images=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_manifest(tmp_path_factory.mktemp("w"), n_models=1, tta=("identity",), detections_per_view=30)
+
+
+def test_dry_run_report(synth, manifest, tmp_path, capsys):
+    rep = tmp_path / "rep"
+    rc = main(["dry-run", "--data", str(synth), "--weights", str(manifest), "--images", "3", "--report", str(rep),
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "overall" in out and "projected 240 hidden-test images" in out
+    per = pd.read_csv(rep / "per_image.csv")
+    assert len(per) == 3 and per["score"].is_monotonic_increasing  # worst first
+    assert set(per.columns) >= {"id", "cell_type", "voted_type", "score", "n_true", "n_pred", "seconds"}
+    truth = pd.read_csv(synth / "train.csv")
+    assert set(per["id"]) <= set(truth["id"])
+    pngs = sorted((rep / "overlays").glob("*.png"))
+    assert len(pngs) == 3 and pngs[0].name.startswith("00_" + per["id"][0])
+    assert Image.open(pngs[0]).mode == "RGB"
+    assert Image.open(rep / "score_by_class.png").size[0] > 100
+    s = json.loads((rep / "summary.json").read_text())
+    assert s["images"] == 3 and s["projected_seconds_240_images"] > 240 * s["seconds_per_image"] * 0.99
+    assert s["score"] == pytest.approx(per["score"].mean())
+    sub = (rep / "submission.csv").read_text().splitlines()
+    assert sub[0] == "id,predicted" and {line.split(",")[0] for line in sub[1:]} == set(per["id"])
+
+
+def test_dry_run_fold_selection(synth, manifest):
+    from cellseg.data import read_train_csv
+
+    train = read_train_csv(synth / "train.csv")
+    folds = [set(select_images(train, k, None)) for k in range(5)]
+    assert set().union(*folds) == set(train.images) and sum(map(len, folds)) == len(train.images)
+    assert select_images(train, None, 4) == select_images(train, None, 4) and len(select_images(train, None, 4)) == 4
+
+
+def test_overlay_draws_both_contours():
+    img = np.full((20, 20), 100, np.uint8)
+    truth = np.zeros((20, 20), np.int32)
+    truth[2:8, 2:8] = 1
+    pred = np.zeros((20, 20), np.int32)
+    pred[10:16, 10:16] = 1
+    rgb = overlay(img, truth, pred)
+    assert tuple(rgb[2, 4]) == (0, 230, 0) and tuple(rgb[10, 12]) == (255, 0, 255)
+    assert tuple(rgb[5, 5]) == (100, 100, 100)  # interior untouched
+    assert contour(truth).sum() == 20  # 6x6 square: its ring
+
+
+def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    assert main(["predict", "--data", str(synth), "--weights", str(manifest), "--out", str(out), "--no-progress"]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert main(["predict", "--data", str(tmp_path / "none"), "--weights", str(manifest), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cellseg predict: error:") and "test folder not found" in err[0]
+    bad = tmp_path / "m.yaml"
+    bad.write_text(manifest.read_text().replace("sha256: ", "sha256: 0"))
+    (tmp_path / "model0.pth").symlink_to(manifest.parent / "model0.pth")
+    assert main(["predict", "--data", str(synth), "--weights", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model0.pth: sha256 mismatch" in err[0]
