@@ -403,23 +403,24 @@ def test_cli_refuses_unsupported_config_in_one_line(tmp_path, d2_weights, d2_cfg
 
 
 def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path, d2_weights, d2_cfg):
-    """convert-detectron2 (subprocess) -> manifest; one of our own models added to the same
-    ensemble; the kernel's predict-folder pipeline writes a valid submission from both. The config
-    asks for MIN_SIZE_TEST 64 (the 96 x 128 test images are downscaled) and 100 proposals per image
-    to keep the CPU time small."""
+    """``cellseg convert-detectron2 --half`` -> manifest; one of our own models added to the same
+    ensemble; ``cellseg predict`` (the kernel's pipeline, a subprocess) writes a valid submission
+    from both. The config asks
+    for MIN_SIZE_TEST 64 (the 96 x 128 test images are downscaled) and 100 proposals per image to
+    keep the CPU time small."""
     from inference_helpers import make_checkpoint, make_competition
 
-    from cellseg.inference import predict_folder
+    from cellseg.cli import main
     from cellseg.manifest import ModelEntry, load_manifest, write_manifest
-    from cellseg.submission import validate_submission
+    from cellseg.submission import read_submission, validate_submission
 
     out = tmp_path / "weights" / "d2_r50"
     config = tmp_path / "config.yaml"
     small = _with(_with(d2_cfg, "INPUT.MIN_SIZE_TEST", 64), "MODEL.RPN.POST_NMS_TOPK_TEST", 100)
     config.write_text(yaml.safe_dump(small))
-    r = _cellseg("convert-detectron2", str(d2_weights), "--config", str(config), "--out", str(out),
-                 "--classes", "shsy5y,astro,cort")
-    assert r.returncode == 0, r.stderr
+    rc = main(["convert-detectron2", str(d2_weights), "--config", str(config), "--out", str(out),
+               "--classes", "shsy5y,astro,cort", "--half"])
+    assert rc == 0
     manifest = load_manifest(out / "manifest.yaml")  # checksums verified
     assert [e.checkpoint for e in manifest.models] == ["model.pth"]
     make_checkpoint(out / "ours.pth")
@@ -429,9 +430,9 @@ def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path
     write_manifest(manifest, out / "manifest.yaml")
 
     comp = make_competition(tmp_path / "comp", n_test=2)
-    logs: list[str] = []
-    res = predict_folder(comp, out / "manifest.yaml", tmp_path / "submission.csv", device="cpu", progress=False,
-                         log=logs.append)
-    assert not res.failed and not res.skipped and res.models == 2
-    assert validate_submission(tmp_path / "submission.csv", comp / "test") == []
-    assert set(res.rows) == {p.stem for p in (comp / "test").glob("*.png")}
+    sub = tmp_path / "submission.csv"
+    r = _cellseg("predict", "--data", str(comp), "--weights", str(out / "manifest.yaml"), "--out", str(sub),
+                 "--device", "cpu", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert validate_submission(sub, comp / "test") == []
+    assert set(read_submission(sub)) == {p.stem for p in (comp / "test").glob("*.png")}
