@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -338,6 +339,32 @@ def test_config_maps_to_model_fields(d2_cfg):
         d2.model_fields(d2_cfg, ["a", "b"])
 
 
+def test_r101_checkpoint_converts_and_runs(d2_state, d2_cfg):
+    """ResNet-101: res4 has 23 blocks (Detectron2 res4.0-22 -> torchvision layer3.0-22)."""
+    from cellseg.models import build_model
+    from cellseg.settings import ModelConfig
+
+    state = dict(d2_state)
+    for b in range(6, 23):
+        for k, v in d2_state.items():
+            if k.startswith("backbone.bottom_up.res4.5."):
+                state[k.replace("res4.5.", f"res4.{b}.")] = v * 0.5
+    cfg = _with(d2_cfg, "MODEL.RESNETS.DEPTH", 101)
+    # small and cheap: no resize (MIN_SIZE_TEST 0), 50 proposals, 5 detections
+    for key, value in (("INPUT.MIN_SIZE_TEST", 0), ("MODEL.RPN.POST_NMS_TOPK_TEST", 50), ("TEST.DETECTIONS_PER_IMAGE", 5)):
+        cfg = _with(cfg, key, value)
+    model = build_model(ModelConfig(**d2.model_fields(cfg, CLASSES))).eval()
+    converted = d2.convert_state_dict(state, d2.head_layout(cfg), model.state_dict())
+    model.load_state_dict(converted)
+    assert torch.equal(model.backbone.body.layer3[22].conv2.weight, state["backbone.bottom_up.res4.22.conv2.weight"])
+    assert model.backbone.body.layer3[0].conv1.stride == (2, 2)  # STRIDE_IN_1X1 also for R101
+    with torch.no_grad():
+        images, _ = model.transform([torch.rand(3, 70, 90)])
+        out = model([torch.rand(3, 70, 90)])[0]
+    assert images.image_sizes == [(70, 90)] and images.tensors.shape[-2:] == (96, 96)  # not resized, padded
+    assert out["masks"].shape[-2:] == (70, 90) and len(out["boxes"]) <= 5
+
+
 def test_bgr_and_rgb_descriptions_of_one_network_convert_identically(d2_state, d2_cfg, model):
     """The same network written as a BGR model and as an RGB model (first-conv input channels and
     pixel mean reversed) must give the same torchvision weights and normalisation."""
@@ -374,6 +401,14 @@ def test_bare_state_dict_accepted_and_foreign_keys_refused(tmp_path, d2_state, d
     torch.save(d2_state, bare)
     loaded = d2.load_d2_weights(bare)
     assert loaded.keys() == d2_state.keys()
+    zoo = tmp_path / "model_zoo.pkl"  # Detectron2 model-zoo layout: a plain pickle of numpy arrays
+    with open(zoo, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in d2_state.items()}, "__author__": "test"}, f)
+    assert all(torch.equal(v, d2_state[k]) for k, v in d2.load_d2_weights(zoo).items())
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CellsegError, match="not a readable"):
+        d2.load_d2_weights(junk)
     extra = dict(d2_state)
     extra["roi_heads.keypoint_head.conv_fcn1.weight"] = torch.zeros(1)
     with pytest.raises(CellsegError, match="keypoint_head.conv_fcn1.weight"):

@@ -17,6 +17,7 @@ Detectron2 feeds 0-255 pixels normalised by ``PIXEL_MEAN``/``PIXEL_STD``; ours a
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -275,23 +276,42 @@ def head_layout(cfg: dict) -> dict:
 # weights
 
 
-def load_d2_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a Detectron2 checkpoint: ``{"model": state_dict, ...}`` or a bare state dict.
+def _unpickle(path: Path) -> Any:
+    """torch.load with tensors only first; then the two other layouts Detectron2 writes: a plain
+    pickle of numpy arrays (model-zoo ``.pkl``) and a torch file holding non-tensor trainer state.
+    Those two run the file's pickle code: convert only checkpoints you trust, as with any pickle."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or corrupt files
+        first = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception:
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raise CellsegError(f"{path}: not a readable torch or pickle checkpoint ({first})") from None
 
-    Values may be tensors or numpy arrays (Detectron2's model-zoo .pkl layout after unpickling)."""
+
+def load_d2_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a Detectron2 checkpoint: ``{"model": state_dict, ...}`` (a training run's
+    ``model_final.pth``, or a model-zoo ``.pkl`` with numpy arrays) or a bare state dict.
+    Returns name -> float32 tensor."""
     path = Path(path)
     if not path.is_file():
         raise CellsegError(f"{path}: Detectron2 checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for foreign or corrupt files
-        raise CellsegError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+    obj = _unpickle(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd:
         raise CellsegError(f"{path}: no state dict in the checkpoint (expected {{'model': state_dict}})")
     out = {}
     for k, v in sd.items():
-        t = torch.as_tensor(v)
+        try:
+            t = torch.as_tensor(v)
+        except (TypeError, RuntimeError, ValueError):
+            raise CellsegError(f"{path}: entry {k} of the state dict is {type(v).__name__}, not a tensor") from None
         if not t.is_floating_point():
             raise CellsegError(f"{path}: weight {k} is {t.dtype}, not floating point")
         out[k] = t.float()
