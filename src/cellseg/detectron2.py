@@ -27,7 +27,7 @@ import yaml
 
 from .errors import CellsegError
 
-#: the torchvision state-dict keys a converted model needs are those of ``build_model``'s output.
+#: Detectron2 buffers that hold no weights (the normalisation comes from the config).
 IGNORED_D2_KEYS = {"pixel_mean", "pixel_std"}
 
 
