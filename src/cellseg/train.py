@@ -148,11 +148,11 @@ def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
     from .data import read_train_csv
     from .folds import make_folds, split
 
+    if fold is not None and not 0 <= fold < cfg.data.folds:
+        raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
     truth = read_train_csv(CompetitionPaths(data_dir).require("train_csv").train_csv, fill_holes=False)
     if fold is None:
         return truth, list(truth.images), []
-    if not 0 <= fold < cfg.data.folds:
-        raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
     folds = make_folds(truth, k=cfg.data.folds, seed=cfg.data.fold_seed)
     train_ids, hold_ids = split(folds, fold)
     return truth, train_ids, hold_ids
@@ -264,6 +264,8 @@ def train(
     data_dir, out = Path(data_dir), Path(out)
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
 
+    if init and not resume and not Path(init).is_file():
+        raise CellsegError(f"--init {init}: checkpoint not found")
     seed_everything(tc.seed)
     truth, train_ids, hold_ids = split_ids(cfg, data_dir, fold)
     dataset, collate = build_train_dataset(cfg, data_dir, train_ids)
@@ -391,6 +393,9 @@ def train(
         epoch += 1
         elapsed = time.perf_counter() - t_epoch
         means = _reduce_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, info)
+        if info.distributed:  # BatchNorm running stats drift apart per rank: keep rank 0's everywhere
+            for buf in unwrap(model).buffers():
+                dist.broadcast(buf, src=0)
         rngs = _gather_rng(info)  # the state the next epoch starts from (validation must not change it)
         row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
         row.update({("loss" if k == "loss" else f"loss_{k.removeprefix('loss_')}"): v for k, v in sorted(means.items())})

@@ -1,0 +1,216 @@
+"""Training: the real loop on a tiny competition folder, `cellseg train` end to end, a SIGKILLed run
+resumed to the same weights as an uninterrupted one, and 2-process DDP (gloo, torchrun) in sync."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cellseg.checkpoint import load_model, read_checkpoint, read_checkpoint_info
+from cellseg.errors import CellsegError
+from cellseg.io import write_gray
+from cellseg.paths import configs_dir
+from cellseg.settings import TrainConfig, load_experiment
+from cellseg.train import build_optimizer, lr_factor, rng_state, set_rng_state
+
+from helpers import train_rows, write_train_csv
+
+H, W = 64, 80
+#: the demo config shrunk to a toy: 2-level slim backbone, 16 FPN channels, tiny heads, no crops.
+TINY_OVERRIDES = [
+    "model.returned_layers=[1, 2]", "model.anchor_sizes=[[8], [16], [32]]", "model.fpn_channels=16",
+    "model.box_head_dim=32", "model.mask_head_convs=1", "model.rpn_post_nms_top_n_train=100",
+    "model.rpn_post_nms_top_n_test=100", "model.box_batch_size_per_image=32", "model.box_detections_per_img=30",
+    "train.epochs=3", "train.batch_size=2", "train.num_workers=0", "train.threads=1", "train.warmup_iters=2",
+    "train.val_every=1", "train.val_max_images=1", "train.val_score_thresh=0.0", "train.log_every=0",
+    "data.folds=3", "augment.crop_size=[0, 0]",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """9 images of 64 x 80 (3 per cell type, each its own sample) with 3-6 bright elliptic cells."""
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    (root / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:H, :W]
+    rows = []
+    for i, cell_type in enumerate(["shsy5y", "astro", "cort"] * 3):
+        image_id = f"{i:012x}"
+        image = rng.normal(100, 5, (H, W))
+        masks, taken = [], np.zeros((H, W), bool)
+        for _ in range(int(rng.integers(3, 7))):
+            cy, cx, ry, rx = rng.integers(8, H - 8), rng.integers(8, W - 8), rng.integers(3, 7), rng.integers(3, 7)
+            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            m &= ~taken
+            if m.sum() < 10:
+                continue
+            taken |= m
+            masks.append(m)
+            image[m] = 170 + 10 * len(masks)
+        write_gray(root / "train" / f"{image_id}.png", np.clip(image, 0, 255).astype(np.uint8))
+        rows += train_rows(image_id, cell_type, masks, sample_id=f"{cell_type}[x]_s{i}")
+    write_train_csv(root / "train.csv", rows)
+    return root
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cellseg", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(configs_dir() / "demo.yaml"), "--data", str(data), "--fold", "0",
+            "--out", str(out), "--quiet", *TINY_OVERRIDES, *extra]
+
+
+def weights(path: Path) -> dict:
+    return read_checkpoint(path)["model"]
+
+
+# ---------------------------------------------------------------------------------------- units
+
+
+def test_lr_schedule_warmup_cosine_step():
+    cfg = TrainConfig(warmup_iters=10, warmup_factor=0.1, schedule="cosine", min_lr_ratio=0.0)
+    f = [lr_factor(s, 100, cfg) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[5] == pytest.approx(0.55 * (0.5 + 0.5 * np.cos(np.pi * 0.05)))
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))  # warm-up rises
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[100] == pytest.approx(0.0)
+    step = TrainConfig(warmup_iters=0, schedule="step", steps=[0.5, 0.8], gamma=0.1)
+    assert [lr_factor(s, 100, step) for s in (0, 49, 50, 79, 80)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_optimizer_skips_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].weight.requires_grad_(False)
+    for kind, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        opt = build_optimizer(model, TrainConfig(optimizer=kind, weight_decay=0.05))
+        assert isinstance(opt, cls)
+        decay, no_decay = opt.param_groups
+        assert [p.shape for p in decay["params"]] == [(4, 3, 3, 3)] and decay["weight_decay"] == 0.05
+        assert len(no_decay["params"]) == 2 and no_decay["weight_decay"] == 0.0  # conv bias, bn bias
+
+
+def test_rng_state_round_trip():
+    import random
+
+    state = rng_state()
+    a = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == a
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+def test_cli_train_writes_a_complete_run_folder(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = cli(*train_args(tiny_data, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "best hold-out score" in r.stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"last.pth", "best.pth", "metrics.csv", "curves.png", "config.yaml"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["step"].tolist() == [3, 6, 9]  # 6 train images / batch 2
+    assert {"loss", "loss_mask", "loss_objectness", "val_score", "val_shsy5y", "val_astro", "val_cort", "data_wait"} <= set(metrics)
+    assert metrics["val_score"].between(0, 1).all()
+    best = read_checkpoint_info(out / "best.pth").provenance
+    assert best["fold"] == 0 and best["score"] == pytest.approx(metrics["val_score"].max())
+    assert metrics.loc[metrics["val_score"].idxmax(), "epoch"] == best["epoch"]
+    assert read_checkpoint_info(out / "last.pth").provenance["epoch"] == 3
+    model, info = load_model(out / "best.pth")
+    assert info.model_config.fpn_channels == 16 and info.experiment["data"]["folds"] == 3
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the saved config reproduces the run's config
+    assert load_experiment(out / "config.yaml").model == info.model_config
+
+
+def test_cli_errors_are_one_line(tiny_data, tmp_path, capsys):
+    from cellseg.cli import main
+
+    assert main(train_args(tiny_data, tmp_path / "x", "--fold", "5")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "out of range 0..2" in err
+    assert main(train_args(tiny_data, tmp_path / "x", "train.lr=fast")) == 2
+    assert "train.lr: expected float" in capsys.readouterr().err
+    assert main(train_args(tiny_data, tmp_path / "x", "--init", str(tmp_path / "none.pth"))) == 2
+    assert "none.pth: checkpoint not found" in capsys.readouterr().err
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
+    extra = ["train.epochs=4", "train.num_workers=1", "augment.copy_paste_p=0.5"]
+    full = subprocess.Popen([sys.executable, "-m", "cellseg", *train_args(tiny_data, tmp_path / "full", *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "killed"
+    victim = subprocess.Popen([sys.executable, "-m", "cellseg", *train_args(tiny_data, out, *extra)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    killed_at = read_checkpoint_info(out / "last.pth").provenance["epoch"]
+    assert killed_at < 4
+    r = cli(*train_args(tiny_data, out, *extra, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    a, b = weights(tmp_path / "full" / "last.pth"), weights(out / "last.pth")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    sa, sb = read_checkpoint(tmp_path / "full" / "last.pth")["train_state"], read_checkpoint(out / "last.pth")["train_state"]
+    assert sa["step"] == sb["step"] == 12
+    mom_a, mom_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert all(torch.equal(mom_a[i]["momentum_buffer"], mom_b[i]["momentum_buffer"]) for i in mom_a)
+    la = pd.read_csv(tmp_path / "full" / "metrics.csv")
+    lb = pd.read_csv(out / "metrics.csv")
+    pd.testing.assert_frame_equal(la.drop(columns=["seconds", "data_wait"]), lb.drop(columns=["seconds", "data_wait"]))
+
+
+DDP_SCRIPT = """
+import sys, torch
+from cellseg.settings import load_experiment
+from cellseg.train import train
+import torch.distributed as dist
+cfg = load_experiment(sys.argv[1], sys.argv[4:])
+res = train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
+rank = dist.get_rank()
+torch.save({k: v for k, v in res.model.state_dict().items()}, f"{sys.argv[3]}/rank{rank}.pt")
+print("rank", rank, "world", dist.get_world_size(), "steps", res.steps_done)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(configs_dir() / "demo.yaml"), str(tiny_data), str(out), *TINY_OVERRIDES, "train.epochs=2"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    # 6 train images / 2 ranks = 3 each, batch 2 -> 2 steps per epoch on each rank
+    assert "rank 0 world 2 steps 4" in r.stdout and "rank 1 world 2 steps 4" in r.stdout
+    w0, w1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
+    init = read_checkpoint(out / "last.pth")["model"]
+    assert all(torch.equal(init[k], w0[k]) for k in w0)  # rank 0 wrote the shared weights
+    ckpt = read_checkpoint_info(out / "last.pth")
+    assert ckpt.provenance["world_size"] == 2 and ckpt.provenance["epoch"] == 2
+    assert len(read_checkpoint(out / "last.pth")["train_state"]["rng"]) == 2  # every rank's RNG is resumable
