@@ -20,7 +20,7 @@ from cellseg.errors import CellsegError
 from cellseg.io import write_gray
 from cellseg.paths import configs_dir
 from cellseg.settings import TrainConfig, load_experiment
-from cellseg.train import build_optimizer, lr_factor, rng_state, set_rng_state
+from cellseg.train import balanced_subset, build_optimizer, lr_factor, rng_state, set_rng_state
 
 from helpers import train_rows, write_train_csv
 
@@ -107,6 +107,17 @@ def test_rng_state_round_trip():
     a = (random.random(), float(np.random.rand()), float(torch.rand(())))
     set_rng_state(state)
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == a
+
+
+def test_validation_subset_covers_every_cell_type():
+    from types import SimpleNamespace
+
+    types = ["cort"] * 6 + ["astro"] * 2 + ["shsy5y"] * 3
+    truth = {f"i{k}": SimpleNamespace(cell_type=t) for k, t in enumerate(types)}
+    pick = balanced_subset(truth, 7)
+    assert len(pick) == 7 and len(set(pick)) == 7
+    assert sorted(truth[i].cell_type for i in pick) == ["astro"] * 2 + ["cort"] * 2 + ["shsy5y"] * 3
+    assert balanced_subset(truth, 50) and len(balanced_subset(truth, 50)) == 11
 
 
 # ---------------------------------------------------------------------------------------- runs

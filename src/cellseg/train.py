@@ -158,6 +158,20 @@ def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
     return truth, train_ids, hold_ids
 
 
+def balanced_subset(truth: dict, n: int) -> list[str]:
+    """``n`` ids taken round-robin over cell types (each type in its original order)."""
+    by_type: dict[str, list[str]] = {}
+    for image_id, ann in truth.items():
+        by_type.setdefault(ann.cell_type, []).append(image_id)
+    queues = [list(v) for _, v in sorted(by_type.items())]
+    out: list[str] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
 def build_train_dataset(cfg: ExperimentConfig, data_dir: Path, train_ids: list[str]):
     """The augmented training dataset of ``train_ids`` (+ extra csv / COCO sources) and its collate_fn."""
     from . import dataset
@@ -273,7 +287,7 @@ def train(
         raise CellsegError(f"fold {fold}: no training images")
     val_truth = {i: truth.images[i] for i in hold_ids}
     if tc.val_max_images and len(val_truth) > tc.val_max_images:
-        val_truth = dict(list(val_truth.items())[: tc.val_max_images])
+        val_truth = {i: val_truth[i] for i in balanced_subset(val_truth, tc.val_max_images)}
 
     model = build_model(cfg.model)
     last_path, best_path = out / "last.pth", out / "best.pth"
