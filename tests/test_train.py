@@ -116,7 +116,7 @@ def test_validation_subset_covers_every_cell_type():
     truth = {f"i{k}": SimpleNamespace(cell_type=t) for k, t in enumerate(types)}
     pick = balanced_subset(truth, 7)
     assert len(pick) == 7 and len(set(pick)) == 7
-    assert sorted(truth[i].cell_type for i in pick) == ["astro"] * 2 + ["cort"] * 2 + ["shsy5y"] * 3
+    assert sorted(truth[i].cell_type for i in pick) == ["astro"] * 2 + ["cort"] * 3 + ["shsy5y"] * 2
     assert balanced_subset(truth, 50) and len(balanced_subset(truth, 50)) == 11
 
 
