@@ -36,8 +36,8 @@ def load_augment(path: Path | None, overrides: list[str]):
     from ..transforms import AugmentConfig
 
     data = read_yaml(path) if path is not None else {}
-    if "augment" in data:
-        data = data["augment"] or {}
+    if "augment" in data or {"model", "train", "data"} & set(data):  # an experiment config
+        data = data.get("augment") or {}
     if not isinstance(data, dict):
         raise CellsegError(f"{path}: 'augment' must be a mapping")
     data = apply_overrides(dict(data), overrides)
