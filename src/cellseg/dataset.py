@@ -41,7 +41,7 @@ item; see benchmarks/README.md ("dataset item") for the per-item time at 704 x 5
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
