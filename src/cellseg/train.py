@@ -278,7 +278,7 @@ def train(
     data_dir, out = Path(data_dir), Path(out)
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
 
-    if init and not resume and not Path(init).is_file():
+    if init and not (resume and (Path(out) / "last.pth").is_file()) and not Path(init).is_file():
         raise CellsegError(f"--init {init}: checkpoint not found")
     seed_everything(tc.seed)
     truth, train_ids, hold_ids = split_ids(cfg, data_dir, fold)
@@ -301,10 +301,11 @@ def train(
         if resume_state is None:
             raise CellsegError(f"{last_path}: no resume state in this checkpoint")
         log(f"resuming {out} after epoch {resume_state['epoch']} (step {resume_state['step']})")
-    elif resume:
-        log(f"nothing to resume in {out}; starting from scratch")
-    elif init:
-        log(load_init(model, init))
+    else:
+        if resume:
+            log(f"nothing to resume in {out}; starting from the beginning")
+        if init:
+            log(load_init(model, init))
     model.to(device)
     if tc.sync_bn and info.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 EPILOG = """\
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..settings import load_experiment
     from ..train import train
 
-    fold = None if str(args.fold).lower() == "all" else None
+    fold = None
     if str(args.fold).lower() != "all":
         try:
             fold = int(args.fold)
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
     result = train(cfg, args.data, fold=fold, init=args.init, out=out, resume=args.resume,
                    progress=not args.quiet, config_name=name)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return 0
     if result.best_score is not None:
         print(f"best hold-out score {result.best_score:.4f} (epoch {result.best_epoch}); checkpoints in {out}")
     else:
