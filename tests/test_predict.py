@@ -201,3 +201,11 @@ def test_exhausted_budget_writes_all_empty_rows(small_manifest, tmp_path):
     res = predict_folder(comp, small_manifest, tmp_path / "sub.csv", time_budget=0.01, progress=False, log=lambda s: None)
     assert res.skipped == sorted(res.rows) and not res.seconds
     assert read_submission(tmp_path / "sub.csv") == {i: [] for i in res.rows}
+
+
+def test_pipelined_run_matches_sequential(small_manifest, tmp_path):
+    comp = make_competition(tmp_path / "comp", n_test=3)
+    a = predict_folder(comp, small_manifest, tmp_path / "a.csv", progress=False, log=lambda s: None, pipeline=False)
+    b = predict_folder(comp, small_manifest, tmp_path / "b.csv", progress=False, log=lambda s: None, pipeline=True)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    assert a.cell_types == b.cell_types and len(b.seconds) == 3 and sum(map(len, b.rows.values())) > 0

@@ -19,6 +19,7 @@ import re
 import sys
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -112,19 +113,31 @@ class ImageResult:
     rest_s: float
 
 
-def predict_image(image: np.ndarray, loaded, views: Sequence[str], manifest: Manifest, device) -> ImageResult:
-    """One (H, W) uint8 image through models x views, vote, fusion and post-processing."""
+def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tuple[list, float]:
+    """Models x views of one (H, W) uint8 image -> (raw views, seconds). A CUDA out-of-memory
+    error is retried once with one view per forward."""
     import torch
 
-    from .ensemble import fuse
-    from .postprocess import postprocess, vote_cell_type
-    from .predict import predict_views, raw_to_detections, raw_vote_inputs, relabel
+    from .predict import predict_views
 
-    height, width = image.shape
     t0 = time.perf_counter()
-    raw = predict_views(loaded, image, views, device)
+    try:
+        raw = predict_views(loaded, image, views, device)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raw = predict_views(loaded, image, views, device, batch=1)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    return raw, time.perf_counter() - t0
+
+
+def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest) -> ImageResult:
+    """Cell-type vote, fusion and post-processing of one image's raw views (CPU only)."""
+    from .ensemble import fuse
+    from .postprocess import postprocess, vote_cell_type
+    from .predict import raw_to_detections, raw_vote_inputs, relabel
+
+    height, width = image_shape
     t1 = time.perf_counter()
     cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
     th = manifest.thresholds(cell_type)
@@ -140,7 +153,15 @@ def predict_image(image: np.ndarray, loaded, views: Sequence[str], manifest: Man
         total_weight=sum(m.weight for m in loaded) * len(views),
     )
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
-    return ImageResult(crops, scores, cell_type, t1 - t0, time.perf_counter() - t1)
+    return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
+
+
+def predict_image(image: np.ndarray, loaded, views: Sequence[str], manifest: Manifest, device) -> ImageResult:
+    """One (H, W) uint8 image through models x views, vote, fusion and post-processing."""
+    raw, forward_s = forward_image(image, loaded, views, device)
+    res = finish_image(image.shape, raw, loaded, views, manifest)
+    res.forward_s = forward_s
+    return res
 
 
 # ----------------------------------------------------------------------------- a folder
@@ -245,10 +266,12 @@ def predict_folder(
     log: Log | None = None,
     image_ids: Sequence[str] | None = None,
     validate: bool = True,
+    pipeline: bool | None = None,
 ) -> RunResult:
     """Predict every test image of ``data_dir`` with the manifest's ensemble into ``out``.
 
-    ``image_ids`` restricts the run (default: every ``test/*.png``). Raises CellsegError (one line)
+    ``image_ids`` restricts the run (default: every ``test/*.png``). ``pipeline``: post-process
+    image k in a worker thread while the models run on image k + 1 (default: on CUDA only). Raises CellsegError (one line)
     for a missing test folder, an unusable manifest, a checksum mismatch, every image failing, or an
     invalid written submission.
     """
@@ -284,56 +307,91 @@ def predict_folder(
         if per_unit is not None:
             unit_times.append(per_unit)
             log(f"time budget {budget:.0f}s: one model x one view takes ~{per_unit:.2f}s per image")
-    bar = tqdm(ids, unit="img", disable=None if progress else True, desc="predict", dynamic_ncols=True)
-    for k, image_id in enumerate(bar):
-        left = len(ids) - k
-        if budget is not None:
-            elapsed = time.monotonic() - start
-            seconds_left = budget - reserve - elapsed
-            per_unit = SAFETY * float(np.mean(unit_times[-5:])) if unit_times else None
-            if per_unit is not None:
-                plan = plan_within_budget(views, model_idx, weights, per_unit, left, seconds_left)
-                for d in plan.decisions:
-                    log(d)
-                result.decisions += plan.decisions
-                views, model_idx = plan.views, plan.models
-            est = (per_unit or 0.0) * len(views) * len(model_idx)
-            if seconds_left <= 0 or est > seconds_left:
-                msg = f"time budget: {budget:.0f}s nearly spent after {elapsed:.0f}s; {left} image(s) left with empty rows"
-                log(msg)
-                result.decisions.append(msg)
-                result.skipped = ids[k:]
-                break
-        path = paths.image("test", image_id)
-        t0 = time.monotonic()
-        try:
-            image = read_gray(path)
-            if image.ndim != 2 or min(image.shape) < 8:
-                raise CellsegError(f"{path}: unexpected image shape {image.shape}")
-            res = predict_image(image, [loaded_all[i] for i in model_idx], views, manifest, dev)
-        except CellsegError as e:
-            log(f"{image_id}: {e}; writing an empty row")
-            result.failed[image_id] = str(e)
-            continue
-        except Exception as e:  # keep going: one bad image must not sink the submission
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({Path(where.filename).name}:{where.lineno})"
+    # On CUDA the CPU stages of image k run in a worker thread while the GPU runs image k + 1.
+    use_thread = dev.type == "cuda" if pipeline is None else pipeline
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-post") if use_thread else None
+    pending: list[tuple[str, Future, float, tuple[int, int]]] = []
+
+    def fail(image_id: str, e: BaseException) -> None:
+        if isinstance(e, CellsegError):
+            reason = str(e)
+            log(f"{image_id}: {reason}; writing an empty row")
+        else:  # keep going: one bad image must not sink the submission
+            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            first = str(e).splitlines()[0] if str(e) else ""
+            reason = f"{type(e).__name__}: {first}" + (f" ({Path(where.filename).name}:{where.lineno})" if where else "")
             log(f"{image_id}: failed with {reason}; writing an empty row")
-            result.failed[image_id] = reason
-            continue
-        finally:
-            dt = time.monotonic() - t0
+        result.failed[image_id] = reason
+
+    def collect() -> None:
         from .rle import encode_crop
 
-        rows[image_id] = [encode_crop(c, *image.shape) for c in res.crops]
+        image_id, fut, forward_s, shape = pending.pop(0)
+        try:
+            res = fut.result()
+        except Exception as e:
+            fail(image_id, e)
+            return
+        rows[image_id] = [encode_crop(c, *shape) for c in res.crops]
         result.cell_types[image_id] = res.cell_type
-        result.seconds[image_id] = dt
-        result.forward_s += res.forward_s
+        result.forward_s += forward_s
         result.rest_s += res.rest_s
-        unit_times.append(dt / max(len(views) * len(model_idx), 1))
-        rate = len(result.seconds) / max(sum(result.seconds.values()), 1e-9)
-        finish = time.strftime("%H:%M:%S", time.localtime(time.time() + (left - 1) / rate))
-        bar.set_postfix_str(f"{rate:.2f} img/s, finish ~{finish}, {len(rows[image_id])} cells", refresh=False)
+
+    bar = tqdm(ids, unit="img", disable=None if progress else True, desc="predict", dynamic_ncols=True)
+    last = time.monotonic()
+    try:
+        for k, image_id in enumerate(bar):
+            left = len(ids) - k
+            if budget is not None:
+                elapsed = time.monotonic() - start
+                seconds_left = budget - reserve - elapsed
+                per_unit = SAFETY * float(np.mean(unit_times[-5:])) if unit_times else None
+                if per_unit is not None:
+                    plan = plan_within_budget(views, model_idx, weights, per_unit, left + len(pending), seconds_left)
+                    for d in plan.decisions:
+                        log(d)
+                    result.decisions += plan.decisions
+                    views, model_idx = plan.views, plan.models
+                est = (per_unit or 0.0) * len(views) * len(model_idx) * (1 + len(pending))
+                if seconds_left <= 0 or est > seconds_left:
+                    msg = (f"time budget: {budget:.0f}s nearly spent after {elapsed:.0f}s; "
+                           f"{left} image(s) left with empty rows")
+                    log(msg)
+                    result.decisions.append(msg)
+                    result.skipped = ids[k:]
+                    break
+            path = paths.image("test", image_id)
+            loaded = [loaded_all[i] for i in model_idx]
+            try:
+                image = read_gray(path)
+                raw, forward_s = forward_image(image, loaded, views, dev)
+            except Exception as e:
+                fail(image_id, e)
+                last = time.monotonic()
+                continue
+            if pool is not None:
+                fut = pool.submit(finish_image, image.shape, raw, loaded, list(views), manifest)
+            else:
+                fut = Future()
+                try:
+                    fut.set_result(finish_image(image.shape, raw, loaded, list(views), manifest))
+                except Exception as e:
+                    fut.set_exception(e)
+            pending.append((image_id, fut, forward_s, image.shape))
+            while len(pending) > (1 if pool is not None else 0):
+                collect()
+            now = time.monotonic()
+            result.seconds[image_id] = now - last  # throughput: one image per this many seconds
+            last = now
+            unit_times.append(result.seconds[image_id] / max(len(views) * len(model_idx), 1))
+            rate = len(result.seconds) / max(sum(result.seconds.values()), 1e-9)
+            finish = time.strftime("%H:%M:%S", time.localtime(time.time() + (left - 1) / rate))
+            bar.set_postfix_str(f"{rate:.2f} img/s, finish ~{finish}", refresh=False)
+        while pending:
+            collect()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     bar.close()
     result.views, result.models = views, len(model_idx)
     if ids and len(result.failed) == len(ids):
