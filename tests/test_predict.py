@@ -209,3 +209,23 @@ def test_pipelined_run_matches_sequential(small_manifest, tmp_path):
     b = predict_folder(comp, small_manifest, tmp_path / "b.csv", progress=False, log=lambda s: None, pipeline=True)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     assert a.cell_types == b.cell_types and len(b.seconds) == 3 and sum(map(len, b.rows.values())) > 0
+
+
+def test_fp16_wrappers_keep_the_model_working(small_manifest):
+    """The CUDA autocast wrappers around backbone / RPN head / box and mask heads pass every output
+    type through (on CPU autocast('cuda') is inactive, so the detections must be identical)."""
+    import warnings
+
+    from cellseg.checkpoint import load_model
+    from cellseg.predict import LoadedModel, label_map_for, prepare_model
+
+    m = load_manifest(small_manifest)
+    path = m.checkpoint_path(m.models[0])
+    plain = LoadedModel(prepare_model(load_model(path, CPU)[0], m.fusion, CPU, fp16=False), 1.0, label_map_for(None, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = LoadedModel(prepare_model(load_model(path, CPU)[0], m.fusion, CPU, fp16=True), 1.0, label_map_for(None, 4))
+        a = predict_views([plain], blob_image(3), ["identity"], CPU)[0]
+        b = predict_views([wrapped], blob_image(3), ["identity"], CPU)[0]
+    assert type(wrapped.model.backbone).__name__ == "_Autocast"
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.masks, b.masks) and len(a.scores) > 0
