@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 
 from cellseg.data import cell_type_from_filename, read_train_records
+from cellseg.errors import CellsegError
+from cellseg.tune import predict_raw
 from cellseg.manifest import load_manifest
 from cellseg.pseudo import pseudo_label, sample_id_from_filename, stricter
 from cellseg.manifest import ClassThresholds
@@ -34,15 +36,15 @@ def test_predict_raw_then_tune_cli(synth_dir, manifest, tmp_path):
     index = json.loads((cache / "index.json").read_text())
     assert len(files) == 2 and sorted(index["ids"]) == [f.stem for f in files]
     mtimes = [f.stat().st_mtime_ns for f in files]
-    cellseg("predict-raw", "--data", synth_dir, "--weights", manifest, "--out", cache, "--images", 2, "--device", "cpu")
+    predict_raw(synth_dir, manifest, cache, index["ids"], device="cpu", progress=False)
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # resumed: nothing recomputed
-
     other = make_manifest(tmp_path / "other", n_models=1, tta=("identity",))
-    r = cellseg("predict-raw", "--data", synth_dir, "--weights", other, "--out", cache, "--images", 2, check=False)
-    assert r.returncode == 2 and "another manifest" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(CellsegError, match="another manifest"):
+        predict_raw(synth_dir, other, cache, index["ids"], device="cpu", progress=False)
 
     before = load_manifest(manifest)
-    r = cellseg("tune", "--cache", cache, "--truth", synth_dir / "train.csv", "--weights", manifest, "--folds", 2)
+    r = cellseg("tune", "--cache", cache, "--truth", synth_dir / "train.csv", "--weights", manifest, "--folds", 2,
+                "--nms-iou", "0.3,0.5", "--mask-threshold", "0.5", "--min-pixels", "0,50", "--score", "0.05,0.3,0.6")
     assert "overall" in r.stdout and "out-of-fold" in r.stdout
     assert (manifest.parent / "manifest.v1.yaml").exists()
     assert list((cache / "plots").glob("tune_*.png"))

@@ -28,8 +28,11 @@ def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
         raise CellsegError(f"cannot make {k} folds from {groups} sample_id group(s)")
     df["fold"] = -1
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (_, hold) in enumerate(splitter.split(df, df["cell_type"], groups=df["sample_id"])):
-        df.loc[df.index[hold], "fold"] = fold
+    try:
+        for fold, (_, hold) in enumerate(splitter.split(df, df["cell_type"], groups=df["sample_id"])):
+            df.loc[df.index[hold], "fold"] = fold
+    except ValueError as e:  # sklearn's own message says what is too small
+        raise CellsegError(f"cannot make {k} folds: {e}") from None
     return df
 
 

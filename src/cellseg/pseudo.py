@@ -49,17 +49,16 @@ def pseudo_label(
     progress: bool = True,
 ) -> PseudoResult:
     """Pseudo-label ``data_dir/train_semi_supervised/*.png`` into ``out_csv`` (written atomically)."""
+    folder = Path(data_dir) / "train_semi_supervised"
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not files:
+        raise CellsegError(f"{folder}: no unlabeled PNG images found")
     from tqdm.auto import tqdm
 
     from .ensemble import fuse
     from .postprocess import postprocess
     from .predict import load_ensemble, resolve_device
     from .tune import image_detections
-
-    folder = Path(data_dir) / "train_semi_supervised"
-    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    if not files:
-        raise CellsegError(f"{folder}: no unlabeled PNG images found")
     if images is not None:
         pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:images])
         files = [files[i] for i in pick]
