@@ -84,8 +84,12 @@ def run_demo(
     dry_run_images: int = 6,
     seed: int = 0,
     device: str = "auto",
+    kernel_budget: str = "4m",
+    dry_run_budget: str = "3m",
     log=print,
 ) -> DemoResult:
+    """Run the four steps into ``out``. The kernel and the dry run get time budgets (TTA views, then
+    models, are dropped when the machine is too slow), which keeps the demo under 10 minutes."""
     from .dry_run import dry_run
     from .submission import validate_submission
     from .synth import generate
@@ -103,8 +107,8 @@ def run_demo(
     log(f"[2/4] fake Kaggle tree with the bundle (wheel built from this checkout) -> {out / 'kaggle'}")
     root = build_fake_kaggle(out / "kaggle", data, manifest)
     log(f"[3/4] kernel/submit.py --kaggle-root {root}")
-    proc = subprocess.run([sys.executable, str(kernel_entry()), "--kaggle-root", str(root), "--device", device],
-                          stdout=sys.stdout, stderr=sys.stderr)
+    proc = subprocess.run([sys.executable, str(kernel_entry()), "--kaggle-root", str(root), "--device", device,
+                           "--time-budget", kernel_budget], stdout=sys.stdout, stderr=sys.stderr)
     if proc.returncode != 0:
         raise CellsegError(f"kernel/submit.py exited with {proc.returncode} (its error is printed above)")
     sub = root / "working" / "submission.csv"
@@ -114,5 +118,6 @@ def run_demo(
     shutil.copy2(sub, out / "submission.csv")
     log(f"      submission: {out / 'submission.csv'} (valid)")
     log(f"[4/4] dry run on {dry_run_images} train images -> {out / 'dry-run'}")
-    res = dry_run(data, manifest, out / "dry-run", images=dry_run_images, seed=seed, device=device)
+    res = dry_run(data, manifest, out / "dry-run", images=dry_run_images, seed=seed, device=device,
+                  time_budget=dry_run_budget)
     return DemoResult(out / "submission.csv", res.score, res.table, time.monotonic() - t0)

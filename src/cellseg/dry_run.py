@@ -149,8 +149,13 @@ def dry_run(
         comp = stage_test_folder(paths, ids, Path(tmp) / "comp")
         run = predict_folder(comp, manifest, report / "submission.csv", time_budget=time_budget, device=device,
                              progress=progress, log=log)
-    truth = {i: train.images[i] for i in ids}
-    preds = decode_submission(report / "submission.csv", {i: (a.height, a.width) for i, a in truth.items()})
+    skipped = set(run.skipped)
+    if len(skipped) == len(ids):
+        raise CellsegError(f"the time budget ({time_budget}) left no time to predict any image")
+    truth = {i: train.images[i] for i in ids if i not in skipped}  # images never predicted are not scored
+    sizes = {i: (train.images[i].height, train.images[i].width) for i in ids}
+    preds = decode_submission(report / "submission.csv", sizes)
+    preds = {i: p for i, p in preds.items() if i in truth}
     scores = score_images(truth, preds)
     per_image = scores.per_image.copy()
     per_image["voted_type"] = per_image["id"].map(run.cell_types).fillna("")
@@ -176,7 +181,7 @@ def dry_run(
     summary = {
         "score": scores.score,
         "per_class": scores.per_class,
-        "images": len(ids),
+        "images": len(truth),
         "device": run.device,
         "views": run.views,
         "models": run.models,
@@ -185,6 +190,7 @@ def dry_run(
         "load_seconds": run.load_s,
         f"projected_seconds_{HIDDEN_TEST_IMAGES}_images": projected,
         "failed": run.failed,
+        "skipped_for_time": sorted(skipped),
         "time_budget_decisions": run.decisions,
         "vote_accuracy": float((per_image["voted_type"] == per_image["cell_type"]).mean()),
     }

@@ -20,13 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run-images", type=int, default=6, help="train images scored by the dry run (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--kernel-budget", default="4m", help="time budget of the kernel run (default 4m)")
+    p.add_argument("--dry-run-budget", default="3m", help="time budget of the dry run (default 3m)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     res = run_demo(args.out, args.weights, args.train_images, args.test_images, args.dry_run_images,
-                   args.seed, args.device)
+                   args.seed, args.device, args.kernel_budget, args.dry_run_budget)
     print(res.table)
     print(f"demo done in {res.seconds:.0f}s: submission {res.submission}, dry-run score {res.score:.4f}")
     return 0
