@@ -83,3 +83,20 @@ def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):
     assert main(["predict", "--data", str(synth), "--weights", str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model0.pth: sha256 mismatch" in err[0]
+
+
+def test_demo_end_to_end(manifest, tmp_path, capsys):
+    """cellseg demo: synth -> fake /kaggle with a wheel built from this checkout -> kernel subprocess
+    -> valid submission -> dry-run score (tiny sizes; the real default uses weights/demo)."""
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--weights", str(manifest), "--train-images", "6",
+               "--test-images", "2", "--dry-run-images", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "demo done" in out and "dry-run score" in out
+    bundle = tmp_path / "demo" / "kaggle" / "input" / "datasets" / "demo" / "cellseg-bundle"
+    assert len(list((bundle / "wheels").glob("sartorius_cellseg-*.whl"))) == 1
+    assert json.loads((bundle / "cellseg-bundle.json").read_text())["manifest"] == "weights/tiny/manifest.yaml"
+    sub = (tmp_path / "demo" / "submission.csv").read_text().splitlines()
+    test_ids = {p.stem for p in (tmp_path / "demo" / "data" / "test").glob("*.png")}
+    assert sub[0] == "id,predicted" and {line.split(",")[0] for line in sub[1:]} == test_ids
+    assert (tmp_path / "demo" / "dry-run" / "summary.json").is_file()

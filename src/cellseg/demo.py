@@ -107,8 +107,9 @@ def run_demo(
     log(f"[2/4] fake Kaggle tree with the bundle (wheel built from this checkout) -> {out / 'kaggle'}")
     root = build_fake_kaggle(out / "kaggle", data, manifest)
     log(f"[3/4] kernel/submit.py --kaggle-root {root}")
+    sys.stdout.flush()
     proc = subprocess.run([sys.executable, str(kernel_entry()), "--kaggle-root", str(root), "--device", device,
-                           "--time-budget", kernel_budget], stdout=sys.stdout, stderr=sys.stderr)
+                           "--time-budget", kernel_budget])
     if proc.returncode != 0:
         raise CellsegError(f"kernel/submit.py exited with {proc.returncode} (its error is printed above)")
     sub = root / "working" / "submission.csv"
