@@ -160,8 +160,8 @@ def paste_soft(
     because torch's intra-op threads only add overhead on these small arrays). torchvision
     builds the training targets with ``roi_align(aligned=False)``, which samples the truth half a
     pixel down-right and drops the box's left/top half pixel; pasting the targets of real masks
-    back reproduces them best (IoU 0.998 vs 0.90 unshifted, tests/test_predict.py) at 0.25 px, the
-    default (``fusion.paste_shift`` in the manifest). ``shift`` may be (N, 2) per-detection (x, y)
+    back reproduces them best (IoU 0.998 vs 0.90 unshifted, tests/test_predict.py) at 0.25 px, which
+    also scores best with the trained demo model (benchmarks/README.md), the default (``fusion.paste_shift`` in the manifest). ``shift`` may be (N, 2) per-detection (x, y)
     shifts: a mask predicted on a flipped view is shifted in the flipped frame, so its shift
     changes sign along the flipped axis. Crops are the box + 1 px margin, clipped to
     the (height, width) image. Vectorised: detections sorted by crop size, padded to the largest
