@@ -271,9 +271,9 @@ def predict_folder(
     """Predict every test image of ``data_dir`` with the manifest's ensemble into ``out``.
 
     ``image_ids`` restricts the run (default: every ``test/*.png``). ``pipeline``: post-process
-    image k in a worker thread while the models run on image k + 1 (default: on CUDA only). Raises CellsegError (one line)
-    for a missing test folder, an unusable manifest, a checksum mismatch, every image failing, or an
-    invalid written submission.
+    image k in a worker thread while the models run on image k + 1 (default: on CUDA only).
+    Raises CellsegError (one line) for a missing test folder, an unusable manifest, a checksum
+    mismatch, every image failing, or an invalid written submission.
     """
     start = time.monotonic()
     log = log or _default_log
@@ -302,7 +302,7 @@ def predict_folder(
     result = RunResult(Path(out), rows, {}, {}, {}, [], [], load_s, 0.0, str(dev))
     unit_times: list[float] = []
     reserve = min(2.0, 0.05 * (budget or 0)) + 0.01 * (budget or 0)  # writing + validating the CSV
-    if budget is not None and ids:
+    if budget is not None and ids and time.monotonic() - start < budget - reserve:
         per_unit = _calibrate(paths, ids, loaded_all[:1], dev)
         if per_unit is not None:
             unit_times.append(per_unit)
