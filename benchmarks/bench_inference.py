@@ -32,7 +32,6 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image, project
 from cellseg import CLASS_IDS
 from cellseg.data import read_train_csv
 from cellseg.ensemble import fuse, mask_iou_sparse
-from cellseg.inference import predict_image
 from cellseg.io import read_gray
 from cellseg.manifest import FusionConfig, Manifest, ModelEntry, default_classes
 from cellseg.masks import stack
@@ -191,7 +190,6 @@ def main() -> None:
         dense_iou = time.perf_counter() - t0
         print(f"mask IoU of {len(dets)} masks: dense {dense_iou * 1000:.0f} ms vs sparse {sparse_iou * 1000:.0f} ms "
               f"-> {dense_iou / sparse_iou:.1f}x")
-        _ = vote_cell_type, fuse
 
 
 if __name__ == "__main__":
