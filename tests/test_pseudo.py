@@ -82,3 +82,80 @@ def test_pseudo_label_without_images_is_a_one_line_error(tmp_path, manifest):
     (tmp_path / "train_semi_supervised").mkdir()
     r = cellseg("pseudo-label", "--data", tmp_path, "--weights", manifest, "--out", tmp_path / "p.csv", check=False)
     assert r.returncode == 2 and "no unlabeled PNG" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _tiny_competition(root, n_semi=3, h=64, w=80):
+    """Bright elliptic cells on a dark background: 9 labelled images (3 per type) and ``n_semi``
+    unlabelled cort images named like the real ``train_semi_supervised`` files."""
+    import numpy as np
+
+    from cellseg.io import write_gray
+    from helpers import train_rows, write_train_csv
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:h, :w]
+
+    def image_with_cells():
+        image, masks, taken = rng.normal(100, 5, (h, w)), [], np.zeros((h, w), bool)
+        for _ in range(int(rng.integers(3, 7))):
+            cy, cx, ry, rx = rng.integers(8, h - 8), rng.integers(8, w - 8), rng.integers(3, 7), rng.integers(3, 7)
+            m = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) & ~taken
+            if m.sum() >= 10:
+                taken |= m
+                masks.append(m)
+                image[m] = 190
+        return np.clip(image, 0, 255).astype(np.uint8), masks
+
+    (root / "train").mkdir(parents=True)
+    (root / "train_semi_supervised").mkdir()
+    rows = []
+    for i, cell_type in enumerate(["shsy5y", "astro", "cort"] * 3):
+        image, masks = image_with_cells()
+        write_gray(root / "train" / f"{i:012x}.png", image)
+        rows += train_rows(f"{i:012x}", cell_type, masks, sample_id=f"{cell_type}[x]_s{i}")
+    write_train_csv(root / "train.csv", rows)
+    for k in range(n_semi):
+        write_gray(root / "train_semi_supervised" / f"cort[pre-treat]_A{k}_Vessel-1_Ph_1_00d0{k}h00m.png", image_with_cells()[0])
+    return root
+
+
+def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
+    """train -> pseudo-label the unlabelled images -> retrain with them next to train.csv."""
+    import re
+
+    from cellseg.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
+    from cellseg.paths import configs_dir
+    from cellseg.settings import load_experiment
+    from cellseg.train import train
+
+    from test_train import TINY_OVERRIDES
+
+    data = _tiny_competition(tmp_path / "data")
+    cfg = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, "train.epochs=2", "train.val_every=0"])
+    first = train(cfg, data, fold=0, out=tmp_path / "run1", progress=False)
+    ckpt = first.out / "best.pth"
+    assert ckpt.exists()
+
+    loose = ClassThresholds(score=0.05, mask_threshold=0.5, nms_iou=0.5, min_pixels=5)
+    m = Manifest(name="loop", models=[ModelEntry(str(ckpt))], tta=["identity"],
+                 fusion=FusionConfig(detections_per_view=30, model_score_thresh=0.01),
+                 classes={"shsy5y": loose, "astro": loose, "cort": loose})
+    manifest = write_manifest(m, tmp_path / "w" / "manifest.yaml")
+    res = pseudo_label(data, manifest, tmp_path / "pseudo.csv", device="cpu", progress=False,
+                       score_margin=0.0, min_pixels_factor=1.0)
+    df = read_train_records(res.path)
+    assert res.rows > 0 and set(df["cell_type"]) == {"cort"}  # type from the file names
+    pseudo_ids = set(df["id"])
+
+    capsys.readouterr()
+    cfg2 = load_experiment(configs_dir() / "demo.yaml",
+                           [*TINY_OVERRIDES, "train.epochs=1", "train.val_every=0", f"data.extra_csv=[{res.path}]"])
+    second = train(cfg2, data, fold=0, out=tmp_path / "run2", progress=False)
+    out = capsys.readouterr()
+    n1 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
+    cfg3 = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, "train.epochs=1", "train.val_every=0"])
+    train(cfg3, data, fold=0, out=tmp_path / "run3", progress=False)
+    out = capsys.readouterr()
+    n0 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
+    assert n1 == n0 + len(pseudo_ids)
+    assert str(res.path) in (second.out / "config.yaml").read_text()
