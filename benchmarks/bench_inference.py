@@ -93,7 +93,7 @@ def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) 
     raw = relabel(raw, CLASS_IDS[cell_type])
     t["vote"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dets = raw_to_detections(raw, loaded, H, W, min_score=th.score, shift=fu.paste_shift)
+    dets = raw_to_detections(raw, loaded, H, W, min_score=th.score)
     t["paste crops"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fused = fuse(dets, H, W, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode,

@@ -208,8 +208,8 @@ def test_kernel_inference_path_matches_detectron2(converted, image, expected):
         lm.model.roi_heads.detections_per_img = 100
     grey = (image[0] * 255).round().to(torch.uint8).numpy()
     raw = predict_views(loaded, grey, ["identity"], torch.device("cpu"))
-    assert manifest.fusion.paste_shift == 0.0  # Detectron2 pastes masks unshifted
-    dets = raw_to_detections(raw, loaded, 260, 352, shift=manifest.fusion.paste_shift)
+    assert [lm.paste_shift for lm in loaded] == [0.0]  # Detectron2 pastes masks unshifted
+    dets = raw_to_detections(raw, loaded, 260, 352)
     full = np.zeros((len(dets.masks), 260, 352), dtype=bool)
     for n, c in enumerate(dets.masks):
         full[n, c.top : c.top + c.prob.shape[0], c.left : c.left + c.prob.shape[1]] = c.prob >= 0.5
@@ -463,6 +463,11 @@ def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path
     manifest.tta = ["identity", "hflip"]
     manifest.fusion.detections_per_view = 8  # the mask head (4 convs of 256 channels per box) dominates CPU time
     write_manifest(manifest, out / "manifest.yaml")
+    from cellseg.predict import load_ensemble
+
+    # each model keeps its own mask paste shift in the mixed ensemble
+    shifts = [lm.paste_shift for lm in load_ensemble(load_manifest(out / "manifest.yaml"), torch.device("cpu"))]
+    assert shifts == [0.0, manifest.fusion.paste_shift] and manifest.fusion.paste_shift == 0.25
 
     comp = make_competition(tmp_path / "comp", n_test=2)
     sub = tmp_path / "submission.csv"

@@ -472,7 +472,7 @@ def convert_checkpoint(
     public-notebook per-class thresholds, unshifted mask pasting as Detectron2 does). Returns the
     manifest path."""
     from .checkpoint import git_commit, save_checkpoint
-    from .manifest import FusionConfig, Manifest, ModelEntry, default_classes, write_manifest
+    from .manifest import Manifest, ModelEntry, default_classes, write_manifest
 
     out_dir = Path(out_dir)
     model, model_cfg, provenance = build_converted(weights, config, class_names)
@@ -481,10 +481,10 @@ def convert_checkpoint(
     save_checkpoint(out_dir / "model.pth", model, model_cfg, class_names, provenance, half=half)
     manifest = Manifest(
         name=name or out_dir.name,
-        models=[ModelEntry(checkpoint="model.pth")],
+        # Detectron2 trains on box-aligned mask targets and pastes them unshifted: written on the
+        # model's entry (not the ensemble's fusion), so it stays right when mixed with our models
+        models=[ModelEntry(checkpoint="model.pth", paste_shift=0.0)],
         tta=["identity"],
-        # Detectron2 trains on box-aligned mask targets and pastes them unshifted
-        fusion=FusionConfig(paste_shift=0.0),
         classes=default_classes(),
     )
     return write_manifest(manifest, out_dir / "manifest.yaml")

@@ -131,27 +131,53 @@ def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tu
     return raw, time.perf_counter() - t0
 
 
-def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest) -> ImageResult:
-    """Cell-type vote, fusion and post-processing of one image's raw views (CPU only)."""
+def image_detections(
+    image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest,
+    cell_type: str | None = None, min_score: float | None = None,
+):
+    """Pre-fusion detections of one image from its raw views (CPU only).
+
+    The cell type is ``cell_type`` when given (e.g. from an unlabeled image's file name), else the
+    score-weighted vote; every detection is relabelled to it, so its thresholds apply. Masks scoring
+    under ``min_score`` are not pasted; by default that is the type's score threshold in ``max``
+    score mode (lower scores cannot change which detections above it survive greedy NMS) and 0
+    otherwise. Returns (Detections, cell type, total weight of all model x view runs).
+    """
+    from .postprocess import vote_cell_type
+    from .predict import raw_to_detections, raw_vote_inputs, relabel
+
+    if cell_type is None:
+        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
+    if min_score is None:
+        min_score = manifest.thresholds(cell_type).score if manifest.fusion.score_mode == "max" else 0.0
+    raw = relabel(raw, CLASS_IDS[cell_type])
+    dets = raw_to_detections(raw, loaded, *image_shape, min_score=min_score)
+    return dets, cell_type, float(sum(m.weight for m in loaded) * len(views))
+
+
+def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest,
+                 cell_type: str | None = None, strictness=None) -> ImageResult:
+    """Cell-type vote, fusion and post-processing of one image's raw views (CPU only).
+
+    ``cell_type`` skips the vote; ``strictness(thresholds) -> thresholds`` adjusts the type's
+    thresholds (pseudo-labels use stricter ones).
+    """
     from .ensemble import fuse
     from .postprocess import postprocess, vote_cell_type
-    from .predict import raw_to_detections, raw_vote_inputs, relabel
+    from .predict import raw_vote_inputs
 
     height, width = image_shape
     t1 = time.perf_counter()
-    cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
+    if cell_type is None:
+        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
     th = manifest.thresholds(cell_type)
+    if strictness is not None:
+        th = strictness(th)
     fu = manifest.fusion
-    raw = relabel(raw, CLASS_IDS[cell_type])
-    # Detections under the class score threshold cannot change which ones above it survive greedy NMS
-    # (only higher scores suppress), so they are dropped before pasting.
-    dets = raw_to_detections(
-        raw, loaded, height, width, min_score=th.score if fu.score_mode == "max" else 0.0, shift=fu.paste_shift
-    )
-    fused = fuse(
-        dets, height, width, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode,
-        total_weight=sum(m.weight for m in loaded) * len(views),
-    )
+    dets, cell_type, total = image_detections(image_shape, raw, loaded, views, manifest, cell_type,
+                                              th.score if fu.score_mode == "max" else 0.0)
+    fused = fuse(dets, height, width, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode,
+                 total_weight=total)
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
     return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
 

@@ -34,6 +34,9 @@ class ModelEntry:
     checkpoint: str
     sha256: str = ""
     weight: float = 1.0
+    #: mask paste shift of this model in pixels; None = 0 for models with aligned ROIAlign
+    #: (Detectron2 conversions: box-aligned mask targets), else ``fusion.paste_shift``.
+    paste_shift: float | None = None
 
 
 @dataclass

@@ -221,6 +221,7 @@ class LoadedModel:
     weight: float
     label_map: np.ndarray  # model label -> competition class id (0 = drop)
     name: str = ""
+    paste_shift: float = 0.25  # see paste_soft and ModelEntry.paste_shift
 
 
 def label_map_for(class_names: Sequence[str] | None, num_classes: int) -> np.ndarray:
@@ -250,7 +251,11 @@ def load_ensemble(manifest: Manifest, device: torch.device, fp16: bool | None = 
         model, info = load_model(path, device)
         prepare_model(model, manifest.fusion, device, fp16)
         num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
-        out.append(LoadedModel(model, float(entry.weight), label_map_for(_class_names(info, model), num_classes), str(path)))
+        shift = entry.paste_shift
+        if shift is None:
+            shift = 0.0 if getattr(info.model_config, "roi_aligned", False) else manifest.fusion.paste_shift
+        out.append(LoadedModel(model, float(entry.weight), label_map_for(_class_names(info, model), num_classes),
+                               str(path), float(shift)))
     return out
 
 
@@ -283,11 +288,11 @@ def predict_views(
 
 def raw_to_detections(
     raw: Sequence[RawView], models: Sequence[LoadedModel], height: int, width: int, min_score: float = 0.0,
-    shift: float = 0.25,
 ) -> Detections:
     """Paste the masks of every raw view with score >= ``min_score`` onto crops -> one Detections.
 
-    ``source`` numbers the (model, view) pairs in ``raw`` order; ``weight`` is the model's weight.
+    Each model's masks are pasted with its own ``paste_shift``. ``source`` numbers the (model, view)
+    pairs in ``raw`` order; ``weight`` is the model's weight.
     """
     parts = []
     for si, r in enumerate(raw):
@@ -297,6 +302,7 @@ def raw_to_detections(
         boxes, masks = r.boxes[keep], r.masks[keep]
         n = int(keep.sum())
         fh, fv = VIEW_FLIPS[r.view]
+        shift = models[r.model].paste_shift
         view_shift = np.array([[-shift if fh else shift, -shift if fv else shift]])
         parts.append(
             Detections(

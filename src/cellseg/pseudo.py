@@ -55,26 +55,22 @@ def pseudo_label(
         raise CellsegError(f"{folder}: no unlabeled PNG images found")
     from tqdm.auto import tqdm
 
-    from .ensemble import fuse
-    from .postprocess import postprocess
+    from .inference import finish_image, forward_image
     from .predict import load_ensemble, resolve_device
-    from .tune import image_detections
     if images is not None:
         pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:images])
         files = [files[i] for i in pick]
     manifest: Manifest = load_manifest(manifest_path, verify=True)
     dev = resolve_device(device)
     loaded = load_ensemble(manifest, dev)
-    fu = manifest.fusion
     rows, stats = [], []
     for f in tqdm(files, desc="pseudo-label", unit="img", disable=None if progress else True):
         image = read_gray(f)
         h, w = image.shape
-        dets, cell_type, total = image_detections(image, loaded, manifest.tta, manifest, dev,
-                                                  cell_type=cell_type_from_filename(f.name))
-        th = stricter(manifest.thresholds(cell_type), score_margin, min_pixels_factor)
-        fused = fuse(dets, h, w, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode, total)
-        crops, scores = postprocess(fused, th, manifest.postprocess, h, w)
+        raw, _ = forward_image(image, loaded, manifest.tta, dev)
+        res = finish_image(image.shape, raw, loaded, manifest.tta, manifest, cell_type_from_filename(f.name),
+                           strictness=lambda th: stricter(th, score_margin, min_pixels_factor))
+        crops, scores, cell_type = res.crops, res.scores, res.cell_type
         stats.append((cell_type, len(crops), float(scores.mean()) if len(scores) else np.nan))
         for c in crops:
             rows.append({

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import CELL_TYPES, CLASS_IDS
+from . import CELL_TYPES
 from .ensemble import Detections, SoftCrop, fuse
 from .errors import CellsegError
 from .io import atomic_path, atomic_write_text, read_gray
@@ -91,27 +91,6 @@ def load_cached(path: str | Path) -> CachedImage:
     return CachedImage(meta["id"], meta["cell_type"], meta["height"], meta["width"], meta["total_weight"], dets)
 
 
-def image_detections(image: np.ndarray, loaded, views: Sequence[str], manifest: Manifest, device,
-                     cell_type: str | None = None, min_score: float | None = None) -> tuple[Detections, str, float]:
-    """Pre-fusion detections of one (H, W) uint8 image over models x views.
-
-    The image's cell type is ``cell_type`` when given, else the score-weighted vote; every detection
-    is relabelled to it. Returns (detections with score >= ``min_score`` (default: the manifest's
-    model score floor), cell type, total weight of all model x view runs).
-    """
-    from .postprocess import vote_cell_type
-    from .predict import predict_views, raw_to_detections, raw_vote_inputs, relabel
-
-    height, width = image.shape
-    raw = predict_views(loaded, image, views, device)
-    if cell_type is None:
-        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
-    raw = relabel(raw, CLASS_IDS[cell_type])
-    floor = manifest.fusion.model_score_thresh if min_score is None else min_score
-    dets = raw_to_detections(raw, loaded, height, width, min_score=floor)
-    return dets, cell_type, float(sum(m.weight for m in loaded) * len(views))
-
-
 def predict_raw(
     data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path, image_ids: Sequence[str],
     split: str = "train", device: str = "auto", progress: bool = True,
@@ -123,6 +102,7 @@ def predict_raw(
     """
     from tqdm.auto import tqdm
 
+    from .inference import forward_image, image_detections
     from .paths import CompetitionPaths
     from .predict import load_ensemble, resolve_device
 
@@ -146,7 +126,10 @@ def predict_raw(
         target = out / f"{image_id}.npz"
         if not target.exists():
             image = read_gray(paths.image(split, image_id))
-            dets, cell_type, total = image_detections(image, loaded, manifest.tta, manifest, dev)
+            raw, _ = forward_image(image, loaded, manifest.tta, dev)
+            # every detection above the models' own floor: the tuner chooses the score threshold
+            dets, cell_type, total = image_detections(image.shape, raw, loaded, manifest.tta, manifest,
+                                                      min_score=manifest.fusion.model_score_thresh)
             save_cached(target, CachedImage(image_id, cell_type, *image.shape, total, dets))
         done.append(image_id)
     atomic_write_text(index_path, json.dumps({**key, "ids": done, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
