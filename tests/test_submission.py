@@ -73,3 +73,13 @@ def test_decode_submission_errors_name_line(tmp_path):
         decode_submission(p, {"a": (20, 30)})
     with pytest.raises(CellsegError, match="not in the truth"):
         decode_submission(p, {"b": (20, 30)})
+
+
+def test_validate_unreadable_test_image_matters_only_with_masks(tmp_path):
+    test_dir = write_test_dir(tmp_path / "test", ["a", "b"], shape=(20, 30))
+    (test_dir / "b.png").write_bytes(b"not a png")
+    ok = write_submission(tmp_path / "ok.csv", {"a": ["1 5"], "b": []})
+    assert validate_submission(ok, test_dir) == []
+    bad = write_submission(tmp_path / "bad.csv", {"a": ["1 5"], "b": ["1 5"]})
+    [problem] = validate_submission(bad, test_dir)
+    assert problem.startswith("line 3: masks for an image whose size cannot be read")

@@ -252,36 +252,6 @@ def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -
     return None
 
 
-def _validate(out: Path, test_dir: Path, failed: set[str], log: Log) -> list[str]:
-    """validate_submission; unreadable test PNGs (empty rows here) are left out of its size checks."""
-    import tempfile
-
-    from .io import image_size
-    from .submission import read_submission, validate_submission
-
-    unreadable = set()
-    for image_id in failed:
-        try:
-            image_size(test_dir / f"{image_id}.png")
-        except CellsegError:
-            unreadable.add(image_id)
-    if not unreadable:
-        return validate_submission(out, test_dir)
-    log(f"validating without the size checks of {len(unreadable)} unreadable image(s)")
-    sub = read_submission(out)
-    problems = [f"test id {i} has no row" for i in sorted(unreadable - set(sub))]
-    problems += [f"test id {i} is unreadable but has masks" for i in sorted(unreadable) if sub.get(i)]
-    with tempfile.TemporaryDirectory(prefix="cellseg-validate-") as tmp:
-        for p in test_dir.glob("*.png"):
-            if p.stem not in unreadable:
-                (Path(tmp) / p.name).symlink_to(p.resolve())
-        kept = {k: v for k, v in sub.items() if k not in unreadable}
-        from .submission import write_submission
-
-        write_submission(Path(tmp) / "sub.csv", {k: [r for _, r in v] for k, v in kept.items()})
-        return problems + validate_submission(Path(tmp) / "sub.csv", tmp)
-
-
 def predict_folder(
     data_dir: str | Path,
     manifest_path: str | Path,
@@ -314,7 +284,7 @@ def predict_folder(
 
     from .io import read_gray
     from .predict import load_ensemble, resolve_device
-    from .submission import write_submission
+    from .submission import validate_submission, write_submission
 
     dev = resolve_device(device)
     loaded_all = load_ensemble(manifest, dev)
@@ -425,7 +395,7 @@ def predict_folder(
         raise CellsegError(f"every test image failed ({len(ids)}); first: {first}")
     write_submission(out, rows)
     if validate:
-        problems = _validate(out, paths.test_dir, set(result.failed), log) if image_ids is None else []
+        problems = validate_submission(out, paths.test_dir) if image_ids is None else []
         if problems:
             raise CellsegError(f"{out}: written submission is invalid ({len(problems)} problem(s)); first: {problems[0]}")
     result.total_s = time.monotonic() - start

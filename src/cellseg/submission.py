@@ -88,7 +88,8 @@ def validate_submission(path: str | Path, test_dir: str | Path) -> list[str]:
     """Check a submission against a test folder the way the scorer would.
 
     Checks: header, every test id present, no unknown ids, RLE syntax, runs within the image (size
-    from the PNG header), no two masks of an image overlapping. Returns the problems, each prefixed
+    from the PNG header), no two masks of an image overlapping. An unreadable test PNG is a problem
+    only when the submission has masks for it. Returns the problems, each prefixed
     with ``line N:`` where it has one; an empty list means valid.
     """
     path, test_dir = Path(path), Path(test_dir)
@@ -106,7 +107,13 @@ def validate_submission(path: str | Path, test_dir: str | Path) -> list[str]:
         if image_id not in sizes:
             problems.append(f"line {items[0][0] if items else '?'}: id {image_id} is not in {test_dir}")
             continue
-        h, w = image_size(sizes[image_id])
+        if not items:
+            continue  # an empty row needs no image size
+        try:
+            h, w = image_size(sizes[image_id])
+        except CellsegError as e:
+            problems.append(f"line {items[0][0]}: masks for an image whose size cannot be read ({e})")
+            continue
         owner = np.zeros((h, w), dtype=np.int32)  # index+1 into `lines` of the mask owning a pixel
         lines: list[int] = []
         for line, rle in items:
