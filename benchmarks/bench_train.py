@@ -60,6 +60,7 @@ def time_steps(model, loader, device, steps: int, warmup: int, amp: bool) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
+        print(f"  {'warm-up' if i < warmup else 'step'} {i + 1}: {t2 - t0:.2f} s (data {t1 - t0:.2f} s)", flush=True)
         if i >= warmup:
             totals.append(t2 - t0)
             waits.append(t1 - t0)
@@ -104,10 +105,12 @@ def main() -> int:
     results = {}
     torch.manual_seed(0)
     baseline = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+    print("baseline: torchvision maskrcnn_resnet50_fpn defaults", flush=True)
     results["baseline: torchvision defaults (800 px)"] = time_steps(baseline, loader, device, args.steps, args.warmup, amp)
     del baseline
     torch.manual_seed(0)
     ours = build_model(cfg.model)
+    print(f"ours: {args.config}", flush=True)
     results[f"ours: {Path(args.config).name} (scale {cfg.model.input_scale})"] = time_steps(
         ours, loader, device, args.steps, args.warmup, amp)
     print(f"{'model':<48} {'s/step':>8} {'img/s':>7} {'data wait':>10}")
