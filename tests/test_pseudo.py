@@ -148,9 +148,11 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     pseudo_ids = set(df["id"])
 
     capsys.readouterr()
-    cfg2 = load_experiment(configs_dir() / "demo.yaml",
-                           [*TINY_OVERRIDES, "train.epochs=1", "train.val_every=0", f"data.extra_csv=[{res.path}]"])
-    second = train(cfg2, data, fold=0, out=tmp_path / "run2", progress=False)
+    from cellseg.cli import main
+
+    assert main(["train", "--config", str(configs_dir() / "demo.yaml"), "--data", str(data), "--out",
+                 str(tmp_path / "run2"), "--quiet", "--pseudo", str(res.path), *TINY_OVERRIDES, "train.epochs=1",
+                 "train.val_every=0"]) == 0
     out = capsys.readouterr()
     n1 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
     cfg3 = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, "train.epochs=1", "train.val_every=0"])
@@ -158,4 +160,6 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     out = capsys.readouterr()
     n0 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
     assert n1 == n0 + len(pseudo_ids)
-    assert str(res.path) in (second.out / "config.yaml").read_text()
+    assert str(res.path) in (tmp_path / "run2" / "config.yaml").read_text()
+    assert main(["train", "--config", str(configs_dir() / "demo.yaml"), "--data", str(data),
+                 "--pseudo", str(tmp_path / "nope.csv")]) == 2

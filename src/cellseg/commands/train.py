@@ -11,6 +11,7 @@ examples:
   cellseg train --config configs/demo.yaml --data /tmp/synth --fold 0
   cellseg train --config configs/maskrcnn_r50_fpn.yaml --data DATA --init coco_maskrcnn_r50.pth train.lr=0.01
   cellseg train --config configs/demo.yaml --data DATA --out runs/demo --resume      # after a kill
+  cellseg train --config configs/demo.yaml --data DATA --pseudo runs/pseudo.csv --pseudo-ratio 0.5
   torchrun --nproc_per_node 4 -m cellseg train --config configs/maskrcnn_r50_fpn_v2.yaml --data DATA
 
 The run folder gets last.pth (every epoch, resumable), best.pth (best hold-out score),
@@ -33,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>/fold<K>)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth when it exists")
+    parser.add_argument(
+        "--pseudo", type=Path, action="append", default=None, metavar="CSV",
+        help="pseudo-labels (train.csv format, `cellseg pseudo-label`) trained on next to train.csv; repeatable "
+             "(adds to data.extra_csv)",
+    )
+    parser.add_argument(
+        "--pseudo-ratio", type=float, default=None, metavar="R",
+        help="pseudo-labelled images drawn per epoch, as a fraction of the train images (data.extra_ratio; "
+             "default: every pseudo-labelled image once per epoch)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3 model.input_scale=1.5")
 
@@ -49,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise CellsegError(f"--fold must be an integer or 'all', got {args.fold!r}") from None
     cfg = load_experiment(args.config, args.overrides)
+    for csv in args.pseudo or []:
+        if not csv.is_file():
+            raise CellsegError(f"--pseudo {csv}: file not found")
+        cfg.data.extra_csv.append(str(csv))
+    if args.pseudo_ratio is not None:
+        if args.pseudo_ratio <= 0:
+            raise CellsegError(f"--pseudo-ratio must be > 0, got {args.pseudo_ratio}")
+        cfg.data.extra_ratio = args.pseudo_ratio
     name = args.config.stem
     out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
     result = train(cfg, args.data, fold=fold, init=args.init, out=out, resume=args.resume,
