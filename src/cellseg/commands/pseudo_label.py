@@ -26,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
                        args.seed, args.device)
     print(res.table.to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {res.path}: {res.rows} pseudo-labelled instance(s); train with "
-          f"`cellseg train ... data.extra_csv=[{res.path}]`")
+          f"`cellseg train --config ... --data ... --pseudo {res.path}`")
     return 0
