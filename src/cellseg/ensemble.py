@@ -166,6 +166,15 @@ def average_crops(masks: Sequence[SoftCrop], weights: np.ndarray) -> SoftCrop:
     return SoftCrop(top, left, acc / max(float(np.sum(weights)), 1e-12))
 
 
+def pairwise_iou(dets: Detections, height: int, width: int, iou_type: str = "mask", mask_threshold: float = 0.5):
+    """Sparse (N, N) IoU of the detections: mask IoU of the binarised crops, or box IoU."""
+    if iou_type == "mask":
+        return mask_iou_sparse(dets.masks, mask_threshold, height, width)
+    if iou_type == "box":
+        return box_iou_sparse(dets.boxes)
+    raise ValueError(f"iou_type must be 'mask' or 'box', got {iou_type!r}")
+
+
 def fuse(
     dets: Detections,
     height: int,
@@ -176,6 +185,7 @@ def fuse(
     average_masks: bool = True,
     score_mode: str = "max",
     total_weight: float = 1.0,
+    iou: sparse.csr_matrix | None = None,
 ) -> Detections:
     """Merge duplicates across views and models.
 
@@ -184,17 +194,14 @@ def fuse(
     becomes the score x model-weight average of its cluster. ``score_mode`` ``max`` keeps the
     keeper's score; ``mean`` sums, per (model, view) source, the best score x model weight in the
     cluster and divides by ``total_weight`` (the summed weight of every model x view that ran).
+    ``iou``: a precomputed :func:`pairwise_iou` of ``dets`` (lets a threshold search reuse it).
     Returns the keepers (descending score) with boxes recomputed from their (averaged) crops.
     """
     n = len(dets)
     if n == 0:
         return Detections.empty()
-    if iou_type == "mask":
-        iou = mask_iou_sparse(dets.masks, mask_threshold, height, width)
-    elif iou_type == "box":
-        iou = box_iou_sparse(dets.boxes)
-    else:
-        raise ValueError(f"iou_type must be 'mask' or 'box', got {iou_type!r}")
+    if iou is None:
+        iou = pairwise_iou(dets, height, width, iou_type, mask_threshold)
     coo = iou.tocoo()
     same = dets.labels[coo.row] == dets.labels[coo.col]
     iou = sparse.csr_matrix((coo.data[same], (coo.row[same], coo.col[same])), shape=iou.shape)

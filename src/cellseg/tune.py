@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from . import CELL_TYPES
-from .ensemble import Detections, SoftCrop, fuse
+from .ensemble import Detections, SoftCrop, fuse, pairwise_iou
 from .errors import CellsegError
 from .io import atomic_path, atomic_write_text, read_gray
 from .manifest import ClassThresholds, Manifest, load_manifest, write_manifest
@@ -190,10 +190,12 @@ def image_grid_scores(img: CachedImage, truth, grid: TuneGrid, manifest: Manifes
     n_gt = len(truth.instances)
     score_grid = np.asarray(grid.score, dtype=np.float64)
     out = np.zeros(grid.shape)
-    for a, nms in enumerate(grid.nms_iou):
-        for b, mthr in enumerate(grid.mask_threshold):
+    for b, mthr in enumerate(grid.mask_threshold):
+        # the pairwise IoU depends on the mask threshold, not on the NMS threshold: computed once
+        pair_iou = pairwise_iou(img.dets, img.height, img.width, fu.iou_type, mthr) if len(img.dets) else None
+        for a, nms in enumerate(grid.nms_iou):
             fused = fuse(img.dets, img.height, img.width, nms, fu.iou_type, mthr, fu.average_masks, fu.score_mode,
-                         total_weight=img.total_weight)
+                         total_weight=img.total_weight, iou=pair_iou)
             crops = [binarize(m, mthr) for m in fused.masks]
             if pp.fill_holes:
                 crops = [fill_holes(c) for c in crops]
