@@ -144,7 +144,7 @@ class TuneGrid:
     """Candidate values per threshold; the manifest's current values are always added."""
 
     nms_iou: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5])
-    mask_threshold: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6])
+    mask_threshold: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])
     min_pixels: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100, 150, 200])
     score: list[float] = field(default_factory=lambda: [round(float(s), 3) for s in np.arange(0.05, 0.951, 0.025)])
 
