@@ -198,7 +198,8 @@ cfg = load_experiment(sys.argv[1], sys.argv[4:])
 res = train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
 rank = dist.get_rank()
 torch.save({k: v for k, v in res.model.state_dict().items()}, f"{sys.argv[3]}/rank{rank}.pt")
-print("rank", rank, "world", dist.get_world_size(), "steps", res.steps_done)
+# one file per rank: two processes printing to one pipe can interleave their lines
+open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(f"rank {rank} world {dist.get_world_size()} steps {res.steps_done}")
 dist.destroy_process_group()
 """
 
@@ -217,7 +218,7 @@ def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     # 6 train images / 2 ranks = 3 each, batch 2 -> 2 steps per epoch on each rank
-    assert "rank 0 world 2 steps 4" in r.stdout and "rank 1 world 2 steps 4" in r.stdout
+    assert [(out / f"rank{k}.txt").read_text() for k in (0, 1)] == ["rank 0 world 2 steps 4", "rank 1 world 2 steps 4"]
     w0, w1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
     init = read_checkpoint(out / "last.pth")["model"]
