@@ -76,7 +76,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from torchvision import tv_tensors
     from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
     from torchvision.transforms import v2
 

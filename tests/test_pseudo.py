@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
 from cellseg.data import cell_type_from_filename, read_train_records

@@ -3,7 +3,6 @@ import pytest
 
 from cellseg import rle
 from cellseg.errors import CellsegError
-from cellseg.masks import CropMask
 from cellseg.submission import decode_submission, read_submission, validate_submission, write_submission
 from helpers import write_test_dir
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from cellseg.checkpoint import load_model, read_checkpoint, read_checkpoint_info
-from cellseg.errors import CellsegError
 from cellseg.io import write_gray
 from cellseg.paths import configs_dir
 from cellseg.settings import TrainConfig, load_experiment

@@ -179,7 +179,7 @@ def test_full_geometric_pipeline_keeps_boxes_tight_and_labels_aligned(masks):
     for i, mi in enumerate(masks):
         lab[mi] = i + 1
     torch.manual_seed(0)
-    seen_drop = seen_shapes = 0
+    seen_drop = 0
     shapes = set()
     for _ in range(40):
         image, target = sample(masks)

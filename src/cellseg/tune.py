@@ -264,7 +264,6 @@ def tune(cache_dir: str | Path, truth: dict, manifest: Manifest, grid: TuneGrid 
         raise CellsegError(f"{cache_dir}: no cached image with ground truth (run `cellseg predict-raw` first)")
     grid = grid or TuneGrid()
     per_class: dict[str, list] = {}
-    cells = {}
     for f in tqdm(files, desc="read cache", unit="img", disable=None if progress else True):
         img = load_cached(f)
         per_class.setdefault(img.cell_type, []).append(img)
