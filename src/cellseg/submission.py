@@ -15,7 +15,7 @@ import numpy as np
 from .errors import CellsegError
 from .io import atomic_path, image_size
 from .masks import CropMask
-from .rle import decode_crop
+from .rle import BatchDecodeError, decode_crop, decode_crops
 
 HEADER = ("id", "predicted")
 
@@ -74,12 +74,10 @@ def decode_submission(path: str | Path, sizes: Mapping[str, tuple[int, int]]) ->
             line = items[0][0] if items else "?"
             raise CellsegError(f"{path}:{line}: id {image_id!r} is not in the truth")
         h, w = sizes[image_id]
-        crops = []
-        for line, rle in items:
-            try:
-                crops.append(decode_crop(rle, h, w))
-            except ValueError as e:
-                raise CellsegError(f"{path}:{line}: {e}") from None
+        try:
+            crops = decode_crops([rle for _, rle in items], h, w)
+        except BatchDecodeError as e:
+            raise CellsegError(f"{path}:{items[e.index][0]}: {e}") from None
         out[image_id] = crops
     return out
 
