@@ -23,6 +23,7 @@ from helpers import train_rows, write_train_csv
 
 H, W = 30, 40
 TYPES = ["shsy5y", "shsy5y", "astro", "astro", "cort", "cort"]
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def rect(top, left, h, w, shape=(H, W)):
@@ -255,3 +256,29 @@ def test_show_aug_cli_writes_a_png(synth_dir, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "hflipp" in err and len(err.strip().splitlines()) == 1
+
+
+def test_type_repeat_oversamples_per_cell_type(comp):
+    """data.type_repeat: round(f * n) items per type, cycling the type's images in order; types left
+    out keep their count; the trainer's dataset gets it from the config (KEY=VALUE override)."""
+    from collections import Counter
+
+    from cellseg.dataset import Record, repeat_by_type
+    from cellseg.settings import load_experiment
+
+    recs = [Record(f"{t}{i}", comp["root"], t, H, W, []) for t, n in (("cort", 4), ("shsy5y", 2), ("astro", 3)) for i in range(n)]
+    out = repeat_by_type(recs, {"shsy5y": 2.0, "astro": 1.5, "cort": 0.5})
+    assert Counter(r.cell_type for r in out) == {"cort": 2, "shsy5y": 4, "astro": 4}  # astro: round(4.5) = 4
+    assert [r.image_id for r in out if r.cell_type == "astro"] == ["astro0", "astro1", "astro2", "astro0"]
+    assert [r.image_id for r in out if r.cell_type == "cort"] == ["cort0", "cort1"]
+    assert repeat_by_type(recs, {}) == recs
+    with pytest.raises(CellsegError, match="unknown cell type 'neuron'"):
+        repeat_by_type(recs, {"neuron": 2.0})
+    with pytest.raises(CellsegError, match="type_repeat.astro: expected a factor > 0"):
+        repeat_by_type(recs, {"astro": 0.0})
+
+    cfg = load_experiment(REPO / "configs/demo.yaml", ["data.type_repeat={astro: 3, shsy5y: 2}"])
+    ids = list(comp["truth"])
+    ds = build_train_dataset(cfg, comp["root"], ids)
+    base = Counter(build_train_dataset(load_experiment(REPO / "configs/demo.yaml"), comp["root"], ids).cell_types)
+    assert Counter(ds.cell_types) == {"cort": base["cort"], "shsy5y": 2 * base["shsy5y"], "astro": 3 * base["astro"]}

@@ -168,6 +168,9 @@ class DataConfig:
     #: folder of the COCO json images when not beside the json; class of COCO images without a cell-type name.
     coco_images_dir: str | None = None
     coco_cell_type: str = "shsy5y"
+    #: per-cell-type repeat factor of the train.csv images in every epoch (e.g. {shsy5y: 2.0, astro: 2.0}
+    #: to balance a cort-heavy set; see :func:`cellseg.dataset.repeat_by_type`); missing types: 1.
+    type_repeat: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
