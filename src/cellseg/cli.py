@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict-raw": ("predict_raw", "cache fused, un-thresholded predictions for threshold tuning"),
     "tune": ("tune", "tune per-class post-processing thresholds on cached predictions"),
     "pseudo-label": ("pseudo_label", "pseudo-label the unlabeled images into a train.csv-format file"),
+    "export": ("export", "turn trained checkpoints into a weights folder with its manifest"),
     "bundle": ("bundle", "stage the Kaggle dataset bundle: wheel, weights, manifest, metadata"),
     "convert-detectron2": ("convert_detectron2", "convert a Detectron2 Mask R-CNN checkpoint into ours"),
 }
