@@ -147,7 +147,7 @@ def image_detections(
     from .predict import raw_to_detections, raw_vote_inputs, relabel
 
     if cell_type is None:
-        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
+        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
     if min_score is None:
         min_score = manifest.thresholds(cell_type).score if manifest.fusion.score_mode == "max" else 0.0
     raw = relabel(raw, CLASS_IDS[cell_type])
@@ -169,7 +169,7 @@ def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str]
     height, width = image_shape
     t1 = time.perf_counter()
     if cell_type is None:
-        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
+        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
     th = manifest.thresholds(cell_type)
     if strictness is not None:
         th = strictness(th)

@@ -50,6 +50,8 @@ class FusionConfig:
     ``model_score_thresh`` / ``model_nms_thresh`` loosen the models' own filtering at inference;
     ``detections_per_view`` caps each model x view. ``paste_shift``: pixels (down-right) by which
     28 x 28 masks are placed relative to their boxes (see :func:`cellseg.predict.paste_soft`).
+    ``vote_min_score``: only detections scoring at least this vote for the image's cell type (all
+    of them when none does; see :func:`cellseg.postprocess.vote_cell_type`).
     """
 
     iou_type: Literal["mask", "box"] = "mask"
@@ -59,6 +61,7 @@ class FusionConfig:
     model_score_thresh: float = 0.05
     model_nms_thresh: float = 0.9
     paste_shift: float = 0.25
+    vote_min_score: float = 0.5
 
 
 @dataclass

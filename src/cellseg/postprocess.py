@@ -20,14 +20,21 @@ from .masks import CropMask, fill_holes
 from .rle import encode_crop
 
 
-def vote_cell_type(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> str:
-    """The image's cell type: class id with the largest sum of score (x model weight) over detections.
+def vote_cell_type(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None, min_score: float = 0.0) -> str:
+    """The image's cell type: class id with the largest sum of score (x model weight) over detections
+    scoring at least ``min_score`` (all detections when none does).
 
     ``labels`` (N,) class ids 1..3, ``scores`` (N,). With no detections returns the first type.
+    ``min_score`` matters: the many low-score fragments of an image (pieces of astro branches, say)
+    are mostly labelled with the many-small-cells class and can outvote its confident detections.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    w = np.asarray(scores, dtype=np.float64) * (1.0 if weights is None else np.asarray(weights, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)
+    w = scores * (1.0 if weights is None else np.asarray(weights, dtype=np.float64))
     valid = (labels >= 1) & (labels <= len(CELL_TYPES))
+    confident = valid & (scores >= min_score)
+    if confident.any():
+        valid = confident
     if not valid.any():
         return CELL_TYPES[0]
     votes = np.bincount(labels[valid] - 1, weights=w[valid], minlength=len(CELL_TYPES))
