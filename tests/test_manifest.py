@@ -86,3 +86,22 @@ def test_overrides_and_directory_argument(tmp_path):
     _ensemble(tmp_path)
     m = load_manifest(tmp_path, overrides=["classes.cort.score=0.9", "fusion.iou_type=box"])
     assert m.classes["cort"].score == 0.9 and m.fusion.iou_type == "box"
+
+
+def test_committed_demo_weights_verify_and_rebuild():
+    """weights/demo as committed: checksums match, every threshold is present, the checkpoint
+    rebuilds its model from the file alone, and it stays within the 25 MB the repo allows."""
+    from cellseg import CELL_TYPES
+    from cellseg.checkpoint import load_model
+    from cellseg.manifest import load_manifest
+    from cellseg.paths import demo_manifest
+
+    m = load_manifest(demo_manifest())  # raises on a checksum mismatch
+    assert set(m.classes) == set(CELL_TYPES)
+    for entry in m.models:
+        path = m.checkpoint_path(entry)
+        assert path.stat().st_size <= 25 * 1024 * 1024
+        model, info = load_model(path)
+        assert info.class_names == list(CELL_TYPES)
+        assert info.model_config.box_detections_per_img >= 1000  # shsy5y images hold up to ~790 cells
+        assert model.roi_heads.mask_predictor is not None
