@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from helpers import train_rows, write_train_csv
 
 H, W = 30, 40
 TYPES = ["shsy5y", "shsy5y", "astro", "astro", "cort", "cort"]
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rect(top, left, h, w, shape=(H, W)):

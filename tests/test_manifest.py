@@ -101,7 +101,6 @@ def test_committed_demo_weights_verify_and_rebuild():
     for entry in m.models:
         path = m.checkpoint_path(entry)
         assert path.stat().st_size <= 25 * 1024 * 1024
-        model, info = load_model(path)
+        _, info = load_model(path)
         assert info.class_names == list(CELL_TYPES)
         assert info.model_config.box_detections_per_img >= 1000  # shsy5y images hold up to ~790 cells
-        assert model.roi_heads.mask_predictor is not None

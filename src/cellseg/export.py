@@ -88,12 +88,12 @@ def export_weights(
 
     out.mkdir(parents=True, exist_ok=True)
     files, entries = [], []
-    for (s, model, info), fname in zip(loaded, _file_names(len(srcs))):
+    for i, ((s, model, info), fname) in enumerate(zip(loaded, _file_names(len(srcs)))):
         cfg = from_dict(ExperimentConfig, info.experiment, "experiment") if info.experiment else info.model_config
         provenance = dict(info.provenance, exported_from=str(s.resolve()))
         dest = save_checkpoint(out / fname, model, cfg, info.class_names, provenance, half=half)
         files.append((dest, s, dest.stat().st_size))
-        entries.append(ModelEntry(fname, weight=1.0 if weights is None else float(weights[len(entries)])))
+        entries.append(ModelEntry(fname, weight=1.0 if weights is None else float(weights[i])))
     m = dataclasses.replace(base, name=name or out.resolve().name, models=entries, tta=list(tta), base_dir="")
     write_manifest(m, manifest_path)
     return ExportResult(manifest_path, files)

@@ -131,6 +131,14 @@ def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tu
     return raw, time.perf_counter() - t0
 
 
+def vote_image_type(raw, loaded, manifest: Manifest) -> str:
+    """The image's cell type from all its raw model x view detections (manifest's vote threshold)."""
+    from .postprocess import vote_cell_type
+    from .predict import raw_vote_inputs
+
+    return vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
+
+
 def image_detections(
     image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest,
     cell_type: str | None = None, min_score: float | None = None,
@@ -143,11 +151,10 @@ def image_detections(
     score mode (lower scores cannot change which detections above it survive greedy NMS) and 0
     otherwise. Returns (Detections, cell type, total weight of all model x view runs).
     """
-    from .postprocess import vote_cell_type
-    from .predict import raw_to_detections, raw_vote_inputs, relabel
+    from .predict import raw_to_detections, relabel
 
     if cell_type is None:
-        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
+        cell_type = vote_image_type(raw, loaded, manifest)
     if min_score is None:
         min_score = manifest.thresholds(cell_type).score if manifest.fusion.score_mode == "max" else 0.0
     raw = relabel(raw, CLASS_IDS[cell_type])
@@ -163,13 +170,12 @@ def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str]
     thresholds (pseudo-labels use stricter ones).
     """
     from .ensemble import fuse
-    from .postprocess import postprocess, vote_cell_type
-    from .predict import raw_vote_inputs
+    from .postprocess import postprocess
 
     height, width = image_shape
     t1 = time.perf_counter()
     if cell_type is None:
-        cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
+        cell_type = vote_image_type(raw, loaded, manifest)
     th = manifest.thresholds(cell_type)
     if strictness is not None:
         th = strictness(th)
