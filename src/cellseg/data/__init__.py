@@ -1,0 +1,1 @@
+"""Data: Kaggle RLE, train.csv ground truth, folds, the synthetic generator, the torch dataset and augmentation."""

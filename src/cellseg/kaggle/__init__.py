@@ -1,0 +1,1 @@
+"""Kaggle: the dataset bundle, metadata files and the fake-Kaggle demo tree."""
