@@ -1,4 +1,4 @@
-"""Per-item cost of cellseg.dataset at competition size (704 x 520, ~340 cells) against baselines
+"""Per-item cost of cellseg.data.dataset at competition size (704 x 520, ~340 cells) against baselines
 measured in the same run:
 
 * item (no augmentation): ours (crops -> one (N, H, W) stack) vs. decoding every RLE to a full frame
@@ -27,10 +27,10 @@ import torch
 
 def make_folder(root: Path, n_cells: int, seed: int = 0) -> Path:
     """A competition folder with 2 shsy5y images of ``n_cells`` elongated cells each (~225 px)."""
-    from cellseg import rle
-    from cellseg.data import TRAIN_COLUMNS
+    from cellseg.data import rle
+    from cellseg.data.masks import CropMask
+    from cellseg.data.truth import TRAIN_COLUMNS
     from cellseg.io import write_gray
-    from cellseg.masks import CropMask
 
     rng = np.random.default_rng(seed)
     h, w = 520, 704
@@ -49,11 +49,19 @@ def make_folder(root: Path, n_cells: int, seed: int = 0) -> Path:
             y0, x0 = rng.integers(0, h - 31), rng.integers(0, w - 31)
             c = CropMask(int(y0), int(x0), crop).tight()
             img[c.top : c.top + c.mask.shape[0], c.left : c.left + c.mask.shape[1]][c.mask] -= 40
-            rows.append({
-                "id": image_id, "annotation": rle.encode_crop(c, h, w), "width": w, "height": h,
-                "cell_type": "shsy5y", "plate_time": "", "sample_date": "", "sample_id": f"s{k}",
-                "elapsed_timedelta": "",
-            })
+            rows.append(
+                {
+                    "id": image_id,
+                    "annotation": rle.encode_crop(c, h, w),
+                    "width": w,
+                    "height": h,
+                    "cell_type": "shsy5y",
+                    "plate_time": "",
+                    "sample_date": "",
+                    "sample_id": f"s{k}",
+                    "elapsed_timedelta": "",
+                }
+            )
         write_gray(root / "train" / f"{image_id}.png", np.clip(img, 0, 255).astype(np.uint8))
     pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(root / "train.csv", index=False)
     return root
@@ -79,10 +87,10 @@ def main() -> None:
     from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
     from torchvision.transforms import v2
 
-    from cellseg import rle
-    from cellseg.dataset import build_datasets
+    from cellseg.data import rle
+    from cellseg.data.dataset import build_datasets
+    from cellseg.data.transforms import AugmentConfig
     from cellseg.io import read_gray
-    from cellseg.transforms import AugmentConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "data", args.cells)
@@ -96,18 +104,30 @@ def main() -> None:
             return torch.from_numpy(image).float().div(255).expand(3, -1, -1), m, tv_masks_to_boxes(m)
 
         plain, _ = build_datasets(root, AugmentConfig(enabled=False), fold=None)
-        geo = AugmentConfig(hflip=0.5, vflip=0.5, rot90=0.5, short_sides=(480, 520, 600, 700), crop_size=(512, 512),
-                            brightness=(1, 1), contrast=(1, 1))
+        geo = AugmentConfig(
+            hflip=0.5,
+            vflip=0.5,
+            rot90=0.5,
+            short_sides=(480, 520, 600, 700),
+            crop_size=(512, 512),
+            brightness=(1, 1),
+            contrast=(1, 1),
+        )
         aug, _ = build_datasets(root, geo, fold=None)
         default, _ = build_datasets(root, AugmentConfig(), fold=None)
         paste, _ = build_datasets(root, AugmentConfig(copy_paste_p=1.0, copy_paste_max_cells=20), fold=None)
         n = len(plain[0][1]["labels"])
 
-        stock = v2.Compose([
-            v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5),
-            v2.RandomShortestSize([480, 520, 600, 700]), v2.RandomCrop((512, 512), pad_if_needed=True),
-            v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(),
-        ])
+        stock = v2.Compose(
+            [
+                v2.RandomHorizontalFlip(0.5),
+                v2.RandomVerticalFlip(0.5),
+                v2.RandomShortestSize([480, 520, 600, 700]),
+                v2.RandomCrop((512, 512), pad_if_needed=True),
+                v2.ClampBoundingBoxes(),
+                v2.SanitizeBoundingBoxes(),
+            ]
+        )
 
         def stock_item():
             image, masks, labels, boxes = _raw(plain, 0)
@@ -115,12 +135,17 @@ def main() -> None:
             m = t["masks"][t["masks"].flatten(1).any(1)]
             return img.float().div(255), m, tv_masks_to_boxes(m)
 
-        from cellseg.transforms import RandomRot90
+        from cellseg.data.transforms import RandomRot90
 
-        stock_flips = v2.Compose([
-            v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5), RandomRot90(0.5),
-            v2.ToDtype(torch.float32, scale=True), v2.ColorJitter(brightness=(0.9, 1.1), contrast=(0.9, 1.1)),
-        ])
+        stock_flips = v2.Compose(
+            [
+                v2.RandomHorizontalFlip(0.5),
+                v2.RandomVerticalFlip(0.5),
+                RandomRot90(0.5),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.ColorJitter(brightness=(0.9, 1.1), contrast=(0.9, 1.1)),
+            ]
+        )
 
         def stock_default_item():
             image, masks, labels, boxes = _raw(plain, 0)
@@ -129,10 +154,24 @@ def main() -> None:
 
         torch.manual_seed(0)
         rows = [
-            ("item, no augmentation", timed(naive_item, args.reps), timed(lambda: plain[0], args.reps), "rle.decode per cell + stack"),
-            ("item, flips+rot90+scale+crop 512", timed(stock_item, args.reps), timed(lambda: aug[0], args.reps), "stock v2 pipeline"),
-            ("item, default AugmentConfig", timed(stock_default_item, args.reps), timed(lambda: default[0], args.reps),
-             "v2 flips + whole-frame rot90 + jitter"),
+            (
+                "item, no augmentation",
+                timed(naive_item, args.reps),
+                timed(lambda: plain[0], args.reps),
+                "rle.decode per cell + stack",
+            ),
+            (
+                "item, flips+rot90+scale+crop 512",
+                timed(stock_item, args.reps),
+                timed(lambda: aug[0], args.reps),
+                "stock v2 pipeline",
+            ),
+            (
+                "item, default AugmentConfig",
+                timed(stock_default_item, args.reps),
+                timed(lambda: default[0], args.reps),
+                "v2 flips + whole-frame rot90 + jitter",
+            ),
             ("item, default + copy-paste p=1", None, timed(lambda: paste[0], args.reps), ""),
         ]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
@@ -148,7 +187,7 @@ def _raw(ds, i):
     """The un-augmented sample of item i as tv_tensors (uint8 image), for the stock pipeline."""
     from torchvision import tv_tensors
 
-    from cellseg.dataset import load_record
+    from cellseg.data.dataset import load_record
 
     image, masks, labels, boxes = load_record(ds.record(i))
     h, w = image.shape

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from cellseg import metric, rle
-from cellseg.data import read_train_csv, read_train_records
-from cellseg.masks import CropMask
+from cellseg import metric
+from cellseg.data import rle
+from cellseg.data.masks import CropMask
+from cellseg.data.truth import read_train_csv, read_train_records
 
 H, W = 520, 704
 
@@ -104,7 +105,9 @@ def bench_metric(rng, n_images):
     mean_n = np.mean([n for *_, n in pairs])
     print(f"(b) metric on {n_images} images, {mean_n:.0f} instances each")
     print(f"    histogram2d reference {t_ref:7.2f} s  ({t_ref / n_images * 1e3:6.1f} ms/image)  (baseline)")
-    print(f"    cellseg.metric        {t_ours:7.2f} s  ({t_ours / n_images * 1e3:6.1f} ms/image)  speed-up {t_ref / t_ours:5.1f}x")
+    print(
+        f"    cellseg.metric        {t_ours:7.2f} s  ({t_ours / n_images * 1e3:6.1f} ms/image)  speed-up {t_ref / t_ours:5.1f}x"
+    )
 
 
 def bench_decode(data: Path):
@@ -120,7 +123,9 @@ def bench_decode(data: Path):
     t_full = (time.perf_counter() - t) * len(df) / len(sample)
     print(f"(c) decode {csv} ({len(df)} rows, {len(ts)} images)")
     print(f"    full-frame decode per row (extrapolated from {len(sample)} rows) {t_full:6.2f} s  (baseline)")
-    print(f"    read_train_csv (crops, validated)                      {t_ours:6.2f} s  speed-up {t_full / t_ours:4.1f}x")
+    print(
+        f"    read_train_csv (crops, validated)                      {t_ours:6.2f} s  speed-up {t_full / t_ours:4.1f}x"
+    )
 
 
 def main():
@@ -134,7 +139,7 @@ def main():
     if args.data:
         bench_decode(args.data)
     else:
-        from cellseg.synth import generate
+        from cellseg.data.synth import generate
 
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()

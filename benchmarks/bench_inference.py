@@ -2,7 +2,7 @@
 
 Setup (defaults): 3 models x 4 TTA views (identity, hflip, vflip, hvflip) on one 520 x 704 synthetic
 shsy5y image. Forward = the real Mask R-CNN (default ModelConfig: R50-FPN, input upscaled to 1040,
-random weights) with the inference settings of :mod:`cellseg.predict` (masks kept 28 x 28). The rest =
+random weights) with the inference settings of :mod:`cellseg.inference.forward` (masks kept 28 x 28). The rest =
 PNG decode + cell-type vote + pasting soft masks on crops + fusion (sparse mask-IoU NMS with mask
 averaging) + post-processing + RLE, run on ~800 realistic detections per view: the image's true
 cells (boxes jittered by ~1 px, masks = the 28 x 28 targets torchvision trains on) plus false
@@ -30,16 +30,24 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
 from cellseg import CLASS_IDS
-from cellseg.data import read_train_csv
-from cellseg.ensemble import fuse, mask_iou_sparse
+from cellseg.data.masks import stack
+from cellseg.data.synth import generate
+from cellseg.data.truth import read_train_csv
+from cellseg.inference.forward import (
+    LoadedModel,
+    RawView,
+    label_map_for,
+    prepare_model,
+    raw_to_detections,
+    raw_vote_inputs,
+    relabel,
+)
+from cellseg.inference.fusion import fuse, mask_iou_sparse
+from cellseg.inference.postprocess import encode_all, postprocess, vote_cell_type
 from cellseg.io import read_gray
-from cellseg.manifest import FusionConfig, Manifest, ModelEntry, default_classes
-from cellseg.masks import stack
-from cellseg.models import build_model
-from cellseg.postprocess import encode_all, postprocess, vote_cell_type
-from cellseg.predict import LoadedModel, RawView, label_map_for, prepare_model, raw_to_detections, raw_vote_inputs, relabel
-from cellseg.settings import ModelConfig
-from cellseg.synth import generate
+from cellseg.model.build import build_model
+from cellseg.model.experiment import ModelConfig
+from cellseg.model.manifest import FusionConfig, Manifest, ModelEntry, default_classes
 
 VIEWS = ["identity", "hflip", "vflip", "hvflip"]
 
@@ -81,7 +89,7 @@ def synthetic_views(ann, n_views: int, n_models: int, dets: int, seed: int = 0) 
 
 
 def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) -> tuple[int, dict]:
-    """Everything but the forward passes, as :func:`cellseg.inference.predict_image` does it."""
+    """Everything but the forward passes, as :func:`cellseg.inference.pipeline.predict_image` does it."""
     t = {}
     t0 = time.perf_counter()
     image = read_gray(png)
@@ -96,8 +104,17 @@ def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) 
     dets = raw_to_detections(raw, loaded, H, W, min_score=th.score)
     t["paste crops"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fused = fuse(dets, H, W, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode,
-                 total_weight=float(len(raw)))
+    fused = fuse(
+        dets,
+        H,
+        W,
+        th.nms_iou,
+        fu.iou_type,
+        th.mask_threshold,
+        fu.average_masks,
+        fu.score_mode,
+        total_weight=float(len(raw)),
+    )
     t["fusion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     crops, _ = postprocess(fused, th, manifest.postprocess, H, W)
@@ -129,9 +146,13 @@ def main() -> None:
         png = data / "train" / f"{ann.id}.png"
         image = read_gray(png)
 
-        manifest = Manifest(name="bench", models=[ModelEntry("x", weight=1.0)] * args.models, tta=VIEWS[: args.views],
-                            fusion=FusionConfig(detections_per_view=args.dets, model_score_thresh=0.0),
-                            classes=default_classes())
+        manifest = Manifest(
+            name="bench",
+            models=[ModelEntry("x", weight=1.0)] * args.models,
+            tta=VIEWS[: args.views],
+            fusion=FusionConfig(detections_per_view=args.dets, model_score_thresh=0.0),
+            classes=default_classes(),
+        )
         cfg = ModelConfig(backbone=args.backbone, min_size=args.min_size, max_size=int(args.min_size * 704 / 520) + 1)
         loaded = []
         for i in range(args.models):
@@ -141,10 +162,12 @@ def main() -> None:
 
         raw = synthetic_views(ann, args.views, args.models, args.dets)
         print(f"{cpu_name()}, {torch.get_num_threads()} torch threads, device {dev}, torch {torch.__version__}")
-        print(f"image {ann.id} ({ann.cell_type}, {len(ann.instances)} cells); {args.models} models x {args.views} views; "
-              f"{args.backbone} FPN at short side {args.min_size}; {args.dets} detections per view")
+        print(
+            f"image {ann.id} ({ann.cell_type}, {len(ann.instances)} cells); {args.models} models x {args.views} views; "
+            f"{args.backbone} FPN at short side {args.min_size}; {args.dets} detections per view"
+        )
 
-        from cellseg.predict import predict_views
+        from cellseg.inference.forward import predict_views
 
         fwd, rest, parts = [], [], []
         for r in range(args.repeat):
@@ -158,8 +181,10 @@ def main() -> None:
             kept, t = rest_of_pipeline(png, raw, loaded, manifest)
             rest.append(time.perf_counter() - t0)
             parts.append(t)
-            print(f"  run {r}: forward {fwd[-1]:.2f}s (model gave {n_model} dets/view), rest {rest[-1]:.2f}s "
-                  f"({t['_dets']} detections fused into {kept} cells)")
+            print(
+                f"  run {r}: forward {fwd[-1]:.2f}s (model gave {n_model} dets/view), rest {rest[-1]:.2f}s "
+                f"({t['_dets']} detections fused into {kept} cells)"
+            )
         f, s = min(fwd), min(rest)
         best = parts[int(np.argmin(rest))]
         print("rest by stage: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in best.items() if not k.startswith("_")))
@@ -173,9 +198,11 @@ def main() -> None:
         t0 = time.perf_counter()
         dets = raw_to_detections([one], loaded, ann.height, ann.width, min_score=0.0)
         crop_paste = time.perf_counter() - t0
-        print(f"paste {len(one.scores)} masks: torchvision full-frame {dense_paste * 1000:.0f} ms "
-              f"({len(one.scores) * ann.height * ann.width * 4 / 2**20:.0f} MiB) vs crops {crop_paste * 1000:.0f} ms "
-              f"-> {dense_paste / crop_paste:.1f}x")
+        print(
+            f"paste {len(one.scores)} masks: torchvision full-frame {dense_paste * 1000:.0f} ms "
+            f"({len(one.scores) * ann.height * ann.width * 4 / 2**20:.0f} MiB) vs crops {crop_paste * 1000:.0f} ms "
+            f"-> {dense_paste / crop_paste:.1f}x"
+        )
         t0 = time.perf_counter()
         mask_iou_sparse(dets.masks, 0.5, ann.height, ann.width)
         sparse_iou = time.perf_counter() - t0
@@ -183,13 +210,17 @@ def main() -> None:
         full = torch.zeros(len(dets), ann.height * ann.width)
         for i, m in enumerate(dets.masks):
             h, w = m.prob.shape
-            full[i].view(ann.height, ann.width)[m.top : m.top + h, m.left : m.left + w] = torch.from_numpy(m.prob >= 0.5).float()
+            full[i].view(ann.height, ann.width)[m.top : m.top + h, m.left : m.left + w] = torch.from_numpy(
+                m.prob >= 0.5
+            ).float()
         inter = full @ full.T
         area = full.sum(1)
         _ = inter / (area[:, None] + area[None] - inter).clamp(min=1)
         dense_iou = time.perf_counter() - t0
-        print(f"mask IoU of {len(dets)} masks: dense {dense_iou * 1000:.0f} ms vs sparse {sparse_iou * 1000:.0f} ms "
-              f"-> {dense_iou / sparse_iou:.1f}x")
+        print(
+            f"mask IoU of {len(dets)} masks: dense {dense_iou * 1000:.0f} ms vs sparse {sparse_iou * 1000:.0f} ms "
+            f"-> {dense_iou / sparse_iou:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cellseg import synth
+from cellseg.data import synth
 
 
 def naive_shapes(rng: np.random.Generator, cell_type: str, areas: np.ndarray) -> list[np.ndarray]:
@@ -73,18 +73,29 @@ def bench_shapes() -> None:
 def bench_full(workers: int, train: int, semi: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cpu0 = _cpu()
-        s = synth.generate(Path(tmp) / "data", train_images=train, test_images=3, semi_images=semi,
-                           seed=0, progress=False, workers=workers)
+        s = synth.generate(
+            Path(tmp) / "data",
+            train_images=train,
+            test_images=3,
+            semi_images=semi,
+            seed=0,
+            progress=False,
+            workers=workers,
+        )
         cpu = _cpu() - cpu0
         n = train + 3 + semi
-        print(f"(b) full dataset ({train}/3/{semi} images, {s['instances']} cells) with {workers} worker(s): "
-              f"{s['seconds']:.1f} s wall = {s['seconds'] / n * 1e3:.0f} ms/image; CPU of all processes "
-              f"{cpu:.1f} s = {cpu / n * 1e3:.0f} ms/image -> {cpu / 2:.0f} s on 2 idle cores (target < 60 s); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(
+            f"(b) full dataset ({train}/3/{semi} images, {s['instances']} cells) with {workers} worker(s): "
+            f"{s['seconds']:.1f} s wall = {s['seconds'] / n * 1e3:.0f} ms/image; CPU of all processes "
+            f"{cpu:.1f} s = {cpu / n * 1e3:.0f} ms/image -> {cpu / 2:.0f} s on 2 idle cores (target < 60 s); "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
         for t, st in s["per_type"].items():
-            print(f"    {t:7s} {st['images']:4d} images, cells/image {st['mean_instances']:6.1f} "
-                  f"[{st['min_instances']}, {st['max_instances']}], mean area {st['mean_area']:6.1f}, "
-                  f"broken {st['broken_share']:.1%}")
+            print(
+                f"    {t:7s} {st['images']:4d} images, cells/image {st['mean_instances']:6.1f} "
+                f"[{st['min_instances']}, {st['max_instances']}], mean area {st['mean_area']:6.1f}, "
+                f"broken {st['broken_share']:.1%}"
+            )
         pngs = sorted((Path(tmp) / "data" / "train").glob("*.png"))[:20]
         cpu = time.process_time()
         for p in pngs:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py [--config configs/maskrcnn_r50_fpn.yaml] [--steps 2]
 
-Both models train on the same real DataLoader batches (``cellseg.dataset`` over a synthetic
+Both models train on the same real DataLoader batches (``cellseg.data.dataset`` over a synthetic
 competition folder, augmentation of the config, batch 2 of 704 x 520 images):
 
 * ours: the config as shipped (2x upscaled input: 1408 x 1040, small anchors, 2000 RPN proposals,
@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from cellseg.dataset import build_train_dataset, collate_fn  # noqa: E402
-from cellseg.models import build_model  # noqa: E402
-from cellseg.settings import load_experiment  # noqa: E402
+from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
+from cellseg.model.build import build_model  # noqa: E402
+from cellseg.model.experiment import load_experiment  # noqa: E402
 
 
 def time_steps(model, loader, device, steps: int, warmup: int, amp: bool) -> dict:
@@ -85,17 +85,23 @@ def main() -> int:
     amp = cfg.train.amp and device.type == "cuda"
     data = Path(args.data) if args.data else None
     if data is None:
-        from cellseg.synth import generate
+        from cellseg.data.synth import generate
 
         data = Path(tempfile.mkdtemp(prefix="bench-train-")) / "data"
         generate(data, train_images=8, test_images=0, semi_images=0, seed=5, progress=False)
-    from cellseg.data import read_train_csv
+    from cellseg.data.truth import read_train_csv
 
     ids = list(read_train_csv(data / "train.csv").images)
     ds = build_train_dataset(cfg, data, ids)
     torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, num_workers=args.workers,
-                                         collate_fn=collate_fn, persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=2,
+        shuffle=True,
+        num_workers=args.workers,
+        collate_fn=collate_fn,
+        persistent_workers=args.workers > 0,
+    )
 
     import torchvision
 
@@ -106,17 +112,21 @@ def main() -> int:
     torch.manual_seed(0)
     baseline = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
     print("baseline: torchvision maskrcnn_resnet50_fpn defaults", flush=True)
-    results["baseline: torchvision defaults (800 px)"] = time_steps(baseline, loader, device, args.steps, args.warmup, amp)
+    results["baseline: torchvision defaults (800 px)"] = time_steps(
+        baseline, loader, device, args.steps, args.warmup, amp
+    )
     del baseline
     torch.manual_seed(0)
     ours = build_model(cfg.model)
     print(f"ours: {args.config}", flush=True)
     results[f"ours: {Path(args.config).name} (scale {cfg.model.input_scale})"] = time_steps(
-        ours, loader, device, args.steps, args.warmup, amp)
+        ours, loader, device, args.steps, args.warmup, amp
+    )
     print(f"{'model':<48} {'s/step':>8} {'img/s':>7} {'data wait':>10}")
     for k, r in results.items():
         print(f"{k:<48} {r['s_per_step']:>8.2f} {r['img_per_s']:>7.3f} {r['data_wait']:>9.1%}")
     b, o = list(results.values())
+
     def scale(m) -> float:  # input scale of a 520 x 704 image
         return m.input_scale if m.input_scale > 0 else min(m.min_size / 520, m.max_size / 704)
 

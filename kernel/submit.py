@@ -83,8 +83,21 @@ def import_cellseg(bundle: Path, scratch: Path):
     if not any(wheels.glob("*.whl")):
         raise KernelError(f"cellseg is not installed and {wheels} holds no wheel")
     target = Path(tempfile.mkdtemp(prefix="cellseg-pkg-", dir=scratch if scratch.is_dir() else None))
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
-           "--quiet", "--find-links", str(wheels), "--target", str(target), PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--find-links",
+        str(wheels),
+        "--target",
+        str(target),
+        PACKAGE,
+    ]
     log("installing " + PACKAGE + " from " + str(wheels))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -100,8 +113,9 @@ def import_cellseg(bundle: Path, scratch: Path):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Offline Kaggle submission with the bundled cellseg ensemble.")
-    p.add_argument("--kaggle-root", type=Path, default=None,
-                   help="replaces /kaggle (default: $CELLSEG_KAGGLE_ROOT or /kaggle)")
+    p.add_argument(
+        "--kaggle-root", type=Path, default=None, help="replaces /kaggle (default: $CELLSEG_KAGGLE_ROOT or /kaggle)"
+    )
     p.add_argument("--time-budget", default="8h30m", help="wall-clock budget for predicting (default 8h30m)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--manifest", default=None, help="manifest path relative to the bundle (default: the marker's)")
@@ -132,21 +146,24 @@ def main(argv=None) -> int:
         cellseg = import_cellseg(bundle, root / "temp")
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {Path(cellseg.__file__).parent}")
         from cellseg.errors import CellsegError
-        from cellseg.inference import parse_duration, predict_folder
+        from cellseg.inference.pipeline import parse_duration, predict_folder
 
         out = args.out or root / "working" / "submission.csv"
         try:
             budget = parse_duration(args.time_budget)
             spent = time.monotonic() - start
-            result = predict_folder(comp, manifest, out, time_budget=budget - spent if budget else None,
-                                    device=args.device)
+            result = predict_folder(
+                comp, manifest, out, time_budget=budget - spent if budget else None, device=args.device
+            )
         except CellsegError as e:
             raise KernelError(str(e)) from None
     except KernelError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    log(f"done: {out} ({len(result.rows)} images, {sum(map(len, result.rows.values()))} instances) "
-        f"in {time.monotonic() - start:.0f}s")
+    log(
+        f"done: {out} ({len(result.rows)} images, {sum(map(len, result.rows.values()))} instances) "
+        f"in {time.monotonic() - start:.0f}s"
+    )
     return 0
 
 

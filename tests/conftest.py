@@ -1,6 +1,6 @@
 """Shared fixtures.
 
-``synth_dir``: one small synthetic competition folder per test session (cellseg.synth, seed 123):
+``synth_dir``: one small synthetic competition folder per test session (cellseg.data.synth, seed 123):
 12 train images (6 cort, 3 shsy5y, 3 astro), 3 test, 3 train_semi_supervised, train.csv,
 sample_submission.csv. Read-only: copy it before changing anything.
 """
@@ -14,7 +14,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cellseg.synth import generate
+    from cellseg.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, train_images=12, test_images=3, semi_images=3, seed=123, progress=False, workers=1)

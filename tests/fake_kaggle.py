@@ -65,8 +65,10 @@ class FakeKaggle:
         self.kernels: list[dict] = []  # SaveKernel bodies
         self.kernel_statuses: list[str] = ["QUEUED", "RUNNING", "COMPLETE"]
         self.kernel_failure = "Your notebook hit an error"
-        self.kernel_log = '[{"stream_name":"stdout","time":1.0,"data":"loading weights\\n"},' \
-                          '{"stream_name":"stderr","time":2.0,"data":"Traceback: boom\\n"}]'
+        self.kernel_log = (
+            '[{"stream_name":"stdout","time":1.0,"data":"loading weights\\n"},'
+            '{"stream_name":"stderr","time":2.0,"data":"Traceback: boom\\n"}]'
+        )
         self.rejected_sources: list[str] = []  # reported in invalidDatasetSources even when they exist
         self.submissions: list[dict] = []
         self.submission_statuses: list[str] = ["PENDING", "COMPLETE"]
@@ -78,7 +80,7 @@ class FakeKaggle:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def __enter__(self) -> "FakeKaggle":
+    def __enter__(self) -> FakeKaggle:
         self.start()
         return self
 
@@ -170,9 +172,19 @@ class FakeKaggle:
             if ref in self.datasets:
                 return {"error": f"The requested slug {body['slug']} is already in use"}
             files = self._resolve_files(body.get("files", []))
-            self.datasets[ref] = Dataset(ref, [{"notes": None, "files": files, "is_private": body.get("isPrivate"),
-                                                "title": body.get("title"), "license": body.get("licenseName")}],
-                                         self.processing_polls)
+            self.datasets[ref] = Dataset(
+                ref,
+                [
+                    {
+                        "notes": None,
+                        "files": files,
+                        "is_private": body.get("isPrivate"),
+                        "title": body.get("title"),
+                        "license": body.get("licenseName"),
+                    }
+                ],
+                self.processing_polls,
+            )
             return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
         if method == "CreateDatasetVersion":
             ref = f"{body['ownerSlug']}/{body['datasetSlug']}"
@@ -180,7 +192,9 @@ class FakeKaggle:
             if ds is None:
                 raise _Error(404, f"Dataset {ref} not found")
             if ds.pending_polls > 0:
-                raise _Error(403, "Permission 'datasets.versions.create' was denied: a previous version is still processing")
+                raise _Error(
+                    403, "Permission 'datasets.versions.create' was denied: a previous version is still processing"
+                )
             files = self._resolve_files(body["body"].get("files", []))
             ds.versions.append({"notes": body["body"].get("versionNotes"), "files": files})
             ds.pending_polls = self.processing_polls
@@ -188,11 +202,16 @@ class FakeKaggle:
         if method == "SaveKernel":
             self.kernels.append(body)
             self._polls["kernel"] = 0
-            invalid = [s for s in body.get("datasetDataSources", [])
-                       if s not in self.datasets or s in self.rejected_sources]
+            invalid = [
+                s for s in body.get("datasetDataSources", []) if s not in self.datasets or s in self.rejected_sources
+            ]
             owner_slug = body.get("slug", "")
-            return {"ref": f"/code/{owner_slug}", "url": f"https://www.kaggle.com/code/{owner_slug}",
-                    "versionNumber": len(self.kernels), "invalidDatasetSources": invalid}
+            return {
+                "ref": f"/code/{owner_slug}",
+                "url": f"https://www.kaggle.com/code/{owner_slug}",
+                "versionNumber": len(self.kernels),
+                "invalidDatasetSources": invalid,
+            }
         if method == "GetKernelSessionStatus":
             return self._next("kernel", self.kernel_statuses, {"failureMessage": self.kernel_failure})
         if method == "ListKernelSessionOutput":
@@ -364,9 +383,10 @@ def make_weights(folder: Path, size: int = 50_000, name: str = "demo") -> Path:
     """A weights folder with one random 'checkpoint' and a manifest holding its real sha256."""
     import numpy as np
 
-    from cellseg.manifest import Manifest, ModelEntry, default_classes, write_manifest
+    from cellseg.model.manifest import Manifest, ModelEntry, default_classes, write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pth").write_bytes(np.random.default_rng(0).bytes(size))
-    return write_manifest(Manifest(name=name, models=[ModelEntry("model.pth")], classes=default_classes()),
-                          folder / "manifest.yaml")
+    return write_manifest(
+        Manifest(name=name, models=[ModelEntry("model.pth")], classes=default_classes()), folder / "manifest.yaml"
+    )

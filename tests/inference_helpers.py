@@ -9,18 +9,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellseg.checkpoint import save_checkpoint
 from cellseg.io import write_gray
-from cellseg.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, PostprocessConfig, write_manifest
-from cellseg.models import build_model
-from cellseg.settings import ModelConfig
+from cellseg.model.build import build_model
+from cellseg.model.checkpoint import save_checkpoint
+from cellseg.model.experiment import ModelConfig
+from cellseg.model.manifest import (
+    ClassThresholds,
+    FusionConfig,
+    Manifest,
+    ModelEntry,
+    PostprocessConfig,
+    write_manifest,
+)
 
 
 def tiny_model_config(**kw) -> ModelConfig:
     base = dict(
-        backbone="resnet18", norm="bn", fpn_channels=16, returned_layers=[2, 3],
-        anchor_sizes=[[8], [16], [32]], aspect_ratios=[1.0], min_size=96, max_size=128,
-        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, trainable_backbone_layers=5,
+        backbone="resnet18",
+        norm="bn",
+        fpn_channels=16,
+        returned_layers=[2, 3],
+        anchor_sizes=[[8], [16], [32]],
+        aspect_ratios=[1.0],
+        min_size=96,
+        max_size=128,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=150,
+        trainable_backbone_layers=5,
     )
     base.update(kw)
     return ModelConfig(**base)
@@ -52,7 +67,9 @@ def make_manifest(folder: Path, n_models: int = 1, tta=("identity", "hflip", "vf
         name="tiny",
         models=entries,
         tta=list(tta),
-        fusion=FusionConfig(detections_per_view=fusion.pop("detections_per_view", 60), model_score_thresh=0.01, **fusion),
+        fusion=FusionConfig(
+            detections_per_view=fusion.pop("detections_per_view", 60), model_score_thresh=0.01, **fusion
+        ),
         classes={"shsy5y": loose, "astro": loose, "cort": loose},
         postprocess=PostprocessConfig(),
     )

@@ -8,9 +8,8 @@ import pytest
 from PIL import Image
 
 from cellseg.cli import main
+from cellseg.data.synth import generate
 from cellseg.dry_run import contour, overlay, select_images
-from cellseg.synth import generate
-
 from inference_helpers import make_manifest
 
 
@@ -28,8 +27,20 @@ def manifest(tmp_path_factory):
 
 def test_dry_run_report(synth, manifest, tmp_path, capsys):
     rep = tmp_path / "rep"
-    rc = main(["dry-run", "--data", str(synth), "--weights", str(manifest), "--images", "3", "--report", str(rep),
-               "--no-progress"])
+    rc = main(
+        [
+            "dry-run",
+            "--data",
+            str(synth),
+            "--weights",
+            str(manifest),
+            "--images",
+            "3",
+            "--report",
+            str(rep),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "overall" in out and "projected 240 hidden-test images" in out
@@ -50,7 +61,7 @@ def test_dry_run_report(synth, manifest, tmp_path, capsys):
 
 
 def test_dry_run_fold_selection(synth, manifest):
-    from cellseg.data import read_train_csv
+    from cellseg.data.truth import read_train_csv
 
     train = read_train_csv(synth / "train.csv")
     folds = [set(select_images(train, k, None)) for k in range(5)]
@@ -88,8 +99,21 @@ def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):
 def test_demo_end_to_end(manifest, tmp_path, capsys):
     """cellseg demo: synth -> fake /kaggle with a wheel built from this checkout -> kernel subprocess
     -> valid submission -> dry-run score (tiny sizes; the real default uses weights/demo)."""
-    rc = main(["demo", "--out", str(tmp_path / "demo"), "--weights", str(manifest), "--train-images", "6",
-               "--test-images", "2", "--dry-run-images", "2"])
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--weights",
+            str(manifest),
+            "--train-images",
+            "6",
+            "--test-images",
+            "2",
+            "--dry-run-images",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "demo done" in out and "dry-run score" in out

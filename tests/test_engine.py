@@ -6,12 +6,11 @@ import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from cellseg.data.masks import CropMask, label_image
 from cellseg.engine import Detections, detections_to_crops, gray_to_tensor, paste_crops, predict_crops, remove_overlaps
-from cellseg.masks import CropMask, label_image
-from cellseg.models import build_model
-from cellseg.settings import ModelConfig
-
-from test_models import TINY
+from cellseg.model.build import build_model
+from cellseg.model.experiment import ModelConfig
+from helpers import TINY
 
 
 def test_paste_crops_equals_torchvision_paste():

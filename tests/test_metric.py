@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from cellseg import metric
-from cellseg.data import ImageAnnotation
+from cellseg.data.masks import CropMask
+from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
-from cellseg.masks import CropMask
 
 
 def dense_reference(gt_masks, pred_masks):

@@ -6,13 +6,11 @@ import sys
 
 import pytest
 
-from cellseg.data import cell_type_from_filename, read_train_records
+from cellseg.data.truth import cell_type_from_filename, read_train_records
 from cellseg.errors import CellsegError
-from cellseg.tune import predict_raw
-from cellseg.manifest import load_manifest
+from cellseg.model.manifest import ClassThresholds, load_manifest
 from cellseg.pseudo import pseudo_label, sample_id_from_filename, stricter
-from cellseg.manifest import ClassThresholds
-
+from cellseg.tune import predict_raw
 from inference_helpers import make_manifest
 
 
@@ -42,8 +40,25 @@ def test_predict_raw_then_tune_cli(synth_dir, manifest, tmp_path):
         predict_raw(synth_dir, other, cache, index["ids"], device="cpu", progress=False)
 
     before = load_manifest(manifest)
-    r = cellseg("tune", "--cache", cache, "--truth", synth_dir / "train.csv", "--weights", manifest, "--folds", 2,
-                "--nms-iou", "0.3,0.5", "--mask-threshold", "0.5", "--min-pixels", "0,50", "--score", "0.05,0.3,0.6")
+    r = cellseg(
+        "tune",
+        "--cache",
+        cache,
+        "--truth",
+        synth_dir / "train.csv",
+        "--weights",
+        manifest,
+        "--folds",
+        2,
+        "--nms-iou",
+        "0.3,0.5",
+        "--mask-threshold",
+        "0.5",
+        "--min-pixels",
+        "0,50",
+        "--score",
+        "0.05,0.3,0.6",
+    )
     assert "overall" in r.stdout and "out-of-fold" in r.stdout
     assert (manifest.parent / "manifest.v1.yaml").exists()
     assert list((cache / "plots").glob("tune_*.png"))
@@ -64,8 +79,15 @@ def test_pseudo_label_writes_valid_train_csv(synth_dir, manifest, tmp_path):
         assert (g["sample_id"] == sample_id_from_filename(name)).all()
     assert set(res.table.index) <= {"shsy5y", "astro", "cort"}
     # stricter thresholds keep fewer instances
-    strict = pseudo_label(synth_dir, manifest, tmp_path / "strict.csv", device="cpu", progress=False,
-                          score_margin=0.5, min_pixels_factor=3.0)
+    strict = pseudo_label(
+        synth_dir,
+        manifest,
+        tmp_path / "strict.csv",
+        device="cpu",
+        progress=False,
+        score_margin=0.5,
+        min_pixels_factor=3.0,
+    )
     assert strict.rows < res.rows
 
 
@@ -114,7 +136,10 @@ def _tiny_competition(root, n_semi=3, h=64, w=80):
         rows += train_rows(f"{i:012x}", cell_type, masks, sample_id=f"{cell_type}[x]_s{i}")
     write_train_csv(root / "train.csv", rows)
     for k in range(n_semi):
-        write_gray(root / "train_semi_supervised" / f"cort[pre-treat]_A{k}_Vessel-1_Ph_1_00d0{k}h00m.png", image_with_cells()[0])
+        write_gray(
+            root / "train_semi_supervised" / f"cort[pre-treat]_A{k}_Vessel-1_Ph_1_00d0{k}h00m.png",
+            image_with_cells()[0],
+        )
     return root
 
 
@@ -122,11 +147,10 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     """train -> pseudo-label the unlabelled images -> retrain with them next to train.csv."""
     import re
 
-    from cellseg.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
+    from cellseg.model.experiment import load_experiment
+    from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
     from cellseg.paths import configs_dir
-    from cellseg.settings import load_experiment
     from cellseg.train import train
-
     from test_train import TINY_OVERRIDES
 
     data = _tiny_competition(tmp_path / "data")
@@ -136,12 +160,17 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     assert ckpt.exists()
 
     loose = ClassThresholds(score=0.05, mask_threshold=0.5, nms_iou=0.5, min_pixels=5)
-    m = Manifest(name="loop", models=[ModelEntry(str(ckpt))], tta=["identity"],
-                 fusion=FusionConfig(detections_per_view=30, model_score_thresh=0.01),
-                 classes={"shsy5y": loose, "astro": loose, "cort": loose})
+    m = Manifest(
+        name="loop",
+        models=[ModelEntry(str(ckpt))],
+        tta=["identity"],
+        fusion=FusionConfig(detections_per_view=30, model_score_thresh=0.01),
+        classes={"shsy5y": loose, "astro": loose, "cort": loose},
+    )
     manifest = write_manifest(m, tmp_path / "w" / "manifest.yaml")
-    res = pseudo_label(data, manifest, tmp_path / "pseudo.csv", device="cpu", progress=False,
-                       score_margin=0.0, min_pixels_factor=1.0)
+    res = pseudo_label(
+        data, manifest, tmp_path / "pseudo.csv", device="cpu", progress=False, score_margin=0.0, min_pixels_factor=1.0
+    )
     df = read_train_records(res.path)
     assert res.rows > 0 and set(df["cell_type"]) == {"cort"}  # type from the file names
     pseudo_ids = set(df["id"])
@@ -149,9 +178,26 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     capsys.readouterr()
     from cellseg.cli import main
 
-    assert main(["train", "--config", str(configs_dir() / "demo.yaml"), "--data", str(data), "--out",
-                 str(tmp_path / "run2"), "--quiet", "--pseudo", str(res.path), *TINY_OVERRIDES, "train.epochs=1",
-                 "train.val_every=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(configs_dir() / "demo.yaml"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run2"),
+                "--quiet",
+                "--pseudo",
+                str(res.path),
+                *TINY_OVERRIDES,
+                "train.epochs=1",
+                "train.val_every=0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     n1 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
     cfg3 = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, "train.epochs=1", "train.val_every=0"])
@@ -160,5 +206,17 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     n0 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
     assert n1 == n0 + len(pseudo_ids)
     assert str(res.path) in (tmp_path / "run2" / "config.yaml").read_text()
-    assert main(["train", "--config", str(configs_dir() / "demo.yaml"), "--data", str(data),
-                 "--pseudo", str(tmp_path / "nope.csv")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(configs_dir() / "demo.yaml"),
+                "--data",
+                str(data),
+                "--pseudo",
+                str(tmp_path / "nope.csv"),
+            ]
+        )
+        == 2
+    )

@@ -15,23 +15,36 @@ import pandas as pd
 import pytest
 import torch
 
-from cellseg.checkpoint import load_model, read_checkpoint, read_checkpoint_info
 from cellseg.io import write_gray
+from cellseg.model.checkpoint import load_model, read_checkpoint, read_checkpoint_info
+from cellseg.model.experiment import TrainConfig, load_experiment
 from cellseg.paths import configs_dir
-from cellseg.settings import TrainConfig, load_experiment
 from cellseg.train import balanced_subset, build_optimizer, lr_factor, rng_state, set_rng_state
-
 from helpers import train_rows, write_train_csv
 
 H, W = 64, 80
 #: the demo config shrunk to a toy: 2-level slim backbone, 16 FPN channels, tiny heads, no crops.
 TINY_OVERRIDES = [
-    "model.returned_layers=[1, 2]", "model.anchor_sizes=[[8], [16], [32]]", "model.fpn_channels=16",
-    "model.box_head_dim=32", "model.mask_head_convs=1", "model.rpn_post_nms_top_n_train=100",
-    "model.rpn_post_nms_top_n_test=100", "model.box_batch_size_per_image=32", "model.box_detections_per_img=30",
-    "train.epochs=3", "train.batch_size=2", "train.num_workers=0", "train.threads=1", "train.warmup_iters=2",
-    "train.val_every=1", "train.val_max_images=1", "train.val_score_thresh=0.0", "train.log_every=0",
-    "data.folds=3", "augment.crop_size=[0, 0]",
+    "model.returned_layers=[1, 2]",
+    "model.anchor_sizes=[[8], [16], [32]]",
+    "model.fpn_channels=16",
+    "model.box_head_dim=32",
+    "model.mask_head_convs=1",
+    "model.rpn_post_nms_top_n_train=100",
+    "model.rpn_post_nms_top_n_test=100",
+    "model.box_batch_size_per_image=32",
+    "model.box_detections_per_img=30",
+    "train.epochs=3",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.threads=1",
+    "train.warmup_iters=2",
+    "train.val_every=1",
+    "train.val_max_images=1",
+    "train.val_score_thresh=0.0",
+    "train.log_every=0",
+    "data.folds=3",
+    "augment.crop_size=[0, 0]",
 ]
 
 
@@ -67,8 +80,20 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--config", str(configs_dir() / "demo.yaml"), "--data", str(data), "--fold", "0",
-            "--out", str(out), "--quiet", *TINY_OVERRIDES, *extra]
+    return [
+        "train",
+        "--config",
+        str(configs_dir() / "demo.yaml"),
+        "--data",
+        str(data),
+        "--fold",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+        *TINY_OVERRIDES,
+        *extra,
+    ]
 
 
 def weights(path: Path) -> dict:
@@ -132,7 +157,16 @@ def test_cli_train_writes_a_complete_run_folder(tiny_data, tmp_path):
     assert not [n for n in names if n.endswith(".tmp")]
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2, 3] and metrics["step"].tolist() == [3, 6, 9]  # 6 train images / batch 2
-    assert {"loss", "loss_mask", "loss_objectness", "val_score", "val_shsy5y", "val_astro", "val_cort", "data_wait"} <= set(metrics)
+    assert {
+        "loss",
+        "loss_mask",
+        "loss_objectness",
+        "val_score",
+        "val_shsy5y",
+        "val_astro",
+        "val_cort",
+        "data_wait",
+    } <= set(metrics)
     assert metrics["val_score"].between(0, 1).all()
     best = read_checkpoint_info(out / "best.pth").provenance
     assert best["fold"] == 0 and best["score"] == pytest.approx(metrics["val_score"].max())
@@ -159,11 +193,18 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path, capsys):
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
     extra = ["train.epochs=4", "train.num_workers=1", "augment.copy_paste_p=0.5"]
-    full = subprocess.Popen([sys.executable, "-m", "cellseg", *train_args(tiny_data, tmp_path / "full", *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full = subprocess.Popen(
+        [sys.executable, "-m", "cellseg", *train_args(tiny_data, tmp_path / "full", *extra)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out = tmp_path / "killed"
-    victim = subprocess.Popen([sys.executable, "-m", "cellseg", *train_args(tiny_data, out, *extra)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "cellseg", *train_args(tiny_data, out, *extra)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not (out / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -179,7 +220,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
     a, b = weights(tmp_path / "full" / "last.pth"), weights(out / "last.pth")
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    sa, sb = read_checkpoint(tmp_path / "full" / "last.pth")["train_state"], read_checkpoint(out / "last.pth")["train_state"]
+    sa, sb = (
+        read_checkpoint(tmp_path / "full" / "last.pth")["train_state"],
+        read_checkpoint(out / "last.pth")["train_state"],
+    )
     assert sa["step"] == sb["step"] == 12
     mom_a, mom_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert all(torch.equal(mom_a[i]["momentum_buffer"], mom_b[i]["momentum_buffer"]) for i in mom_a)
@@ -190,7 +234,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-from cellseg.settings import load_experiment
+from cellseg.model.experiment import load_experiment
 from cellseg.train import train
 import torch.distributed as dist
 cfg = load_experiment(sys.argv[1], sys.argv[4:])
@@ -208,12 +252,31 @@ def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(configs_dir() / "demo.yaml"), str(tiny_data), str(out), *TINY_OVERRIDES, "train.epochs=2"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(configs_dir() / "demo.yaml"),
+            str(tiny_data),
+            str(out),
+            *TINY_OVERRIDES,
+            "train.epochs=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     # 6 train images / 2 ranks = 3 each, batch 2 -> 2 steps per epoch on each rank

@@ -2,17 +2,22 @@ import numpy as np
 import pytest
 import yaml
 
-from cellseg.data import ImageAnnotation
-from cellseg.ensemble import Detections, SoftCrop
-from cellseg.manifest import ClassThresholds, Manifest, ModelEntry, load_manifest, write_manifest
-from cellseg.masks import CropMask
+from cellseg.data.masks import CropMask, label_image
+from cellseg.data.truth import ImageAnnotation
+from cellseg.inference.fusion import Detections, SoftCrop, fuse
+from cellseg.inference.postprocess import postprocess
 from cellseg.metric import image_score
-from cellseg.masks import label_image
-from cellseg.postprocess import postprocess
-from cellseg.ensemble import fuse
+from cellseg.model.manifest import ClassThresholds, Manifest, ModelEntry, load_manifest, write_manifest
 from cellseg.tune import (
-    CachedImage, TuneGrid, image_grid_scores, load_cached, save_cached, tune, write_tuned_manifest, plot_curves,
+    CachedImage,
+    TuneGrid,
+    image_grid_scores,
+    load_cached,
+    plot_curves,
     report_table,
+    save_cached,
+    tune,
+    write_tuned_manifest,
 )
 
 H, W = 60, 80
@@ -45,14 +50,25 @@ def make_case(rng, image_id, cell_type="cort", n=6):
         dets.append((SoftCrop(c.top, c.left, c.mask.astype(np.float32)), 0.99, 1))
     boxes = np.array([d[0].box for d in dets], np.float32)
     scores = np.array([d[1] for d in dets], np.float32)
-    d = Detections(boxes, scores, np.full(len(dets), 3, np.int64), [x[0] for x in dets],
-                   np.array([x[2] for x in dets]), np.ones(len(dets), np.float32))
+    d = Detections(
+        boxes,
+        scores,
+        np.full(len(dets), 3, np.int64),
+        [x[0] for x in dets],
+        np.array([x[2] for x in dets]),
+        np.ones(len(dets), np.float32),
+    )
     ann = ImageAnnotation(image_id, cell_type, H, W, truth, meta={"sample_id": f"s{image_id}"})
     return CachedImage(image_id, cell_type, H, W, 2.0, d), ann
 
 
 def manifest_with(th: ClassThresholds) -> Manifest:
-    return Manifest(name="t", models=[ModelEntry("m.pth")], tta=["identity", "hflip"], classes={"shsy5y": th, "astro": th, "cort": th})
+    return Manifest(
+        name="t",
+        models=[ModelEntry("m.pth")],
+        tta=["identity", "hflip"],
+        classes={"shsy5y": th, "astro": th, "cort": th},
+    )
 
 
 def test_cache_round_trip(tmp_path):
@@ -77,8 +93,17 @@ def test_grid_equals_running_the_pipeline(seed):
     m = manifest_with(ClassThresholds())
     for idx in np.ndindex(*grid.shape):
         th = grid.values(idx)
-        fused = fuse(img.dets, H, W, th.nms_iou, m.fusion.iou_type, th.mask_threshold, m.fusion.average_masks,
-                     m.fusion.score_mode, total_weight=img.total_weight)
+        fused = fuse(
+            img.dets,
+            H,
+            W,
+            th.nms_iou,
+            m.fusion.iou_type,
+            th.mask_threshold,
+            m.fusion.average_masks,
+            m.fusion.score_mode,
+            total_weight=img.total_weight,
+        )
         crops, _ = postprocess(fused, th, m.postprocess, H, W)
         pred, _ = label_image(crops, H, W)
         expected = image_score(gt, pred, len(ann.instances), len(crops))

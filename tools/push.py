@@ -37,8 +37,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 try:
@@ -46,9 +47,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
-from cellseg import bundle as bundle_mod  # noqa: E402
-from cellseg import kaggle_meta as km  # noqa: E402
 from cellseg.errors import CellsegError  # noqa: E402
+from cellseg.kaggle import bundle as bundle_mod  # noqa: E402
+from cellseg.kaggle import metadata as km  # noqa: E402
 
 ENDPOINT_ENV = "CELLSEG_KAGGLE_ENDPOINT"
 SUBMISSION_FILE = "submission.csv"
@@ -148,7 +149,7 @@ class Kaggle:
             raise UsageError(f"the kaggle client is not installed ({e}): pip install kaggle==2.2.5 six") from None
         # The client retries some calls itself (uploads, create version, get submission) for up to
         # minutes; route those through the same bounded policy.
-        api.with_retry = lambda func, *a, **kw: (lambda *fa, **fkw: self.retrying(func.__name__, func, *fa, **fkw))
+        api.with_retry = lambda func, *a, **kw: lambda *fa, **fkw: self.retrying(func.__name__, func, *fa, **fkw)
         self.api = api
 
     def retrying(self, what: str, fn: Callable, *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
@@ -168,9 +169,13 @@ class Kaggle:
                 raise RemoteError(f"{what}: the kaggle client gave up (exit {e.code})") from None
             except Exception as e:
                 if http_status(e) == 401:
-                    raise UsageError(f"Kaggle rejected the credentials ({describe(e)}): check KAGGLE_KEY or "
-                                     f"{km.kaggle_config_dir() / 'kaggle.json'}") from None
-                retry = transient(e) if idempotent else isinstance(e, requests.ConnectionError) and http_status(e) is None
+                    raise UsageError(
+                        f"Kaggle rejected the credentials ({describe(e)}): check KAGGLE_KEY or "
+                        f"{km.kaggle_config_dir() / 'kaggle.json'}"
+                    ) from None
+                retry = (
+                    transient(e) if idempotent else isinstance(e, requests.ConnectionError) and http_status(e) is None
+                )
                 left = deadline - time.monotonic()
                 if not retry:
                     raise
@@ -208,7 +213,9 @@ class Kaggle:
         except Exception as e:
             if http_status(e) == 404:
                 return None
-            raise RemoteError(f"dataset status of {ref}: {describe(e)}", "check --username and that you can see the dataset") from None
+            raise RemoteError(
+                f"dataset status of {ref}: {describe(e)}", "check --username and that you can see the dataset"
+            ) from None
 
     def wait_dataset(self, ref: str, accept_failed: bool = False) -> str:
         """Poll until the latest version is ready (or failed, when ``accept_failed``)."""
@@ -224,11 +231,14 @@ class Kaggle:
             if state == "ready" or (accept_failed and state in ("failed", "deleted")):
                 return state
             if state in ("failed", "deleted"):
-                raise RemoteError(f"dataset {ref}: the new version {state} while Kaggle processed it",
-                                  f"open https://www.kaggle.com/datasets/{ref} for details, then push the dataset again")
+                raise RemoteError(
+                    f"dataset {ref}: the new version {state} while Kaggle processed it",
+                    f"open https://www.kaggle.com/datasets/{ref} for details, then push the dataset again",
+                )
             if time.monotonic() - start > self.wait_timeout:
-                raise RemoteError(f"dataset {ref} still '{state}' after {self.wait_timeout:g} s",
-                                  "run the same command again later")
+                raise RemoteError(
+                    f"dataset {ref} still '{state}' after {self.wait_timeout:g} s", "run the same command again later"
+                )
             time.sleep(self.poll_interval)
 
 
@@ -240,7 +250,9 @@ def load_kernel_meta(repo: Path, username: str, dataset_ref: str) -> dict:
     meta = km.fill(km.load_template(repo / km.KERNEL_METADATA), username)
     problems = km.validate_kernel_metadata(meta, repo)
     if dataset_ref not in meta.get("dataset_sources", []):
-        problems.append(f"kernel dataset_sources: {meta.get('dataset_sources')} does not include the bundle dataset {dataset_ref}")
+        problems.append(
+            f"kernel dataset_sources: {meta.get('dataset_sources')} does not include the bundle dataset {dataset_ref}"
+        )
     if problems:
         raise UsageError(*problems)
     return meta
@@ -266,7 +278,9 @@ def prepare_bundle(args: argparse.Namespace, username: str, scratch: Path) -> bu
     problems = km.validate_dataset_metadata(b.metadata)
     owner = str(b.metadata.get("id", "")).split("/")[0]
     if not problems and owner != username:
-        problems.append(f"dataset id: {b.metadata['id']} is owned by {owner!r}, but the user is {username!r} (stage it again)")
+        problems.append(
+            f"dataset id: {b.metadata['id']} is owned by {owner!r}, but the user is {username!r} (stage it again)"
+        )
     if problems:
         raise UsageError(*problems)
     return b
@@ -276,7 +290,9 @@ def default_message(b: bundle_mod.Bundle | None) -> str:
     if b is None:
         return "cellseg submission"
     commit = (b.marker.get("git_commit") or "")[:10]
-    return f"cellseg {b.marker.get('version', '?')} weights={b.marker.get('weights', '?')}" + (f" commit={commit}" if commit else "")
+    return f"cellseg {b.marker.get('version', '?')} weights={b.marker.get('weights', '?')}" + (
+        f" commit={commit}" if commit else ""
+    )
 
 
 def upload_names(b: bundle_mod.Bundle) -> list[str]:
@@ -295,13 +311,22 @@ def upload_names(b: bundle_mod.Bundle) -> list[str]:
 
 def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> None:
     api, ref, folder = k.api, b.metadata["id"], str(b.root)
-    resume_hint = ("run the same command again (finished uploads resume); no dataset version was created, "
-                   "so nothing is half-done on Kaggle")
+    resume_hint = (
+        "run the same command again (finished uploads resume); no dataset version was created, "
+        "so nothing is half-done on Kaggle"
+    )
 
     def create() -> Any:
         say(f"dataset {ref}: creating it (private)")
-        return k.call("dataset create", api.dataset_create_new, folder, public=False, quiet=False,
-                      dir_mode="zip", hint=resume_hint)
+        return k.call(
+            "dataset create",
+            api.dataset_create_new,
+            folder,
+            public=False,
+            quiet=False,
+            dir_mode="zip",
+            hint=resume_hint,
+        )
 
     def version() -> Any:
         say(f"dataset {ref}: new version ({notes!r})")
@@ -327,9 +352,14 @@ def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> Non
             elif code == 403:
                 say(f"dataset {ref}: {describe(e)}; waiting for the previous version to finish, then trying once more")
                 k.wait_dataset(ref, accept_failed=True)
-                resp = k.call("dataset version", version, hint=(
-                    f"you must own {ref} (is --username right?) and no other version may be processing; "
-                    f"see https://www.kaggle.com/datasets/{ref}"))
+                resp = k.call(
+                    "dataset version",
+                    version,
+                    hint=(
+                        f"you must own {ref} (is --username right?) and no other version may be processing; "
+                        f"see https://www.kaggle.com/datasets/{ref}"
+                    ),
+                )
             elif isinstance(e, ValueError):
                 raise RemoteError(f"dataset version: {e}", resume_hint) from None
             else:
@@ -367,24 +397,37 @@ def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
     ref = meta["id"]
     state = k.dataset_state(dataset_ref)
     if state is None:
-        raise RemoteError(f"the kernel's dataset {dataset_ref} does not exist on Kaggle", "run: python tools/push.py dataset")
+        raise RemoteError(
+            f"the kernel's dataset {dataset_ref} does not exist on Kaggle", "run: python tools/push.py dataset"
+        )
     if state != "ready":
         say(f"dataset {dataset_ref} is '{state}': waiting until it is ready before pushing the kernel")
         k.wait_dataset(dataset_ref)
     with tempfile.TemporaryDirectory(prefix="cellseg-kernel-") as tmp:
         stage_kernel(repo, meta, Path(tmp))
         say(f"kernel {ref}: pushing {meta['code_file']} (internet off, GPU on)")
-        resp = k.call("kernel push", k.api.kernels_push, tmp, idempotent=False,
-                      hint="fix what Kaggle says, then run: python tools/push.py kernel")
+        resp = k.call(
+            "kernel push",
+            k.api.kernels_push,
+            tmp,
+            idempotent=False,
+            hint="fix what Kaggle says, then run: python tools/push.py kernel",
+        )
     if getattr(resp, "error", None):
-        raise RemoteError(f"kernel {ref}: Kaggle answered: {resp.error}", "fix it, then run: python tools/push.py kernel")
-    invalid = {kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
-               for kind in ("dataset", "competition", "kernel", "model")}
+        raise RemoteError(
+            f"kernel {ref}: Kaggle answered: {resp.error}", "fix it, then run: python tools/push.py kernel"
+        )
+    invalid = {
+        kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
+        for kind in ("dataset", "competition", "kernel", "model")
+    }
     invalid = {kind: v for kind, v in invalid.items() if v}
     if invalid:
         what = ", ".join(f"{kind}_sources {v}" for kind, v in invalid.items())
-        raise RemoteError(f"kernel {ref}: Kaggle rejected {what}",
-                          "check that the dataset exists and is yours, and that you accepted the competition rules")
+        raise RemoteError(
+            f"kernel {ref}: Kaggle rejected {what}",
+            "check that the dataset exists and is yours, and that you accepted the competition rules",
+        )
     version = resp.version_number
     say(f"kernel {ref}: version {version} pushed ({resp.url or ''}); waiting for it to run")
     start, last = time.monotonic(), None
@@ -400,20 +443,33 @@ def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
             tail = kernel_log_tail(k, ref)
             if tail:
                 say(f"--- last lines of the kernel log ---\n{tail}\n---")
-            raise RemoteError(f"kernel {ref} v{version} ended in {name}: {st.failure_message or 'no message'}",
-                              "fix the kernel (run `cellseg dry-run` locally), then: python tools/push.py kernel")
+            raise RemoteError(
+                f"kernel {ref} v{version} ended in {name}: {st.failure_message or 'no message'}",
+                "fix the kernel (run `cellseg dry-run` locally), then: python tools/push.py kernel",
+            )
         if time.monotonic() - start > k.wait_timeout:
-            raise RemoteError(f"kernel {ref} still {name} after {k.wait_timeout:g} s",
-                              f"check https://www.kaggle.com/code/{ref}, then run: python tools/push.py submit")
+            raise RemoteError(
+                f"kernel {ref} still {name} after {k.wait_timeout:g} s",
+                f"check https://www.kaggle.com/code/{ref}, then run: python tools/push.py submit",
+            )
         time.sleep(k.poll_interval)
 
 
 def step_submit(k: Kaggle, kernel_ref: str, version: int | None, message: str, wait: bool) -> None:
     label = f"{kernel_ref}" + (f" v{version}" if version else " (latest version)")
     say(f"submitting {label} to {km.COMPETITION}")
-    resp = k.call("submit", k.api.competition_submit_code, SUBMISSION_FILE, message, km.COMPETITION,
-                  kernel_ref, version, quiet=True, idempotent=False,
-                  hint="check that the kernel version completed and wrote submission.csv, and your daily submission count")
+    resp = k.call(
+        "submit",
+        k.api.competition_submit_code,
+        SUBMISSION_FILE,
+        message,
+        km.COMPETITION,
+        kernel_ref,
+        version,
+        quiet=True,
+        idempotent=False,
+        hint="check that the kernel version completed and wrote submission.csv, and your daily submission count",
+    )
     ref = getattr(resp, "ref", 0)
     say(f"submission {ref}: {getattr(resp, 'message', '')}")
     if not ref:
@@ -436,15 +492,21 @@ def step_submit(k: Kaggle, kernel_ref: str, version: int | None, message: str, w
             say(f"submission {ref}: {name}")
             last = name
         if name == "COMPLETE":
-            say(f"submission {ref}: public score {sub.public_score or '(not published)'}"
-                + (f", private score {sub.private_score}" if sub.private_score else ""))
+            say(
+                f"submission {ref}: public score {sub.public_score or '(not published)'}"
+                + (f", private score {sub.private_score}" if sub.private_score else "")
+            )
             return
         if name == "ERROR":
-            raise RemoteError(f"submission {ref} failed: {(sub.error_description or 'no message').strip()}",
-                              "run `cellseg validate` on the kernel's output and `cellseg dry-run` locally")
+            raise RemoteError(
+                f"submission {ref} failed: {(sub.error_description or 'no message').strip()}",
+                "run `cellseg validate` on the kernel's output and `cellseg dry-run` locally",
+            )
         if time.monotonic() - start > k.wait_timeout:
-            raise RemoteError(f"submission {ref} still {name} after {k.wait_timeout:g} s",
-                              f"see https://www.kaggle.com/competitions/{km.COMPETITION}/submissions")
+            raise RemoteError(
+                f"submission {ref} still {name} after {k.wait_timeout:g} s",
+                f"see https://www.kaggle.com/competitions/{km.COMPETITION}/submissions",
+            )
         time.sleep(k.poll_interval)
 
 
@@ -452,8 +514,14 @@ def step_submit(k: Kaggle, kernel_ref: str, version: int | None, message: str, w
 # Dry run
 
 
-def print_plan(steps: list[str], b: bundle_mod.Bundle | None, kmeta: dict | None, kfiles: list, message: str,
-               args: argparse.Namespace) -> None:
+def print_plan(
+    steps: list[str],
+    b: bundle_mod.Bundle | None,
+    kmeta: dict | None,
+    kfiles: list,
+    message: str,
+    args: argparse.Namespace,
+) -> None:
     say("DRY RUN: nothing is sent to Kaggle.")
     if b is not None:
         ref = b.metadata["id"]
@@ -463,9 +531,13 @@ def print_plan(steps: list[str], b: bundle_mod.Bundle | None, kmeta: dict | None
         say("dataset-metadata.json: " + json.dumps(b.metadata, indent=2))
         say("calls:")
         say(f"  datasets.DatasetApiService/GetDatasetStatus {ref}")
-        say("  if 404: blobs.BlobApiService/StartBlobUpload + PUT per upload; datasets.DatasetApiService/CreateDataset (isPrivate=true)")
-        say("  else:   wait until status is 'ready'; StartBlobUpload + PUT per upload; "
-            f"datasets.DatasetApiService/CreateDatasetVersion (versionNotes={message!r})")
+        say(
+            "  if 404: blobs.BlobApiService/StartBlobUpload + PUT per upload; datasets.DatasetApiService/CreateDataset (isPrivate=true)"
+        )
+        say(
+            "  else:   wait until status is 'ready'; StartBlobUpload + PUT per upload; "
+            f"datasets.DatasetApiService/CreateDatasetVersion (versionNotes={message!r})"
+        )
         if args.wait or "kernel" in steps:
             say("  poll GetDatasetStatus until 'ready'")
     if kmeta is not None:
@@ -475,14 +547,18 @@ def print_plan(steps: list[str], b: bundle_mod.Bundle | None, kmeta: dict | None
         say("calls:")
         say(f"  GetDatasetStatus {kmeta['dataset_sources']} must be 'ready'")
         say("  kernels.KernelsApiService/SaveKernel (enableInternet=false, enableGpu=true, isPrivate=true)")
-        say("  poll kernels.KernelsApiService/GetKernelSessionStatus until COMPLETE or ERROR;"
-            " on ERROR ListKernelSessionOutput -> log tail")
+        say(
+            "  poll kernels.KernelsApiService/GetKernelSessionStatus until COMPLETE or ERROR;"
+            " on ERROR ListKernelSessionOutput -> log tail"
+        )
     if "submit" in steps:
         kernel_ref = kmeta["id"] if kmeta else "?"
         version = "the version just pushed" if "kernel" in steps else (args.kernel_version or "latest")
         say(f"\n[submit] {kernel_ref} ({version}) -> {km.COMPETITION}")
-        say(f"  competitions.CompetitionApiService/CreateCodeSubmission (fileName={SUBMISSION_FILE}, "
-            f"description={message!r})")
+        say(
+            f"  competitions.CompetitionApiService/CreateCodeSubmission (fileName={SUBMISSION_FILE}, "
+            f"description={message!r})"
+        )
         if args.wait:
             say("  poll competitions.CompetitionApiService/GetSubmission until COMPLETE, print the score")
 
@@ -491,27 +567,61 @@ def print_plan(steps: list[str], b: bundle_mod.Bundle | None, kmeta: dict | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="push.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Details: docs/KAGGLE.md")
+    p = argparse.ArgumentParser(
+        prog="push.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Details: docs/KAGGLE.md",
+    )
     p.add_argument("step", choices=(*STEPS, "all"), help="what to do (all = dataset, kernel, submit in order)")
-    p.add_argument("--dry-run", action="store_true", help="print the full plan (files, sizes, metadata, calls); no network")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the full plan (files, sizes, metadata, calls); no network"
+    )
     p.add_argument("-m", "--message", default=None, help="dataset version notes and submission description")
-    p.add_argument("--wait", action="store_true",
-                   help="wait for the last step's result too (dataset ready / submission scored)")
+    p.add_argument(
+        "--wait", action="store_true", help="wait for the last step's result too (dataset ready / submission scored)"
+    )
     p.add_argument("--username", default=None, help="Kaggle user name (default: KAGGLE_USERNAME, then kaggle.json)")
-    p.add_argument("--weights", default=None, metavar="MANIFEST",
-                   help="ensemble to ship (default: weights/demo/manifest.yaml); staged into dist/kaggle-bundle")
-    p.add_argument("--bundle", default=None, metavar="DIR", help="upload this already staged bundle (cellseg bundle --out DIR)")
-    p.add_argument("--repo", type=Path, default=REPO, metavar="DIR",
-                   help="checkout holding the metadata templates and kernel/submit.py (default: this one)")
-    p.add_argument("--kernel-version", type=int, default=None, metavar="N",
-                   help="submit: kernel version to submit (default: the one just pushed, else the latest)")
-    p.add_argument("--poll-interval", type=float, default=20.0, metavar="S", help="seconds between status polls (default 20)")
-    p.add_argument("--wait-timeout", type=float, default=10 * 3600, metavar="S",
-                   help="give up waiting for a status after S seconds (default 36000)")
-    p.add_argument("--retry-budget", type=float, default=120.0, metavar="S",
-                   help="retry transient failures of one call for at most S seconds (default 120)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="MANIFEST",
+        help="ensemble to ship (default: weights/demo/manifest.yaml); staged into dist/kaggle-bundle",
+    )
+    p.add_argument(
+        "--bundle", default=None, metavar="DIR", help="upload this already staged bundle (cellseg bundle --out DIR)"
+    )
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=REPO,
+        metavar="DIR",
+        help="checkout holding the metadata templates and kernel/submit.py (default: this one)",
+    )
+    p.add_argument(
+        "--kernel-version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="submit: kernel version to submit (default: the one just pushed, else the latest)",
+    )
+    p.add_argument(
+        "--poll-interval", type=float, default=20.0, metavar="S", help="seconds between status polls (default 20)"
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=10 * 3600,
+        metavar="S",
+        help="give up waiting for a status after S seconds (default 36000)",
+    )
+    p.add_argument(
+        "--retry-budget",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="retry transient failures of one call for at most S seconds (default 120)",
+    )
     return p
 
 
@@ -522,7 +632,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cellseg-push-") as scratch:
         # Everything local first: staging and every metadata check, before any network call.
         b = prepare_bundle(args, username, Path(scratch)) if "dataset" in steps else None
-        dataset_ref = b.metadata["id"] if b else km.fill(km.load_template(args.repo / km.DATASET_METADATA), username)["id"]
+        dataset_ref = (
+            b.metadata["id"] if b else km.fill(km.load_template(args.repo / km.DATASET_METADATA), username)["id"]
+        )
         kmeta = load_kernel_meta(args.repo, username, dataset_ref) if {"kernel", "submit"} & set(steps) else None
         message = args.message or default_message(b)
         if args.dry_run:
@@ -544,10 +656,13 @@ def run(args: argparse.Namespace) -> int:
                 step = "submit"
                 step_submit(k, kmeta["id"], version, message, wait=args.wait)
         except RemoteError as e:
-            rest = steps[steps.index(step) + 1:]
+            rest = steps[steps.index(step) + 1 :]
             if rest:  # `all` stopped early: say where to resume
-                e.hint = (e.hint + "; " if e.hint else "") + "afterwards: " + ", then ".join(
-                    f"python tools/push.py {s}" for s in rest)
+                e.hint = (
+                    (e.hint + "; " if e.hint else "")
+                    + "afterwards: "
+                    + ", then ".join(f"python tools/push.py {s}" for s in rest)
+                )
             raise
     say("done")
     return 0

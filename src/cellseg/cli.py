@@ -12,8 +12,8 @@ import importlib
 import importlib.util
 import sys
 
-from . import __version__
-from .errors import CellsegError
+from cellseg import __version__
+from cellseg.errors import CellsegError
 
 #: name -> (module under cellseg.commands, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         # KEY=VALUE config overrides may sit anywhere on the line (argparse only takes one block of
         # positionals): `cellseg train --config X train.lr=0.01 --out R train.epochs=2`.
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
 
 T = TypeVar("T")
 
@@ -145,6 +145,6 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
     """Write a dataclass tree as YAML atomically."""
-    from .io import atomic_write_text
+    from cellseg.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))

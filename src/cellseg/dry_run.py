@@ -2,7 +2,7 @@
 
 The chosen train images (a fold's hold-out or a seeded sample) are linked into a temporary
 competition-layout folder (``test/`` + ``sample_submission.csv``) and predicted by
-:func:`cellseg.inference.predict_folder`, exactly as on Kaggle; the written submission.csv is then
+:func:`cellseg.inference.pipeline.predict_folder`, exactly as on Kaggle; the written submission.csv is then
 decoded and scored. The report folder receives::
 
     submission.csv        what the kernel wrote
@@ -18,16 +18,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .errors import CellsegError
-from .paths import CompetitionPaths
+from cellseg.errors import CellsegError
+from cellseg.paths import CompetitionPaths
 
 #: hidden test size the runtime is projected to
 HIDDEN_TEST_IMAGES = 240
@@ -48,7 +48,7 @@ def select_images(train_set, fold: int | None, images: int | None, seed: int = 0
     """Ids of a fold's hold-out (``fold``) or ``images`` sampled with ``seed`` (all when both None)."""
     ids = list(train_set.images)
     if fold is not None:
-        from .folds import make_folds
+        from cellseg.data.folds import make_folds
 
         df = make_folds(train_set, k=k, seed=seed)
         if not 0 <= fold < k:
@@ -107,8 +107,14 @@ def _plot_by_class(per_class: dict[str, float], counts: dict[str, int], path: Pa
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     bars = ax.bar(names, [per_class[n] for n in names], color=["#4c72b0", "#dd8452", "#55a868"][: len(names)])
     for b, n in zip(bars, names):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{per_class[n]:.3f}\n({counts.get(n, 0)} img)",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            b.get_x() + b.get_width() / 2,
+            b.get_height(),
+            f"{per_class[n]:.3f}\n({counts.get(n, 0)} img)",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_ylim(0, max([0.5, *per_class.values()]) * 1.25)
     ax.set_ylabel("competition score")
     ax.set_title("dry run: score by cell type")
@@ -131,12 +137,12 @@ def dry_run(
     log=None,
 ) -> DryRunResult:
     """Run the kernel path on train images and write the report folder (see the module docstring)."""
-    from .data import read_train_csv
-    from .inference import predict_folder
-    from .io import read_gray
-    from .masks import label_image
-    from .metric import score_images
-    from .submission import decode_submission
+    from cellseg.data.masks import label_image
+    from cellseg.data.truth import read_train_csv
+    from cellseg.inference.pipeline import predict_folder
+    from cellseg.io import read_gray
+    from cellseg.metric import score_images
+    from cellseg.submission import decode_submission
 
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     train = read_train_csv(paths.train_csv)
@@ -147,8 +153,15 @@ def dry_run(
     report.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cellseg-dryrun-") as tmp:
         comp = stage_test_folder(paths, ids, Path(tmp) / "comp")
-        run = predict_folder(comp, manifest, report / "submission.csv", time_budget=time_budget, device=device,
-                             progress=progress, log=log)
+        run = predict_folder(
+            comp,
+            manifest,
+            report / "submission.csv",
+            time_budget=time_budget,
+            device=device,
+            progress=progress,
+            log=log,
+        )
     skipped = set(run.skipped)
     if len(skipped) == len(ids):
         raise CellsegError(f"the time budget ({time_budget}) left no time to predict any image")

@@ -1,7 +1,7 @@
 """Model outputs -> competition instances, and the validation pass used during training.
 
 :func:`predict_crops` runs a torchvision Mask R-CNN on grey images and returns, per image, the
-instances as non-overlapping :class:`~cellseg.masks.CropMask` objects (soft masks thresholded,
+instances as non-overlapping :class:`~cellseg.data.masks.CropMask` objects (soft masks thresholded,
 overlaps removed by painting in descending score order). It never materialises the
 (N, 1, H, W) full-frame mask stack torchvision's ``postprocess`` builds (1000 detections on a
 520 x 704 image would be 1.4 GB): each 28 x 28 mask is resized into its own box only, exactly as
@@ -10,9 +10,9 @@ overlaps removed by painting in descending score order). It never materialises t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import resize_boxes
 from tqdm.auto import tqdm
 
-from .io import read_gray
-from .masks import CropMask
-from .metric import ScoreReport, score_images
+from cellseg.data.masks import CropMask
+from cellseg.io import read_gray
+from cellseg.metric import ScoreReport, score_images
 
 
 def gray_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -68,7 +68,9 @@ def detect(model: nn.Module, images: Sequence[torch.Tensor]) -> list[Detections]
     return out
 
 
-def paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5) -> list[CropMask]:
+def paste_crops(
+    masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
+) -> list[CropMask]:
     """Binarise (N, M, M) soft masks on their (N, 4) boxes into crops of a (height, width) image.
 
     Same geometry as torchvision's ``paste_masks_in_image`` (1 px padding, bilinear resize, box
@@ -94,7 +96,9 @@ def paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     return out
 
 
-def remove_overlaps(crops: Sequence[CropMask], height: int, width: int, min_pixels: int = 1) -> tuple[list[CropMask], list[int]]:
+def remove_overlaps(
+    crops: Sequence[CropMask], height: int, width: int, min_pixels: int = 1
+) -> tuple[list[CropMask], list[int]]:
     """Paint crops in the given order (highest score first): a pixel goes to the first crop claiming it.
 
     Returns the surviving crops (tight, >= ``min_pixels`` pixels left) and their indices in ``crops``.

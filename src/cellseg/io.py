@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
 
 
 @contextmanager

@@ -15,19 +15,21 @@ cannot overlap, and for t >= 0.5 that makes every match unique, so TP(t) = #pair
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .errors import CellsegError
-from .masks import CropMask, label_image
+from cellseg.data.masks import CropMask, label_image
+from cellseg.errors import CellsegError
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
 
-def matched_pairs(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def matched_pairs(
+    gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All intersecting (gt, pred) pairs: gt labels (P,), pred labels (P,) (1-based) and IoUs (P,).
 
     Args:
@@ -117,7 +119,7 @@ def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> Sco
     """Score predictions against ground truth.
 
     Args:
-        truth: image id -> :class:`cellseg.data.ImageAnnotation` (id, cell_type, height, width, instances).
+        truth: image id -> :class:`cellseg.data.truth.ImageAnnotation` (id, cell_type, height, width, instances).
         preds: image id -> predicted instances. Ids in ``truth`` but not in ``preds`` score 0 (no
             predictions); ids in ``preds`` but not in ``truth`` are an error.
 
@@ -134,7 +136,9 @@ def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> Sco
         crops = list(preds.get(image_id, ()))
         pr, overlap = label_image(crops, ann.height, ann.width)
         if overlap:
-            raise CellsegError(f"image {image_id}: predicted masks overlap on {overlap} pixel(s); the Kaggle scorer rejects this")
+            raise CellsegError(
+                f"image {image_id}: predicted masks overlap on {overlap} pixel(s); the Kaggle scorer rejects this"
+            )
         s = image_score(gt, pr, len(ann.instances), len(crops))
         rows.append((image_id, ann.cell_type, s, len(ann.instances), len(crops)))
     per_image = pd.DataFrame(rows, columns=["id", "cell_type", "score", "n_true", "n_pred"])

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -85,7 +85,7 @@ class CompetitionPaths:
         """PNG of ``image_id`` in ``split`` ('train', 'test' or 'train_semi_supervised')."""
         return self.root / split / f"{image_id}.png"
 
-    def require(self, *names: str) -> "CompetitionPaths":
+    def require(self, *names: str) -> CompetitionPaths:
         """Raise CellsegError naming the first missing entry among properties ``names``."""
         for name in names:
             path = getattr(self, name)

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import TRAIN_COLUMNS, cell_type_from_filename
-from .errors import CellsegError
-from .io import atomic_path, read_gray
-from .manifest import ClassThresholds, Manifest, load_manifest
-from .rle import encode_crop
+from cellseg.data.rle import encode_crop
+from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_path, read_gray
+from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest
 
 
 def stricter(th: ClassThresholds, score_margin: float, min_pixels_factor: float) -> ClassThresholds:
@@ -44,8 +44,14 @@ class PseudoResult:
 
 
 def pseudo_label(
-    data_dir: str | Path, manifest_path: str | Path, out_csv: str | Path, images: int | None = None,
-    score_margin: float = 0.1, min_pixels_factor: float = 1.5, seed: int = 0, device: str = "auto",
+    data_dir: str | Path,
+    manifest_path: str | Path,
+    out_csv: str | Path,
+    images: int | None = None,
+    score_margin: float = 0.1,
+    min_pixels_factor: float = 1.5,
+    seed: int = 0,
+    device: str = "auto",
     progress: bool = True,
 ) -> PseudoResult:
     """Pseudo-label ``data_dir/train_semi_supervised/*.png`` into ``out_csv`` (written atomically)."""
@@ -55,8 +61,9 @@ def pseudo_label(
         raise CellsegError(f"{folder}: no unlabeled PNG images found")
     from tqdm.auto import tqdm
 
-    from .inference import finish_image, forward_image
-    from .predict import load_ensemble, resolve_device
+    from cellseg.inference.forward import load_ensemble, resolve_device
+    from cellseg.inference.pipeline import finish_image, forward_image
+
     if images is not None:
         pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:images])
         files = [files[i] for i in pick]
@@ -68,22 +75,40 @@ def pseudo_label(
         image = read_gray(f)
         h, w = image.shape
         raw, _ = forward_image(image, loaded, manifest.tta, dev)
-        res = finish_image(image.shape, raw, loaded, manifest.tta, manifest, cell_type_from_filename(f.name),
-                           strictness=lambda th: stricter(th, score_margin, min_pixels_factor))
+        res = finish_image(
+            image.shape,
+            raw,
+            loaded,
+            manifest.tta,
+            manifest,
+            cell_type_from_filename(f.name),
+            strictness=lambda th: stricter(th, score_margin, min_pixels_factor),
+        )
         crops, scores, cell_type = res.crops, res.scores, res.cell_type
         stats.append((cell_type, len(crops), float(scores.mean()) if len(scores) else np.nan))
         for c in crops:
-            rows.append({
-                "id": f.stem, "annotation": encode_crop(c, h, w), "width": w, "height": h, "cell_type": cell_type,
-                "plate_time": "", "sample_date": "", "sample_id": sample_id_from_filename(f.name),
-                "elapsed_timedelta": "", "source": f"pseudo:{manifest.name or Path(manifest_path).parent.name}",
-            })
+            rows.append(
+                {
+                    "id": f.stem,
+                    "annotation": encode_crop(c, h, w),
+                    "width": w,
+                    "height": h,
+                    "cell_type": cell_type,
+                    "plate_time": "",
+                    "sample_date": "",
+                    "sample_id": sample_id_from_filename(f.name),
+                    "elapsed_timedelta": "",
+                    "source": f"pseudo:{manifest.name or Path(manifest_path).parent.name}",
+                }
+            )
     df = pd.DataFrame(rows, columns=[*TRAIN_COLUMNS, "source"])
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
     st = pd.DataFrame(stats, columns=["cell_type", "instances", "mean_score"])
     table = st.groupby("cell_type").agg(
-        images=("instances", "size"), instances=("instances", "sum"), per_image=("instances", "mean"),
+        images=("instances", "size"),
+        instances=("instances", "sum"),
+        per_image=("instances", "mean"),
         mean_score=("mean_score", "mean"),
     )
     return PseudoResult(Path(out_csv), table, len(df))

@@ -7,15 +7,15 @@ with no predictions gets one row with an empty ``predicted``.
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import CellsegError
-from .io import atomic_path, image_size
-from .masks import CropMask
-from .rle import BatchDecodeError, decode_crop, decode_crops
+from cellseg.data.masks import CropMask
+from cellseg.data.rle import BatchDecodeError, decode_crop, decode_crops
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_path, image_size
 
 HEADER = ("id", "predicted")
 

@@ -2,7 +2,7 @@
 
     train(cfg, data_dir, fold=0, init="coco.pth", out="runs/r50/fold0")
 
-* Data: the fold's training images (``cellseg.dataset``), the fold's hold-out (``cellseg.folds``,
+* Data: the fold's training images (``cellseg.data.dataset``), the fold's hold-out (``cellseg.data.folds``,
   ``cfg.data.folds`` / ``fold_seed``) for validation with the exact competition metric.
 * Optimisation: SGD or AdamW, linear warm-up then cosine or step decay (per step), gradient clipping,
   AMP (autocast + GradScaler) on GPU, deterministic seeding.
@@ -31,15 +31,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import CELL_TYPES
-from .checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
-from .config import dump_yaml, to_dict
-from .errors import CellsegError
-from .io import atomic_path
-from .models import build_model, count_parameters, unwrap
-from .paths import CompetitionPaths
-from .settings import ExperimentConfig, TrainConfig
-
+from cellseg import CELL_TYPES
+from cellseg.config import dump_yaml, to_dict
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_path
+from cellseg.model.build import build_model, count_parameters, unwrap
+from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
+from cellseg.model.experiment import ExperimentConfig, TrainConfig
+from cellseg.paths import CompetitionPaths
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -145,8 +144,8 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
     """(TrainSet without hole filling = validation truth, train ids, hold-out ids)."""
-    from .data import read_train_csv
-    from .folds import make_folds, split
+    from cellseg.data.folds import make_folds, split
+    from cellseg.data.truth import read_train_csv
 
     if fold is not None and not 0 <= fold < cfg.data.folds:
         raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
@@ -174,7 +173,7 @@ def balanced_subset(truth: dict, n: int) -> list[str]:
 
 def build_train_dataset(cfg: ExperimentConfig, data_dir: Path, train_ids: list[str]):
     """The augmented training dataset of ``train_ids`` (+ extra csv / COCO sources) and its collate_fn."""
-    from . import dataset
+    from cellseg.data import dataset
 
     ds = dataset.build_train_dataset(cfg, data_dir, train_ids)
     return ds, getattr(dataset, "collate_fn", None) or _collate
@@ -264,7 +263,7 @@ def train(
     Args:
         fold: hold-out fold for validation, or None to train on every image (no validation; best.pth
             is then the last epoch).
-        init: starting weights (see :func:`cellseg.checkpoint.load_init`); ignored when resuming.
+        init: starting weights (see :func:`cellseg.model.checkpoint.load_init`); ignored when resuming.
         resume: continue from ``out/last.pth`` when it exists (identical continuation on CPU).
 
     Returns a :class:`TrainResult` on every rank (``model`` is the trained, unwrapped model).
@@ -295,7 +294,9 @@ def train(
     if resume and last_path.is_file():
         ckpt = read_checkpoint(last_path)
         if ckpt.get("model_config") != to_dict(cfg.model):
-            raise CellsegError(f"{last_path}: its model config differs from --config; resume with the run's own config.yaml")
+            raise CellsegError(
+                f"{last_path}: its model config differs from --config; resume with the run's own config.yaml"
+            )
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
         resume_state = ckpt.get("train_state")
         if resume_state is None:
@@ -314,8 +315,13 @@ def train(
 
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed)
     loader = DataLoader(
-        dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=tc.num_workers,
-        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False,
+        dataset,
+        batch_size=tc.batch_size,
+        sampler=sampler,
+        num_workers=tc.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
     )
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * tc.epochs
@@ -351,8 +357,12 @@ def train(
             f"{n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M parameters trained, amp={'on' if use_amp else 'off'}"
         )
     provenance_base = {
-        "fold": fold, "git_commit": git_commit(), "config": config_name, "data": str(data_dir),
-        "init": str(init) if init else None, "world_size": info.world_size,
+        "fold": fold,
+        "git_commit": git_commit(),
+        "config": config_name,
+        "data": str(data_dir),
+        "init": str(init) if init else None,
+        "world_size": info.world_size,
     }
 
     has_val = bool(val_truth) and tc.val_every > 0
@@ -366,21 +376,29 @@ def train(
         sums: dict[str, float] = {}
         n_steps, wait, t_epoch = 0, 0.0, time.perf_counter()
         bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step", leave=False,
-            disable=None if (progress and info.main) else True, dynamic_ncols=True,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            unit="step",
+            leave=False,
+            disable=None if (progress and info.main) else True,
+            dynamic_ncols=True,
         )
         t_wait = time.perf_counter()
         for images, targets in loader:
             wait += time.perf_counter() - t_wait
             images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            targets = [
+                {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                for t in targets
+            ]
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
             if not torch.isfinite(loss):
                 raise CellsegError(
                     f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): "
-                    + ", ".join(f"{k}={v.item():.3g}" for k, v in loss_dict.items()) + "; lower train.lr or raise warmup_iters"
+                    + ", ".join(f"{k}={v.item():.3g}" for k, v in loss_dict.items())
+                    + "; lower train.lr or raise warmup_iters"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -399,7 +417,10 @@ def train(
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             bar.update()
             if tc.log_every and step % tc.log_every == 0:
-                log(f"step {step}/{total_steps} epoch {epoch + 1} " + " ".join(f"{k}={v:.3f}" for k, v in values.items()))
+                log(
+                    f"step {step}/{total_steps} epoch {epoch + 1} "
+                    + " ".join(f"{k}={v:.3f}" for k, v in values.items())
+                )
             if tc.max_steps and step >= tc.max_steps:
                 stop = True
                 break
@@ -413,36 +434,59 @@ def train(
                 dist.broadcast(buf, src=0)
         rngs = _gather_rng(info)  # the state the next epoch starts from (validation must not change it)
         row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
-        row.update({("loss" if k == "loss" else f"loss_{k.removeprefix('loss_')}"): v for k, v in sorted(means.items())})
+        row.update(
+            {("loss" if k == "loss" else f"loss_{k.removeprefix('loss_')}"): v for k, v in sorted(means.items())}
+        )
         row.update({"seconds": round(elapsed, 2), "data_wait": round(wait / max(elapsed, 1e-9), 4)})
         last_epoch = epoch >= tc.epochs or stop
         validate = has_val and (epoch % tc.val_every == 0 or last_epoch)
         improved = False
         if info.main:
             if validate:
-                from .engine import evaluate
+                from cellseg.engine import evaluate
 
                 report = evaluate(
-                    unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device,
-                    tc.val_score_thresh, tc.val_mask_thresh, tc.val_min_pixels, progress,
+                    unwrap(model),
+                    val_truth,
+                    CompetitionPaths(data_dir).train_dir,
+                    device,
+                    tc.val_score_thresh,
+                    tc.val_mask_thresh,
+                    tc.val_min_pixels,
+                    progress,
                 )
                 row["val_score"] = report.score
                 row.update({f"val_{ct}": report.per_class.get(ct) for ct in CELL_TYPES})
                 improved = best_score is None or report.score > best_score
                 if improved:
                     best_score, best_epoch = report.score, epoch
-                log(f"epoch {epoch}: loss {row.get('loss', float('nan')):.4f}, hold-out score {report.score:.4f} "
-                    + " ".join(f"{ct}={s:.4f}" for ct, s in report.per_class.items()))
+                log(
+                    f"epoch {epoch}: loss {row.get('loss', float('nan')):.4f}, hold-out score {report.score:.4f} "
+                    + " ".join(f"{ct}={s:.4f}" for ct, s in report.per_class.items())
+                )
             else:
-                log(f"epoch {epoch}: loss {row.get('loss', float('nan')):.4f} ({elapsed:.0f} s, data wait {row['data_wait']:.1%})")
+                log(
+                    f"epoch {epoch}: loss {row.get('loss', float('nan')):.4f} ({elapsed:.0f} s, data wait {row['data_wait']:.1%})"
+                )
             history.append(row)
-            provenance = dict(provenance_base, epoch=epoch, step=step, score=row.get("val_score"),
-                              per_class={ct: row.get(f"val_{ct}") for ct in CELL_TYPES})
+            provenance = dict(
+                provenance_base,
+                epoch=epoch,
+                step=step,
+                score=row.get("val_score"),
+                per_class={ct: row.get(f"val_{ct}") for ct in CELL_TYPES},
+            )
             if improved or not has_val:
                 save_checkpoint(best_path, model, cfg, cfg.model.class_names, provenance, half=tc.half_best)
             state = {
-                "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "history": history, "best_score": best_score,
+                "epoch": epoch,
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rngs,
+                "history": history,
+                "best_score": best_score,
                 "best_epoch": best_epoch,
             }
             save_checkpoint(last_path, model, cfg, cfg.model.class_names, provenance, train_state=state)

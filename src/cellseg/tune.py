@@ -21,20 +21,20 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from . import CELL_TYPES
-from .ensemble import Detections, SoftCrop, fuse, pairwise_iou
-from .errors import CellsegError
-from .io import atomic_path, atomic_write_text, read_gray
-from .manifest import ClassThresholds, Manifest, load_manifest, write_manifest
-from .masks import fill_holes, label_image
-from .metric import THRESHOLDS, matched_pairs
-from .postprocess import binarize, min_pixels_filter, remove_overlaps
+from cellseg import CELL_TYPES
+from cellseg.data.masks import fill_holes, label_image
+from cellseg.errors import CellsegError
+from cellseg.inference.fusion import Detections, SoftCrop, fuse, pairwise_iou
+from cellseg.inference.postprocess import binarize, min_pixels_filter, remove_overlaps
+from cellseg.io import atomic_path, atomic_write_text, read_gray
+from cellseg.metric import THRESHOLDS, matched_pairs
+from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest, write_manifest
 
 CACHE_VERSION = 1
 
@@ -58,19 +58,30 @@ def save_cached(path: str | Path, img: CachedImage) -> None:
     """Write ``img`` as a compressed npz (soft masks quantised to uint8), atomically."""
     d = img.dets
     shapes = np.array([m.prob.shape for m in d.masks], dtype=np.int32).reshape(-1, 2)
-    flat = (
-        np.concatenate([m.prob.ravel() for m in d.masks]) if d.masks else np.zeros(0, np.float32)
-    )
+    flat = np.concatenate([m.prob.ravel() for m in d.masks]) if d.masks else np.zeros(0, np.float32)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(
                 f,
                 version=CACHE_VERSION,
-                meta=json.dumps({"id": img.id, "cell_type": img.cell_type, "height": img.height,
-                                 "width": img.width, "total_weight": img.total_weight}),
-                boxes=d.boxes, scores=d.scores, labels=d.labels, source=d.source, weight=d.weight,
-                tops=np.array([m.top for m in d.masks], np.int32), lefts=np.array([m.left for m in d.masks], np.int32),
-                shapes=shapes, probs=np.round(np.clip(flat, 0, 1) * 255).astype(np.uint8),
+                meta=json.dumps(
+                    {
+                        "id": img.id,
+                        "cell_type": img.cell_type,
+                        "height": img.height,
+                        "width": img.width,
+                        "total_weight": img.total_weight,
+                    }
+                ),
+                boxes=d.boxes,
+                scores=d.scores,
+                labels=d.labels,
+                source=d.source,
+                weight=d.weight,
+                tops=np.array([m.top for m in d.masks], np.int32),
+                lefts=np.array([m.left for m in d.masks], np.int32),
+                shapes=shapes,
+                probs=np.round(np.clip(flat, 0, 1) * 255).astype(np.uint8),
             )
 
 
@@ -78,7 +89,9 @@ def load_cached(path: str | Path) -> CachedImage:
     """Read one cached image written by :func:`save_cached`."""
     with np.load(path) as z:
         if int(z["version"]) != CACHE_VERSION:
-            raise CellsegError(f"{path}: cache version {int(z['version'])}, expected {CACHE_VERSION}; re-run predict-raw")
+            raise CellsegError(
+                f"{path}: cache version {int(z['version'])}, expected {CACHE_VERSION}; re-run predict-raw"
+            )
         meta = json.loads(str(z["meta"]))
         shapes, probs = z["shapes"], z["probs"].astype(np.float32) / 255.0
         ends = np.cumsum(shapes[:, 0] * shapes[:, 1])
@@ -92,8 +105,13 @@ def load_cached(path: str | Path) -> CachedImage:
 
 
 def predict_raw(
-    data_dir: str | Path, manifest_path: str | Path, out_dir: str | Path, image_ids: Sequence[str],
-    split: str = "train", device: str = "auto", progress: bool = True,
+    data_dir: str | Path,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    image_ids: Sequence[str],
+    split: str = "train",
+    device: str = "auto",
+    progress: bool = True,
 ) -> Path:
     """Cache pre-fusion detections of ``image_ids`` (PNGs in ``data_dir/split``) into ``out_dir``.
 
@@ -102,9 +120,9 @@ def predict_raw(
     """
     from tqdm.auto import tqdm
 
-    from .inference import forward_image, image_detections
-    from .paths import CompetitionPaths
-    from .predict import load_ensemble, resolve_device
+    from cellseg.inference.forward import load_ensemble, resolve_device
+    from cellseg.inference.pipeline import forward_image, image_detections
+    from cellseg.paths import CompetitionPaths
 
     manifest = load_manifest(manifest_path, verify=True)
     if not manifest.models:
@@ -113,8 +131,12 @@ def predict_raw(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / "index.json"
-    key = {"manifest": str(Path(manifest_path).resolve()), "sha256": [m.sha256 for m in manifest.models],
-           "views": list(manifest.tta), "split": split}
+    key = {
+        "manifest": str(Path(manifest_path).resolve()),
+        "sha256": [m.sha256 for m in manifest.models],
+        "views": list(manifest.tta),
+        "split": split,
+    }
     if index_path.exists():
         old = json.loads(index_path.read_text())
         if {k: old.get(k) for k in key} != key:
@@ -128,11 +150,14 @@ def predict_raw(
             image = read_gray(paths.image(split, image_id))
             raw, _ = forward_image(image, loaded, manifest.tta, dev)
             # every detection above the models' own floor: the tuner chooses the score threshold
-            dets, cell_type, total = image_detections(image.shape, raw, loaded, manifest.tta, manifest,
-                                                      min_score=manifest.fusion.model_score_thresh)
+            dets, cell_type, total = image_detections(
+                image.shape, raw, loaded, manifest.tta, manifest, min_score=manifest.fusion.model_score_thresh
+            )
             save_cached(target, CachedImage(image_id, cell_type, *image.shape, total, dets))
         done.append(image_id)
-    atomic_write_text(index_path, json.dumps({**key, "ids": done, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    atomic_write_text(
+        index_path, json.dumps({**key, "ids": done, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1)
+    )
     return out
 
 
@@ -148,12 +173,16 @@ class TuneGrid:
     min_pixels: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100, 150, 200])
     score: list[float] = field(default_factory=lambda: [round(float(s), 3) for s in np.arange(0.05, 0.951, 0.025)])
 
-    def with_values(self, th: ClassThresholds) -> "TuneGrid":
+    def with_values(self, th: ClassThresholds) -> TuneGrid:
         def add(vals, v):
             return sorted(set(vals) | {v})
 
-        return TuneGrid(add(self.nms_iou, th.nms_iou), add(self.mask_threshold, th.mask_threshold),
-                        add(self.min_pixels, th.min_pixels), add(self.score, th.score))
+        return TuneGrid(
+            add(self.nms_iou, th.nms_iou),
+            add(self.mask_threshold, th.mask_threshold),
+            add(self.min_pixels, th.min_pixels),
+            add(self.score, th.score),
+        )
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -161,12 +190,20 @@ class TuneGrid:
 
     def values(self, index: tuple[int, int, int, int]) -> ClassThresholds:
         a, b, c, d = index
-        return ClassThresholds(score=float(self.score[d]), mask_threshold=float(self.mask_threshold[b]),
-                               nms_iou=float(self.nms_iou[a]), min_pixels=int(self.min_pixels[c]))
+        return ClassThresholds(
+            score=float(self.score[d]),
+            mask_threshold=float(self.mask_threshold[b]),
+            nms_iou=float(self.nms_iou[a]),
+            min_pixels=int(self.min_pixels[c]),
+        )
 
     def index_of(self, th: ClassThresholds) -> tuple[int, int, int, int]:
-        return (self.nms_iou.index(th.nms_iou), self.mask_threshold.index(th.mask_threshold),
-                self.min_pixels.index(th.min_pixels), self.score.index(th.score))
+        return (
+            self.nms_iou.index(th.nms_iou),
+            self.mask_threshold.index(th.mask_threshold),
+            self.min_pixels.index(th.min_pixels),
+            self.score.index(th.score),
+        )
 
 
 def scores_over_thresholds(scores: np.ndarray, ious: np.ndarray, n_gt: int, score_grid: np.ndarray) -> np.ndarray:
@@ -194,15 +231,26 @@ def image_grid_scores(img: CachedImage, truth, grid: TuneGrid, manifest: Manifes
         # the pairwise IoU depends on the mask threshold, not on the NMS threshold: computed once
         pair_iou = pairwise_iou(img.dets, img.height, img.width, fu.iou_type, mthr) if len(img.dets) else None
         for a, nms in enumerate(grid.nms_iou):
-            fused = fuse(img.dets, img.height, img.width, nms, fu.iou_type, mthr, fu.average_masks, fu.score_mode,
-                         total_weight=img.total_weight, iou=pair_iou)
+            fused = fuse(
+                img.dets,
+                img.height,
+                img.width,
+                nms,
+                fu.iou_type,
+                mthr,
+                fu.average_masks,
+                fu.score_mode,
+                total_weight=img.total_weight,
+                iou=pair_iou,
+            )
             crops = [binarize(m, mthr) for m in fused.masks]
             if pp.fill_holes:
                 crops = [fill_holes(c) for c in crops]
             for c, min_px in enumerate(grid.min_pixels):
                 keep = min_pixels_filter(crops, min_px)
-                kept, idx = remove_overlaps([crops[i] for i in keep], fused.scores[keep], img.height, img.width,
-                                            pp.max_lost_fraction, min_px)
+                kept, idx = remove_overlaps(
+                    [crops[i] for i in keep], fused.scores[keep], img.height, img.width, pp.max_lost_fraction, min_px
+                )
                 scores = fused.scores[keep][idx].astype(np.float64)
                 pred, _ = label_image(kept, img.height, img.width)
                 ious = np.zeros(len(kept))
@@ -252,8 +300,15 @@ def choose(tables: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mean)), mean.shape))
 
 
-def tune(cache_dir: str | Path, truth: dict, manifest: Manifest, grid: TuneGrid | None = None, folds: int = 3,
-         jobs: int = 1, progress: bool = True) -> TuneResult:
+def tune(
+    cache_dir: str | Path,
+    truth: dict,
+    manifest: Manifest,
+    grid: TuneGrid | None = None,
+    folds: int = 3,
+    jobs: int = 1,
+    progress: bool = True,
+) -> TuneResult:
     """Tune per-class thresholds on every cached image that has ground truth in ``truth``."""
     from tqdm.auto import tqdm
 
@@ -275,7 +330,9 @@ def tune(cache_dir: str | Path, truth: dict, manifest: Manifest, grid: TuneGrid 
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs) as ex:
-            futs = [(ct, ex.submit(image_grid_scores, img, truth[img.id], grids[ct], manifest)) for img, ct in jobs_list]
+            futs = [
+                (ct, ex.submit(image_grid_scores, img, truth[img.id], grids[ct], manifest)) for img, ct in jobs_list
+            ]
             for ct, fu in futs:
                 tables[ct].append(fu.result())
                 bar.update()
@@ -301,22 +358,42 @@ def tune(cache_dir: str | Path, truth: dict, manifest: Manifest, grid: TuneGrid 
             sl = list(best)
             sl[axis] = slice(None)
             curves[name] = (list(map(float, getattr(g, name))), tab.mean(axis=0)[tuple(sl)].tolist())
-        results[ct] = ClassResult(ct, len(tab), default, g.values(best), float(tab[(slice(None), *d_idx)].mean()),
-                                  float(tab[(slice(None), *best)].mean()), float(oof.mean()), curves)
+        results[ct] = ClassResult(
+            ct,
+            len(tab),
+            default,
+            g.values(best),
+            float(tab[(slice(None), *d_idx)].mean()),
+            float(tab[(slice(None), *best)].mean()),
+            float(oof.mean()),
+            curves,
+        )
         all_default += tab[(slice(None), *d_idx)].tolist()
         all_tuned += tab[(slice(None), *best)].tolist()
         all_oof += oof.tolist()
-    return TuneResult(results, float(np.mean(all_default)), float(np.mean(all_tuned)), float(np.mean(all_oof)),
-                      len(all_tuned), time.time() - t0)
+    return TuneResult(
+        results,
+        float(np.mean(all_default)),
+        float(np.mean(all_tuned)),
+        float(np.mean(all_oof)),
+        len(all_tuned),
+        time.time() - t0,
+    )
 
 
 def report_table(res: TuneResult) -> str:
-    lines = [f"{'cell type':<9} {'images':>6} {'default':>8} {'tuned':>8} {'out-of-fold':>11}   chosen (score / mask / nms / min px)"]
+    lines = [
+        f"{'cell type':<9} {'images':>6} {'default':>8} {'tuned':>8} {'out-of-fold':>11}   chosen (score / mask / nms / min px)"
+    ]
     for ct, r in res.classes.items():
         t = r.tuned
-        lines.append(f"{ct:<9} {r.images:>6} {r.default_score:>8.4f} {r.tuned_score:>8.4f} {r.out_of_fold_score:>11.4f}   "
-                     f"{t.score:.3f} / {t.mask_threshold:.2f} / {t.nms_iou:.2f} / {t.min_pixels}")
-    lines.append(f"{'overall':<9} {res.images:>6} {res.default_score:>8.4f} {res.tuned_score:>8.4f} {res.out_of_fold_score:>11.4f}")
+        lines.append(
+            f"{ct:<9} {r.images:>6} {r.default_score:>8.4f} {r.tuned_score:>8.4f} {r.out_of_fold_score:>11.4f}   "
+            f"{t.score:.3f} / {t.mask_threshold:.2f} / {t.nms_iou:.2f} / {t.min_pixels}"
+        )
+    lines.append(
+        f"{'overall':<9} {res.images:>6} {res.default_score:>8.4f} {res.tuned_score:>8.4f} {res.out_of_fold_score:>11.4f}"
+    )
     return "\n".join(lines)
 
 

@@ -15,16 +15,16 @@ import torch
 from PIL import Image
 
 from cellseg import CLASS_IDS
-from cellseg.data import TRAIN_COLUMNS
-from cellseg.dataset import build_datasets, build_train_dataset, collate_fn
+from cellseg.data.dataset import build_datasets, build_train_dataset, collate_fn
+from cellseg.data.transforms import AugmentConfig
+from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
-from cellseg.transforms import AugmentConfig
 from helpers import train_rows, write_train_csv
 
 H, W = 30, 40
 TYPES = ["shsy5y", "shsy5y", "astro", "astro", "cort", "cort"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rect(top, left, h, w, shape=(H, W)):
@@ -112,8 +112,18 @@ def test_fill_holes_can_be_switched_off(comp):
 
 
 def test_augmented_items_with_copy_paste_stay_consistent(comp):
-    cfg = AugmentConfig(copy_paste_p=1.0, copy_paste_max_cells=3, hflip=0.5, vflip=0.5, rot90=0.5,
-                        scale_range=(0.8, 1.5), crop_size=(24, 32), noise_sigma=0.05, gamma=(0.8, 1.2), min_area=2)
+    cfg = AugmentConfig(
+        copy_paste_p=1.0,
+        copy_paste_max_cells=3,
+        hflip=0.5,
+        vflip=0.5,
+        rot90=0.5,
+        scale_range=(0.8, 1.5),
+        crop_size=(24, 32),
+        noise_sigma=0.05,
+        gamma=(0.8, 1.2),
+        min_area=2,
+    )
     train, _ = build_datasets(comp["root"], cfg, fold=None)
     torch.manual_seed(0)
     grew = 0
@@ -175,15 +185,39 @@ def test_coco_json_polygons_and_rle(comp, tmp_path):
         ],
         "categories": [{"id": 1, "name": "cell"}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0, "bbox": [2, 2, 10, 8],
-             "segmentation": [[2, 2, 12, 2, 12, 10, 2, 10]]},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [2, 2, 10, 8],
+                "segmentation": [[2, 2, 12, 2, 12, 10, 2, 10]],
+            },
             {"id": 2, "image_id": 7, "category_id": 1, "iscrowd": 0, "bbox": [20, 3, 9, 7], "segmentation": compressed},
-            {"id": 3, "image_id": 7, "category_id": 1, "iscrowd": 0, "bbox": [5, 18, 12, 5],
-             "segmentation": {"size": [H, W], "counts": counts}},
-            {"id": 4, "image_id": 7, "category_id": 1, "iscrowd": 1, "bbox": [0, 0, 5, 5],
-             "segmentation": {"size": [H, W], "counts": [0, 25]}},
-            {"id": 5, "image_id": 8, "category_id": 1, "iscrowd": 0, "bbox": [30, 20, 6, 6],
-             "segmentation": [[30, 20, 36, 20, 36, 26, 30, 26]]},
+            {
+                "id": 3,
+                "image_id": 7,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [5, 18, 12, 5],
+                "segmentation": {"size": [H, W], "counts": counts},
+            },
+            {
+                "id": 4,
+                "image_id": 7,
+                "category_id": 1,
+                "iscrowd": 1,
+                "bbox": [0, 0, 5, 5],
+                "segmentation": {"size": [H, W], "counts": [0, 25]},
+            },
+            {
+                "id": 5,
+                "image_id": 8,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [30, 20, 6, 6],
+                "segmentation": [[30, 20, 36, 20, 36, 26, 30, 26]],
+            },
         ],
     }
     ann_dir = tmp_path / "annotations"
@@ -191,8 +225,13 @@ def test_coco_json_polygons_and_rle(comp, tmp_path):
     path = ann_dir / "livecell.json"
     path.write_text(json.dumps(coco))
     train, val = build_datasets(
-        comp["root"], AugmentConfig(enabled=False), fold=None, coco_json=[path], coco_images_dir=tmp_path / "images",
-        use_train=False, coco_cell_type="cort",
+        comp["root"],
+        AugmentConfig(enabled=False),
+        fold=None,
+        coco_json=[path],
+        coco_images_dir=tmp_path / "images",
+        use_train=False,
+        coco_cell_type="cort",
     )
     assert val is None and len(train) == 2
     _, t = check_item(train[0], (H, W))
@@ -209,7 +248,7 @@ def test_coco_json_polygons_and_rle(comp, tmp_path):
 
 
 def test_collate_and_build_train_dataset_for_the_trainer(comp):
-    from cellseg.settings import ExperimentConfig
+    from cellseg.model.experiment import ExperimentConfig
 
     cfg = ExperimentConfig()
     ds = build_train_dataset(cfg, comp["root"], ["img0", "img4"])
@@ -243,7 +282,20 @@ def test_show_aug_cli_writes_a_png(synth_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("augment:\n  copy_paste_p: 1.0\n  crop_size: [256, 320]\n")
-    args = ["show-aug", "--data", str(synth_dir), "-n", "2", "--out", str(out), "--seed", "1", "--config", str(cfg), "--boxes"]
+    args = [
+        "show-aug",
+        "--data",
+        str(synth_dir),
+        "-n",
+        "2",
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+        "--config",
+        str(cfg),
+        "--boxes",
+    ]
     proc = subprocess.run([sys.executable, "-m", "cellseg", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as im:
@@ -264,10 +316,14 @@ def test_type_repeat_oversamples_per_cell_type(comp):
     out keep their count; the trainer's dataset gets it from the config (KEY=VALUE override)."""
     from collections import Counter
 
-    from cellseg.dataset import Record, repeat_by_type
-    from cellseg.settings import load_experiment
+    from cellseg.data.dataset import Record, repeat_by_type
+    from cellseg.model.experiment import load_experiment
 
-    recs = [Record(f"{t}{i}", comp["root"], t, H, W, []) for t, n in (("cort", 4), ("shsy5y", 2), ("astro", 3)) for i in range(n)]
+    recs = [
+        Record(f"{t}{i}", comp["root"], t, H, W, [])
+        for t, n in (("cort", 4), ("shsy5y", 2), ("astro", 3))
+        for i in range(n)
+    ]
     out = repeat_by_type(recs, {"shsy5y": 2.0, "astro": 1.5, "cort": 0.5})
     assert Counter(r.cell_type for r in out) == {"cort": 2, "shsy5y": 4, "astro": 4}  # astro: round(4.5) = 4
     assert [r.image_id for r in out if r.cell_type == "astro"] == ["astro0", "astro1", "astro2", "astro0"]

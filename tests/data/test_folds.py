@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from cellseg.data import read_train_csv
+from cellseg.data.folds import make_folds, split
+from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
-from cellseg.folds import make_folds, split
 from helpers import train_rows, write_train_csv
 
 

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cellseg import rle
-from cellseg.masks import CropMask
+from cellseg.data import rle
+from cellseg.data.masks import CropMask
 
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 24))
 

@@ -1,4 +1,4 @@
-"""cellseg.synth: layout, statistics per cell type, determinism, non-overlap, broken astro masks,
+"""cellseg.data.synth: layout, statistics per cell type, determinism, non-overlap, broken astro masks,
 non-thresholdable images, and the ``cellseg synth`` command through a real subprocess."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellseg import CELL_TYPES, IMAGE_SHAPE, rle, synth
-from cellseg.data import cell_type_from_filename, read_train_csv
+from cellseg import CELL_TYPES, IMAGE_SHAPE
+from cellseg.data import rle, synth
+from cellseg.data.masks import fill_holes, label_image
+from cellseg.data.truth import cell_type_from_filename, read_train_csv
 from cellseg.io import read_gray
-from cellseg.masks import fill_holes, label_image
 
 H, W = IMAGE_SHAPE
 REAL_MEAN_INSTANCES = {"cort": 34, "shsy5y": 337, "astro": 80}
@@ -92,7 +93,12 @@ def test_layout_and_csv_columns(synth_dir: Path) -> None:
     assert all(cell_type_from_filename(p.name) in CELL_TYPES for p in semi)
     # nothing else, no temporary folders left beside it
     assert sorted(p.name for p in synth_dir.iterdir()) == [
-        "sample_submission.csv", "test", "train", "train.csv", "train_semi_supervised"]
+        "sample_submission.csv",
+        "test",
+        "train",
+        "train.csv",
+        "train_semi_supervised",
+    ]
     assert [p.name for p in synth_dir.parent.iterdir()] == [synth_dir.name]
 
 
@@ -229,8 +235,19 @@ def test_refuses_a_non_empty_out_unless_forced(tmp_path: Path) -> None:
 
 def test_cli_writes_the_layout_and_refuses_non_empty_out(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    cmd = _cellseg_cmd() + ["synth", "--out", str(out), "--train-images", "3", "--test-images", "1",
-                            "--semi-images", "1", "--seed", "7"]
+    cmd = _cellseg_cmd() + [
+        "synth",
+        "--out",
+        str(out),
+        "--train-images",
+        "3",
+        "--test-images",
+        "1",
+        "--semi-images",
+        "1",
+        "--seed",
+        "7",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "3 train" in p.stdout

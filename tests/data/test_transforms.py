@@ -11,19 +11,19 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cellseg.config import load_yaml
-from cellseg.errors import CellsegError
-from cellseg.transforms import (
+from cellseg.data.transforms import (
     AugmentConfig,
     RandomFlipRot90,
     RandomRot90,
-    TightBoxes,
     RandomScaleCrop,
+    TightBoxes,
     build_transform,
     copy_paste,
     masks_to_boxes,
     resized_crop_masks,
     tight_boxes_near,
 )
+from cellseg.errors import CellsegError
 
 H, W = 36, 50
 
@@ -171,8 +171,14 @@ def test_rot90_draws_both_directions_and_identity():
 
 def test_full_geometric_pipeline_keeps_boxes_tight_and_labels_aligned(masks):
     cfg = AugmentConfig(
-        hflip=0.5, vflip=0.5, rot90=0.5, scale_range=(0.7, 1.6), crop_size=(30, 30), brightness=(1, 1),
-        contrast=(1, 1), min_area=3,
+        hflip=0.5,
+        vflip=0.5,
+        rot90=0.5,
+        scale_range=(0.7, 1.6),
+        crop_size=(30, 30),
+        brightness=(1, 1),
+        contrast=(1, 1),
+        min_area=3,
     )
     t = build_transform(cfg)
     lab = np.zeros((H, W), dtype=np.uint8)
@@ -237,7 +243,9 @@ def test_box_wise_mask_resize_equals_torchvision_resize():
 def test_zero_instances_and_everything_cropped_away():
     empty = np.zeros((0, H, W), dtype=bool)
     image, target = sample(empty)
-    cfg = AugmentConfig(hflip=1, vflip=1, rot90=1, short_sides=(50,), crop_size=(20, 20), noise_sigma=0.1, gamma=(0.5, 2))
+    cfg = AugmentConfig(
+        hflip=1, vflip=1, rot90=1, short_sides=(50,), crop_size=(20, 20), noise_sigma=0.1, gamma=(0.5, 2)
+    )
     img, out = build_transform(cfg)(image, target)
     assert img.shape == (1, 20, 20) and out["masks"].shape == (0, 20, 20) and out["boxes"].shape == (0, 4)
     assert out["labels"].shape == (0,)
@@ -251,8 +259,16 @@ def test_photometric_ops_stay_in_range_and_off_means_exact():
     rng = np.random.default_rng(0)
     image = tv_tensors.Image(torch.from_numpy(rng.integers(0, 256, (1, H, W), dtype=np.uint8)))
     _, target = sample(np.zeros((0, H, W), dtype=bool))
-    cfg = AugmentConfig(hflip=0, vflip=0, rot90=0, brightness=(0.5, 1.5), contrast=(0.5, 1.5), gamma=(0.5, 2.0),
-                        noise_sigma=0.2, noise_p=1.0)
+    cfg = AugmentConfig(
+        hflip=0,
+        vflip=0,
+        rot90=0,
+        brightness=(0.5, 1.5),
+        contrast=(0.5, 1.5),
+        gamma=(0.5, 2.0),
+        noise_sigma=0.2,
+        noise_p=1.0,
+    )
     torch.manual_seed(0)
     img, _ = build_transform(cfg)(image, target)
     assert img.dtype == torch.float32 and 0 <= float(img.min()) and float(img.max()) <= 1
@@ -282,7 +298,9 @@ def _cp_case():
 def test_copy_paste_removes_covered_parts_and_drops_fully_covered():
     image, masks, labels, src_image, src, src_labels = _cp_case()
     before = (image.copy(), masks.copy())
-    out_img, out_m, out_l = copy_paste(image, masks, labels, src_image, src, src_labels, np.random.default_rng(0), max_cells=5)
+    out_img, out_m, out_l = copy_paste(
+        image, masks, labels, src_image, src, src_labels, np.random.default_rng(0), max_cells=5
+    )
     assert np.array_equal(image, before[0]) and np.array_equal(masks, before[1])  # inputs untouched
     assert out_m.shape == (3, 20, 20) and out_l.tolist() == [1, 1, 2]  # A, C survive, then P
     a = np.zeros((20, 20), dtype=bool)
@@ -296,7 +314,9 @@ def test_copy_paste_removes_covered_parts_and_drops_fully_covered():
 
 def test_copy_paste_min_area_drops_partly_covered_too():
     image, masks, labels, src_image, src, src_labels = _cp_case()
-    _, out_m, out_l = copy_paste(image, masks, labels, src_image, src, src_labels, np.random.default_rng(0), 5, min_area=9)
+    _, out_m, out_l = copy_paste(
+        image, masks, labels, src_image, src, src_labels, np.random.default_rng(0), 5, min_area=9
+    )
     # A keeps 8 px (< 9) and goes; C (9 px) stays; P stays
     assert out_l.tolist() == [1, 2] and np.array_equal(out_m[0], masks[2])
 
@@ -319,7 +339,9 @@ def test_copy_paste_chooses_between_one_and_max_cells_and_handles_no_source():
     big[0, 1:4, 1:4] = True
     big[1, H + 2 :, W + 2 :] = True  # entirely outside the target frame: never pasted
     for _ in range(10):
-        _, m, _ = copy_paste(image, masks, np.zeros(0, int), np.ones((H + 10, W + 10), np.uint8), big, np.ones(2, int), rng, 2)
+        _, m, _ = copy_paste(
+            image, masks, np.zeros(0, int), np.ones((H + 10, W + 10), np.uint8), big, np.ones(2, int), rng, 2
+        )
         assert len(m) == 1 and m[0].sum() == 9
 
 

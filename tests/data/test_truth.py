@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cellseg.data import cell_type_from_filename, image_ids, read_sample_submission, read_train_csv
+from cellseg.data.truth import cell_type_from_filename, image_ids, read_sample_submission, read_train_csv
 from cellseg.errors import CellsegError
 from helpers import train_rows, write_train_csv
 

@@ -1,4 +1,4 @@
-"""Detectron2 checkpoints in our pipeline without Detectron2 (cellseg.detectron2, cellseg.d2compat,
+"""Detectron2 checkpoints in our pipeline without Detectron2 (cellseg.detectron2.convert, cellseg.detectron2.modeling,
 ``cellseg convert-detectron2``), checked against real Detectron2 v0.6 outputs stored in
 tests/fixtures/detectron2 (see its README.md): a Mask R-CNN R50-FPN with deterministic weights
 regenerated here by the fixture's own make_weights.py, run on a 260 x 352 grey image.
@@ -28,11 +28,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from cellseg import d2compat
-from cellseg import detectron2 as d2
+from cellseg.detectron2 import convert as d2
+from cellseg.detectron2 import modeling as d2compat
 from cellseg.errors import CellsegError
 
-FIXTURE = Path(__file__).parent / "fixtures" / "detectron2"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "detectron2"
 CLASSES = ["shsy5y", "astro", "cort"]
 
 
@@ -72,7 +72,7 @@ def converted(tmp_path_factory, d2_weights) -> Path:
 @pytest.fixture(scope="module")
 def model(converted):
     """The converted model rebuilt from its checkpoint alone, as predict and the kernel do."""
-    from cellseg.checkpoint import load_model
+    from cellseg.model.checkpoint import load_model
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     m, info = load_model(converted / "model.pth")
@@ -159,8 +159,10 @@ def test_rpn_proposals_match_detectron2(model, features, expected):
     ref = torch.from_numpy(expected["proposals"][:300]).float()
     best = box_iou(ref, proposals[0]).max(dim=1).values
     matched = float((best >= 0.95).float().mean())
-    print(f"RPN: {len(proposals[0])} proposals; top-300 Detectron2 matched at IoU>=0.95: {matched:.3f}, "
-          f"min best IoU {float(best.min()):.4f}")
+    print(
+        f"RPN: {len(proposals[0])} proposals; top-300 Detectron2 matched at IoU>=0.95: {matched:.3f}, "
+        f"min best IoU {float(best.min()):.4f}"
+    )
     assert matched >= 0.95
 
 
@@ -189,8 +191,10 @@ def test_final_detections_and_masks_match_detectron2(model, image, expected):
     results = _match_detections(out["boxes"], out["scores"], out["labels"], masks, expected, _pasted_d2_masks())
     matched = np.mean([r[0] for r in results])
     ious = [r[1] for r in results if r[0]]
-    print(f"detections >= 0.3: {len(results)}, matched {matched:.3f}, mask IoU min {min(ious):.4f}, "
-          f"max |score diff| {max(r[2] for r in results if r[0]):.2e}")
+    print(
+        f"detections >= 0.3: {len(results)}, matched {matched:.3f}, mask IoU min {min(ious):.4f}, "
+        f"max |score diff| {max(r[2] for r in results if r[0]):.2e}"
+    )
     assert len(results) > 0
     assert matched >= 0.9
     assert min(ious) >= 0.85
@@ -198,8 +202,8 @@ def test_final_detections_and_masks_match_detectron2(model, image, expected):
 
 def test_kernel_inference_path_matches_detectron2(converted, image, expected):
     """The converted manifest through the kernel's own loading, raw inference and crop pasting."""
-    from cellseg.manifest import load_manifest
-    from cellseg.predict import load_ensemble, predict_views, raw_to_detections
+    from cellseg.inference.forward import load_ensemble, predict_views, raw_to_detections
+    from cellseg.model.manifest import load_manifest
 
     manifest = load_manifest(converted / "manifest.yaml")
     loaded = load_ensemble(manifest, torch.device("cpu"), fp16=False)
@@ -214,8 +218,12 @@ def test_kernel_inference_path_matches_detectron2(converted, image, expected):
     for n, c in enumerate(dets.masks):
         full[n, c.top : c.top + c.prob.shape[0], c.left : c.left + c.prob.shape[1]] = c.prob >= 0.5
     results = _match_detections(
-        torch.from_numpy(dets.boxes), torch.from_numpy(dets.scores), torch.from_numpy(dets.labels), full,
-        expected, _pasted_d2_masks(),
+        torch.from_numpy(dets.boxes),
+        torch.from_numpy(dets.scores),
+        torch.from_numpy(dets.labels),
+        full,
+        expected,
+        _pasted_d2_masks(),
     )
     matched = np.mean([r[0] for r in results])
     ious = [r[1] for r in results if r[0]]
@@ -226,8 +234,8 @@ def test_kernel_inference_path_matches_detectron2(converted, image, expected):
 def test_plain_torchvision_behaviour_does_not_match(d2_state, d2_cfg, features, expected):
     """Negative control: the same weights without the Detectron2 options (stride on the 3x3 conv,
     rounded anchors at torchvision's derived strides) miss the reference, so the tests above can fail."""
-    from cellseg.models import build_model
-    from cellseg.settings import ModelConfig
+    from cellseg.model.build import build_model
+    from cellseg.model.experiment import ModelConfig
 
     fields = d2.model_fields(d2_cfg, CLASSES)
     fields.update(stride_in_1x1=False, roi_aligned=False, detectron2_inference=False)
@@ -240,8 +248,9 @@ def test_plain_torchvision_behaviour_does_not_match(d2_state, d2_cfg, features, 
         fmaps = [torch.zeros(1, 1, *f.shape[-2:]) for f in features[1].values()]
         rounded = tv_anchors(images, fmaps)[0]
     assert np.abs(p2 - expected["features_p2"].astype(np.float32)).max() > 0.5
-    ours = d2compat.D2AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5,
-                                      [4, 8, 16, 32, 64])(images, fmaps)[0]
+    ours = d2compat.D2AnchorGenerator(
+        ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5, [4, 8, 16, 32, 64]
+    )(images, fmaps)[0]
     assert rounded.shape == ours.shape
     assert (rounded - ours).abs().max() > 1.0
 
@@ -333,7 +342,9 @@ def test_config_maps_to_model_fields(d2_cfg):
     assert (f["min_size"], f["max_size"], f["roi_sampling_ratio"], f["mask_roi_size"]) == (260, 1333, 0, 14)
     assert (f["box_head_dim"], f["mask_head_convs"]) == (1024, 4)
     assert (f["rpn_pre_nms_top_n_test"], f["rpn_post_nms_top_n_test"], f["box_detections_per_img"]) == (1000, 1000, 100)
-    r101 = d2.model_fields(_with(_with(d2_cfg, "MODEL.RESNETS.DEPTH", 101), "MODEL.RESNETS.STRIDE_IN_1X1", False), CLASSES)
+    r101 = d2.model_fields(
+        _with(_with(d2_cfg, "MODEL.RESNETS.DEPTH", 101), "MODEL.RESNETS.STRIDE_IN_1X1", False), CLASSES
+    )
     assert r101["backbone"] == "resnet101" and not r101["stride_in_1x1"]
     with pytest.raises(CellsegError, match="2 class names"):
         d2.model_fields(d2_cfg, ["a", "b"])
@@ -341,8 +352,8 @@ def test_config_maps_to_model_fields(d2_cfg):
 
 def test_r101_checkpoint_converts_and_runs(d2_state, d2_cfg):
     """ResNet-101: res4 has 23 blocks (Detectron2 res4.0-22 -> torchvision layer3.0-22)."""
-    from cellseg.models import build_model
-    from cellseg.settings import ModelConfig
+    from cellseg.model.build import build_model
+    from cellseg.model.experiment import ModelConfig
 
     state = dict(d2_state)
     for b in range(6, 23):
@@ -351,7 +362,11 @@ def test_r101_checkpoint_converts_and_runs(d2_state, d2_cfg):
                 state[k.replace("res4.5.", f"res4.{b}.")] = v * 0.5
     cfg = _with(d2_cfg, "MODEL.RESNETS.DEPTH", 101)
     # small and cheap: no resize (MIN_SIZE_TEST 0), 50 proposals, 5 detections
-    for key, value in (("INPUT.MIN_SIZE_TEST", 0), ("MODEL.RPN.POST_NMS_TOPK_TEST", 50), ("TEST.DETECTIONS_PER_IMAGE", 5)):
+    for key, value in (
+        ("INPUT.MIN_SIZE_TEST", 0),
+        ("MODEL.RPN.POST_NMS_TOPK_TEST", 50),
+        ("TEST.DETECTIONS_PER_IMAGE", 5),
+    ):
         cfg = _with(cfg, key, value)
     model = build_model(ModelConfig(**d2.model_fields(cfg, CLASSES))).eval()
     converted = d2.convert_state_dict(state, d2.head_layout(cfg), model.state_dict())
@@ -385,12 +400,16 @@ def test_class_agnostic_heads_are_repeated_per_class(d2_state, d2_cfg, model):
     for p in ("weight", "bias"):
         state[f"roi_heads.box_predictor.bbox_pred.{p}"] = d2_state[f"roi_heads.box_predictor.bbox_pred.{p}"][:4]
         state[f"roi_heads.mask_head.predictor.{p}"] = d2_state[f"roi_heads.mask_head.predictor.{p}"][:1]
-    cfg = _with(_with(d2_cfg, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True), "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True)
+    cfg = _with(
+        _with(d2_cfg, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True), "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", True
+    )
     out = d2.convert_state_dict(state, d2.head_layout(cfg), model.state_dict())
     reg = out["roi_heads.box_predictor.bbox_pred.weight"].view(4, 4, -1)
     assert all(torch.equal(reg[c], state["roi_heads.box_predictor.bbox_pred.weight"]) for c in range(4))
     mask = out["roi_heads.mask_predictor.mask_fcn_logits.weight"]
-    assert torch.all(mask[0] == 0) and all(torch.equal(mask[c], state["roi_heads.mask_head.predictor.weight"][0]) for c in (1, 2, 3))
+    assert torch.all(mask[0] == 0) and all(
+        torch.equal(mask[c], state["roi_heads.mask_head.predictor.weight"][0]) for c in (1, 2, 3)
+    )
     # class-specific checkpoint with an agnostic config: refused, not silently wrong
     with pytest.raises(CellsegError, match="bbox_pred has 12 outputs"):
         d2.convert_state_dict(d2_state, d2.head_layout(cfg), model.state_dict())
@@ -422,7 +441,9 @@ def test_bare_state_dict_accepted_and_foreign_keys_refused(tmp_path, d2_state, d
 
 
 def _cellseg(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellseg", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cellseg", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_cli_refuses_unsupported_config_in_one_line(tmp_path, d2_weights, d2_cfg, capsys):
@@ -443,18 +464,28 @@ def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path
     from both. The config asks
     for MIN_SIZE_TEST 64 (the 96 x 128 test images are downscaled) and 100 proposals per image to
     keep the CPU time small."""
-    from inference_helpers import make_checkpoint, make_competition
-
     from cellseg.cli import main
-    from cellseg.manifest import ModelEntry, load_manifest, write_manifest
+    from cellseg.model.manifest import ModelEntry, load_manifest, write_manifest
     from cellseg.submission import read_submission, validate_submission
+    from inference_helpers import make_checkpoint, make_competition
 
     out = tmp_path / "weights" / "d2_r50"
     config = tmp_path / "config.yaml"
     small = _with(_with(d2_cfg, "INPUT.MIN_SIZE_TEST", 64), "MODEL.RPN.POST_NMS_TOPK_TEST", 100)
     config.write_text(yaml.safe_dump(small))
-    rc = main(["convert-detectron2", str(d2_weights), "--config", str(config), "--out", str(out),
-               "--classes", "shsy5y,astro,cort", "--half"])
+    rc = main(
+        [
+            "convert-detectron2",
+            str(d2_weights),
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--classes",
+            "shsy5y,astro,cort",
+            "--half",
+        ]
+    )
     assert rc == 0
     manifest = load_manifest(out / "manifest.yaml")  # checksums verified
     assert [e.checkpoint for e in manifest.models] == ["model.pth"]
@@ -463,7 +494,7 @@ def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path
     manifest.tta = ["identity", "hflip"]
     manifest.fusion.detections_per_view = 8  # the mask head (4 convs of 256 channels per box) dominates CPU time
     write_manifest(manifest, out / "manifest.yaml")
-    from cellseg.predict import load_ensemble
+    from cellseg.inference.forward import load_ensemble
 
     # each model keeps its own mask paste shift in the mixed ensemble
     shifts = [lm.paste_shift for lm in load_ensemble(load_manifest(out / "manifest.yaml"), torch.device("cpu"))]
@@ -471,8 +502,18 @@ def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path
 
     comp = make_competition(tmp_path / "comp", n_test=2)
     sub = tmp_path / "submission.csv"
-    r = _cellseg("predict", "--data", str(comp), "--weights", str(out / "manifest.yaml"), "--out", str(sub),
-                 "--device", "cpu", "--no-progress")
+    r = _cellseg(
+        "predict",
+        "--data",
+        str(comp),
+        "--weights",
+        str(out / "manifest.yaml"),
+        "--out",
+        str(sub),
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert validate_submission(sub, comp / "test") == []
     assert set(read_submission(sub)) == {p.stem for p in (comp / "test").glob("*.png")}

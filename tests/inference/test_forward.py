@@ -8,14 +8,13 @@ import torch
 from PIL import Image
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
+from cellseg.data.masks import label_image
 from cellseg.errors import CellsegError
-from cellseg.inference import parse_duration, plan_within_budget, predict_folder, predict_image
-from cellseg.manifest import FusionConfig, load_manifest
-from cellseg.masks import label_image
+from cellseg.inference.forward import load_ensemble, paste_soft, predict_views
+from cellseg.inference.pipeline import parse_duration, plan_within_budget, predict_folder, predict_image
 from cellseg.metric import iou_matrix
-from cellseg.predict import load_ensemble, paste_soft, predict_views
+from cellseg.model.manifest import FusionConfig, load_manifest
 from cellseg.submission import read_submission, validate_submission
-
 from inference_helpers import blob_image, make_competition, make_manifest
 
 CPU = torch.device("cpu")
@@ -31,7 +30,9 @@ def ensemble(tmp_path_factory):
 def _smooth_masks(n):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
     shapes = [(1, 1), (0.7, 1.2), (1.1, 0.6)]
-    return torch.stack([torch.sigmoid(6 * (0.6 - (yy / a) ** 2 - (xx / b) ** 2 + 0.3 * xx * yy)) for a, b in (shapes * n)[:n]])
+    return torch.stack(
+        [torch.sigmoid(6 * (0.6 - (yy / a) ** 2 - (xx / b) ** 2 + 0.3 * xx * yy)) for a, b in (shapes * n)[:n]]
+    )
 
 
 def _random_boxes(n, lo, hi, seed=0):
@@ -131,7 +132,9 @@ def _odd_images(comp):
 
 @pytest.fixture(scope="module")
 def small_manifest(tmp_path_factory):
-    return make_manifest(tmp_path_factory.mktemp("small"), n_models=1, tta=("identity", "hflip"), detections_per_view=30)
+    return make_manifest(
+        tmp_path_factory.mktemp("small"), n_models=1, tta=("identity", "hflip"), detections_per_view=30
+    )
 
 
 def test_predict_folder_handles_odd_images(small_manifest, tmp_path):
@@ -184,8 +187,14 @@ def test_time_budget_is_never_overrun(small_manifest, tmp_path):
     comp = make_competition(tmp_path / "comp", n_test=10)
     logs = []
     t0 = time.monotonic()
-    res = predict_folder(comp, small_manifest, tmp_path / "sub.csv", time_budget=3.0, progress=False,
-                         log=lambda s: logs.append(s) or print(f"{time.monotonic() - t0:.2f}s {s}"))
+    res = predict_folder(
+        comp,
+        small_manifest,
+        tmp_path / "sub.csv",
+        time_budget=3.0,
+        progress=False,
+        log=lambda s: logs.append(s) or print(f"{time.monotonic() - t0:.2f}s {s}"),
+    )
     took = time.monotonic() - t0
     assert took < 3.0 + 1.0  # the budget plus scheduling slack of this shared machine
     assert validate_submission(tmp_path / "sub.csv", comp / "test") == []
@@ -198,7 +207,9 @@ def test_time_budget_is_never_overrun(small_manifest, tmp_path):
 
 def test_exhausted_budget_writes_all_empty_rows(small_manifest, tmp_path):
     comp = make_competition(tmp_path / "comp", n_test=2)
-    res = predict_folder(comp, small_manifest, tmp_path / "sub.csv", time_budget=0.01, progress=False, log=lambda s: None)
+    res = predict_folder(
+        comp, small_manifest, tmp_path / "sub.csv", time_budget=0.01, progress=False, log=lambda s: None
+    )
     assert res.skipped == sorted(res.rows) and not res.seconds
     assert read_submission(tmp_path / "sub.csv") == {i: [] for i in res.rows}
 
@@ -216,15 +227,17 @@ def test_fp16_wrappers_keep_the_model_working(small_manifest):
     type through (on CPU autocast('cuda') is inactive, so the detections must be identical)."""
     import warnings
 
-    from cellseg.checkpoint import load_model
-    from cellseg.predict import LoadedModel, label_map_for, prepare_model
+    from cellseg.inference.forward import LoadedModel, label_map_for, prepare_model
+    from cellseg.model.checkpoint import load_model
 
     m = load_manifest(small_manifest)
     path = m.checkpoint_path(m.models[0])
     plain = LoadedModel(prepare_model(load_model(path, CPU)[0], m.fusion, CPU, fp16=False), 1.0, label_map_for(None, 4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = LoadedModel(prepare_model(load_model(path, CPU)[0], m.fusion, CPU, fp16=True), 1.0, label_map_for(None, 4))
+        wrapped = LoadedModel(
+            prepare_model(load_model(path, CPU)[0], m.fusion, CPU, fp16=True), 1.0, label_map_for(None, 4)
+        )
         a = predict_views([plain], blob_image(3), ["identity"], CPU)[0]
         b = predict_views([wrapped], blob_image(3), ["identity"], CPU)[0]
     assert type(wrapped.model.backbone).__name__ == "_Autocast"

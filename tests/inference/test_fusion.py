@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
-from cellseg.ensemble import (
+from cellseg.inference.fusion import (
     Detections,
     SoftCrop,
     average_crops,
@@ -74,8 +74,12 @@ def test_fuse_merges_duplicates_and_averages_masks():
     b = _blob(11, 10, 10, 10)
     c = _blob(40, 40, 8, 8)  # another cell
     dets = Detections(
-        np.array([m.box for m in (a, b, c)], np.float32), np.array([0.9, 0.6, 0.8], np.float32),
-        np.array([1, 1, 1]), [a, b, c], np.array([0, 1, 0]), np.array([1.0, 1.0, 1.0], np.float32),
+        np.array([m.box for m in (a, b, c)], np.float32),
+        np.array([0.9, 0.6, 0.8], np.float32),
+        np.array([1, 1, 1]),
+        [a, b, c],
+        np.array([0, 1, 0]),
+        np.array([1.0, 1.0, 1.0], np.float32),
     )
     out = fuse(dets, 64, 64, 0.5, "mask", 0.5, average_masks=True)
     assert len(out) == 2 and out.scores.tolist() == pytest.approx([0.9, 0.8])
@@ -101,8 +105,12 @@ def test_fuse_is_class_wise_with_per_class_thresholds():
 def test_mean_score_mode_rewards_agreement():
     crops = [_blob(5, 5, 8, 8) for _ in range(3)] + [_blob(30, 30, 8, 8)]
     dets = Detections(
-        np.array([c.box for c in crops], np.float32), np.array([0.8, 0.6, 0.7, 0.9], np.float32),
-        np.array([1, 1, 1, 1]), crops, np.array([0, 1, 1, 2]), np.ones(4, np.float32),
+        np.array([c.box for c in crops], np.float32),
+        np.array([0.8, 0.6, 0.7, 0.9], np.float32),
+        np.array([1, 1, 1, 1]),
+        crops,
+        np.array([0, 1, 1, 2]),
+        np.ones(4, np.float32),
     )
     out = fuse(dets, 48, 48, 0.5, "mask", score_mode="mean", total_weight=3.0)
     # cell 1 seen by sources 0 and 1 (best of source 1 is 0.7): (0.8 + 0.7) / 3; cell 2 by one source

@@ -1,4 +1,4 @@
-"""``cellseg.inference``: the per-image pipeline after the forward pass (vote -> fusion -> post-processing)."""
+"""``cellseg.inference.pipeline``: the per-image pipeline after the forward pass (vote -> fusion -> post-processing)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from cellseg.inference import finish_image
-from cellseg.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry
-from cellseg.predict import LoadedModel, RawView, label_map_for
+from cellseg.inference.forward import LoadedModel, RawView, label_map_for
+from cellseg.inference.pipeline import finish_image
+from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry
 
 H, W = 120, 160
 
@@ -26,15 +26,27 @@ def _raw() -> list[RawView]:
         y, x = rng.uniform(0, H - 6), rng.uniform(0, W - 6)
         boxes.append([x, y, x + 5, y + 5]), scores.append(0.1), labels.append(1)
     n = len(scores)
-    return [RawView(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores), torch.tensor(labels),
-                    torch.full((n, 28, 28), 0.9), model=0, view="identity")]
+    return [
+        RawView(
+            torch.tensor(boxes, dtype=torch.float32),
+            torch.tensor(scores),
+            torch.tensor(labels),
+            torch.full((n, 28, 28), 0.9),
+            model=0,
+            view="identity",
+        )
+    ]
 
 
 def _manifest(vote_min_score: float) -> Manifest:
     th = ClassThresholds(score=0.5, mask_threshold=0.5, nms_iou=0.3, min_pixels=0)
-    return Manifest(name="t", models=[ModelEntry("m.pth")], tta=["identity"],
-                    fusion=dataclasses.replace(FusionConfig(), vote_min_score=vote_min_score),
-                    classes={"shsy5y": th, "astro": th, "cort": th})
+    return Manifest(
+        name="t",
+        models=[ModelEntry("m.pth")],
+        tta=["identity"],
+        fusion=dataclasses.replace(FusionConfig(), vote_min_score=vote_min_score),
+        classes={"shsy5y": th, "astro": th, "cort": th},
+    )
 
 
 def test_the_manifest_vote_threshold_decides_the_cell_type_and_its_thresholds():

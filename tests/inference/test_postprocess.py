@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from cellseg.ensemble import Detections, SoftCrop
-from cellseg.manifest import ClassThresholds, PostprocessConfig
-from cellseg.masks import CropMask, label_image
-from cellseg.postprocess import (
+from cellseg.data.masks import CropMask, label_image
+from cellseg.data.rle import decode
+from cellseg.inference.fusion import Detections, SoftCrop
+from cellseg.inference.postprocess import (
     binarize,
     encode_all,
     min_pixels_filter,
@@ -13,7 +13,7 @@ from cellseg.postprocess import (
     score_filter,
     vote_cell_type,
 )
-from cellseg.rle import decode
+from cellseg.model.manifest import ClassThresholds, PostprocessConfig
 
 
 def disk(cy, cx, r, size=40):
@@ -51,7 +51,11 @@ def test_score_filter_and_binarize():
 
 
 def test_min_pixels_filter():
-    crops = [CropMask(0, 0, np.ones((2, 2), bool)), CropMask(0, 0, np.ones((3, 3), bool)), CropMask(0, 0, np.zeros((1, 1), bool))]
+    crops = [
+        CropMask(0, 0, np.ones((2, 2), bool)),
+        CropMask(0, 0, np.ones((3, 3), bool)),
+        CropMask(0, 0, np.zeros((1, 1), bool)),
+    ]
     assert min_pixels_filter(crops, 5).tolist() == [1]
     assert min_pixels_filter(crops, 0).tolist() == [0, 1]  # an empty mask never survives
 

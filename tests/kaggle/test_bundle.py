@@ -13,10 +13,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fake_kaggle import PLANTED, make_checkout, make_weights, plant_secrets
 
-from cellseg import bundle
 from cellseg.errors import CellsegError
+from cellseg.kaggle import bundle
+from fake_kaggle import PLANTED, make_checkout, make_weights, plant_secrets
 
 
 def sha256(path: Path) -> str:
@@ -37,9 +37,24 @@ def staged(tmp_path_factory):
     out = tmp / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "cellseg", "bundle", "--repo", str(checkout), "--weights", str(manifest),
-         "--out", str(out), "--username", "Alice"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cellseg",
+            "bundle",
+            "--repo",
+            str(checkout),
+            "--weights",
+            str(manifest),
+            "--out",
+            str(out),
+            "--username",
+            "Alice",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     return checkout, manifest, out, proc.stdout
@@ -52,7 +67,11 @@ def test_bundle_holds_exactly_the_whitelist(staged):
     assert wheel.startswith("wheels/sartorius_cellseg-") and wheel.endswith("-py3-none-any.whl")
     assert marker["manifest"] == "weights/demo/manifest.yaml"
     assert files_under(out) == {
-        bundle.MARKER, "dataset-metadata.json", wheel, "weights/demo/manifest.yaml", "weights/demo/model.pth",
+        bundle.MARKER,
+        "dataset-metadata.json",
+        wheel,
+        "weights/demo/manifest.yaml",
+        "weights/demo/model.pth",
     }
     # The wheel: exactly the package's real modules (planted files and caches left out) + dist-info.
     with zipfile.ZipFile(out / wheel) as z:
@@ -60,7 +79,9 @@ def test_bundle_holds_exactly_the_whitelist(staged):
         blob = b"".join(z.read(n) for n in names)
     shipped = {n for n in names if not n.split("/")[0].endswith(".dist-info")}
     src = checkout / "src"
-    expected = {p.relative_to(src).as_posix() for p in (src / "cellseg").rglob("*.py")} - {"cellseg/commands/credentials.py"}
+    expected = {p.relative_to(src).as_posix() for p in (src / "cellseg").rglob("*.py")} - {
+        "cellseg/commands/credentials.py"
+    }
     assert shipped == expected | {"cellseg/py.typed"}
     assert all(n.split("/")[0] == "cellseg" or n.startswith("sartorius_cellseg-") for n in names)
     # No planted secret anywhere: not in a file of the bundle, not inside the wheel.
@@ -99,19 +120,45 @@ def test_wheel_installs_offline_into_a_fresh_venv(staged, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     py = venv / "bin" / "python"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-index", "--no-deps",
-         "--disable-pip-version-check", "-q", "--find-links", str(out / "wheels"), "sartorius-cellseg"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "--find-links",
+            str(out / "wheels"),
+            "sartorius-cellseg",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert sorted(p.name for p in Path(site).iterdir() if "cellseg" in p.name) == [
-        "cellseg", out.joinpath(json.loads((out / bundle.MARKER).read_text())["wheel"]).name.split("-py3")[0] + ".dist-info"]
+        "cellseg",
+        out.joinpath(json.loads((out / bundle.MARKER).read_text())["wheel"]).name.split("-py3")[0] + ".dist-info",
+    ]
     # After the install (else pip would see this environment's editable cellseg as already installed).
     (Path(site) / "kaggle_image.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    probe = subprocess.run([py, "-c", "import cellseg, cellseg.rle; print(cellseg.__file__)"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    probe = subprocess.run(
+        [py, "-c", "import cellseg, cellseg.data.rle; print(cellseg.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).is_relative_to(venv)
 
@@ -137,14 +184,18 @@ def test_restaging_replaces_a_bundle_but_never_a_foreign_folder(tmp_path):
     with zipfile.ZipFile(wheel_dir / "tiny_dep-1.2-py3-none-any.whl", "w") as z:
         z.writestr("tiny_dep/__init__.py", "")
     (wheel_dir / "other-0.1-py3-none-any.whl").write_bytes(b"")
-    b = bundle.stage_bundle(manifest, out, username="bob", repo=checkout, extra_wheels=["Tiny-Dep"], wheel_dir=wheel_dir)
+    b = bundle.stage_bundle(
+        manifest, out, username="bob", repo=checkout, extra_wheels=["Tiny-Dep"], wheel_dir=wheel_dir
+    )
     assert b.metadata["id"] == "bob/sartorius-cellseg-bundle"
     assert (out / "weights/demo/model.pth").stat().st_size == 10
     assert "wheels/tiny_dep-1.2-py3-none-any.whl" in b.marker["wheels"]
     assert not (out / "wheels/other-0.1-py3-none-any.whl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "out", "weights", "wheelhouse"]
     with pytest.raises(CellsegError, match="no wheel of 'missing'"):
-        bundle.stage_bundle(manifest, out, username="alice", repo=checkout, extra_wheels=["missing"], wheel_dir=wheel_dir)
+        bundle.stage_bundle(
+            manifest, out, username="alice", repo=checkout, extra_wheels=["missing"], wheel_dir=wheel_dir
+        )
     assert json.loads((out / bundle.MARKER).read_text())["dataset"] == "bob/sartorius-cellseg-bundle"  # untouched
 
     foreign = tmp_path / "mine"

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cellseg.bundle import build_wheel
+from cellseg.kaggle.bundle import build_wheel
 from cellseg.paths import kernel_entry, repo_root
 from cellseg.submission import validate_submission
-
 from inference_helpers import make_competition, make_manifest
 
 SLUG = "sartorius-cell-instance-segmentation"
@@ -32,11 +31,14 @@ def bare_python(tmp_path_factory):
     """A fresh venv that sees this venv's site-packages through a plain .pth line (torch imports),
     but not the editable install of cellseg (its own .pth is not processed from there)."""
     venv = tmp_path_factory.mktemp("venv") / "v"
-    subprocess.run(["python3.11",
-                    "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(["python3.11", "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "parent_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return py
 
@@ -51,12 +53,16 @@ def wheel_dir(tmp_path_factory):
 def fake_kaggle(tmp: Path, wheel_dir: Path, layout: str) -> Path:
     root = tmp / "kaggle"
     comp_dir = {"new": root / "input" / "competitions" / SLUG, "old": root / "input" / SLUG}[layout]
-    bundle = {"new": root / "input" / "datasets" / "someone" / "cellseg-weights",
-              "old": root / "input" / "cellseg-weights"}[layout]
+    bundle = {
+        "new": root / "input" / "datasets" / "someone" / "cellseg-weights",
+        "old": root / "input" / "cellseg-weights",
+    }[layout]
     make_competition(comp_dir, n_test=2)
     shutil.copytree(wheel_dir, bundle / "wheels")
     make_manifest(bundle / "weights" / "tiny", n_models=1, tta=("identity", "hflip"), detections_per_view=30)
-    (bundle / "cellseg-bundle.json").write_text(json.dumps({"manifest": "weights/tiny/manifest.yaml", "version": "0.1.0"}))
+    (bundle / "cellseg-bundle.json").write_text(
+        json.dumps({"manifest": "weights/tiny/manifest.yaml", "version": "0.1.0"})
+    )
     (root / "working").mkdir(parents=True)
     (root / "temp").mkdir()
     return root
@@ -73,7 +79,10 @@ def test_kernel_installs_wheel_and_writes_valid_submission(bare_python, wheel_di
     root = fake_kaggle(tmp_path, wheel_dir, "new")
     proc = subprocess.run(
         [str(bare_python), str(kernel_entry()), "--kaggle-root", str(root), "--time-budget", "5m"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "installing sartorius-cellseg" in proc.stderr

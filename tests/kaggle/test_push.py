@@ -16,9 +16,9 @@ import time
 import zipfile
 
 import pytest
-from fake_kaggle import REPO, FakeKaggle, make_checkout, make_weights
 
-from cellseg import bundle
+from cellseg.kaggle import bundle
+from fake_kaggle import REPO, FakeKaggle, make_checkout, make_weights
 
 KEY = "k3y-must-never-be-printed-91b2"
 USER = "alice"
@@ -49,8 +49,11 @@ def push(tmp_path, site, endpoint, *args, creds="env", env_extra=None, timeout=9
     home, tmpdir = tmp_path / "home", tmp_path / "tmp"
     home.mkdir(exist_ok=True)
     tmpdir.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KAGGLE_", "CELLSEG_")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KAGGLE_", "CELLSEG_")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
     env.update(HOME=str(home), TMPDIR=str(tmpdir), NO_PROXY="127.0.0.1,localhost", CELLSEG_KAGGLE_ENDPOINT=endpoint)
     if creds == "env":
         env.update(KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
@@ -59,8 +62,19 @@ def push(tmp_path, site, endpoint, *args, creds="env", env_extra=None, timeout=9
         (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": USER, "key": KEY}))
         (home / ".kaggle" / "kaggle.json").chmod(0o600)
     env.update(env_extra or {})
-    cmd = [sys.executable, str(PUSH), *args, "--repo", str(site["checkout"]), "--poll-interval", "0.01",
-           "--retry-budget", "1", "--wait-timeout", "30"]
+    cmd = [
+        sys.executable,
+        str(PUSH),
+        *args,
+        "--repo",
+        str(site["checkout"]),
+        "--poll-interval",
+        "0.01",
+        "--retry-budget",
+        "1",
+        "--wait-timeout",
+        "30",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     for secret in SECRET_FORMS:
         assert secret not in proc.stdout + proc.stderr
@@ -72,8 +86,20 @@ def error_lines(proc) -> list[str]:
 
 
 def test_dry_run_prints_the_full_plan_and_sends_nothing(tmp_path, site, fake):
-    p = push(tmp_path, site, fake.url, "all", "--dry-run", "--weights", str(site["manifest"]), "--username", USER,
-             "-m", "first try", creds=None)
+    p = push(
+        tmp_path,
+        site,
+        fake.url,
+        "all",
+        "--dry-run",
+        "--weights",
+        str(site["manifest"]),
+        "--username",
+        USER,
+        "-m",
+        "first try",
+        creds=None,
+    )
     assert p.returncode == 0, p.stderr
     assert fake.calls == []
     out = p.stdout
@@ -81,7 +107,13 @@ def test_dry_run_prints_the_full_plan_and_sends_nothing(tmp_path, site, fake):
         assert name in out
     assert "wheels.zip (folder wheels/)" in out and "weights.zip (folder weights/)" in out
     assert '"enable_internet": false' in out and f'"id": "{DATASET}"' in out
-    for call in ("GetDatasetStatus", "CreateDatasetVersion", "SaveKernel", "GetKernelSessionStatus", "CreateCodeSubmission"):
+    for call in (
+        "GetDatasetStatus",
+        "CreateDatasetVersion",
+        "SaveKernel",
+        "GetKernelSessionStatus",
+        "CreateCodeSubmission",
+    ):
         assert call in out
     assert "'first try'" in out
     assert not (site["checkout"] / "dist").exists()  # the dry run stages into a scratch folder
@@ -104,7 +136,7 @@ def test_new_dataset_is_created_private_with_zipped_folders(tmp_path, site, fake
     with zipfile.ZipFile(io.BytesIO(uploads["wheels.zip"])) as z:
         assert z.namelist() == [marker["wheel"].split("/", 1)[1]]
     # --wait: polled until the new version is ready (the fake keeps it processing for 2 polls).
-    after = fake.methods()[fake.methods().index("CreateDataset") + 1:]
+    after = fake.methods()[fake.methods().index("CreateDataset") + 1 :]
     assert after == ["GetDatasetStatus"] * 3
 
 
@@ -114,17 +146,26 @@ def test_new_version_waits_for_the_previous_one_first(tmp_path, site, fake):
     assert p.returncode == 0, p.stderr
     methods = fake.methods()
     assert methods[:3] == ["GetDatasetStatus"] * 3  # blobs_received, blobs_received, ready
-    assert "CreateDatasetVersion" in methods and all(c.status == 200 for c in fake.calls if c.method != "GetDatasetStatus")
+    assert "CreateDatasetVersion" in methods and all(
+        c.status == 200 for c in fake.calls if c.method != "GetDatasetStatus"
+    )
     assert fake.datasets[DATASET].versions[-1]["notes"] == "thresholds v2"
     assert sorted(name for name, _ in fake.datasets[DATASET].versions[-1]["files"]) == [
-        "cellseg-bundle.json", "weights.zip", "wheels.zip"]
+        "cellseg-bundle.json",
+        "weights.zip",
+        "wheels.zip",
+    ]
     assert methods[-1] == "CreateDatasetVersion"  # no --wait: returns once the version is accepted
 
 
 def test_403_on_version_waits_and_retries_once_without_reuploading(tmp_path, site, fake):
     fake.add_dataset(DATASET)
-    fake.fail("CreateDatasetVersion", 403, "Dataset is being processed", then=lambda: setattr(
-        fake.datasets[DATASET], "pending_polls", 1))
+    fake.fail(
+        "CreateDatasetVersion",
+        403,
+        "Dataset is being processed",
+        then=lambda: setattr(fake.datasets[DATASET], "pending_polls", 1),
+    )
     p = push(tmp_path, site, fake.url, "dataset", "--bundle", str(site["bundle"]))
     assert p.returncode == 0, p.stderr
     assert "Dataset is being processed" in p.stdout
@@ -133,7 +174,7 @@ def test_403_on_version_waits_and_retries_once_without_reuploading(tmp_path, sit
     # The finished top-level upload is reused, not sent again (zipped folders are archived anew).
     assert [c.body["name"] for c in fake.calls if c.method == "StartBlobUpload"].count("cellseg-bundle.json") == 1
     i, j = (fake.calls.index(c) for c in versions)
-    between = fake.calls[i + 1:j]
+    between = fake.calls[i + 1 : j]
     assert [c.method for c in between[:2]] == ["GetDatasetStatus", "GetDatasetStatus"]  # waited until ready
     assert {c.body["name"] for c in between if c.method == "StartBlobUpload"} == {"weights.zip", "wheels.zip"}
 
@@ -231,7 +272,10 @@ def test_failed_upload_creates_nothing_and_the_next_run_completes(tmp_path, site
     p = push(tmp_path, site, fake.url, "dataset", "--bundle", str(site["bundle"]))  # same TMPDIR: resumes
     assert p.returncode == 0, p.stderr
     assert sorted(name for name, _ in fake.datasets[DATASET].versions[-1]["files"]) == [
-        "cellseg-bundle.json", "weights.zip", "wheels.zip"]
+        "cellseg-bundle.json",
+        "weights.zip",
+        "wheels.zip",
+    ]
     started = [c.body["name"] for c in fake.calls[n:] if c.method == "StartBlobUpload"]
     if not first.endswith(".zip"):  # a top-level file resumes; zipped folders are archived anew each run
         assert first not in started
@@ -272,25 +316,39 @@ def test_invalid_sources_reported_by_kaggle_are_an_error(tmp_path, site, fake):
 
 
 def test_submit_sends_the_kernel_version_and_prints_the_score(tmp_path, site, fake):
-    p = push(tmp_path, site, fake.url, "submit", "--kernel-version", "7", "-m", "v7 thresholds", "--wait",
-             creds="file")
+    p = push(tmp_path, site, fake.url, "submit", "--kernel-version", "7", "-m", "v7 thresholds", "--wait", creds="file")
     assert p.returncode == 0, p.stderr
     (sub,) = fake.submissions
-    assert sub == {"competitionName": "sartorius-cell-instance-segmentation", "kernelOwner": USER,
-                   "kernelSlug": "sartorius-cellseg-submit", "kernelVersion": 7, "fileName": "submission.csv",
-                   "submissionDescription": "v7 thresholds"}
+    assert sub == {
+        "competitionName": "sartorius-cell-instance-segmentation",
+        "kernelOwner": USER,
+        "kernelSlug": "sartorius-cellseg-submit",
+        "kernelVersion": 7,
+        "fileName": "submission.csv",
+        "submissionDescription": "v7 thresholds",
+    }
     assert fake.methods() == ["CreateCodeSubmission", "GetSubmission", "GetSubmission"]
     assert "public score 0.301" in p.stdout
 
 
 def test_all_runs_the_three_steps_in_order(tmp_path, site, fake):
-    p = push(tmp_path, site, fake.url, "all", "--bundle", str(site["bundle"]), "--wait", "-m", "full loop",
-             env_extra={"VERBOSE": "1"})  # the client's verbose mode would print the Authorization header
+    p = push(
+        tmp_path,
+        site,
+        fake.url,
+        "all",
+        "--bundle",
+        str(site["bundle"]),
+        "--wait",
+        "-m",
+        "full loop",
+        env_extra={"VERBOSE": "1"},
+    )  # the client's verbose mode would print the Authorization header
     assert p.returncode == 0, p.stderr
     m = fake.methods()
     assert m.index("CreateDataset") < m.index("SaveKernel") < m.index("CreateCodeSubmission")
     # The kernel is pushed only once the new dataset version is ready.
-    between = m[m.index("CreateDataset") + 1:m.index("SaveKernel")]
+    between = m[m.index("CreateDataset") + 1 : m.index("SaveKernel")]
     assert between == ["GetDatasetStatus"] * 4
     assert fake.submissions[0]["kernelVersion"] == 1 and fake.submissions[0]["submissionDescription"] == "full loop"
     assert "public score 0.301" in p.stdout
@@ -305,44 +363,57 @@ def test_all_stops_at_the_first_failure_and_says_what_next(tmp_path, site, fake)
 
 
 VALID_KERNEL = {
-    "id": KERNEL, "title": "Sartorius cellseg submit", "code_file": "kernel/submit.py", "language": "python",
-    "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
-    "dataset_sources": [DATASET], "competition_sources": ["sartorius-cell-instance-segmentation"],
+    "id": KERNEL,
+    "title": "Sartorius cellseg submit",
+    "code_file": "kernel/submit.py",
+    "language": "python",
+    "kernel_type": "script",
+    "is_private": True,
+    "enable_gpu": True,
+    "enable_internet": False,
+    "dataset_sources": [DATASET],
+    "competition_sources": ["sartorius-cell-instance-segmentation"],
 }
 VALID_DATASET = {"id": DATASET, "title": "Sartorius cellseg bundle", "licenses": [{"name": "CC0-1.0"}]}
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"id": "alice/Bad_Slug"}, "dataset id"),
-    ({"id": "alice/short"}, "6-50"),
-    ({"id": "alice/" + "x" * 51}, "6-50"),
-    ({"id": "sartorius-cellseg-bundle"}, "owner/slug"),
-    ({"id": "{username}/sartorius-cellseg-bundle"}, "placeholder"),
-    ({"title": "Tiny"}, "dataset title"),
-    ({"licenses": []}, "licenses"),
-    ({"subtitle": "too short"}, "subtitle"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"id": "alice/Bad_Slug"}, "dataset id"),
+        ({"id": "alice/short"}, "6-50"),
+        ({"id": "alice/" + "x" * 51}, "6-50"),
+        ({"id": "sartorius-cellseg-bundle"}, "owner/slug"),
+        ({"id": "{username}/sartorius-cellseg-bundle"}, "placeholder"),
+        ({"title": "Tiny"}, "dataset title"),
+        ({"licenses": []}, "licenses"),
+        ({"subtitle": "too short"}, "subtitle"),
+    ],
+)
 def test_each_dataset_metadata_problem_is_one_line(change, field):
-    from cellseg.kaggle_meta import validate_dataset_metadata
+    from cellseg.kaggle.metadata import validate_dataset_metadata
 
     assert validate_dataset_metadata(VALID_DATASET) == []
     (problem,) = validate_dataset_metadata({**VALID_DATASET, **change})
     assert field in problem and "\n" not in problem
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"title": "Another title"}, "slugifies to 'another-title'"),
-    ({"code_file": "kernel/missing.py"}, "not found"),
-    ({"code_file": "../outside.py"}, "relative path inside"),
-    ({"enable_internet": None}, "enable_internet"),
-    ({"enable_gpu": False}, "enable_gpu"),
-    ({"dataset_sources": ["alice"]}, "dataset_sources"),
-    ({"dataset_sources": ["alice/Bad Slug"]}, "dataset_sources"),
-    ({"competition_sources": []}, "competition_sources"),
-    ({"kernel_type": "app"}, "kernel_type"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"title": "Another title"}, "slugifies to 'another-title'"),
+        ({"code_file": "kernel/missing.py"}, "not found"),
+        ({"code_file": "../outside.py"}, "relative path inside"),
+        ({"enable_internet": None}, "enable_internet"),
+        ({"enable_gpu": False}, "enable_gpu"),
+        ({"dataset_sources": ["alice"]}, "dataset_sources"),
+        ({"dataset_sources": ["alice/Bad Slug"]}, "dataset_sources"),
+        ({"competition_sources": []}, "competition_sources"),
+        ({"kernel_type": "app"}, "kernel_type"),
+    ],
+)
 def test_each_kernel_metadata_problem_is_one_line(tmp_path, change, field):
-    from cellseg.kaggle_meta import validate_kernel_metadata
+    from cellseg.kaggle.metadata import validate_kernel_metadata
 
     (tmp_path / "kernel").mkdir()
     (tmp_path / "kernel" / "submit.py").write_text("print()\n")

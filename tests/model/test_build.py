@@ -9,15 +9,9 @@ from torchvision.models.detection import MaskRCNN
 
 from cellseg.config import from_dict
 from cellseg.errors import CellsegError
-from cellseg.models import build_model, class_specific, count_parameters
-from cellseg.settings import ExperimentConfig, ModelConfig, load_experiment
-
-TINY = dict(
-    backbone="resnet18", backbone_blocks=[1, 1, 1, 1], norm="bn", trainable_backbone_layers=5,
-    returned_layers=[1, 2], anchor_sizes=[[8], [16], [32]], fpn_channels=16, box_head_dim=32,
-    mask_head_convs=1, input_scale=1.0, rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=200,
-    box_batch_size_per_image=32, box_detections_per_img=50,
-)
+from cellseg.model.build import build_model, class_specific, count_parameters
+from cellseg.model.experiment import ExperimentConfig, ModelConfig, load_experiment
+from helpers import TINY
 
 
 def shapes(sd: dict) -> dict:
@@ -26,7 +20,10 @@ def shapes(sd: dict) -> dict:
 
 @pytest.mark.parametrize(
     "heads, reference",
-    [("v1", torchvision.models.detection.maskrcnn_resnet50_fpn), ("v2", torchvision.models.detection.maskrcnn_resnet50_fpn_v2)],
+    [
+        ("v1", torchvision.models.detection.maskrcnn_resnet50_fpn),
+        ("v2", torchvision.models.detection.maskrcnn_resnet50_fpn_v2),
+    ],
 )
 def test_r50_layout_matches_torchvision(heads, reference):
     """Same parameter names and shapes as torchvision's builders, so their checkpoints load."""
@@ -111,8 +108,11 @@ def test_train_forward_and_eval_output():
     masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
     masks[0, 10:20, 10:22] = 1
     masks[1, 30:44, 40:50] = 1
-    target = {"boxes": torch.tensor([[10, 10, 22, 20], [40, 30, 50, 44]], dtype=torch.float32),
-              "labels": torch.tensor([1, 3]), "masks": masks}
+    target = {
+        "boxes": torch.tensor([[10, 10, 22, 20], [40, 30, 50, 44]], dtype=torch.float32),
+        "labels": torch.tensor([1, 3]),
+        "masks": masks,
+    }
     m.train()
     losses = m([image], [target])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}

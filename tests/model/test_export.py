@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from cellseg.checkpoint import load_model, read_checkpoint, save_checkpoint
 from cellseg.cli import main
 from cellseg.errors import CellsegError
-from cellseg.export import export_weights
-from cellseg.manifest import ClassThresholds, load_manifest, write_manifest
-from cellseg.models import build_model
+from cellseg.model.build import build_model
+from cellseg.model.checkpoint import load_model, read_checkpoint, save_checkpoint
+from cellseg.model.export import export_weights
+from cellseg.model.manifest import ClassThresholds, load_manifest, write_manifest
 from inference_helpers import make_checkpoint, make_competition, tiny_model_config
 
 
@@ -23,8 +23,14 @@ def run_dir(tmp_path_factory):
         (root / f"fold{i}").mkdir()
         best = make_checkpoint(root / f"fold{i}" / "best.pth", seed=i)
         model, info = load_model(best)
-        save_checkpoint(root / f"fold{i}" / "last.pth", model, info.model_config, info.class_names, info.provenance,
-                        train_state={"optimizer": {"momentum": torch.randn(300_000)}, "epoch": 3})
+        save_checkpoint(
+            root / f"fold{i}" / "last.pth",
+            model,
+            info.model_config,
+            info.class_names,
+            info.provenance,
+            train_state={"optimizer": {"momentum": torch.randn(300_000)}, "epoch": 3},
+        )
     return root
 
 
@@ -59,15 +65,43 @@ def test_template_thresholds_are_kept_and_predict_runs(run_dir, tmp_path, capsys
     write_manifest(tpl, tmp_path / "old" / "manifest.yaml")
 
     out = tmp_path / "new"
-    assert main(["export", str(run_dir / "fold1" / "best.pth"), "--out", str(out), "--tta", "identity",
-                 "--thresholds-from", str(tmp_path / "old" / "manifest.yaml"), "--float32"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run_dir / "fold1" / "best.pth"),
+                "--out",
+                str(out),
+                "--tta",
+                "identity",
+                "--thresholds-from",
+                str(tmp_path / "old" / "manifest.yaml"),
+                "--float32",
+            ]
+        )
+        == 0
+    )
     m = load_manifest(out / "manifest.yaml")
     assert m.classes["astro"] == loose and m.fusion.detections_per_view == 50 and m.tta == ["identity"]
     assert read_checkpoint(out / "model.pth")["half"] is False
 
     comp = make_competition(tmp_path / "comp", n_test=2)
     sub = tmp_path / "submission.csv"
-    assert main(["predict", "--data", str(comp), "--weights", str(out / "manifest.yaml"), "--out", str(sub), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--data",
+                str(comp),
+                "--weights",
+                str(out / "manifest.yaml"),
+                "--out",
+                str(sub),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = sub.read_text().splitlines()
     assert rows[0] == "id,predicted" and len(rows) > 3  # the loose thresholds keep detections
 
@@ -97,4 +131,7 @@ def test_errors_leave_no_manifest(run_dir, tmp_path, capsys):
     assert "use --force" in capsys.readouterr().err
     assert (out / "manifest.yaml").read_text() == before
     assert main(["export", str(run_dir / "fold1" / "best.pth"), "--out", str(out), "--force"]) == 0
-    assert yaml.safe_load((out / "manifest.yaml").read_text())["models"][0]["sha256"] != yaml.safe_load(before)["models"][0]["sha256"]
+    assert (
+        yaml.safe_load((out / "manifest.yaml").read_text())["models"][0]["sha256"]
+        != yaml.safe_load(before)["models"][0]["sha256"]
+    )

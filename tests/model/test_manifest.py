@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from cellseg.errors import CellsegError
-from cellseg.manifest import (
+from cellseg.model.manifest import (
     Manifest,
     ModelEntry,
     default_classes,
@@ -17,8 +17,12 @@ from cellseg.manifest import (
 def _ensemble(tmp_path, names=("a.pth", "b.pth")):
     for i, n in enumerate(names):
         (tmp_path / n).write_bytes(bytes([i]) * (3_000_000 + i))  # > one 1 MiB read chunk
-    m = Manifest(name="t", models=[ModelEntry(n, weight=1.0 + i) for i, n in enumerate(names)],
-                 tta=["identity", "hflip"], classes=default_classes())
+    m = Manifest(
+        name="t",
+        models=[ModelEntry(n, weight=1.0 + i) for i, n in enumerate(names)],
+        tta=["identity", "hflip"],
+        classes=default_classes(),
+    )
     return write_manifest(m, tmp_path / "manifest.yaml")
 
 
@@ -92,8 +96,8 @@ def test_committed_demo_weights_verify_and_rebuild():
     """weights/demo as committed: checksums match, every threshold is present, the checkpoint
     rebuilds its model from the file alone, and it stays within the 25 MB the repo allows."""
     from cellseg import CELL_TYPES
-    from cellseg.checkpoint import load_model
-    from cellseg.manifest import load_manifest
+    from cellseg.model.checkpoint import load_model
+    from cellseg.model.manifest import load_manifest
     from cellseg.paths import demo_manifest
 
     m = load_manifest(demo_manifest())  # raises on a checksum mismatch

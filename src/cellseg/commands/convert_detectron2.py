@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import CELL_TYPES
-from ..errors import CellsegError
+from cellseg import CELL_TYPES
+from cellseg.errors import CellsegError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..detectron2 import convert_checkpoint
+    from cellseg.detectron2.convert import convert_checkpoint
 
     names = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not names:

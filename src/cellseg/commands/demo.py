@@ -13,8 +13,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "submission.csv -> the dry-run competition score on train images. A few minutes on 2 CPU cores."
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="manifest of the ensemble to use (default: the committed weights/demo/manifest.yaml)")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="manifest of the ensemble to use (default: the committed weights/demo/manifest.yaml)",
+    )
     p.add_argument("--train-images", type=int, default=24, help="synthetic train images (default 24)")
     p.add_argument("--test-images", type=int, default=3, help="synthetic test images (default 3)")
     p.add_argument("--dry-run-images", type=int, default=6, help="train images scored by the dry run (default 6)")
@@ -25,10 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from cellseg.kaggle.demo import run_demo
 
-    res = run_demo(args.out, args.weights, args.train_images, args.test_images, args.dry_run_images,
-                   args.seed, args.device, args.kernel_budget, args.dry_run_budget)
+    res = run_demo(
+        args.out,
+        args.weights,
+        args.train_images,
+        args.test_images,
+        args.dry_run_images,
+        args.seed,
+        args.device,
+        args.kernel_budget,
+        args.dry_run_budget,
+    )
     print(res.table)
     print(f"demo done in {res.seconds:.0f}s: submission {res.submission}, dry-run score {res.score:.4f}")
     return 0

@@ -11,25 +11,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, type=Path, help="the ensemble's manifest.yaml (or its folder)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--fold", type=int, default=None, help="predict this fold's hold-out (5 grouped folds)")
-    which.add_argument("--images", type=int, default=None,
-                       help="predict this many sampled train images (default 24 when --fold is not given)")
+    which.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="predict this many sampled train images (default 24 when --fold is not given)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling / fold seed (default 0)")
-    p.add_argument("--report", type=Path, default=Path("dry-run"),
-                   help="report folder: submission.csv, per_image.csv, overlays/, score_by_class.png, summary.json")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=Path("dry-run"),
+        help="report folder: submission.csv, per_image.csv, overlays/, score_by_class.png, summary.json",
+    )
     p.add_argument("--time-budget", default=None, metavar="DURATION", help="as for `cellseg predict`")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..dry_run import HIDDEN_TEST_IMAGES, dry_run
+    from cellseg.dry_run import HIDDEN_TEST_IMAGES, dry_run
 
     images = args.images if args.images is not None or args.fold is not None else 24
-    res = dry_run(args.data, args.weights, args.report, fold=args.fold, images=images, seed=args.seed,
-                  device=args.device, time_budget=args.time_budget, progress=not args.no_progress)
+    res = dry_run(
+        args.data,
+        args.weights,
+        args.report,
+        fold=args.fold,
+        images=images,
+        seed=args.seed,
+        device=args.device,
+        time_budget=args.time_budget,
+        progress=not args.no_progress,
+    )
     print(res.table)
     s = res.summary
-    print(f"device {s['device']}: {s['seconds_per_image']:.2f} s/image ({s['forward_seconds_per_image']:.2f} s in "
-          f"the models); projected {HIDDEN_TEST_IMAGES} hidden-test images: {res.projected_s / 60:.1f} min")
+    print(
+        f"device {s['device']}: {s['seconds_per_image']:.2f} s/image ({s['forward_seconds_per_image']:.2f} s in "
+        f"the models); projected {HIDDEN_TEST_IMAGES} hidden-test images: {res.projected_s / 60:.1f} min"
+    )
     print(f"report: {res.report_dir}")
     return 0

@@ -24,22 +24,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="checkpoint files of `cellseg train`")
     p.add_argument("--out", required=True, type=Path, help="weights folder to write, e.g. weights/r50")
     p.add_argument("--name", default=None, help="ensemble name in the manifest (default: the folder name)")
-    p.add_argument("--tta", default="identity,hflip",
-                   help="comma-separated views: identity, hflip, vflip, hvflip (default identity,hflip)")
-    p.add_argument("--thresholds-from", type=Path, default=None, metavar="MANIFEST",
-                   help="keep the fusion, class thresholds and post-processing of this manifest")
-    p.add_argument("--model-weights", type=_floats, default=None, metavar="W1,W2,...",
-                   help="ensemble weight per checkpoint (default 1 each)")
+    p.add_argument(
+        "--tta",
+        default="identity,hflip",
+        help="comma-separated views: identity, hflip, vflip, hvflip (default identity,hflip)",
+    )
+    p.add_argument(
+        "--thresholds-from",
+        type=Path,
+        default=None,
+        metavar="MANIFEST",
+        help="keep the fusion, class thresholds and post-processing of this manifest",
+    )
+    p.add_argument(
+        "--model-weights",
+        type=_floats,
+        default=None,
+        metavar="W1,W2,...",
+        help="ensemble weight per checkpoint (default 1 each)",
+    )
     p.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16, half the size)")
     p.add_argument("--force", action="store_true", help="replace an existing manifest.yaml in --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_weights
+    from cellseg.model.export import export_weights
 
     tta = [v.strip() for v in args.tta.split(",") if v.strip()]
-    res = export_weights(args.checkpoints, args.out, name=args.name, half=not args.float32, tta=tta,
-                         template=args.thresholds_from, weights=args.model_weights, force=args.force)
+    res = export_weights(
+        args.checkpoints,
+        args.out,
+        name=args.name,
+        half=not args.float32,
+        tta=tta,
+        template=args.thresholds_from,
+        weights=args.model_weights,
+        force=args.force,
+    )
     for dest, src, size in res.files:
         print(f"{dest}  {size / 1e6:.1f} MB  <- {src}")
     print(f"wrote {res.manifest}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import read_train_csv
-from ..folds import make_folds
-from ..io import atomic_write_text
-from ..paths import CompetitionPaths
+from cellseg.data.folds import make_folds
+from cellseg.data.truth import read_train_csv
+from cellseg.io import atomic_write_text
+from cellseg.paths import CompetitionPaths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

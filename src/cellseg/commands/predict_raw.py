@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import read_train_csv
-from ..folds import select_ids
-from ..paths import CompetitionPaths
+from cellseg.data.folds import select_ids
+from cellseg.data.truth import read_train_csv
+from cellseg.paths import CompetitionPaths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="competition-layout folder (train.csv, train/)")
     p.add_argument("--weights", required=True, type=Path, help="ensemble manifest (weights/<name>/manifest.yaml)")
-    p.add_argument("--out", required=True, type=Path, help="cache folder: one <id>.npz per image + index.json; re-running resumes")
+    p.add_argument(
+        "--out", required=True, type=Path, help="cache folder: one <id>.npz per image + index.json; re-running resumes"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fold", type=int, help="cache this fold's hold-out (folds grouped by sample_id)")
     g.add_argument("--images", type=int, help="cache a random sample of N train images")
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tune import predict_raw
+    from cellseg.tune import predict_raw
 
     comp = CompetitionPaths(args.data).require("train_csv", "train_dir")
     ids = select_ids(read_train_csv(comp.train_csv), args.fold, args.folds, args.seed, args.images)

@@ -11,20 +11,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, type=Path, help="ensemble manifest (weights/<name>/manifest.yaml)")
     p.add_argument("--out", required=True, type=Path, help="output CSV (train.csv columns + source)")
     p.add_argument("--images", type=int, help="label a random sample of N images (default: all)")
-    p.add_argument("--score-margin", type=float, default=0.1,
-                   help="added to each class's score threshold (default 0.1: stricter than submission)")
-    p.add_argument("--min-pixels-factor", type=float, default=1.5,
-                   help="multiplies each class's minimum pixels (default 1.5)")
+    p.add_argument(
+        "--score-margin",
+        type=float,
+        default=0.1,
+        help="added to each class's score threshold (default 0.1: stricter than submission)",
+    )
+    p.add_argument(
+        "--min-pixels-factor", type=float, default=1.5, help="multiplies each class's minimum pixels (default 1.5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --images (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pseudo import pseudo_label
+    from cellseg.pseudo import pseudo_label
 
-    res = pseudo_label(args.data, args.weights, args.out, args.images, args.score_margin, args.min_pixels_factor,
-                       args.seed, args.device)
+    res = pseudo_label(
+        args.data,
+        args.weights,
+        args.out,
+        args.images,
+        args.score_margin,
+        args.min_pixels_factor,
+        args.seed,
+        args.device,
+    )
     print(res.table.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {res.path}: {res.rows} pseudo-labelled instance(s); train with "
-          f"`cellseg train --config ... --data ... --pseudo {res.path}`")
+    print(
+        f"wrote {res.path}: {res.rows} pseudo-labelled instance(s); train with "
+        f"`cellseg train --config ... --data ... --pseudo {res.path}`"
+    )
     return 0

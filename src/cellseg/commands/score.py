@@ -6,17 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data import read_train_csv
-from ..errors import CellsegError
-from ..metric import score_images
-from ..submission import decode_submission
+from cellseg.data.truth import read_train_csv
+from cellseg.errors import CellsegError
+from cellseg.metric import score_images
+from cellseg.submission import decode_submission
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", required=True, type=Path, help="train.csv-format ground truth")
     p.add_argument("--submission", required=True, type=Path, help="submission.csv (id,predicted)")
     p.add_argument(
-        "--images-dir", type=Path,
+        "--images-dir",
+        type=Path,
         help="score only the images whose PNG is in this folder (default: every image in the truth)",
     )
     p.add_argument("--fill-holes", action="store_true", help="fill holes of the ground-truth masks first")

@@ -15,14 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="competition-layout folder (train.csv + train/)")
     parser.add_argument("-n", "--num", type=int, default=8, help="number of samples to draw (default 8)")
     parser.add_argument("--out", type=Path, default=Path("aug_grid.png"), help="output PNG (default aug_grid.png)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the image choice and the augmentation (default 0)")
     parser.add_argument(
-        "--config", type=Path,
+        "--seed", type=int, default=0, help="seed for the image choice and the augmentation (default 0)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
         help="YAML with the augmentation: an experiment config (its 'augment' section is used) or a bare "
         "AugmentConfig mapping; default: AugmentConfig() defaults",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an augment field, e.g. --set copy_paste_p=1 --set crop_size=[256,256]")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an augment field, e.g. --set copy_paste_p=1 --set crop_size=[256,256]",
+    )
     parser.add_argument("--ids", nargs="*", default=None, help="draw these image ids (cycled) instead of random ones")
     parser.add_argument("--no-fill-holes", action="store_true", help="show train.csv masks as annotated (holes kept)")
     parser.add_argument("--boxes", action="store_true", help="also draw the target boxes")
@@ -31,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_augment(path: Path | None, overrides: list[str]):
     """AugmentConfig from a YAML file (experiment config or bare section) plus ``KEY=VALUE`` overrides."""
-    from ..config import apply_overrides, from_dict, read_yaml
-    from ..errors import CellsegError
-    from ..transforms import AugmentConfig
+    from cellseg.config import apply_overrides, from_dict, read_yaml
+    from cellseg.data.transforms import AugmentConfig
+    from cellseg.errors import CellsegError
 
     data = read_yaml(path) if path is not None else {}
     if "augment" in data or {"model", "train", "data"} & set(data):  # an experiment config
@@ -78,7 +87,9 @@ def render(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, draw_boxes: 
     n = len(masks)
     if n == 0:
         return rgb
-    colors = (matplotlib.colormaps["hsv"](np.random.default_rng(0).permutation(n) / max(n, 1))[:, :3] * 255).astype(np.uint8)
+    colors = (matplotlib.colormaps["hsv"](np.random.default_rng(0).permutation(n) / max(n, 1))[:, :3] * 255).astype(
+        np.uint8
+    )
     coords, owner = outline(masks, boxes)
     rgb[coords[:, 0], coords[:, 1]] = colors[owner]
     if draw_boxes:
@@ -98,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .. import CELL_TYPES
-    from ..dataset import build_datasets
-    from ..errors import CellsegError
-    from ..io import atomic_path
+    from cellseg import CELL_TYPES
+    from cellseg.data.dataset import build_datasets
+    from cellseg.errors import CellsegError
+    from cellseg.io import atomic_path
 
     if args.num < 1:
         raise CellsegError(f"-n must be >= 1, got {args.num}")

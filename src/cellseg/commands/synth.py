@@ -14,21 +14,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "including hollow astro annotations. Same seed -> byte-identical files."
     )
     parser.add_argument("--out", required=True, help="folder to create (must be absent or empty unless --force)")
-    parser.add_argument("--train-images", type=int, default=606, metavar="N", help="annotated train images (default: 606)")
+    parser.add_argument(
+        "--train-images", type=int, default=606, metavar="N", help="annotated train images (default: 606)"
+    )
     parser.add_argument("--test-images", type=int, default=3, metavar="N", help="test images (default: 3)")
-    parser.add_argument("--semi-images", type=int, default=200, metavar="N", help="unlabeled train_semi_supervised images (default: 200)")
+    parser.add_argument(
+        "--semi-images",
+        type=int,
+        default=200,
+        metavar="N",
+        help="unlabeled train_semi_supervised images (default: 200)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help=f"processes rendering images (default: all cores, here {os.cpu_count()})")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"processes rendering images (default: all cores, here {os.cpu_count()})",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synth import generate
+    from cellseg.data.synth import generate
 
     s = generate(
-        args.out, train_images=args.train_images, test_images=args.test_images, semi_images=args.semi_images,
-        seed=args.seed, progress=True, force=args.force, workers=args.workers,
+        args.out,
+        train_images=args.train_images,
+        test_images=args.test_images,
+        semi_images=args.semi_images,
+        seed=args.seed,
+        progress=True,
+        force=args.force,
+        workers=args.workers,
     )
     print(
         f"wrote {s['out']}: {s['train_images']} train ({s['instances']} cells), {s['test_images']} test, "

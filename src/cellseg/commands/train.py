@@ -25,33 +25,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--data", required=True, type=Path, help="competition-layout folder (train.csv, train/)")
     parser.add_argument(
-        "--fold", default="0",
+        "--fold",
+        default="0",
         help="hold-out fold for validation, 0..data.folds-1 (default 0); 'all' trains on every image without validation",
     )
     parser.add_argument(
-        "--init", type=Path, default=None,
+        "--init",
+        type=Path,
+        default=None,
         help="starting weights: torchvision COCO Mask R-CNN state dict, ImageNet ResNet state dict, or a cellseg checkpoint",
     )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>/fold<K>)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth when it exists")
     parser.add_argument(
-        "--pseudo", type=Path, action="append", default=None, metavar="CSV",
+        "--pseudo",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="CSV",
         help="pseudo-labels (train.csv format, `cellseg pseudo-label`) trained on next to train.csv; repeatable "
-             "(adds to data.extra_csv)",
+        "(adds to data.extra_csv)",
     )
     parser.add_argument(
-        "--pseudo-ratio", type=float, default=None, metavar="R",
+        "--pseudo-ratio",
+        type=float,
+        default=None,
+        metavar="R",
         help="pseudo-labelled images drawn per epoch, as a fraction of the train images (data.extra_ratio; "
-             "default: every pseudo-labelled image once per epoch)",
+        "default: every pseudo-labelled image once per epoch)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3 model.input_scale=1.5")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3 model.input_scale=1.5"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import CellsegError
-    from ..settings import load_experiment
-    from ..train import train
+    from cellseg.errors import CellsegError
+    from cellseg.model.experiment import load_experiment
+    from cellseg.train import train
 
     fold = None
     if str(args.fold).lower() != "all":
@@ -70,8 +82,16 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.extra_ratio = args.pseudo_ratio
     name = args.config.stem
     out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
-    result = train(cfg, args.data, fold=fold, init=args.init, out=out, resume=args.resume,
-                   progress=not args.quiet, config_name=name)
+    result = train(
+        cfg,
+        args.data,
+        fold=fold,
+        init=args.init,
+        out=out,
+        resume=args.resume,
+        progress=not args.quiet,
+        config_name=name,
+    )
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return 0
     if result.best_score is not None:

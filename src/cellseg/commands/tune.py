@@ -5,25 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import read_train_csv
-from ..tune import TuneGrid
+from cellseg.data.truth import read_train_csv
+from cellseg.tune import TuneGrid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", required=True, type=Path, help="folder written by `cellseg predict-raw`")
     p.add_argument("--truth", required=True, type=Path, help="train.csv with the cached images' ground truth")
-    p.add_argument("--weights", required=True, type=Path, help="the manifest to tune; the old version is kept as manifest.vN.yaml")
+    p.add_argument(
+        "--weights", required=True, type=Path, help="the manifest to tune; the old version is kept as manifest.vN.yaml"
+    )
     p.add_argument("--folds", type=int, default=3, help="sample-grouped folds for the out-of-fold check (default 3)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--plots", type=Path, help="folder for one score-vs-threshold plot per class (default: beside the cache)")
+    p.add_argument(
+        "--plots", type=Path, help="folder for one score-vs-threshold plot per class (default: beside the cache)"
+    )
     p.add_argument("--no-write", action="store_true", help="report only; leave the manifest as it is")
     p.add_argument("--fill-holes", action="store_true", help="fill holes of the ground-truth masks first")
     d = TuneGrid()
     for name, kind in (("nms_iou", float), ("mask_threshold", float), ("min_pixels", int), ("score", float)):
         default = getattr(d, name)
-        shown = ",".join(map(str, default)) if len(default) < 10 else f"{default[0]}..{default[-1]} ({len(default)} values)"
-        p.add_argument(f"--{name.replace('_', '-')}", type=_values(kind), default=None, metavar="V1,V2,...",
-                       help=f"candidate values (default {shown}; the manifest's current value is always added)")
+        shown = (
+            ",".join(map(str, default)) if len(default) < 10 else f"{default[0]}..{default[-1]} ({len(default)} values)"
+        )
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_values(kind),
+            default=None,
+            metavar="V1,V2,...",
+            help=f"candidate values (default {shown}; the manifest's current value is always added)",
+        )
 
 
 def _values(kind):
@@ -37,13 +48,14 @@ def _values(kind):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..manifest import load_manifest
-    from ..tune import plot_curves, report_table, tune, write_tuned_manifest
+    from cellseg.model.manifest import load_manifest
+    from cellseg.tune import plot_curves, report_table, tune, write_tuned_manifest
 
     manifest = load_manifest(args.weights, verify=False)
     truth = read_train_csv(args.truth, fill_holes=args.fill_holes).images
-    grid = TuneGrid(**{k: getattr(args, k) for k in ("nms_iou", "mask_threshold", "min_pixels", "score")
-                       if getattr(args, k)})
+    grid = TuneGrid(
+        **{k: getattr(args, k) for k in ("nms_iou", "mask_threshold", "min_pixels", "score") if getattr(args, k)}
+    )
     res = tune(args.cache, truth, manifest, grid=grid, folds=args.folds, jobs=args.jobs)
     print(report_table(res))
     print(f"({res.images} images in {res.seconds:.1f}s; out-of-fold = thresholds chosen without the image's fold)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..submission import validate_submission
+from cellseg.submission import validate_submission
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

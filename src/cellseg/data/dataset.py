@@ -17,14 +17,14 @@ Entry points::
              "image_id": str}
 
 N may be 0 (e.g. every cell cropped away). Augmentation (``augment``; hold-out items never are)
-runs copy-paste (:func:`cellseg.transforms.copy_paste`, sources from this dataset's own images of
-the same cell type) and then :func:`cellseg.transforms.build_transform`. Randomness is drawn from
+runs copy-paste (:func:`cellseg.data.transforms.copy_paste`, sources from this dataset's own images of
+the same cell type) and then :func:`cellseg.data.transforms.build_transform`. Randomness is drawn from
 torch's generator, so DataLoader worker seeding covers the numpy side too.
 
 Sources:
 
 * ``train.csv`` of the data dir (hole filling on by default), split by fold via
-  :func:`cellseg.folds.make_folds` (or ``folds_csv``): train = the other folds, val = the fold.
+  :func:`cellseg.data.folds.make_folds` (or ``folds_csv``): train = the other folds, val = the fold.
 * ``extra_csv``: train.csv-format files (pseudo-labels; an optional ``source`` column is allowed);
   images looked up in ``<data>/train_semi_supervised/``, then ``<data>/train/``, then the csv's
   folder. Ids that belong to the hold-out fold are left out (no leakage). With ``extra_ratio`` each
@@ -35,27 +35,29 @@ Sources:
   if it is a cell type, else a file-name prefix (``SHSY5Y_...``), else ``coco_cell_type``. Decoded
   per item, never all at once. Pooled with ``extra_csv`` for ``extra_ratio``.
 
-Cost: masks are kept as crops (:class:`cellseg.masks.CropMask`) and the (N, H, W) stack is built per
+Cost: masks are kept as crops (:class:`cellseg.data.masks.CropMask`) and the (N, H, W) stack is built per
 item; see benchmarks/README.md ("dataset item") for the per-item time at 704 x 520 with ~340 cells.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from . import CELL_TYPES, CLASS_IDS
-from .errors import CellsegError
-from .io import read_gray
-from .masks import CropMask, boxes as crop_boxes, stack
-from .paths import CompetitionPaths
-from .transforms import AugmentConfig, build_transform, copy_paste_indexed, tight_boxes_near
+from cellseg import CELL_TYPES, CLASS_IDS
+from cellseg.data.masks import CropMask, stack
+from cellseg.data.masks import boxes as crop_boxes
+from cellseg.data.transforms import AugmentConfig, build_transform, copy_paste_indexed, tight_boxes_near
+from cellseg.errors import CellsegError
+from cellseg.io import read_gray
+from cellseg.paths import CompetitionPaths
 
 
 @dataclass
@@ -111,7 +113,10 @@ def _decode_coco(rec: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         elif isinstance(seg.get("counts"), list):  # uncompressed RLE
             rle = mask_utils.frPyObjects(seg, h, w)
         else:  # compressed RLE
-            rle = {"size": seg["size"], "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+            rle = {
+                "size": seg["size"],
+                "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"],
+            }
         rles.append(rle)
     masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).astype(bool, copy=False)
     hint = np.array([a["bbox"] for a in rec.coco], dtype=np.float64).reshape(-1, 4)
@@ -212,8 +217,15 @@ class CellDataset(Dataset):
         src_image = read_gray(src.path)
         src_masks = stack(src_crops, src.height, src.width)
         image, masks, labels, kept, pasted = copy_paste_indexed(
-            image, masks, labels, src_image, src_masks, _labels_of(src.cell_type, len(src_crops)), rng,
-            cfg.copy_paste_max_cells, min_area=cfg.min_area,
+            image,
+            masks,
+            labels,
+            src_image,
+            src_masks,
+            _labels_of(src.cell_type, len(src_crops)),
+            rng,
+            cfg.copy_paste_max_cells,
+            min_area=cfg.min_area,
         )
         # covered cells only shrink, so their old boxes still hold them: hints for TightBoxes
         boxes = np.concatenate([boxes[kept], crop_boxes(src_crops)[pasted]]).astype(np.float32)
@@ -253,14 +265,16 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[tuple[torch.
 
 
 def train_records(train_set, images_dir: Path, ids: Iterable[str] | None = None, source: str = "train") -> list[Record]:
-    """Records of a :class:`cellseg.data.TrainSet`'s images (``ids`` order; default all)."""
+    """Records of a :class:`cellseg.data.truth.TrainSet`'s images (``ids`` order; default all)."""
     ids = list(train_set.images) if ids is None else list(ids)
     out = []
     for i in ids:
         if i not in train_set.images:
             raise CellsegError(f"image id {i!r} is not in {train_set.path}")
         a = train_set.images[i]
-        out.append(Record(i, Path(images_dir) / f"{i}.png", a.cell_type, a.height, a.width, list(a.instances), source=source))
+        out.append(
+            Record(i, Path(images_dir) / f"{i}.png", a.cell_type, a.height, a.width, list(a.instances), source=source)
+        )
     return out
 
 
@@ -273,7 +287,9 @@ def repeat_by_type(records: Sequence[Record], factors: dict[str, float]) -> list
     """
     unknown = sorted(set(factors) - set(CELL_TYPES))
     if unknown:
-        raise CellsegError(f"data.type_repeat: unknown cell type {unknown[0]!r}; expected one of {', '.join(CELL_TYPES)}")
+        raise CellsegError(
+            f"data.type_repeat: unknown cell type {unknown[0]!r}; expected one of {', '.join(CELL_TYPES)}"
+        )
     bad = {t: f for t, f in factors.items() if not f > 0}
     if bad:
         t = next(iter(bad))
@@ -296,9 +312,11 @@ def _find_image(image_id: str, folders: Sequence[Path], what: str) -> Path:
     raise CellsegError(f"{what}: image {image_id}.png not found in {', '.join(str(f) for f in folders)}")
 
 
-def extra_csv_records(path: str | Path, data_dir: str | Path, fill_holes: bool = True, exclude: Iterable[str] = ()) -> list[Record]:
+def extra_csv_records(
+    path: str | Path, data_dir: str | Path, fill_holes: bool = True, exclude: Iterable[str] = ()
+) -> list[Record]:
     """Records of a train.csv-format file (pseudo-labels), leaving out ``exclude`` ids."""
-    from .data import read_train_csv
+    from cellseg.data.truth import read_train_csv
 
     path, paths = Path(path), CompetitionPaths(Path(data_dir))
     ts = read_train_csv(path, fill_holes=fill_holes)
@@ -308,7 +326,17 @@ def extra_csv_records(path: str | Path, data_dir: str | Path, fill_holes: bool =
     for i, a in ts.images.items():
         if i in skip:
             continue
-        out.append(Record(i, _find_image(i, folders, str(path)), a.cell_type, a.height, a.width, list(a.instances), source=f"csv:{path.name}"))
+        out.append(
+            Record(
+                i,
+                _find_image(i, folders, str(path)),
+                a.cell_type,
+                a.height,
+                a.width,
+                list(a.instances),
+                source=f"csv:{path.name}",
+            )
+        )
     return out
 
 
@@ -364,13 +392,23 @@ def coco_records(
         items = []
         for a in anns.get(im["id"], []):
             t = _coco_class(cats.get(a.get("category_id"), ""), fname, default_type)
-            items.append({"segmentation": a["segmentation"], "bbox": a.get("bbox", [0, 0, im["width"], im["height"]]), "label": CLASS_IDS[t]})
+            items.append(
+                {
+                    "segmentation": a["segmentation"],
+                    "bbox": a.get("bbox", [0, 0, im["width"], im["height"]]),
+                    "label": CLASS_IDS[t],
+                }
+            )
         if items:
             counts = np.bincount([x["label"] for x in items], minlength=len(CELL_TYPES) + 1)
             cell_type = CELL_TYPES[int(np.argmax(counts[1:]))]
         else:
             cell_type = _coco_class("", fname, default_type)
-        out.append(Record(image_id, file, cell_type, int(im["height"]), int(im["width"]), coco=items, source=f"coco:{path.name}"))
+        out.append(
+            Record(
+                image_id, file, cell_type, int(im["height"]), int(im["width"]), coco=items, source=f"coco:{path.name}"
+            )
+        )
     return out
 
 
@@ -399,15 +437,15 @@ def build_datasets(
         data_dir: folder with train.csv and train/ (real or ``cellseg synth``).
         augment: training augmentation (default :class:`AugmentConfig()`); hold-out is never augmented.
         fold: hold-out fold (0..k-1), or None = every train.csv image trains and val_ds is None.
-        k, seed: :func:`cellseg.folds.make_folds` arguments (ignored with ``folds_csv``).
+        k, seed: :func:`cellseg.data.folds.make_folds` arguments (ignored with ``folds_csv``).
         fill_holes: fill holes of train.csv / extra csv masks (both datasets).
         extra_csv, coco_json, coco_images_dir, extra_ratio, coco_cell_type: extra training sources
             (see the module docstring); never part of val_ds.
         use_train: False leaves train.csv images out of train_ds (e.g. LIVECell-only pre-training).
         folds_csv: a folds file written by ``cellseg folds`` instead of computing them.
     """
-    from .data import read_train_csv
-    from .folds import make_folds, read_folds, split
+    from cellseg.data.folds import make_folds, read_folds, split
+    from cellseg.data.truth import read_train_csv
 
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     ts = read_train_csv(paths.train_csv, fill_holes=fill_holes, progress=progress)
@@ -439,7 +477,7 @@ def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> 
     Reads optional ``cfg.data`` fields when present: ``extra_ratio``, ``coco_images_dir``,
     ``coco_cell_type``, ``type_repeat``.
     """
-    from .data import read_train_csv
+    from cellseg.data.truth import read_train_csv
 
     data = cfg.data
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
@@ -450,13 +488,18 @@ def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> 
         extra += extra_csv_records(p, data_dir, fill_holes=data.fill_holes, exclude=hold)
     for p in data.coco_json:
         extra += coco_records(
-            p, getattr(data, "coco_images_dir", None) or None, default_type=getattr(data, "coco_cell_type", "shsy5y"),
+            p,
+            getattr(data, "coco_images_dir", None) or None,
+            default_type=getattr(data, "coco_cell_type", "shsy5y"),
             exclude=hold,
         )
     base = train_records(ts, paths.train_dir, train_ids)
     if getattr(data, "type_repeat", None):
         base = repeat_by_type(base, data.type_repeat)
     return CellDataset(
-        base, cfg.augment, extra, getattr(data, "extra_ratio", None),
+        base,
+        cfg.augment,
+        extra,
+        getattr(data, "extra_ratio", None),
         seed=cfg.train.seed,
     )

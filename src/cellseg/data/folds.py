@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
 
 FOLD_COLUMNS = ("id", "sample_id", "cell_type", "fold")
 
 
 def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
-    """Assign each image of a :class:`cellseg.data.TrainSet` to one of ``k`` folds.
+    """Assign each image of a :class:`cellseg.data.truth.TrainSet` to one of ``k`` folds.
 
     Returns a DataFrame with columns id, sample_id, cell_type, fold (0..k-1), in train.csv order.
     """

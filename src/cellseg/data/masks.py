@@ -7,8 +7,8 @@ touch the full frame.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -39,7 +39,7 @@ class CropMask:
         out[self.top : self.top + h, self.left : self.left + w] = self.mask
         return out
 
-    def tight(self) -> "CropMask":
+    def tight(self) -> CropMask:
         """The same pixels with the crop shrunk to their bounding box (an empty mask stays as is)."""
         rows = np.flatnonzero(self.mask.any(axis=1))
         if rows.size == 0:
@@ -49,7 +49,7 @@ class CropMask:
         return CropMask(self.top + int(r0), self.left + int(c0), self.mask[r0:r1, c0:c1])
 
     @classmethod
-    def from_full(cls, mask: np.ndarray) -> "CropMask":
+    def from_full(cls, mask: np.ndarray) -> CropMask:
         """From a (H, W) bool mask."""
         return cls(0, 0, np.asarray(mask, dtype=bool)).tight()
 

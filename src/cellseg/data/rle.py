@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .masks import CropMask
+from cellseg.data.masks import CropMask
 
 
 def _format(starts: np.ndarray, lengths: np.ndarray) -> str:

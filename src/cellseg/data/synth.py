@@ -12,7 +12,7 @@ and benchmarked on this generator's output::
 
 Ids are 12 lower-case hex digits. Images of one ``sample_id`` form a time series (same vessel, growing
 ``elapsed_timedelta``) so grouped folds are meaningful. Annotations are row-major RLE
-(:func:`cellseg.rle.encode_crop`) and never overlap within an image (touching is fine).
+(:func:`cellseg.data.rle.encode_crop`) and never overlap within an image (touching is fine).
 
 How the cells are made (per image, a single cell type; statistics from the real train set):
 
@@ -69,22 +69,22 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from . import CELL_TYPES, IMAGE_SHAPE
-from .data import TRAIN_COLUMNS, cell_type_from_filename  # noqa: F401  (re-exported: semi file names carry the type)
-from .errors import CellsegError
-from .io import write_gray
-from .masks import CropMask
-from .rle import encode_crop
+from cellseg import CELL_TYPES, IMAGE_SHAPE
+from cellseg.data.masks import CropMask
+from cellseg.data.rle import encode_crop
+from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename  # noqa: F401  (re-exported: semi file names carry the type)
+from cellseg.errors import CellsegError
+from cellseg.io import write_gray
 
 #: Image share of each cell type in the real train set (320 : 155 : 131 of 606 images).
 TYPE_SHARE: dict[str, int] = {"cort": 320, "shsy5y": 155, "astro": 131}
@@ -122,22 +122,58 @@ class TypeSpec:
 
 SPECS: dict[str, TypeSpec] = {
     "cort": TypeSpec(
-        count_median=29.5, count_sigma=0.55, count_min=4, count_max=108,
-        area_median=222.0, area_sigma=0.42, min_area=33, max_overlap=0.05,
-        cluster_p=0.3, cluster_size=8, cluster_sd=(25.0, 60.0),
-        depth=(6.0, 22.0), halo=(14.0, 24.0), rim=8.0, texture=5.0, debris=(10, 60),
+        count_median=29.5,
+        count_sigma=0.55,
+        count_min=4,
+        count_max=108,
+        area_median=222.0,
+        area_sigma=0.42,
+        min_area=33,
+        max_overlap=0.05,
+        cluster_p=0.3,
+        cluster_size=8,
+        cluster_sd=(25.0, 60.0),
+        depth=(6.0, 22.0),
+        halo=(14.0, 24.0),
+        rim=8.0,
+        texture=5.0,
+        debris=(10, 60),
     ),
     "shsy5y": TypeSpec(
-        count_median=380.0, count_sigma=0.42, count_min=49, count_max=790,
-        area_median=235.0, area_sigma=0.45, min_area=30, max_overlap=0.2,
-        cluster_p=0.85, cluster_size=40, cluster_sd=(20.0, 50.0),
-        depth=(-6.0, 16.0), halo=(10.0, 20.0), rim=6.0, texture=6.0, debris=(5, 30),
+        count_median=380.0,
+        count_sigma=0.42,
+        count_min=49,
+        count_max=790,
+        area_median=235.0,
+        area_sigma=0.45,
+        min_area=30,
+        max_overlap=0.2,
+        cluster_p=0.85,
+        cluster_size=40,
+        cluster_sd=(20.0, 50.0),
+        depth=(-6.0, 16.0),
+        halo=(10.0, 20.0),
+        rim=6.0,
+        texture=6.0,
+        debris=(5, 30),
     ),
     "astro": TypeSpec(
-        count_median=66.0, count_sigma=0.8, count_min=5, count_max=594,
-        area_median=1320.0, area_sigma=0.55, min_area=37, max_overlap=0.12,
-        cluster_p=0.4, cluster_size=20, cluster_sd=(40.0, 100.0),
-        depth=(2.0, 12.0), halo=(6.0, 14.0), rim=5.0, texture=7.0, debris=(5, 40),
+        count_median=66.0,
+        count_sigma=0.8,
+        count_min=5,
+        count_max=594,
+        area_median=1320.0,
+        area_sigma=0.55,
+        min_area=37,
+        max_overlap=0.12,
+        cluster_p=0.4,
+        cluster_size=20,
+        cluster_sd=(40.0, 100.0),
+        depth=(2.0, 12.0),
+        halo=(6.0, 14.0),
+        rim=5.0,
+        texture=7.0,
+        debris=(5, 40),
     ),
 }
 
@@ -303,7 +339,9 @@ def _place_cells(rng: np.random.Generator, cell_type: str, height: int, width: i
     ones (only those can have been split into pieces).
     """
     spec = SPECS[cell_type]
-    n = int(np.clip(round(rng.lognormal(math.log(spec.count_median), spec.count_sigma)), spec.count_min, spec.count_max))
+    n = int(
+        np.clip(round(rng.lognormal(math.log(spec.count_median), spec.count_sigma)), spec.count_min, spec.count_max)
+    )
     mean_area = spec.area_median * math.exp(spec.area_sigma**2 / 2)
     scale = min(1.0, _MAX_FILL * height * width / (n * mean_area))
     areas = scale * rng.lognormal(math.log(spec.area_median), spec.area_sigma, n)
@@ -355,7 +393,9 @@ def _read_cells(labels: np.ndarray, partial: np.ndarray, min_area: int) -> list[
         if np.count_nonzero(m) < min_area:
             labels[sl][m] = 0
             continue
-        cells.append(CropMask(sl[0].start, sl[1].start, m).tight() if partial[i] else CropMask(sl[0].start, sl[1].start, m))
+        cells.append(
+            CropMask(sl[0].start, sl[1].start, m).tight() if partial[i] else CropMask(sl[0].start, sl[1].start, m)
+        )
         new_ids[i] = len(cells)
     labels[...] = new_ids[labels]
     return cells
@@ -495,7 +535,9 @@ class _Meta:
     elapsed: _dt.timedelta
 
 
-def _samples(rng: np.random.Generator, types: list[str], vessels: Iterator[int], max_group: int | None = None) -> list[_Meta]:
+def _samples(
+    rng: np.random.Generator, types: list[str], vessels: Iterator[int], max_group: int | None = None
+) -> list[_Meta]:
     """Group images (given their cell types, in order) into time series of one sample each."""
     out: list[_Meta | None] = [None] * len(types)
     for t in CELL_TYPES:
@@ -659,7 +701,9 @@ def generate(
             s["areas"] += areas
             s["broken"] += nbroken
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
-        pd.DataFrame({"id": test_ids, "predicted": [""] * len(test_ids)}).to_csv(tmp / "sample_submission.csv", index=False)
+        pd.DataFrame({"id": test_ids, "predicted": [""] * len(test_ids)}).to_csv(
+            tmp / "sample_submission.csv", index=False
+        )
 
         if out.exists():
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 @dataclass
@@ -167,10 +167,19 @@ def dihedral_masks(
     """
     n, h, w = masks.shape
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    win = np.stack([
-        np.clip(np.floor(b[:, 0]) - pad, 0, w), np.clip(np.floor(b[:, 1]) - pad, 0, h),
-        np.clip(np.ceil(b[:, 2]) + pad, 0, w), np.clip(np.ceil(b[:, 3]) + pad, 0, h),
-    ], axis=1).astype(np.int64).reshape(-1, 4)
+    win = (
+        np.stack(
+            [
+                np.clip(np.floor(b[:, 0]) - pad, 0, w),
+                np.clip(np.floor(b[:, 1]) - pad, 0, h),
+                np.clip(np.ceil(b[:, 2]) + pad, 0, w),
+                np.clip(np.ceil(b[:, 3]) + pad, 0, h),
+            ],
+            axis=1,
+        )
+        .astype(np.int64)
+        .reshape(-1, 4)
+    )
     moved = win.copy()
     if hflip:
         moved[:, [0, 2]] = w - moved[:, [2, 0]]
@@ -378,7 +387,14 @@ class RandomScaleCrop(v2.Transform):
         sh, sw = min(h, max(1, round(ch / s))), min(w, max(1, round(cw / s)))
         top = int(torch.randint(h - sh + 1, ()))
         left = int(torch.randint(w - sw + 1, ()))
-        return {"top": top, "left": left, "height": sh, "width": sw, "size": [ch, cw], "noop": (sh, sw, ch, cw) == (h, w, h, w)}
+        return {
+            "top": top,
+            "left": left,
+            "height": sh,
+            "width": sw,
+            "size": [ch, cw],
+            "noop": (sh, sw, ch, cw) == (h, w, h, w),
+        }
 
     def forward(self, *inputs: Any) -> Any:
         sample = inputs if len(inputs) > 1 else inputs[0]
@@ -450,8 +466,10 @@ def tight_boxes_near(masks: np.ndarray, boxes: np.ndarray, pad: int = 2) -> tupl
         if rows.size:
             cols = np.flatnonzero(sub.any(axis=0))
             touches = (
-                (rows[0] == 0 and y0 > 0) or (rows[-1] == sub.shape[0] - 1 and y1 < h)
-                or (cols[0] == 0 and x0 > 0) or (cols[-1] == sub.shape[1] - 1 and x1 < w)
+                (rows[0] == 0 and y0 > 0)
+                or (rows[-1] == sub.shape[0] - 1 and y1 < h)
+                or (cols[0] == 0 and x0 > 0)
+                or (cols[-1] == sub.shape[1] - 1 and x1 < w)
             )
         if not rows.size or touches:  # empty window or mask may continue outside: scan the frame
             y0 = x0 = 0

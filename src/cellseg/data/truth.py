@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import CELL_TYPES
-from .errors import CellsegError
-from .masks import CropMask, fill_holes_all, label_image, stack
-from .rle import BatchDecodeError, decode_crops
+from cellseg import CELL_TYPES
+from cellseg.data.masks import CropMask, fill_holes_all, label_image, stack
+from cellseg.data.rle import BatchDecodeError, decode_crops
+from cellseg.errors import CellsegError
 
 TRAIN_COLUMNS = (
     "id",
@@ -87,7 +87,9 @@ class TrainSet:
             rows.append((img.cell_type, len(areas), float(np.mean(areas)) if areas else 0.0))
         df = pd.DataFrame(rows, columns=["cell_type", "instances", "mean_area"])
         return df.groupby("cell_type").agg(
-            images=("instances", "size"), instances=("instances", "sum"), per_image=("instances", "mean"),
+            images=("instances", "size"),
+            instances=("instances", "sum"),
+            per_image=("instances", "mean"),
             mean_area=("mean_area", "mean"),
         )
 
@@ -125,7 +127,11 @@ def read_train_records(path: str | Path) -> pd.DataFrame:
     bad_type = ~df["cell_type"].isin(CELL_TYPES)
     if bad_type.any():
         i = int(np.flatnonzero(bad_type.to_numpy())[0])
-        raise _fail(path, int(df["line"].iat[i]), f"unknown cell_type {df['cell_type'].iat[i]!r} (known: {', '.join(CELL_TYPES)})")
+        raise _fail(
+            path,
+            int(df["line"].iat[i]),
+            f"unknown cell_type {df['cell_type'].iat[i]!r} (known: {', '.join(CELL_TYPES)})",
+        )
     empty_id = df["id"].str.strip() == ""
     if empty_id.any():
         i = int(np.flatnonzero(empty_id.to_numpy())[0])
@@ -136,7 +142,8 @@ def read_train_records(path: str | Path) -> pd.DataFrame:
         if diff.any():
             i = int(np.flatnonzero(diff.to_numpy())[0])
             raise _fail(
-                path, int(df["line"].iat[i]),
+                path,
+                int(df["line"].iat[i]),
                 f"{col} {df[col].iat[i]} of image {df['id'].iat[i]} differs from its first row ({first.iat[i]})",
             )
     return df

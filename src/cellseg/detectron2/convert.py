@@ -4,7 +4,7 @@ Three pure steps, used by ``cellseg convert-detectron2``:
 
 - :func:`read_d2_config` parses a fully merged Detectron2 config (``cfg.dump()`` output) as plain YAML.
 - :func:`model_fields` checks that the config describes the supported family (standard Mask R-CNN
-  R-50/101-FPN, see :func:`check_supported`) and maps it to :class:`cellseg.settings.ModelConfig`
+  R-50/101-FPN, see :func:`check_supported`) and maps it to :class:`cellseg.model.experiment.ModelConfig`
   fields; anything else raises a one-line :class:`CellsegError` naming the key and its value.
 - :func:`convert_state_dict` renames and reshapes Detectron2 weights to torchvision's names:
   background moves from the last classifier row to the first, torchvision's background box/mask
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
 
 #: Detectron2 buffers that hold no weights (the normalisation comes from the config).
 IGNORED_D2_KEYS = {"pixel_mean", "pixel_std"}
@@ -58,9 +58,7 @@ def _get(cfg: dict, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise CellsegError(
-                f"Detectron2 config lacks {key} (give the fully merged config written by cfg.dump())"
-            )
+            raise CellsegError(f"Detectron2 config lacks {key} (give the fully merged config written by cfg.dump())")
         node = node[part]
     return node
 
@@ -370,7 +368,9 @@ def _predictor_weights(sd: dict[str, torch.Tensor], layout: dict) -> dict[str, t
     for param in ("weight", "bias"):
         cls = sd[f"roi_heads.box_predictor.cls_score.{param}"]
         if cls.shape[0] != k + 1:
-            raise CellsegError(f"box_predictor.cls_score has {cls.shape[0]} outputs, expected NUM_CLASSES + 1 = {k + 1}")
+            raise CellsegError(
+                f"box_predictor.cls_score has {cls.shape[0]} outputs, expected NUM_CLASSES + 1 = {k + 1}"
+            )
         out[f"roi_heads.box_predictor.cls_score.{param}"] = torch.cat([cls[k:], cls[:k]])
         reg = sd[f"roi_heads.box_predictor.bbox_pred.{param}"]
         if layout["cls_agnostic_box"]:
@@ -438,9 +438,9 @@ def build_converted(
     weights: str | Path, config: str | Path, class_names: list[str]
 ) -> tuple[torch.nn.Module, Any, dict]:
     """(model in eval mode with the converted weights, its ModelConfig, provenance dict)."""
-    from .manifest import sha256_file
-    from .models import build_model
-    from .settings import ModelConfig
+    from cellseg.model.build import build_model
+    from cellseg.model.experiment import ModelConfig
+    from cellseg.model.manifest import sha256_file
 
     cfg_dict = read_d2_config(config)
     model_cfg = ModelConfig(**model_fields(cfg_dict, class_names))
@@ -471,8 +471,8 @@ def convert_checkpoint(
     self-describing checkpoint) and ``out_dir/manifest.yaml`` (one model, identity view, the
     public-notebook per-class thresholds, unshifted mask pasting as Detectron2 does). Returns the
     manifest path."""
-    from .checkpoint import git_commit, save_checkpoint
-    from .manifest import Manifest, ModelEntry, default_classes, write_manifest
+    from cellseg.model.checkpoint import git_commit, save_checkpoint
+    from cellseg.model.manifest import Manifest, ModelEntry, default_classes, write_manifest
 
     out_dir = Path(out_dir)
     model, model_cfg, provenance = build_converted(weights, config, class_names)

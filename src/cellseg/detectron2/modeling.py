@@ -3,7 +3,7 @@
 A Detectron2 Mask R-CNN R-50/101-FPN and torchvision's ``maskrcnn_resnet50_fpn`` have the same
 layers, but inference differs in details that move boxes and masks. Each block here reproduces
 Detectron2 (v0.6) where torchvision differs; :func:`apply_options` switches them on in a built model
-according to three :class:`cellseg.settings.ModelConfig` fields (all off = plain torchvision):
+according to three :class:`cellseg.model.experiment.ModelConfig` fields (all off = plain torchvision):
 
 - ``stride_in_1x1``: the stride of each stage's first bottleneck sits on the 1x1 conv (MSRA ResNet,
   Detectron2 ``RESNETS.STRIDE_IN_1X1: True``), not the 3x3 conv (torchvision, ResNet v1.5).
@@ -24,7 +24,7 @@ according to three :class:`cellseg.settings.ModelConfig` fields (all off = plain
     ``grid_sample`` paste (soft probabilities: thresholding at 0.5 gives Detectron2's masks).
 
 Normalisation and background position need no block: Detectron2's 0-255 pixel mean/std fold into
-``image_mean``/``image_std`` (divided by 255), and :mod:`cellseg.detectron2` moves background from
+``image_mean``/``image_std`` (divided by 255), and :mod:`cellseg.detectron2.convert` moves background from
 last to first when renaming the weights.
 """
 
@@ -102,7 +102,7 @@ class D2AnchorGenerator(AnchorGenerator):
         if len(self.strides) != len(self.sizes):
             raise ValueError(f"{len(self.strides)} strides for {len(self.sizes)} anchor levels")
 
-    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:  # noqa: B008 (torchvision's signature)
         anchors = []
         for size in scales:
             area = float(size) ** 2
@@ -174,9 +174,7 @@ class D2ROIPooler(nn.Module):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes=None) -> Tensor:
         features = [x[name] for name in self.featmap_names]
-        rois = torch.cat(
-            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0
-        )
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
         num_channels = features[0].shape[1]
         dtype, device = features[0].dtype, features[0].device
         out = torch.zeros((rois.shape[0], num_channels) + self.output_size, dtype=dtype, device=device)

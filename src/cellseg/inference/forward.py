@@ -13,18 +13,18 @@ RPN head, box and mask heads) run under fp16 autocast while box decoding stays i
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
-from . import CELL_TYPES, CLASS_IDS
-from .ensemble import Detections, SoftCrop
-from .errors import CellsegError
-from .manifest import FusionConfig, Manifest
+from cellseg import CELL_TYPES, CLASS_IDS
+from cellseg.errors import CellsegError
+from cellseg.inference.fusion import Detections, SoftCrop
+from cellseg.model.manifest import FusionConfig, Manifest
 
 VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "identity": (False, False),
@@ -173,8 +173,9 @@ def paste_soft(
     masks_np = masks.float().cpu().numpy()
     m_size = masks_np.shape[-1]
     boxes_np = boxes.float().cpu().numpy().astype(np.float64)
-    sh = np.broadcast_to(np.asarray(shift, dtype=np.float64).reshape(-1, 2) if np.ndim(shift) else
-                         np.full((1, 2), float(shift)), (n, 2))
+    sh = np.broadcast_to(
+        np.asarray(shift, dtype=np.float64).reshape(-1, 2) if np.ndim(shift) else np.full((1, 2), float(shift)), (n, 2)
+    )
     boxes_np = boxes_np + np.concatenate([sh, sh], axis=1)  # the mask's frame
     win = crop_windows(boxes_np, height, width)
     sizes = (win[:, 2] - win[:, 0]) * (win[:, 3] - win[:, 1])
@@ -243,7 +244,7 @@ def _class_names(info, model) -> Sequence[str] | None:
 
 def load_ensemble(manifest: Manifest, device: torch.device, fp16: bool | None = None) -> list[LoadedModel]:
     """Load and prepare every model of the manifest (checksums are checked by load_manifest)."""
-    from .checkpoint import load_model
+    from cellseg.model.checkpoint import load_model
 
     out = []
     for entry in manifest.models:
@@ -254,8 +255,15 @@ def load_ensemble(manifest: Manifest, device: torch.device, fp16: bool | None = 
         shift = entry.paste_shift
         if shift is None:
             shift = 0.0 if getattr(info.model_config, "roi_aligned", False) else manifest.fusion.paste_shift
-        out.append(LoadedModel(model, float(entry.weight), label_map_for(_class_names(info, model), num_classes),
-                               str(path), float(shift)))
+        out.append(
+            LoadedModel(
+                model,
+                float(entry.weight),
+                label_map_for(_class_names(info, model), num_classes),
+                str(path),
+                float(shift),
+            )
+        )
     return out
 
 
@@ -287,7 +295,11 @@ def predict_views(
 
 
 def raw_to_detections(
-    raw: Sequence[RawView], models: Sequence[LoadedModel], height: int, width: int, min_score: float = 0.0,
+    raw: Sequence[RawView],
+    models: Sequence[LoadedModel],
+    height: int,
+    width: int,
+    min_score: float = 0.0,
 ) -> Detections:
     """Paste the masks of every raw view with score >= ``min_score`` onto crops -> one Detections.
 
@@ -306,16 +318,19 @@ def raw_to_detections(
         view_shift = np.array([[-shift if fh else shift, -shift if fv else shift]])
         parts.append(
             Detections(
-                boxes.numpy().astype(np.float32), r.scores[keep].numpy().astype(np.float32),
-                r.labels[keep].numpy().astype(np.int64), paste_soft(masks, boxes, height, width, shift=view_shift),
-                np.full(n, si, dtype=np.int64), np.full(n, models[r.model].weight, dtype=np.float32),
+                boxes.numpy().astype(np.float32),
+                r.scores[keep].numpy().astype(np.float32),
+                r.labels[keep].numpy().astype(np.int64),
+                paste_soft(masks, boxes, height, width, shift=view_shift),
+                np.full(n, si, dtype=np.int64),
+                np.full(n, models[r.model].weight, dtype=np.float32),
             )
         )
     return Detections.concat(parts)
 
 
 def raw_vote_inputs(raw: Sequence[RawView], models: Sequence[LoadedModel]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, scores, weights) over every raw detection, for :func:`cellseg.postprocess.vote_cell_type`."""
+    """(labels, scores, weights) over every raw detection, for :func:`cellseg.inference.postprocess.vote_cell_type`."""
     if not raw:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
     labels = np.concatenate([r.labels.numpy() for r in raw])
@@ -326,9 +341,7 @@ def raw_vote_inputs(raw: Sequence[RawView], models: Sequence[LoadedModel]) -> tu
 
 def relabel(raw: Sequence[RawView], class_id: int) -> list[RawView]:
     """Every detection of an image gets the image's voted class (each image holds one cell type)."""
-    return [
-        RawView(r.boxes, r.scores, torch.full_like(r.labels, class_id), r.masks, r.model, r.view) for r in raw
-    ]
+    return [RawView(r.boxes, r.scores, torch.full_like(r.labels, class_id), r.masks, r.model, r.view) for r in raw]
 
 
 __all__ = [

@@ -8,8 +8,8 @@ threshold; optionally the suppressed duplicates' soft masks are averaged into th
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -56,26 +56,33 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
-    def take(self, index: np.ndarray | Sequence[int]) -> "Detections":
+    def take(self, index: np.ndarray | Sequence[int]) -> Detections:
         idx = np.asarray(index, dtype=np.int64)
         return Detections(
-            self.boxes[idx], self.scores[idx], self.labels[idx], [self.masks[i] for i in idx],
-            self.source[idx], self.weight[idx],
+            self.boxes[idx],
+            self.scores[idx],
+            self.labels[idx],
+            [self.masks[i] for i in idx],
+            self.source[idx],
+            self.weight[idx],
         )
 
     @classmethod
-    def empty(cls) -> "Detections":
+    def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), [])
 
     @classmethod
-    def concat(cls, parts: Sequence["Detections"]) -> "Detections":
+    def concat(cls, parts: Sequence[Detections]) -> Detections:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
         return cls(
-            np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.labels for p in parts]), [m for p in parts for m in p.masks],
-            np.concatenate([p.source for p in parts]), np.concatenate([p.weight for p in parts]),
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            [m for p in parts for m in p.masks],
+            np.concatenate([p.source for p in parts]),
+            np.concatenate([p.weight for p in parts]),
         )
 
 
@@ -229,8 +236,11 @@ def fuse(
             scores.append(float(dets.scores[k]))
     out = Detections(
         np.array([m.box for m in masks], dtype=np.float32).reshape(-1, 4),
-        np.asarray(scores, dtype=np.float32), dets.labels[keep].copy(), masks,
-        dets.source[keep].copy(), dets.weight[keep].copy(),
+        np.asarray(scores, dtype=np.float32),
+        dets.labels[keep].copy(),
+        masks,
+        dets.source[keep].copy(),
+        dets.weight[keep].copy(),
     )
     order = np.argsort(-out.scores, kind="stable")
     return out.take(order)

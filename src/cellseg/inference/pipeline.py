@@ -19,18 +19,18 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from . import CLASS_IDS
-from .errors import CellsegError
-from .manifest import Manifest, load_manifest
-from .masks import CropMask
-from .paths import CompetitionPaths
+from cellseg import CLASS_IDS
+from cellseg.data.masks import CropMask
+from cellseg.errors import CellsegError
+from cellseg.model.manifest import Manifest, load_manifest
+from cellseg.paths import CompetitionPaths
 
 Log = Callable[[str], None]
 
@@ -118,7 +118,7 @@ def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tu
     error is retried once with one view per forward."""
     import torch
 
-    from .predict import predict_views
+    from cellseg.inference.forward import predict_views
 
     t0 = time.perf_counter()
     try:
@@ -133,15 +133,20 @@ def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tu
 
 def vote_image_type(raw, loaded, manifest: Manifest) -> str:
     """The image's cell type from all its raw model x view detections (manifest's vote threshold)."""
-    from .postprocess import vote_cell_type
-    from .predict import raw_vote_inputs
+    from cellseg.inference.forward import raw_vote_inputs
+    from cellseg.inference.postprocess import vote_cell_type
 
     return vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
 
 
 def image_detections(
-    image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest,
-    cell_type: str | None = None, min_score: float | None = None,
+    image_shape: tuple[int, int],
+    raw,
+    loaded,
+    views: Sequence[str],
+    manifest: Manifest,
+    cell_type: str | None = None,
+    min_score: float | None = None,
 ):
     """Pre-fusion detections of one image from its raw views (CPU only).
 
@@ -151,7 +156,7 @@ def image_detections(
     score mode (lower scores cannot change which detections above it survive greedy NMS) and 0
     otherwise. Returns (Detections, cell type, total weight of all model x view runs).
     """
-    from .predict import raw_to_detections, relabel
+    from cellseg.inference.forward import raw_to_detections, relabel
 
     if cell_type is None:
         cell_type = vote_image_type(raw, loaded, manifest)
@@ -162,15 +167,22 @@ def image_detections(
     return dets, cell_type, float(sum(m.weight for m in loaded) * len(views))
 
 
-def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str], manifest: Manifest,
-                 cell_type: str | None = None, strictness=None) -> ImageResult:
+def finish_image(
+    image_shape: tuple[int, int],
+    raw,
+    loaded,
+    views: Sequence[str],
+    manifest: Manifest,
+    cell_type: str | None = None,
+    strictness=None,
+) -> ImageResult:
     """Cell-type vote, fusion and post-processing of one image's raw views (CPU only).
 
     ``cell_type`` skips the vote; ``strictness(thresholds) -> thresholds`` adjusts the type's
     thresholds (pseudo-labels use stricter ones).
     """
-    from .ensemble import fuse
-    from .postprocess import postprocess
+    from cellseg.inference.fusion import fuse
+    from cellseg.inference.postprocess import postprocess
 
     height, width = image_shape
     t1 = time.perf_counter()
@@ -180,10 +192,20 @@ def finish_image(image_shape: tuple[int, int], raw, loaded, views: Sequence[str]
     if strictness is not None:
         th = strictness(th)
     fu = manifest.fusion
-    dets, cell_type, total = image_detections(image_shape, raw, loaded, views, manifest, cell_type,
-                                              th.score if fu.score_mode == "max" else 0.0)
-    fused = fuse(dets, height, width, th.nms_iou, fu.iou_type, th.mask_threshold, fu.average_masks, fu.score_mode,
-                 total_weight=total)
+    dets, cell_type, total = image_detections(
+        image_shape, raw, loaded, views, manifest, cell_type, th.score if fu.score_mode == "max" else 0.0
+    )
+    fused = fuse(
+        dets,
+        height,
+        width,
+        th.nms_iou,
+        fu.iou_type,
+        th.mask_threshold,
+        fu.average_masks,
+        fu.score_mode,
+        total_weight=total,
+    )
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
     return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
 
@@ -223,7 +245,7 @@ def list_test_ids(paths: CompetitionPaths, log: Log) -> list[str]:
         raise CellsegError(f"{paths.test_dir}: test folder not found (is {paths.root} a competition-layout folder?)")
     ids = sorted(p.stem for p in paths.test_dir.glob("*.png"))
     if paths.sample_submission.is_file():
-        from .data import read_sample_submission
+        from cellseg.data.truth import read_sample_submission
 
         try:
             sample = read_sample_submission(paths.sample_submission)
@@ -232,8 +254,10 @@ def list_test_ids(paths: CompetitionPaths, log: Log) -> list[str]:
             sample = []
         missing = sorted(set(sample) - set(ids))
         if missing:
-            log(f"warning: {len(missing)} id(s) of {paths.sample_submission.name} have no PNG in test/ "
-                f"(e.g. {missing[0]}); they get no row")
+            log(
+                f"warning: {len(missing)} id(s) of {paths.sample_submission.name} have no PNG in test/ "
+                f"(e.g. {missing[0]}); they get no row"
+            )
     return ids
 
 
@@ -243,8 +267,8 @@ SAFETY = 1.3
 
 def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -> float | None:
     """Seconds of one model x identity view on the first readable test image (None if none reads)."""
-    from .io import read_gray
-    from .predict import predict_views, raw_to_detections
+    from cellseg.inference.forward import predict_views, raw_to_detections
+    from cellseg.io import read_gray
 
     for image_id in ids[:5]:
         try:
@@ -288,9 +312,9 @@ def predict_folder(
 
     from tqdm import tqdm
 
-    from .io import read_gray
-    from .predict import load_ensemble, resolve_device
-    from .submission import validate_submission, write_submission
+    from cellseg.inference.forward import load_ensemble, resolve_device
+    from cellseg.io import read_gray
+    from cellseg.submission import validate_submission, write_submission
 
     dev = resolve_device(device)
     loaded_all = load_ensemble(manifest, dev)
@@ -321,12 +345,14 @@ def predict_folder(
         else:  # keep going: one bad image must not sink the submission
             where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
             first = str(e).splitlines()[0] if str(e) else ""
-            reason = f"{type(e).__name__}: {first}" + (f" ({Path(where.filename).name}:{where.lineno})" if where else "")
+            reason = f"{type(e).__name__}: {first}" + (
+                f" ({Path(where.filename).name}:{where.lineno})" if where else ""
+            )
             log(f"{image_id}: failed with {reason}; writing an empty row")
         result.failed[image_id] = reason
 
     def collect() -> None:
-        from .rle import encode_crop
+        from cellseg.data.rle import encode_crop
 
         image_id, fut, forward_s, shape = pending.pop(0)
         try:
@@ -356,8 +382,10 @@ def predict_folder(
                     views, model_idx = plan.views, plan.models
                 est = (per_unit or 0.0) * len(views) * len(model_idx) * (1 + len(pending))
                 if seconds_left <= 0 or est > seconds_left:
-                    msg = (f"time budget: {budget:.0f}s nearly spent after {elapsed:.0f}s; "
-                           f"{left} image(s) left with empty rows")
+                    msg = (
+                        f"time budget: {budget:.0f}s nearly spent after {elapsed:.0f}s; "
+                        f"{left} image(s) left with empty rows"
+                    )
                     log(msg)
                     result.decisions.append(msg)
                     result.skipped = ids[k:]
@@ -403,9 +431,13 @@ def predict_folder(
     if validate:
         problems = validate_submission(out, paths.test_dir) if image_ids is None else []
         if problems:
-            raise CellsegError(f"{out}: written submission is invalid ({len(problems)} problem(s)); first: {problems[0]}")
+            raise CellsegError(
+                f"{out}: written submission is invalid ({len(problems)} problem(s)); first: {problems[0]}"
+            )
     result.total_s = time.monotonic() - start
     n_cells = sum(len(r) for r in rows.values())
-    log(f"wrote {out}: {len(ids)} image(s), {n_cells} instance(s), {len(result.failed)} failed, "
-        f"{len(result.skipped)} skipped, {result.total_s:.1f}s")
+    log(
+        f"wrote {out}: {len(ids)} image(s), {n_cells} instance(s), {len(result.failed)} failed, "
+        f"{len(result.skipped)} skipped, {result.total_s:.1f}s"
+    )
     return result

@@ -3,24 +3,26 @@
 cell-type vote -> score threshold -> mask binarisation -> hole filling -> minimum pixels ->
 overlap removal (higher score keeps contested pixels) -> RLE.
 
-Every threshold comes from the weights manifest (:class:`cellseg.manifest.ClassThresholds` of the
-image's voted cell type, :class:`cellseg.manifest.PostprocessConfig`).
+Every threshold comes from the weights manifest (:class:`cellseg.model.manifest.ClassThresholds` of the
+image's voted cell type, :class:`cellseg.model.manifest.PostprocessConfig`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from . import CELL_TYPES
-from .ensemble import Detections, SoftCrop
-from .manifest import ClassThresholds, PostprocessConfig
-from .masks import CropMask, fill_holes
-from .rle import encode_crop
+from cellseg import CELL_TYPES
+from cellseg.data.masks import CropMask, fill_holes
+from cellseg.data.rle import encode_crop
+from cellseg.inference.fusion import Detections, SoftCrop
+from cellseg.model.manifest import ClassThresholds, PostprocessConfig
 
 
-def vote_cell_type(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None, min_score: float = 0.0) -> str:
+def vote_cell_type(
+    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None, min_score: float = 0.0
+) -> str:
     """The image's cell type: class id with the largest sum of score (x model weight) over detections
     scoring at least ``min_score`` (all detections when none does).
 
@@ -87,7 +89,7 @@ def remove_overlaps(
 
 
 def encode_all(crops: Sequence[CropMask], height: int, width: int) -> list[str]:
-    """Row-major RLE of each crop (cellseg.rle.encode_crop)."""
+    """Row-major RLE of each crop (cellseg.data.rle.encode_crop)."""
     return [encode_crop(c, height, width) for c in crops]
 
 

@@ -32,8 +32,15 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CellsegError
-from .kaggle_meta import DATASET_METADATA, check, fill, load_template, resolve_username, validate_dataset_metadata
+from cellseg.errors import CellsegError
+from cellseg.kaggle.metadata import (
+    DATASET_METADATA,
+    check,
+    fill,
+    load_template,
+    resolve_username,
+    validate_dataset_metadata,
+)
 
 MARKER = "cellseg-bundle.json"
 PACKAGE = "sartorius-cellseg"
@@ -44,8 +51,22 @@ EXTRA_WHEELS: tuple[str, ...] = ()
 #: Names that never go up, wherever they are (credentials, caches, environments). Every hidden name
 #: (.git, .env, .venv, .pytest_cache, ...) is denied as well.
 DENY_PATTERNS: tuple[str, ...] = (
-    "kaggle.json", "access_token", "access_token.txt", "*.env", "*.pem", "*.key", "id_rsa*", "id_ed25519*",
-    "*credential*", "*secret*", "*token*", "__pycache__", "*.pyc", "*.pyo", "venv", "*.egg-info",
+    "kaggle.json",
+    "access_token",
+    "access_token.txt",
+    "*.env",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_ed25519*",
+    "*credential*",
+    "*secret*",
+    "*token*",
+    "__pycache__",
+    "*.pyc",
+    "*.pyo",
+    "venv",
+    "*.egg-info",
 )
 #: Top-level files of the checkout the wheel build reads.
 _BUILD_FILES = ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "LICENSE.txt", "MANIFEST.in")
@@ -92,7 +113,7 @@ def copy_hashed(src: Path, dst: Path, rel: str, chunk: int = 1 << 20) -> BundleF
 
 
 def _hash(path: Path, rel: str) -> BundleFile:
-    from .manifest import sha256_file
+    from cellseg.model.manifest import sha256_file
 
     return BundleFile(rel, path.stat().st_size, sha256_file(path))
 
@@ -129,8 +150,20 @@ def build_wheel(repo: Path, out_dir: Path) -> Path:
         src.mkdir()
         copy_source_tree(repo, src)
         built = Path(tmp) / "dist"
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "--disable-pip-version-check", "-q", "-w", str(built), str(src)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(built),
+            str(src),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(built.glob("*.whl")) if built.is_dir() else []
         if proc.returncode != 0 or len(wheels) != 1:
@@ -177,13 +210,26 @@ def fetch_extra_wheels(names: list[str], out_dir: Path, wheel_dir: Path | None) 
             got.append(dst)
             continue
         with tempfile.TemporaryDirectory(prefix="cellseg-dl-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, name]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                tmp,
+                name,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = sorted(Path(tmp).glob("*.whl"))
             if proc.returncode != 0 or not found:
-                raise CellsegError(f"pip download {name} failed (pass --wheel-dir with a local wheel): "
-                                   + ((proc.stderr.strip().splitlines() or ["no wheel"])[-1]))
+                raise CellsegError(
+                    f"pip download {name} failed (pass --wheel-dir with a local wheel): "
+                    + ((proc.stderr.strip().splitlines() or ["no wheel"])[-1])
+                )
             dst = out_dir / found[0].name
             shutil.move(str(found[0]), dst)
             got.append(dst)
@@ -192,7 +238,7 @@ def fetch_extra_wheels(names: list[str], out_dir: Path, wheel_dir: Path | None) 
 
 def _weights_plan(manifest_path: Path) -> tuple[str, Path, list[tuple[Path, str, str]]]:
     """(name, manifest file, [(checkpoint path, path relative to its folder, manifest sha256)])."""
-    from .manifest import load_manifest
+    from cellseg.model.manifest import load_manifest
 
     if manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.yaml"
@@ -259,7 +305,7 @@ def stage_bundle(
     Returns:
         The :class:`Bundle` with every uploaded file's size and sha256.
     """
-    from .paths import repo_root
+    from cellseg.paths import repo_root
 
     repo = Path(repo) if repo is not None else repo_root()
     if repo is None:

@@ -1,7 +1,7 @@
 """The README's main job, end to end on a laptop: synthetic data -> Kaggle kernel emulation ->
 submission.csv -> dry-run score.
 
-1. ``cellseg.synth.generate`` writes a small competition-layout dataset (default 24 train, 3 test).
+1. ``cellseg.data.synth.generate`` writes a small competition-layout dataset (default 24 train, 3 test).
 2. A fake ``/kaggle`` tree is built like Kaggle mounts it: ``input/competitions/<slug>/`` with the
    test images and sample_submission.csv, ``input/datasets/<user>/cellseg-bundle/`` with the marker
    ``cellseg-bundle.json``, a wheel built from this checkout and the ensemble's weights + manifest.
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CellsegError
-from .paths import demo_manifest, kernel_entry, repo_root
+from cellseg.errors import CellsegError
+from cellseg.paths import demo_manifest, kernel_entry, repo_root
 
 SLUG = "sartorius-cell-instance-segmentation"
 
@@ -38,10 +38,10 @@ def build_fake_kaggle(root: Path, data: Path, manifest: Path, wheel_dir: Path | 
     """Fake ``/kaggle`` tree at ``root`` for ``data`` (competition layout) and ``manifest``'s ensemble.
 
     The wheel comes from ``wheel_dir`` when given, else it is built from the checkout
-    (:func:`cellseg.bundle.build_wheel`). Returns ``root``.
+    (:func:`cellseg.kaggle.bundle.build_wheel`). Returns ``root``.
     """
-    from .bundle import MARKER, build_wheel
-    from .manifest import load_manifest
+    from cellseg.kaggle.bundle import MARKER, build_wheel
+    from cellseg.model.manifest import load_manifest
 
     m = load_manifest(manifest)  # checksums verified before anything is copied
     if root.exists():
@@ -68,8 +68,12 @@ def build_fake_kaggle(root: Path, data: Path, manifest: Path, wheel_dir: Path | 
         if repo is None:
             raise CellsegError("cellseg demo builds the wheel from the source checkout; run it from one")
         build_wheel(repo, bundle / "wheels")
-    marker = {"format": 1, "manifest": f"weights/{wdir.name}/manifest.yaml", "weights": wdir.name,
-              "wheels": [f"wheels/{w.name}" for w in (bundle / "wheels").glob("*.whl")]}
+    marker = {
+        "format": 1,
+        "manifest": f"weights/{wdir.name}/manifest.yaml",
+        "weights": wdir.name,
+        "wheels": [f"wheels/{w.name}" for w in (bundle / "wheels").glob("*.whl")],
+    }
     (bundle / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     (root / "working").mkdir()
     (root / "temp").mkdir()
@@ -90,9 +94,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the four steps into ``out``. The kernel and the dry run get time budgets (TTA views, then
     models, are dropped when the machine is too slow), which keeps the demo under 10 minutes."""
-    from .dry_run import dry_run
-    from .submission import validate_submission
-    from .synth import generate
+    from cellseg.data.synth import generate
+    from cellseg.dry_run import dry_run
+    from cellseg.submission import validate_submission
 
     t0 = time.monotonic()
     out = Path(out)
@@ -102,14 +106,25 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     log(f"[1/4] synthetic data: {train_images} train / {test_images} test images -> {data}")
-    generate(data, train_images=train_images, test_images=test_images, semi_images=0, seed=seed,
-             progress=False, force=True)
+    generate(
+        data, train_images=train_images, test_images=test_images, semi_images=0, seed=seed, progress=False, force=True
+    )
     log(f"[2/4] fake Kaggle tree with the bundle (wheel built from this checkout) -> {out / 'kaggle'}")
     root = build_fake_kaggle(out / "kaggle", data, manifest)
     log(f"[3/4] kernel/submit.py --kaggle-root {root}")
     sys.stdout.flush()
-    proc = subprocess.run([sys.executable, str(kernel_entry()), "--kaggle-root", str(root), "--device", device,
-                           "--time-budget", kernel_budget])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(kernel_entry()),
+            "--kaggle-root",
+            str(root),
+            "--device",
+            device,
+            "--time-budget",
+            kernel_budget,
+        ]
+    )
     if proc.returncode != 0:
         raise CellsegError(f"kernel/submit.py exited with {proc.returncode} (its error is printed above)")
     sub = root / "working" / "submission.csv"
@@ -119,6 +134,7 @@ def run_demo(
     shutil.copy2(sub, out / "submission.csv")
     log(f"      submission: {out / 'submission.csv'} (valid)")
     log(f"[4/4] dry run on {dry_run_images} train images -> {out / 'dry-run'}")
-    res = dry_run(data, manifest, out / "dry-run", images=dry_run_images, seed=seed, device=device,
-                  time_budget=dry_run_budget)
+    res = dry_run(
+        data, manifest, out / "dry-run", images=dry_run_images, seed=seed, device=device, time_budget=dry_run_budget
+    )
     return DemoResult(out / "submission.csv", res.score, res.table, time.monotonic() - t0)

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 DATASET_METADATA = "dataset-metadata.json"
@@ -192,7 +192,9 @@ def validate_kernel_metadata(meta: dict[str, Any], folder: str | Path) -> list[s
     for key, want in (("enable_internet", False), ("enable_gpu", True), ("is_private", True)):
         if meta.get(key) is not want:
             # The client's default for enable_internet is TRUE, and a competition rerun needs it off.
-            out.append(f"kernel {key}: must be written explicitly as {json.dumps(want)} (is {json.dumps(meta.get(key))})")
+            out.append(
+                f"kernel {key}: must be written explicitly as {json.dumps(want)} (is {json.dumps(meta.get(key))})"
+            )
     for key in ("dataset_sources", "kernel_sources"):
         sources = meta.get(key, [])
         if not isinstance(sources, list):
@@ -204,8 +206,11 @@ def validate_kernel_metadata(meta: dict[str, Any], folder: str | Path) -> list[s
     if not isinstance(comps, list) or COMPETITION not in comps:
         out.append(f"kernel competition_sources: must include {COMPETITION!r}")
     else:
-        out += [f"kernel competition_sources: {c!r} is not a slug" for c in comps
-                if not (isinstance(c, str) and SLUG_RE.match(c))]
+        out += [
+            f"kernel competition_sources: {c!r} is not a slug"
+            for c in comps
+            if not (isinstance(c, str) and SLUG_RE.match(c))
+        ]
     return out
 
 
@@ -217,6 +222,6 @@ def check(problems: list[str]) -> None:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write metadata as indented JSON (atomic)."""
-    from .io import atomic_write_text
+    from cellseg.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -2,7 +2,7 @@
 so that options (Detectron2-compatible backbones, RoIAlign variants, anchors) slot in.
 
 Nothing here downloads: every network starts from random weights; pretrained weights come from a
-file through :func:`cellseg.checkpoint.load_init`.
+file through :func:`cellseg.model.checkpoint.load_init`.
 
     model = build_model(ModelConfig(backbone="resnet18", norm="bn", fpn_channels=128))
     model.eval(); out = model([image])   # image (3, H, W) float32 in [0, 1]
@@ -10,7 +10,7 @@ file through :func:`cellseg.checkpoint.load_init`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from . import d2compat
-from .errors import CellsegError
-from .settings import ModelConfig
+from cellseg.detectron2 import modeling as d2compat
+from cellseg.errors import CellsegError
+from cellseg.model.experiment import ModelConfig
 
 #: ResNet stage names from the top, as torchvision counts trainable layers.
 _STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
@@ -138,7 +138,9 @@ class ScaledRCNNTransform(GeneralizedRCNNTransform):
     """
 
     def __init__(self, scale: float, image_mean: list[float], image_std: list[float], size_divisible: int = 32) -> None:
-        super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, size_divisible=size_divisible)
+        super().__init__(
+            min_size=1, max_size=1, image_mean=image_mean, image_std=image_std, size_divisible=size_divisible
+        )
         self.scale = float(scale)
 
     def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):
@@ -222,7 +224,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
 
 
 __all__ = [

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import from_dict, to_dict
-from .errors import CellsegError
-from .io import atomic_path
-from .models import build_model, class_specific, unwrap
-from .settings import ExperimentConfig, ModelConfig
+from cellseg.config import from_dict, to_dict
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_path
+from cellseg.model.build import build_model, class_specific, unwrap
+from cellseg.model.experiment import ExperimentConfig, ModelConfig
 
 FORMAT = "cellseg-checkpoint"
 VERSION = 1
@@ -52,7 +52,10 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            cwd=cwd, capture_output=True, text=True, timeout=10,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -68,7 +71,9 @@ def _read(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unpickler errors come in many types
-        raise CellsegError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CellsegError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def _is_ours(obj: Any) -> bool:
@@ -96,7 +101,9 @@ def save_checkpoint(
     if not isinstance(model_cfg, ModelConfig):
         raise TypeError(f"cfg must be ExperimentConfig or ModelConfig, got {type(cfg).__name__}")
     state = unwrap(model).state_dict()
-    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone() for k, v in state.items()}
+    state = {
+        k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone() for k, v in state.items()
+    }
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -154,7 +161,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     missing, unexpected, mismatched = _compare(model.state_dict(), state)
     if missing or unexpected or mismatched:
-        raise CellsegError(f"{path}: weights do not match the stored model_config ({_describe(missing, unexpected, mismatched)})")
+        raise CellsegError(
+            f"{path}: weights do not match the stored model_config ({_describe(missing, unexpected, mismatched)})"
+        )
     model.load_state_dict(state)
     return model.to(device).eval(), info
 
@@ -162,7 +171,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 # ----------------------------------------------------------------------------- initial weights
 
 
-def _compare(expected: dict, given: dict, ignore: tuple[str, ...] = ("num_batches_tracked",)) -> tuple[list, list, list]:
+def _compare(
+    expected: dict, given: dict, ignore: tuple[str, ...] = ("num_batches_tracked",)
+) -> tuple[list, list, list]:
     """(missing, unexpected, shape-mismatched) keys of ``given`` against ``expected``."""
     skip = lambda k: k.endswith(ignore)  # noqa: E731 - BN counters differ between BatchNorm2d and FrozenBN
     missing = [k for k in expected if k not in given and not skip(k)]
@@ -177,7 +188,11 @@ def _compare(expected: dict, given: dict, ignore: tuple[str, ...] = ("num_batche
 
 def _describe(missing: list, unexpected: list, mismatched: list, n: int = 3) -> str:
     parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", mismatched)):
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch (file vs model)", mismatched),
+    ):
         if keys:
             more = f" and {len(keys) - n} more" if len(keys) > n else ""
             parts.append(f"{len(keys)} {label}: {', '.join(keys[:n])}{more}")
@@ -234,7 +249,10 @@ def load_init(model: nn.Module, path: str | Path) -> str:
 def _load_detector(model: nn.Module, state: dict, path: Path) -> str:
     own = model.state_dict()
     missing, unexpected, mismatched = _compare(own, state)
-    reinit_ok = lambda k: class_specific(k) or k.startswith("rpn.head.cls_logits.") or k.startswith("rpn.head.bbox_pred.")  # noqa: E731
+
+    def reinit_ok(k: str) -> bool:
+        return class_specific(k) or k.startswith(("rpn.head.cls_logits.", "rpn.head.bbox_pred."))
+
     bad_mismatch = [m for m in mismatched if not reinit_ok(m.split(" ")[0])]
     bad_missing = [k for k in missing if not class_specific(k)]
     if bad_missing or unexpected or bad_mismatch:

@@ -4,7 +4,7 @@
 Sections: ``model`` (:class:`ModelConfig`, everything needed to rebuild the network; it is stored in
 every checkpoint), ``train`` (:class:`TrainConfig`: optimiser, schedule, AMP, validation),
 ``data`` (:class:`DataConfig`: which annotations, folds) and ``augment``
-(:class:`cellseg.transforms.AugmentConfig`, owned by the augmentation module).
+(:class:`cellseg.data.transforms.AugmentConfig`, owned by the augmentation module).
 
     cfg = load_experiment("configs/demo.yaml", ["train.epochs=3", "model.min_size=800"])
 """
@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import CELL_TYPES
-from .config import load_yaml
-from .errors import CellsegError
-from .transforms import AugmentConfig
+from cellseg import CELL_TYPES
+from cellseg.config import load_yaml
+from cellseg.data.transforms import AugmentConfig
+from cellseg.errors import CellsegError
+
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a torchvision Mask R-CNN (see :func:`cellseg.models.build_model`).
+    """Everything needed to rebuild a torchvision Mask R-CNN (see :func:`cellseg.model.build.build_model`).
 
     Sizes are in pixels of the network input, i.e. after the ``min_size``/``max_size`` rescale
     (a 520 x 704 image with ``min_size: 1040`` is upscaled 2x; cells are then ~20-60 px).
@@ -80,7 +81,7 @@ class ModelConfig:
     #: box head width (torchvision: 1024) and mask head depth (torchvision: 4 convs).
     box_head_dim: int = 1024
     mask_head_convs: int = 4
-    #: Detectron2-faithful options (cellseg.d2compat; all False = plain torchvision; set by
+    #: Detectron2-faithful options (cellseg.detectron2.modeling; all False = plain torchvision; set by
     #: ``cellseg convert-detectron2``). Stride of each ResNet stage's first block on its 1x1 conv
     #: (Detectron2 ``RESNETS.STRIDE_IN_1X1``, MSRA-style weights) instead of the 3x3 conv.
     stride_in_1x1: bool = False
@@ -153,7 +154,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Which annotations train the model and how the hold-out is chosen (see :mod:`cellseg.folds`)."""
+    """Which annotations train the model and how the hold-out is chosen (see :mod:`cellseg.data.folds`)."""
 
     #: fill holes of train.csv masks (broken astro outlines) before training.
     fill_holes: bool = True
@@ -169,7 +170,7 @@ class DataConfig:
     coco_images_dir: str | None = None
     coco_cell_type: str = "shsy5y"
     #: per-cell-type repeat factor of the train.csv images in every epoch (e.g. {shsy5y: 2.0, astro: 2.0}
-    #: to balance a cort-heavy set; see :func:`cellseg.dataset.repeat_by_type`); missing types: 1.
+    #: to balance a cort-heavy set; see :func:`cellseg.data.dataset.repeat_by_type`); missing types: 1.
     type_repeat: dict[str, float] = field(default_factory=dict)
 
 

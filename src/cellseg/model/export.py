@@ -17,16 +17,16 @@ manifest pointing at missing or half-written files.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from . import CELL_TYPES
-from .checkpoint import load_model, save_checkpoint
-from .config import from_dict
-from .errors import CellsegError
-from .manifest import VIEWS, Manifest, ModelEntry, default_classes, load_manifest, write_manifest
-from .settings import ExperimentConfig
+from cellseg import CELL_TYPES
+from cellseg.config import from_dict
+from cellseg.errors import CellsegError
+from cellseg.model.checkpoint import load_model, save_checkpoint
+from cellseg.model.experiment import ExperimentConfig
+from cellseg.model.manifest import VIEWS, Manifest, ModelEntry, default_classes, load_manifest, write_manifest
 
 
 @dataclass

@@ -18,10 +18,10 @@ from typing import Literal
 
 import yaml
 
-from . import CELL_TYPES
-from .config import load_yaml, to_dict
-from .errors import CellsegError
-from .io import atomic_write_text
+from cellseg import CELL_TYPES
+from cellseg.config import load_yaml, to_dict
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_write_text
 
 View = Literal["identity", "hflip", "vflip", "hvflip"]
 VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "hvflip")
@@ -41,7 +41,7 @@ class ModelEntry:
 
 @dataclass
 class FusionConfig:
-    """How detections of all views and models are merged (see :mod:`cellseg.ensemble`).
+    """How detections of all views and models are merged (see :mod:`cellseg.inference.fusion`).
 
     ``iou_type``: NMS on mask IoU (sparse, on crops) or box IoU. ``average_masks``: the keeper's soft
     mask becomes the score x model-weight average of its suppressed duplicates. ``score_mode``: the
@@ -49,9 +49,9 @@ class FusionConfig:
     total weight of all views x models (``mean``; penalises detections few views agree on).
     ``model_score_thresh`` / ``model_nms_thresh`` loosen the models' own filtering at inference;
     ``detections_per_view`` caps each model x view. ``paste_shift``: pixels (down-right) by which
-    28 x 28 masks are placed relative to their boxes (see :func:`cellseg.predict.paste_soft`).
+    28 x 28 masks are placed relative to their boxes (see :func:`cellseg.inference.forward.paste_soft`).
     ``vote_min_score``: only detections scoring at least this vote for the image's cell type (all
-    of them when none does; see :func:`cellseg.postprocess.vote_cell_type`).
+    of them when none does; see :func:`cellseg.inference.postprocess.vote_cell_type`).
     """
 
     iou_type: Literal["mask", "box"] = "mask"
