@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         cellseg = import_cellseg(bundle, root / "temp")
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {Path(cellseg.__file__).parent}")
         from cellseg.errors import CellsegError
-        from cellseg.inference.pipeline import parse_duration, predict_folder
+        from cellseg.inference.runner import parse_duration, predict_folder
 
         out = args.out or root / "working" / "submission.csv"
         try:

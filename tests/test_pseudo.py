@@ -150,7 +150,7 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     from cellseg.model.experiment import load_experiment
     from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
     from cellseg.paths import configs_dir
-    from cellseg.train import train
+    from cellseg.training.loop import train
     from test_train import TINY_OVERRIDES
 
     data = _tiny_competition(tmp_path / "data")

@@ -19,7 +19,9 @@ from cellseg.io import write_gray
 from cellseg.model.checkpoint import load_model, read_checkpoint, read_checkpoint_info
 from cellseg.model.experiment import TrainConfig, load_experiment
 from cellseg.paths import configs_dir
-from cellseg.train import balanced_subset, build_optimizer, lr_factor, rng_state, set_rng_state
+from cellseg.training.loop import balanced_subset
+from cellseg.training.optim import build_optimizer, lr_factor
+from cellseg.training.rng import rng_state, set_rng_state
 from helpers import train_rows, write_train_csv
 
 H, W = 64, 80
@@ -235,7 +237,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
 DDP_SCRIPT = """
 import sys, torch
 from cellseg.model.experiment import load_experiment
-from cellseg.train import train
+from cellseg.training.loop import train
 import torch.distributed as dist
 cfg = load_experiment(sys.argv[1], sys.argv[4:])
 res = train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)

@@ -2,7 +2,7 @@
 
 The chosen train images (a fold's hold-out or a seeded sample) are linked into a temporary
 competition-layout folder (``test/`` + ``sample_submission.csv``) and predicted by
-:func:`cellseg.inference.pipeline.predict_folder`, exactly as on Kaggle; the written submission.csv is then
+:func:`cellseg.inference.runner.predict_folder`, exactly as on Kaggle; the written submission.csv is then
 decoded and scored. The report folder receives::
 
     submission.csv        what the kernel wrote
@@ -139,7 +139,7 @@ def dry_run(
     """Run the kernel path on train images and write the report folder (see the module docstring)."""
     from cellseg.data.masks import label_image
     from cellseg.data.truth import read_train_csv
-    from cellseg.inference.pipeline import predict_folder
+    from cellseg.inference.runner import predict_folder
     from cellseg.io import read_gray
     from cellseg.metric import score_images
     from cellseg.submission import decode_submission

@@ -11,7 +11,8 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from cellseg.data.masks import label_image
 from cellseg.errors import CellsegError
 from cellseg.inference.forward import load_ensemble, paste_soft, predict_views
-from cellseg.inference.pipeline import parse_duration, plan_within_budget, predict_folder, predict_image
+from cellseg.inference.pipeline import predict_image
+from cellseg.inference.runner import parse_duration, plan_within_budget, predict_folder
 from cellseg.metric import iou_matrix
 from cellseg.model.manifest import FusionConfig, load_manifest
 from cellseg.submission import read_submission, validate_submission

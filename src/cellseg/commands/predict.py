@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellseg.inference.pipeline import predict_folder
+    from cellseg.inference.runner import predict_folder
 
     res = predict_folder(
         args.data,

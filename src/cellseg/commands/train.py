@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellseg.errors import CellsegError
     from cellseg.model.experiment import load_experiment
-    from cellseg.train import train
+    from cellseg.training.loop import train
 
     fold = None
     if str(args.fold).lower() != "all":

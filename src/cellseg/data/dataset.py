@@ -6,7 +6,7 @@ Entry points::
                    seed=0, fill_holes=True, extra_csv=(), coco_json=(), coco_images_dir=None,
                    extra_ratio=None, use_train=True, folds_csv=None, coco_cell_type="shsy5y",
                    progress=False) -> (train_ds, val_ds or None)
-    build_train_dataset(cfg: ExperimentConfig, data_dir, train_ids) -> CellDataset   # for cellseg.train
+    build_train_dataset(cfg: ExperimentConfig, data_dir, train_ids) -> CellDataset   # for cellseg.training.loop
     collate_fn(batch) -> (images tuple, targets tuple)
 
 ``CellDataset[i]`` is ``(image, target)``::
@@ -469,7 +469,7 @@ def build_datasets(
 
 
 def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> CellDataset:
-    """The augmented training dataset for :func:`cellseg.train.train`: ``train_ids`` of train.csv
+    """The augmented training dataset for :func:`cellseg.training.loop.train`: ``train_ids`` of train.csv
     (holes filled per ``cfg.data.fill_holes``) plus ``cfg.data.extra_csv`` / ``coco_json`` (ids not in
     ``train_ids`` but in train.csv, i.e. hold-out ids, are excluded from the extras); the train.csv
     images oversampled per cell type by ``cfg.data.type_repeat`` (:func:`repeat_by_type`).

@@ -1,107 +1,29 @@
-"""Predict a competition-layout folder's ``test/`` into ``submission.csv``: the kernel's pipeline.
+"""One image through the ensemble: the per-image path every caller shares (the folder runner and so the
+kernel, dry-run, predict-raw/tune, pseudo-labels).
 
-    result = predict_folder("data/", "weights/demo/manifest.yaml", "submission.csv", time_budget="8h30m")
+    (H, W) uint8 image -> models x TTA views (:func:`forward_image`) -> cell-type vote
+    (:func:`vote_image_type`) -> relabel + paste (:func:`image_detections`) -> fusion + post-processing
+    (:func:`finish_image`) -> non-overlapping crops with scores (:class:`ImageResult`).
 
-Order of work: manifest loaded and every checksum verified, models loaded, then for each test image:
-read (odd images converted by cellseg.io.read_gray; unreadable ones logged and given an empty row)
--> models x TTA views -> cell-type vote -> fusion -> post-processing -> RLE. The submission is
-written atomically with every test id and validated before returning.
-
-Time budget: after every image the remaining work is projected from the measured seconds per
-(model x view) unit; while it would not fit, TTA views are dropped (last listed first), then models
-(lowest weight first), each decision logged. If even one model x one view does not fit, images
-are processed while time remains and the rest get empty rows: the run never overruns.
+The forward runs where the models are (GPU); everything after it is CPU-only, so the folder runner can
+run image k's CPU stages in a worker thread while the GPU runs image k + 1.
 """
 
 from __future__ import annotations
 
-import re
-import sys
 import time
-import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from cellseg import CLASS_IDS
 from cellseg.data.masks import CropMask
-from cellseg.errors import CellsegError
-from cellseg.model.manifest import Manifest, load_manifest
-from cellseg.paths import CompetitionPaths
-
-Log = Callable[[str], None]
-
-
-def _default_log(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def parse_duration(text: str | float | int | None) -> float | None:
-    """``8h30m``, ``45m``, ``90s``, ``1h2m3s``, ``2.5h`` or plain seconds -> seconds (None stays None)."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    s = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
-    if not s or not m or not any(m.groups()):
-        raise CellsegError(f"time budget {text!r} not understood (examples: 8h30m, 45m, 90s, 3600)")
-    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + se
-
-
-# ----------------------------------------------------------------------------- time budget
-
-
-@dataclass
-class BudgetPlan:
-    views: list[str]
-    models: list[int]  # indices into the manifest's models
-    decisions: list[str] = field(default_factory=list)
-
-
-def plan_within_budget(
-    views: Sequence[str],
-    models: Sequence[int],
-    weights: Sequence[float],
-    seconds_per_unit: float,
-    images_left: int,
-    seconds_left: float,
-) -> BudgetPlan:
-    """Shrink the work until ``images_left`` x units x ``seconds_per_unit`` fits ``seconds_left``.
-
-    A unit is one model x one view of one image. Views are dropped last-first (identity is kept),
-    then models lowest ``weights[m]`` first. Pure function: returns the plan and one line per drop.
-    """
-    views, models = list(views), list(models)
-    decisions: list[str] = []
-
-    def projected() -> float:
-        return images_left * seconds_per_unit * len(views) * len(models)
-
-    while projected() > seconds_left and (len(views) > 1 or len(models) > 1):
-        before = projected()
-        if len(views) > 1:
-            drop = next((v for v in reversed(views) if v != "identity"), views[-1])
-            views.remove(drop)
-            what = f"dropping TTA view {drop}"
-        else:
-            drop_m = min(models, key=lambda m: (weights[m], -m))
-            models.remove(drop_m)
-            what = f"dropping model #{drop_m} (weight {weights[drop_m]:g})"
-        decisions.append(
-            f"time budget: {images_left} images projected at {before:.0f}s > {seconds_left:.0f}s left: "
-            f"{what} -> {projected():.0f}s"
-        )
-    return BudgetPlan(views, models, decisions)
-
-
-# ----------------------------------------------------------------------------- one image
+from cellseg.inference.forward import predict_views, raw_to_detections, raw_vote_inputs, relabel
+from cellseg.inference.fusion import fuse
+from cellseg.inference.postprocess import postprocess, vote_cell_type
+from cellseg.model.manifest import Manifest
 
 
 @dataclass
@@ -116,10 +38,6 @@ class ImageResult:
 def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tuple[list, float]:
     """Models x views of one (H, W) uint8 image -> (raw views, seconds). A CUDA out-of-memory
     error is retried once with one view per forward."""
-    import torch
-
-    from cellseg.inference.forward import predict_views
-
     t0 = time.perf_counter()
     try:
         raw = predict_views(loaded, image, views, device)
@@ -133,9 +51,6 @@ def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tu
 
 def vote_image_type(raw, loaded, manifest: Manifest) -> str:
     """The image's cell type from all its raw model x view detections (manifest's vote threshold)."""
-    from cellseg.inference.forward import raw_vote_inputs
-    from cellseg.inference.postprocess import vote_cell_type
-
     return vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
 
 
@@ -156,8 +71,6 @@ def image_detections(
     score mode (lower scores cannot change which detections above it survive greedy NMS) and 0
     otherwise. Returns (Detections, cell type, total weight of all model x view runs).
     """
-    from cellseg.inference.forward import raw_to_detections, relabel
-
     if cell_type is None:
         cell_type = vote_image_type(raw, loaded, manifest)
     if min_score is None:
@@ -181,9 +94,6 @@ def finish_image(
     ``cell_type`` skips the vote; ``strictness(thresholds) -> thresholds`` adjusts the type's
     thresholds (pseudo-labels use stricter ones).
     """
-    from cellseg.inference.fusion import fuse
-    from cellseg.inference.postprocess import postprocess
-
     height, width = image_shape
     t1 = time.perf_counter()
     if cell_type is None:
@@ -216,228 +126,3 @@ def predict_image(image: np.ndarray, loaded, views: Sequence[str], manifest: Man
     res = finish_image(image.shape, raw, loaded, views, manifest)
     res.forward_s = forward_s
     return res
-
-
-# ----------------------------------------------------------------------------- a folder
-
-
-@dataclass
-class RunResult:
-    out: Path
-    rows: dict[str, list[str]]
-    cell_types: dict[str, str]
-    seconds: dict[str, float]  # per processed image
-    failed: dict[str, str]  # id -> reason
-    skipped: list[str]  # ids left empty for the time budget
-    decisions: list[str]
-    load_s: float
-    total_s: float
-    device: str
-    forward_s: float = 0.0
-    rest_s: float = 0.0
-    views: list[str] = field(default_factory=list)
-    models: int = 0
-
-
-def list_test_ids(paths: CompetitionPaths, log: Log) -> list[str]:
-    """Ids of ``test/*.png`` (sorted); sample_submission ids without a PNG are logged."""
-    if not paths.test_dir.is_dir():
-        raise CellsegError(f"{paths.test_dir}: test folder not found (is {paths.root} a competition-layout folder?)")
-    ids = sorted(p.stem for p in paths.test_dir.glob("*.png"))
-    if paths.sample_submission.is_file():
-        from cellseg.data.truth import read_sample_submission
-
-        try:
-            sample = read_sample_submission(paths.sample_submission)
-        except CellsegError as e:
-            log(f"warning: {e}")
-            sample = []
-        missing = sorted(set(sample) - set(ids))
-        if missing:
-            log(
-                f"warning: {len(missing)} id(s) of {paths.sample_submission.name} have no PNG in test/ "
-                f"(e.g. {missing[0]}); they get no row"
-            )
-    return ids
-
-
-#: margin on measured seconds per unit when planning against the time budget
-SAFETY = 1.3
-
-
-def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -> float | None:
-    """Seconds of one model x identity view on the first readable test image (None if none reads)."""
-    from cellseg.inference.forward import predict_views, raw_to_detections
-    from cellseg.io import read_gray
-
-    for image_id in ids[:5]:
-        try:
-            image = read_gray(paths.image("test", image_id))
-        except CellsegError:
-            continue
-        t0 = time.monotonic()
-        raw = predict_views(one_model, image, ["identity"], device)
-        raw_to_detections(raw, one_model, *image.shape, min_score=0.5)
-        return time.monotonic() - t0
-    return None
-
-
-def predict_folder(
-    data_dir: str | Path,
-    manifest_path: str | Path,
-    out: str | Path,
-    time_budget: str | float | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    log: Log | None = None,
-    image_ids: Sequence[str] | None = None,
-    validate: bool = True,
-    pipeline: bool | None = None,
-) -> RunResult:
-    """Predict every test image of ``data_dir`` with the manifest's ensemble into ``out``.
-
-    ``image_ids`` restricts the run (default: every ``test/*.png``). ``pipeline``: post-process
-    image k in a worker thread while the models run on image k + 1 (default: on CUDA only).
-    Raises CellsegError (one line) for a missing test folder, an unusable manifest, a checksum
-    mismatch, every image failing, or an invalid written submission.
-    """
-    start = time.monotonic()
-    log = log or _default_log
-    budget = parse_duration(time_budget)
-    paths = CompetitionPaths(Path(data_dir))
-    ids = list(image_ids) if image_ids is not None else list_test_ids(paths, log)
-    if image_ids is not None and not paths.test_dir.is_dir():
-        raise CellsegError(f"{paths.test_dir}: test folder not found")
-    manifest = load_manifest(manifest_path, verify=True)  # checksums before any image is touched
-
-    from tqdm import tqdm
-
-    from cellseg.inference.forward import load_ensemble, resolve_device
-    from cellseg.io import read_gray
-    from cellseg.submission import validate_submission, write_submission
-
-    dev = resolve_device(device)
-    loaded_all = load_ensemble(manifest, dev)
-    load_s = time.monotonic() - start
-    log(f"loaded {len(loaded_all)} model(s) on {dev} in {load_s:.1f}s; views {manifest.tta}; {len(ids)} test image(s)")
-
-    views = list(manifest.tta)
-    model_idx = list(range(len(loaded_all)))
-    weights = [m.weight for m in loaded_all]
-    rows: dict[str, list[str]] = {i: [] for i in ids}
-    result = RunResult(Path(out), rows, {}, {}, {}, [], [], load_s, 0.0, str(dev))
-    unit_times: list[float] = []
-    reserve = min(2.0, 0.05 * (budget or 0)) + 0.01 * (budget or 0)  # writing + validating the CSV
-    if budget is not None and ids and time.monotonic() - start < budget - reserve:
-        per_unit = _calibrate(paths, ids, loaded_all[:1], dev)
-        if per_unit is not None:
-            unit_times.append(per_unit)
-            log(f"time budget {budget:.0f}s: one model x one view takes ~{per_unit:.2f}s per image")
-    # On CUDA the CPU stages of image k run in a worker thread while the GPU runs image k + 1.
-    use_thread = dev.type == "cuda" if pipeline is None else pipeline
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-post") if use_thread else None
-    pending: list[tuple[str, Future, float, tuple[int, int]]] = []
-
-    def fail(image_id: str, e: BaseException) -> None:
-        if isinstance(e, CellsegError):
-            reason = str(e)
-            log(f"{image_id}: {reason}; writing an empty row")
-        else:  # keep going: one bad image must not sink the submission
-            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-            first = str(e).splitlines()[0] if str(e) else ""
-            reason = f"{type(e).__name__}: {first}" + (
-                f" ({Path(where.filename).name}:{where.lineno})" if where else ""
-            )
-            log(f"{image_id}: failed with {reason}; writing an empty row")
-        result.failed[image_id] = reason
-
-    def collect() -> None:
-        from cellseg.data.rle import encode_crop
-
-        image_id, fut, forward_s, shape = pending.pop(0)
-        try:
-            res = fut.result()
-        except Exception as e:
-            fail(image_id, e)
-            return
-        rows[image_id] = [encode_crop(c, *shape) for c in res.crops]
-        result.cell_types[image_id] = res.cell_type
-        result.forward_s += forward_s
-        result.rest_s += res.rest_s
-
-    bar = tqdm(ids, unit="img", disable=None if progress else True, desc="predict", dynamic_ncols=True)
-    last = time.monotonic()
-    try:
-        for k, image_id in enumerate(bar):
-            left = len(ids) - k
-            if budget is not None:
-                elapsed = time.monotonic() - start
-                seconds_left = budget - reserve - elapsed
-                per_unit = SAFETY * float(np.mean(unit_times[-5:])) if unit_times else None
-                if per_unit is not None:
-                    plan = plan_within_budget(views, model_idx, weights, per_unit, left + len(pending), seconds_left)
-                    for d in plan.decisions:
-                        log(d)
-                    result.decisions += plan.decisions
-                    views, model_idx = plan.views, plan.models
-                est = (per_unit or 0.0) * len(views) * len(model_idx) * (1 + len(pending))
-                if seconds_left <= 0 or est > seconds_left:
-                    msg = (
-                        f"time budget: {budget:.0f}s nearly spent after {elapsed:.0f}s; "
-                        f"{left} image(s) left with empty rows"
-                    )
-                    log(msg)
-                    result.decisions.append(msg)
-                    result.skipped = ids[k:]
-                    break
-            path = paths.image("test", image_id)
-            loaded = [loaded_all[i] for i in model_idx]
-            try:
-                image = read_gray(path)
-                raw, forward_s = forward_image(image, loaded, views, dev)
-            except Exception as e:
-                fail(image_id, e)
-                last = time.monotonic()
-                continue
-            if pool is not None:
-                fut = pool.submit(finish_image, image.shape, raw, loaded, list(views), manifest)
-            else:
-                fut = Future()
-                try:
-                    fut.set_result(finish_image(image.shape, raw, loaded, list(views), manifest))
-                except Exception as e:
-                    fut.set_exception(e)
-            pending.append((image_id, fut, forward_s, image.shape))
-            while len(pending) > (1 if pool is not None else 0):
-                collect()
-            now = time.monotonic()
-            result.seconds[image_id] = now - last  # throughput: one image per this many seconds
-            last = now
-            unit_times.append(result.seconds[image_id] / max(len(views) * len(model_idx), 1))
-            rate = len(result.seconds) / max(sum(result.seconds.values()), 1e-9)
-            finish = time.strftime("%H:%M:%S", time.localtime(time.time() + (left - 1) / rate))
-            bar.set_postfix_str(f"{rate:.2f} img/s, finish ~{finish}", refresh=False)
-        while pending:
-            collect()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-    bar.close()
-    result.views, result.models = views, len(model_idx)
-    if ids and len(result.failed) == len(ids):
-        first = next(iter(result.failed.values()))
-        raise CellsegError(f"every test image failed ({len(ids)}); first: {first}")
-    write_submission(out, rows)
-    if validate:
-        problems = validate_submission(out, paths.test_dir) if image_ids is None else []
-        if problems:
-            raise CellsegError(
-                f"{out}: written submission is invalid ({len(problems)} problem(s)); first: {problems[0]}"
-            )
-    result.total_s = time.monotonic() - start
-    n_cells = sum(len(r) for r in rows.values())
-    log(
-        f"wrote {out}: {len(ids)} image(s), {n_cells} instance(s), {len(result.failed)} failed, "
-        f"{len(result.skipped)} skipped, {result.total_s:.1f}s"
-    )
-    return result

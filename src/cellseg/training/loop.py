@@ -1,12 +1,14 @@
-"""Training loop: single process or torch DDP (launched by ``torchrun``), kill-safe resume.
+"""The training run: data, model, optimiser, resume, then per epoch :func:`~cellseg.training.engine.train_one_epoch`
+and :func:`~cellseg.training.engine.evaluate`, with the run folder written atomically. Single process or
+torch DDP (launched by ``torchrun``).
 
     train(cfg, data_dir, fold=0, init="coco.pth", out="runs/r50/fold0")
 
 * Data: the fold's training images (``cellseg.data.dataset``), the fold's hold-out (``cellseg.data.folds``,
   ``cfg.data.folds`` / ``fold_seed``) for validation with the exact competition metric.
-* Optimisation: SGD or AdamW, linear warm-up then cosine or step decay (per step), gradient clipping,
-  AMP (autocast + GradScaler) on GPU, deterministic seeding.
-* Distributed: ``init_process_group`` from the torchrun environment (nccl on GPU, gloo on CPU),
+* Optimisation (``cellseg.training.optim``): SGD or AdamW, linear warm-up then cosine or step decay (per
+  step), gradient clipping, AMP (autocast + GradScaler) on GPU, deterministic seeding.
+* Distributed (``cellseg.training.distributed``): ``init_process_group`` from the torchrun environment,
   ``DistributedSampler``, ``DistributedDataParallel``; only rank 0 validates and writes.
 * Run folder: ``last.pth`` (every epoch, with the full resume state), ``best.pth`` (best validation
   score), ``metrics.csv``, ``curves.png``, ``config.yaml``. All writes are atomic, so a run killed at
@@ -16,137 +18,40 @@
 
 from __future__ import annotations
 
-import math
-import os
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+import matplotlib
 
-from cellseg import CELL_TYPES
-from cellseg.config import dump_yaml, to_dict
-from cellseg.errors import CellsegError
-from cellseg.io import atomic_path
-from cellseg.model.build import build_model, count_parameters, unwrap
-from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
-from cellseg.model.experiment import ExperimentConfig, TrainConfig
-from cellseg.paths import CompetitionPaths
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK...)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, init_method="env://")
-    return DistInfo(rank, world, local)
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch (CPU, CUDA) generator states, as weights_only-loadable values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over trainable parameters; no weight decay on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise CellsegError(f"train.optimizer: unknown {cfg.optimizer!r} (sgd, adamw)")
-
-
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at optimiser step ``step`` of ``total``: warm-up x (cosine | step)."""
-    if cfg.schedule == "cosine":
-        t = min(step, total) / max(total, 1)
-        main = cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-    else:
-        main = cfg.gamma ** sum(step >= int(f * total) for f in cfg.steps)
-    if step < cfg.warmup_iters:
-        a = step / cfg.warmup_iters
-        main *= cfg.warmup_factor * (1.0 - a) + a
-    return main
-
-
-# ----------------------------------------------------------------------------- data
+from cellseg import CELL_TYPES  # noqa: E402
+from cellseg.config import dump_yaml, to_dict  # noqa: E402
+from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
+from cellseg.data.folds import make_folds, split  # noqa: E402
+from cellseg.data.truth import read_train_csv  # noqa: E402
+from cellseg.errors import CellsegError  # noqa: E402
+from cellseg.io import atomic_path  # noqa: E402
+from cellseg.model.build import build_model, count_parameters, unwrap  # noqa: E402
+from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint  # noqa: E402
+from cellseg.model.experiment import ExperimentConfig  # noqa: E402
+from cellseg.paths import CompetitionPaths  # noqa: E402
+from cellseg.training.distributed import barrier, device_for, gather_rng, init_distributed, reduce_mean  # noqa: E402
+from cellseg.training.engine import evaluate, train_one_epoch  # noqa: E402
+from cellseg.training.optim import build_optimizer, lr_factor  # noqa: E402
+from cellseg.training.rng import seed_everything, set_rng_state  # noqa: E402
 
 
 def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
     """(TrainSet without hole filling = validation truth, train ids, hold-out ids)."""
-    from cellseg.data.folds import make_folds, split
-    from cellseg.data.truth import read_train_csv
-
     if fold is not None and not 0 <= fold < cfg.data.folds:
         raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
     truth = read_train_csv(CompetitionPaths(data_dir).require("train_csv").train_csv, fill_holes=False)
@@ -171,21 +76,6 @@ def balanced_subset(truth: dict, n: int) -> list[str]:
     return out
 
 
-def build_train_dataset(cfg: ExperimentConfig, data_dir: Path, train_ids: list[str]):
-    """The augmented training dataset of ``train_ids`` (+ extra csv / COCO sources) and its collate_fn."""
-    from cellseg.data import dataset
-
-    ds = dataset.build_train_dataset(cfg, data_dir, train_ids)
-    return ds, getattr(dataset, "collate_fn", None) or _collate
-
-
-def _collate(batch):
-    return tuple(zip(*batch))
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
 @dataclass
 class TrainResult:
     out: Path
@@ -197,42 +87,11 @@ class TrainResult:
     model: nn.Module | None = None
 
 
-def _device(info: DistInfo) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
-
-
-def _gather_rng(info: DistInfo) -> list[dict]:
-    state = rng_state()
-    if not info.distributed:
-        return [state]
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def _reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    if not info.distributed or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / info.world_size for k, v in zip(keys, t)}
-
-
 def write_metrics(out: Path, history: list[dict]) -> None:
     """``metrics.csv`` (one row per epoch) and ``curves.png`` (losses, validation scores)."""
-    import pandas as pd
-
     df = pd.DataFrame(history)
     with atomic_path(out / "metrics.csv") as tmp:
         df.to_csv(tmp, index=False)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for col in [c for c in df.columns if c.startswith("loss")]:
         ax1.plot(df["epoch"], df[col], marker=".", label=col)
@@ -272,7 +131,7 @@ def train(
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
-    device = _device(info)
+    device = device_for(info)
     use_amp = tc.amp and device.type == "cuda"
     data_dir, out = Path(data_dir), Path(out)
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
@@ -281,7 +140,7 @@ def train(
         raise CellsegError(f"--init {init}: checkpoint not found")
     seed_everything(tc.seed)
     truth, train_ids, hold_ids = split_ids(cfg, data_dir, fold)
-    dataset, collate = build_train_dataset(cfg, data_dir, train_ids)
+    dataset = build_train_dataset(cfg, data_dir, train_ids)
     if len(dataset) == 0:
         raise CellsegError(f"fold {fold}: no training images")
     val_truth = {i: truth.images[i] for i in hold_ids}
@@ -319,7 +178,7 @@ def train(
         batch_size=tc.batch_size,
         sampler=sampler,
         num_workers=tc.num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         drop_last=False,
     )
@@ -369,92 +228,44 @@ def train(
     epoch = start_epoch
     stop = bool(tc.max_steps) and step >= tc.max_steps
     while epoch < tc.epochs and not stop:
-        model.train()
         sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        n_steps, wait, t_epoch = 0, 0.0, time.perf_counter()
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
-            unit="step",
-            leave=False,
-            disable=None if (progress and info.main) else True,
-            dynamic_ncols=True,
+        stats = train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            tc,
+            epoch=epoch,
+            step=step,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            use_amp=use_amp,
+            log=log,
+            progress=progress and info.main,
         )
-        t_wait = time.perf_counter()
-        for images, targets in loader:
-            wait += time.perf_counter() - t_wait
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [
-                {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-                for t in targets
-            ]
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            if not torch.isfinite(loss):
-                raise CellsegError(
-                    f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): "
-                    + ", ".join(f"{k}={v.item():.3g}" for k, v in loss_dict.items())
-                    + "; lower train.lr or raise warmup_iters"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            n_steps += 1
-            values = {k: float(v.detach()) for k, v in loss_dict.items()}
-            values["loss"] = float(loss.detach())
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
-            bar.update()
-            if tc.log_every and step % tc.log_every == 0:
-                log(
-                    f"step {step}/{total_steps} epoch {epoch + 1} "
-                    + " ".join(f"{k}={v:.3f}" for k, v in values.items())
-                )
-            if tc.max_steps and step >= tc.max_steps:
-                stop = True
-                break
-            t_wait = time.perf_counter()
-        bar.close()
+        step, stop = stats.step, stats.stopped
         epoch += 1
-        elapsed = time.perf_counter() - t_epoch
-        means = _reduce_mean({k: v / max(n_steps, 1) for k, v in sums.items()}, info)
+        elapsed = stats.seconds
+        means = reduce_mean(stats.means, info)
         if info.distributed:  # BatchNorm running stats drift apart per rank: keep rank 0's everywhere
             for buf in unwrap(model).buffers():
                 dist.broadcast(buf, src=0)
-        rngs = _gather_rng(info)  # the state the next epoch starts from (validation must not change it)
+        rngs = gather_rng(info)  # the state the next epoch starts from (validation must not change it)
         row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
         row.update(
             {("loss" if k == "loss" else f"loss_{k.removeprefix('loss_')}"): v for k, v in sorted(means.items())}
         )
-        row.update({"seconds": round(elapsed, 2), "data_wait": round(wait / max(elapsed, 1e-9), 4)})
+        row.update({"seconds": round(elapsed, 2), "data_wait": round(stats.data_wait, 4)})
         last_epoch = epoch >= tc.epochs or stop
         validate = has_val and (epoch % tc.val_every == 0 or last_epoch)
         improved = False
         if info.main:
             if validate:
-                from cellseg.engine import evaluate
-
-                report = evaluate(
-                    unwrap(model),
-                    val_truth,
-                    CompetitionPaths(data_dir).train_dir,
-                    device,
-                    tc.val_score_thresh,
-                    tc.val_mask_thresh,
-                    tc.val_min_pixels,
-                    progress,
-                )
+                report = evaluate(unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, tc, progress)
                 row["val_score"] = report.score
                 row.update({f"val_{ct}": report.per_class.get(ct) for ct in CELL_TYPES})
                 improved = best_score is None or report.score > best_score
@@ -492,7 +303,7 @@ def train(
             save_checkpoint(last_path, model, cfg, cfg.model.class_names, provenance, train_state=state)
             write_metrics(out, history)
         set_rng_state(rngs[info.rank])
-        _barrier(info)
+        barrier(info)
 
     if info.distributed:
         obj = [best_score, best_epoch, history]

@@ -1,0 +1,1 @@
+"""Training: the run (loop), one epoch and validation (engine), optimiser, RNG state, DDP."""
