@@ -29,6 +29,7 @@ from cellseg.engine import predict_crops
 from cellseg.errors import CellsegError
 from cellseg.io import read_gray
 from cellseg.metric import ScoreReport, score_images
+from cellseg.model.experiment import TrainConfig
 
 LIVECELL_DIR = "LIVECell_dataset_2021"
 SPLITS = ("train", "val", "test")
@@ -129,27 +130,16 @@ class LivecellValidation:
         return sorted({self.store.lines[int(self.store.line[i])] for i in self.indices})
 
     def evaluate(
-        self,
-        model: torch.nn.Module,
-        truth: Mapping | None = None,
-        image_dir: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        score_thresh: float = 0.5,
-        mask_thresh: float = 0.5,
-        min_pixels: int = 1,
-        progress: bool = True,
+        self, model: torch.nn.Module, device: str | torch.device, tc: TrainConfig, progress: bool = True
     ) -> ScoreReport:
-        """Score ``model`` on the images; ``per_class`` holds one score per cell line.
-
-        The arguments are :func:`cellseg.engine.evaluate`'s, so the trainer calls either the same way;
-        ``truth`` and ``image_dir`` are ignored (the images and truth are this split's).
-        """
+        """Score ``model`` on the images (``tc``: the ``train`` section's ``val_*`` thresholds, as in
+        :func:`cellseg.training.engine.evaluate`); ``per_class`` holds one score per cell line."""
         was_training = model.training
         preds = {}
         for i in tqdm(self.indices, desc="validate", unit="img", leave=False, disable=None if progress else True):
             image = np.require(read_gray(self.store.path(i)), requirements="W")  # PIL's TIFF arrays are read-only
             preds[self.store.image_id(i)] = predict_crops(
-                model, [image], device, score_thresh, mask_thresh, min_pixels
+                model, [image], device, tc.val_score_thresh, tc.val_mask_thresh, tc.val_min_pixels
             )[0]
         model.train(was_training)
         return score_images(self.truth, preds)
