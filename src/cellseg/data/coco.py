@@ -383,7 +383,7 @@ def _finish(path, images_dir, class_map, class_names, default_type, categories, 
     cat_ids, cat_idx = np.unique(cats, return_inverse=True)
     pair = cat_idx.astype(np.int64) * len(lines) + img_line[image_of]
     label = np.zeros(len(cats), dtype=np.int8)
-    example = {}
+    example: dict[int, str] = {}
     for i, n in enumerate(names):
         example.setdefault(int(img_line[i]), n)
     for p in np.unique(pair).tolist():
