@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data.jsonstream import JsonStream
@@ -126,8 +127,6 @@ class CocoStore:
 
     def crops(self, i: int) -> tuple[list[CropMask], np.ndarray]:
         """Image ``i``'s instances as tight crops and their (N,) int64 labels; empty masks dropped."""
-        from pycocotools import mask as mask_utils  # C extension; only needed when items are read
-
         h, w = int(self.height[i]), int(self.width[i])
         out, labels = [], []
         for a in self.order[self.ann_start[i] : self.ann_start[i + 1]].tolist():
@@ -313,8 +312,6 @@ def load_coco(
 
 def _compressed(seg: dict, path: Path, k: int) -> bytes:
     """Compressed COCO counts of an RLE segmentation (uncompressed ones are converted)."""
-    from pycocotools import mask as mask_utils  # C extension, only for RLE annotations
-
     counts = seg["counts"]
     h, w = (int(v) for v in seg["size"])
     if isinstance(counts, list):
