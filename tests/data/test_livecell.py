@@ -310,10 +310,10 @@ def test_init_keeps_matching_class_rows_and_reinitialises_the_others(tmp_path):
 
 
 def test_pretrain_then_finetune_then_predict(tmp_path, competition, capsys):
-    from cellseg.inference.pipeline import predict_folder
+    from cellseg.inference.runner import predict_folder
     from cellseg.model.export import export_weights
     from cellseg.submission import read_submission, validate_submission
-    from cellseg.train import train
+    from cellseg.training.loop import train
 
     data, _ = competition
     pre = train(pretrain_cfg("train.val_max_images=3"), data, fold=None, out=tmp_path / "pre", progress=False)
