@@ -30,10 +30,13 @@ Sources:
   folder. Ids that belong to the hold-out fold are left out (no leakage). With ``extra_ratio`` each
   epoch draws ``round(extra_ratio * n_train)`` extra items (call :meth:`CellDataset.set_epoch` each
   epoch to redraw); without it every extra image is used once per epoch.
-* ``coco_json``: COCO instance files (LIVECell): polygons, RLE or compressed RLE via pycocotools;
-  ``file_name`` relative to the json's folder or to ``coco_images_dir``. Class: the category name
-  if it is a cell type, else a file-name prefix (``SHSY5Y_...``), else ``coco_cell_type``. Decoded
-  per item, never all at once. Pooled with ``extra_csv`` for ``extra_ratio``.
+* ``coco_json``: COCO instance files: polygons, RLE or compressed RLE, held as flat arrays
+  (:mod:`cellseg.data.coco`) and rasterised per item; ``file_name`` relative to the json's folder or
+  to ``coco_images_dir`` (or found by bare name in its sub-folders). Class: ``coco_class_map``, else
+  the category name if it is a cell type, else a file-name prefix (``SHSY5Y_...``), else
+  ``coco_cell_type``. Pooled with ``extra_csv`` for ``extra_ratio``.
+* ``livecell`` (``data.livecell`` + ``livecell_splits``): LIVECell splits read the same way
+  (:mod:`cellseg.data.livecell`); with ``use_train: false`` they are all that trains (pretraining).
 
 Cost: masks are kept as crops (:class:`cellseg.data.masks.CropMask`) and the (N, H, W) stack is built per
 item; see benchmarks/README.md ("dataset item") for the per-item time at 704 x 520 with ~340 cells.
@@ -52,9 +55,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from cellseg import CELL_TYPES, CLASS_IDS
+from cellseg.data import livecell
+from cellseg.data.coco import CocoRef, CocoStore, load_coco
 from cellseg.data.masks import CropMask, stack
 from cellseg.data.masks import boxes as crop_boxes
-from cellseg.data.transforms import AugmentConfig, build_transform, copy_paste_indexed, tight_boxes_near
+from cellseg.data.transforms import AugmentConfig, build_transform, copy_paste_indexed
 from cellseg.errors import CellsegError
 from cellseg.io import read_gray
 from cellseg.paths import CompetitionPaths
@@ -64,8 +69,8 @@ from cellseg.paths import CompetitionPaths
 class Record:
     """One image of a dataset.
 
-    ``instances`` (train.csv-format sources) holds the annotations as crops; ``coco`` holds raw COCO
-    annotation dicts (``segmentation``, ``bbox``, ``label``) decoded when the item is read.
+    ``instances`` (train.csv-format sources) holds the annotations as crops; ``coco`` points at the
+    image in a :class:`cellseg.data.coco.CocoStore`, rasterised when the item is read.
     """
 
     image_id: str
@@ -74,7 +79,7 @@ class Record:
     height: int
     width: int
     instances: list[CropMask] | None = None
-    coco: list[dict] | None = None
+    coco: CocoRef | None = None
     source: str = "train"
 
     def __len__(self) -> int:
@@ -93,38 +98,11 @@ def load_record(rec: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
             f"{rec.path}: image is {image.shape[0]}x{image.shape[1]} but its annotations say {rec.height}x{rec.width}"
         )
     if rec.coco is not None:
-        masks, labels, boxes = _decode_coco(rec)
-        return image, masks, labels, boxes
-    crops = rec.instances or []
-    return image, stack(crops, rec.height, rec.width), _labels_of(rec.cell_type, len(crops)), crop_boxes(crops)
-
-
-def _decode_coco(rec: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from pycocotools import mask as mask_utils
-
-    h, w = rec.height, rec.width
-    if not rec.coco:
-        return np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.float32)
-    rles = []
-    for ann in rec.coco:
-        seg = ann["segmentation"]
-        if isinstance(seg, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(seg, h, w)
-        else:  # compressed RLE
-            rle = {
-                "size": seg["size"],
-                "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"],
-            }
-        rles.append(rle)
-    masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).astype(bool, copy=False)
-    hint = np.array([a["bbox"] for a in rec.coco], dtype=np.float64).reshape(-1, 4)
-    hint[:, 2:] += hint[:, :2]
-    boxes, area = tight_boxes_near(masks, hint)
-    keep = area > 0
-    labels = np.array([a["label"] for a in rec.coco], dtype=np.int64)
-    return masks[keep], labels[keep], boxes[keep]
+        crops, labels = rec.coco.crops()
+    else:
+        crops = rec.instances or []
+        labels = _labels_of(rec.cell_type, len(crops))
+    return image, stack(crops, rec.height, rec.width), labels, crop_boxes(crops)
 
 
 class CellDataset(Dataset):
@@ -340,75 +318,52 @@ def extra_csv_records(
     return out
 
 
-def _coco_class(category: str, file_name: str, default: str) -> str:
-    name = category.lower()
-    if name in CLASS_IDS:
-        return name
-    stem = Path(file_name).name.lower()
-    for t in CELL_TYPES:
-        if stem.startswith(t):
-            return t
-    return default
+def store_records(store: CocoStore, exclude: Iterable[str] = ()) -> list[Record]:
+    """One record per image of a :class:`CocoStore` (images with ``exclude`` ids left out)."""
+    skip = set(exclude)
+    out = []
+    for i in range(len(store)):
+        image_id = store.image_id(i)
+        if image_id in skip:
+            continue
+        out.append(
+            Record(
+                image_id,
+                store.path(i),
+                store.image_class(i),
+                int(store.height[i]),
+                int(store.width[i]),
+                coco=CocoRef(store, i),
+                source=f"coco:{store.source.name}",
+            )
+        )
+    return out
 
 
 def coco_records(
-    path: str | Path, images_dir: str | Path | None = None, default_type: str = "shsy5y", exclude: Iterable[str] = ()
+    path: str | Path,
+    images_dir: str | Path | None = None,
+    default_type: str = "shsy5y",
+    exclude: Iterable[str] = (),
+    class_map: dict[str, str] | None = None,
+    class_names: Sequence[str] = CELL_TYPES,
 ) -> list[Record]:
-    """Records of a COCO instance json (annotations kept raw, decoded per item; iscrowd skipped).
+    """Records of a COCO instance json (see :func:`cellseg.data.coco.load_coco`; iscrowd skipped).
 
     An image's class (``cell_type``) is the most common class of its annotations.
     """
-    import json
+    return store_records(load_coco(path, images_dir, class_map, class_names, default_type), exclude)
 
-    path = Path(path)
-    if default_type not in CLASS_IDS:
-        raise CellsegError(f"unknown cell type {default_type!r} (known: {', '.join(CELL_TYPES)})")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CellsegError(f"{path}: COCO json not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CellsegError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise CellsegError(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
-    cats = {c["id"]: str(c.get("name", "")) for c in data.get("categories", [])}
-    anns: dict[Any, list[dict]] = {}
-    for a in data["annotations"]:
-        if a.get("iscrowd", 0):
-            continue
-        anns.setdefault(a["image_id"], []).append(a)
-    skip = set(exclude)
-    folders = [path.parent] + ([Path(images_dir)] if images_dir is not None else [])
-    out = []
-    for im in data["images"]:
-        fname = im["file_name"]
-        image_id = Path(fname).stem
-        if image_id in skip:
-            continue
-        cands = [f / fname for f in folders] + ([Path(images_dir) / Path(fname).name] if images_dir else [])
-        file = next((c for c in cands if c.is_file()), None)
-        if file is None:
-            raise CellsegError(f"{path}: image {fname} not found in {', '.join(str(f) for f in folders)}")
-        items = []
-        for a in anns.get(im["id"], []):
-            t = _coco_class(cats.get(a.get("category_id"), ""), fname, default_type)
-            items.append(
-                {
-                    "segmentation": a["segmentation"],
-                    "bbox": a.get("bbox", [0, 0, im["width"], im["height"]]),
-                    "label": CLASS_IDS[t],
-                }
-            )
-        if items:
-            counts = np.bincount([x["label"] for x in items], minlength=len(CELL_TYPES) + 1)
-            cell_type = CELL_TYPES[int(np.argmax(counts[1:]))]
-        else:
-            cell_type = _coco_class("", fname, default_type)
-        out.append(
-            Record(
-                image_id, file, cell_type, int(im["height"]), int(im["width"]), coco=items, source=f"coco:{path.name}"
-            )
-        )
+
+def coco_sources(data, data_dir: str | Path, class_names: Sequence[str], exclude: Iterable[str] = ()) -> list[Record]:
+    """Records of ``data.coco_json`` and of the LIVECell splits ``data.livecell_splits`` (a DataConfig)."""
+    out: list[Record] = []
+    for p in data.coco_json:
+        store = load_coco(p, data.coco_images_dir or None, data.coco_class_map, class_names, data.coco_cell_type)
+        out += store_records(store, exclude)
+    if data.livecell:
+        for split in data.livecell_splits:
+            out += store_records(livecell.load_split(data, data_dir, split, class_names), exclude)
     return out
 
 
@@ -474,8 +429,8 @@ def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> 
     ``train_ids`` but in train.csv, i.e. hold-out ids, are excluded from the extras); the train.csv
     images oversampled per cell type by ``cfg.data.type_repeat`` (:func:`repeat_by_type`).
 
-    Reads optional ``cfg.data`` fields when present: ``extra_ratio``, ``coco_images_dir``,
-    ``coco_cell_type``, ``type_repeat``.
+    ``cfg.data.use_train: false`` leaves the train.csv images out (LIVECell pretraining); labels of
+    COCO / LIVECell sources follow ``cfg.data.coco_class_map`` into ``cfg.model.class_names``.
     """
     from cellseg.data.truth import read_train_csv
 
@@ -486,20 +441,8 @@ def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> 
     extra: list[Record] = []
     for p in data.extra_csv:
         extra += extra_csv_records(p, data_dir, fill_holes=data.fill_holes, exclude=hold)
-    for p in data.coco_json:
-        extra += coco_records(
-            p,
-            getattr(data, "coco_images_dir", None) or None,
-            default_type=getattr(data, "coco_cell_type", "shsy5y"),
-            exclude=hold,
-        )
-    base = train_records(ts, paths.train_dir, train_ids)
-    if getattr(data, "type_repeat", None):
+    extra += coco_sources(data, data_dir, cfg.model.class_names, exclude=hold)
+    base = train_records(ts, paths.train_dir, train_ids) if data.use_train else []
+    if data.type_repeat:
         base = repeat_by_type(base, data.type_repeat)
-    return CellDataset(
-        base,
-        cfg.augment,
-        extra,
-        getattr(data, "extra_ratio", None),
-        seed=cfg.train.seed,
-    )
+    return CellDataset(base, cfg.augment, extra, data.extra_ratio, seed=cfg.train.seed)

@@ -17,6 +17,7 @@ one of our checkpoints.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def _unwrap_state(obj: Any) -> dict:
     raise CellsegError("expected a state dict (name -> tensor), optionally under 'model' or 'state_dict'")
 
 
-def load_init(model: nn.Module, path: str | Path) -> str:
+def load_init(model: nn.Module, path: str | Path, class_names: Sequence[str] | None = None) -> str:
     """Load starting weights into ``model`` (a MaskRCNN built by :func:`build_model`).
 
     Accepted files:
@@ -224,11 +225,20 @@ def load_init(model: nn.Module, path: str | Path) -> str:
       * an ImageNet ResNet state dict (torchvision ``resnet50().state_dict()``): loaded into the
         backbone body (``fc`` ignored); FPN and heads keep their fresh init.
 
-    Returns a one-line summary. Raises CellsegError naming missing/unexpected/mismatched keys.
+    Args:
+        class_names: the model's classes (``model.class_names``). With one of our checkpoints whose
+            classes differ (e.g. LIVECell pretraining ``[shsy5y, cell]`` -> ``[shsy5y, astro, cort]``),
+            the class-specific layers are matched by name: background and the classes both have keep
+            their trained rows, the others keep their fresh init, whatever the shapes. None: by shape only.
+
+    Returns a one-line summary (naming re-initialised layers and classes). Raises CellsegError naming
+    missing/unexpected/mismatched keys.
     """
     path = Path(path)
     try:
-        state = _unwrap_state(_read(path))
+        raw = _read(path)
+        src_names = _info(path, raw).class_names if _is_ours(raw) else None
+        state = _unwrap_state(raw)
     except CellsegError as e:
         if str(e).startswith(("checkpoint", str(path))):
             raise
@@ -236,7 +246,8 @@ def load_init(model: nn.Module, path: str | Path) -> str:
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model = unwrap(model)
     if any(k.startswith("backbone.body.") for k in state):
-        return _load_detector(model, state, path)
+        names = (src_names, list(class_names)) if src_names is not None and class_names is not None else None
+        return _load_detector(model, state, path, names)
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
         return _load_backbone(model, state, path)
     raise CellsegError(
@@ -246,7 +257,21 @@ def load_init(model: nn.Module, path: str | Path) -> str:
     )
 
 
-def _load_detector(model: nn.Module, state: dict, path: Path) -> str:
+def _class_rows(src: torch.Tensor, fresh: torch.Tensor, src_names: list[str], dst_names: list[str]):
+    """``fresh`` (a class-specific tensor, dim 0 = classes incl. background x k) with the rows of the
+    classes ``src`` has too copied over, or None when the layouts do not correspond."""
+    n_src, n_dst = len(src_names) + 1, len(dst_names) + 1
+    k = src.shape[0] // n_src
+    if src.shape[0] != k * n_src or fresh.shape[0] != k * n_dst or src.shape[1:] != fresh.shape[1:]:
+        return None
+    out = fresh.clone()
+    pairs = [(0, 0)] + [(src_names.index(n) + 1, j + 1) for j, n in enumerate(dst_names) if n in src_names]
+    for i, j in pairs:
+        out[j * k : (j + 1) * k] = src[i * k : (i + 1) * k]
+    return out
+
+
+def _load_detector(model: nn.Module, state: dict, path: Path, names: tuple[list[str], list[str]] | None = None) -> str:
     own = model.state_dict()
     missing, unexpected, mismatched = _compare(own, state)
 
@@ -261,11 +286,29 @@ def _load_detector(model: nn.Module, state: dict, path: Path) -> str:
             f"({_describe(bad_missing, unexpected, bad_mismatch)}); check model.heads (v1/v2), backbone, fpn_channels"
         )
     skipped = {m.split(" ")[0] for m in mismatched}
+    partial = {}
+    if names is not None and names[0] != names[1]:  # classes differ: match class-specific rows by name
+        for k in own:
+            if class_specific(k) and k in state:
+                skipped.add(k)
+                rows = _class_rows(state[k], own[k], *names)
+                if rows is not None:
+                    partial[k] = rows
     load = {k: v for k, v in state.items() if k not in skipped and k in own}
-    model.load_state_dict(load, strict=False)
-    heads = sorted({k.rsplit(".", 1)[0] for k in skipped | set(missing)})
+    model.load_state_dict({**load, **partial}, strict=False)
+    heads = sorted({k.rsplit(".", 1)[0] for k in (skipped | set(missing)) - set(partial)})
     note = f"; re-initialised {', '.join(heads)}" if heads else ""
-    return f"loaded {len(load)} tensors from Mask R-CNN weights {path.name}{note}"
+    if partial:
+        src, dst = names  # type: ignore[misc]
+        kept = [n for n in dst if n in src]
+        fresh = [n for n in dst if n not in src]
+        layers = sorted({k.rsplit(".", 1)[0] for k in partial})
+        note += (
+            f"; its classes ({', '.join(src)}) differ: kept {', '.join(kept) or 'background only'}, "
+            f"re-initialised {', '.join(fresh) or 'none'} in {', '.join(layers)}"
+        )
+    what = "cellseg checkpoint" if names is not None else "Mask R-CNN weights"
+    return f"loaded {len(load) + len(partial)} tensors from {what} {path.name}{note}"
 
 
 def _load_backbone(model: nn.Module, state: dict, path: Path) -> str:

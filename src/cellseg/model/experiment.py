@@ -172,6 +172,19 @@ class DataConfig:
     #: per-cell-type repeat factor of the train.csv images in every epoch (e.g. {shsy5y: 2.0, astro: 2.0}
     #: to balance a cort-heavy set; see :func:`cellseg.data.dataset.repeat_by_type`); missing types: 1.
     type_repeat: dict[str, float] = field(default_factory=dict)
+    #: class of COCO / LIVECell annotations: category name or cell line (file-name prefix) -> a name of
+    #: model.class_names, "*" = any other; every line must be covered. Empty: the category name if it is a
+    #: cell type, else a cell-type file-name prefix, else coco_cell_type (see cellseg.data.coco.resolve_class).
+    coco_class_map: dict[str, str] = field(default_factory=dict)
+    #: train on the train.csv images (false: LIVECell-only pretraining).
+    use_train: bool = True
+    #: LIVECell root (LIVECell_dataset_2021): relative to --data, else to the working directory, or
+    #: absolute; "" = not used. See cellseg.data.livecell.
+    livecell: str = ""
+    #: LIVECell splits added to training (train, val, test).
+    livecell_splits: list[str] = field(default_factory=lambda: ["train"])
+    #: LIVECell split validated on instead of the competition hold-out, scored per cell line ("" = the fold).
+    livecell_val: str = ""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from cellseg import CELL_TYPES  # noqa: E402
 from cellseg.config import dump_yaml, to_dict  # noqa: E402
+from cellseg.data import livecell  # noqa: E402
 from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
 from cellseg.data.folds import make_folds, split  # noqa: E402
 from cellseg.data.truth import read_train_csv  # noqa: E402
@@ -146,6 +147,9 @@ def train(
     val_truth = {i: truth.images[i] for i in hold_ids}
     if tc.val_max_images and len(val_truth) > tc.val_max_images:
         val_truth = {i: val_truth[i] for i in balanced_subset(val_truth, tc.val_max_images)}
+    lc_val = livecell.validation_set(cfg, data_dir)  # data.livecell_val: LIVECell replaces the hold-out
+    val_truth = lc_val.truth if lc_val is not None else val_truth
+    val_groups = lc_val.groups if lc_val is not None else CELL_TYPES  # per cell line / per cell type
 
     model = build_model(cfg.model)
     last_path, best_path = out / "last.pth", out / "best.pth"
@@ -165,7 +169,7 @@ def train(
         if resume:
             log(f"nothing to resume in {out}; starting from the beginning")
         if init:
-            log(load_init(model, init))
+            log(load_init(model, init, cfg.model.class_names))
     model.to(device)
     if tc.sync_bn and info.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -265,9 +269,14 @@ def train(
         improved = False
         if info.main:
             if validate:
-                report = evaluate(unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, tc, progress)
+                if lc_val is not None:  # LIVECell images, scored per cell line
+                    report = lc_val.evaluate(unwrap(model), device, tc, progress)
+                else:
+                    report = evaluate(
+                        unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, tc, progress
+                    )
                 row["val_score"] = report.score
-                row.update({f"val_{ct}": report.per_class.get(ct) for ct in CELL_TYPES})
+                row.update({f"val_{ct}": report.per_class.get(ct) for ct in val_groups})
                 improved = best_score is None or report.score > best_score
                 if improved:
                     best_score, best_epoch = report.score, epoch
@@ -285,7 +294,7 @@ def train(
                 epoch=epoch,
                 step=step,
                 score=row.get("val_score"),
-                per_class={ct: row.get(f"val_{ct}") for ct in CELL_TYPES},
+                per_class={ct: row.get(f"val_{ct}") for ct in val_groups},
             )
             if improved or not has_val:
                 save_checkpoint(best_path, model, cfg, cfg.model.class_names, provenance, half=tc.half_best)
