@@ -56,6 +56,7 @@ def test_dry_run_report(synth, manifest, tmp_path, capsys):
     s = json.loads((rep / "summary.json").read_text())
     assert s["images"] == 3 and s["projected_seconds_240_images"] > 240 * s["seconds_per_image"] * 0.99
     assert s["score"] == pytest.approx(per["score"].mean())
+    assert s["provenance"] == "1 model: provenance unknown" and "ensemble: 1 model: provenance unknown" in out
     sub = (rep / "submission.csv").read_text().splitlines()
     assert sub[0] == "id,predicted" and {line.split(",")[0] for line in sub[1:]} == set(per["id"])
 

@@ -17,6 +17,12 @@ Steps (see docs/KAGGLE.md):
   submit   ``competition_submit_code`` with the kernel version; ``--wait``: poll until scored.
   all      the three in order, stopping at the first failure with what to do next.
 
+Provenance: every plan prints what each model of the ensemble was trained on (the manifest's
+``provenance``). ``submit`` and ``all`` refuse (exit 2, before any network call) an ensemble whose
+every model was trained on ``cellseg synth`` data only, such as the committed weights/demo, unless
+``--allow-synthetic``; ``--dry-run`` shows the same verdict without refusing. Models of unknown
+provenance (older manifests) are reported so and never refused.
+
 Exit status: 0 ok, 2 bad input / credentials / metadata (one line per problem, before any network
 call), 1 remote failure. Transient failures (connection errors, 5xx, 429) are retried with backoff for
 at most ``--retry-budget`` seconds per call. A failed upload creates no dataset version; running the
@@ -50,6 +56,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from cellseg.errors import CellsegError  # noqa: E402
 from cellseg.kaggle import bundle as bundle_mod  # noqa: E402
 from cellseg.kaggle import metadata as km  # noqa: E402
+from cellseg.model import provenance as prov  # noqa: E402
+from cellseg.model.manifest import load_manifest  # noqa: E402
 
 ENDPOINT_ENV = "CELLSEG_KAGGLE_ENDPOINT"
 SUBMISSION_FILE = "submission.csv"
@@ -284,6 +292,46 @@ def prepare_bundle(args: argparse.Namespace, username: str, scratch: Path) -> bu
     if problems:
         raise UsageError(*problems)
     return b
+
+
+def ensemble_manifest(args: argparse.Namespace, steps: list[str]) -> Path | None:
+    """The manifest of the ensemble these steps ship or submit: ``--bundle``'s, else ``--weights``;
+    for ``kernel``/``submit`` alone the bundle staged last (dist/kaggle-bundle), else the default
+    weights/demo. None when none of them exists (nothing local to check)."""
+    if args.bundle:
+        b = bundle_mod.read_bundle(args.bundle)
+        return b.root / b.marker["manifest"]
+    if args.weights:
+        p = Path(args.weights)
+        return p / "manifest.yaml" if p.is_dir() else p
+    staged = args.repo / "dist" / "kaggle-bundle"
+    if "dataset" not in steps and (staged / bundle_mod.MARKER).is_file():
+        return staged / bundle_mod.read_bundle(staged).marker["manifest"]
+    default = args.repo / "weights" / "demo" / "manifest.yaml"
+    return default if default.is_file() else None
+
+
+def check_provenance(args: argparse.Namespace, steps: list[str]) -> list[str]:
+    """The plan's provenance block for the shipped ensemble; raises :class:`UsageError` (one line,
+    exit 2, before any network call) when ``submit`` would send an ensemble trained on synthetic data
+    only, unless ``--allow-synthetic``. ``--dry-run`` reports the same verdict without refusing."""
+    manifest = ensemble_manifest(args, steps)
+    if manifest is None:
+        return ["provenance: no local manifest of the ensemble (pass --weights or --bundle); not checked"]
+    m = load_manifest(manifest, verify=False)
+    lines = [f"provenance ({manifest}):", *prov.plan_lines(m)]
+    if "submit" not in steps or not prov.synthetic_only(m):
+        return lines
+    if args.allow_synthetic:
+        return lines + ["  submit: allowed (--allow-synthetic)"]
+    refusal = (
+        f"{manifest}: every model was trained on synthetic data only ({prov.summarize(m)}); a submission "
+        "would score near 0 and use up one of the day's submissions: ship weights trained on the competition "
+        "data (--weights), or pass --allow-synthetic"
+    )
+    if args.dry_run:
+        return lines + [f"  submit: would be REFUSED (exit 2): {refusal}"]
+    raise UsageError(refusal)
 
 
 def default_message(b: bundle_mod.Bundle | None) -> str:
@@ -521,8 +569,11 @@ def print_plan(
     kfiles: list,
     message: str,
     args: argparse.Namespace,
+    provenance: list[str] | None = None,
 ) -> None:
     say("DRY RUN: nothing is sent to Kaggle.")
+    if provenance:
+        say("\n[weights] " + "\n".join(provenance))
     if b is not None:
         ref = b.metadata["id"]
         say(f"\n[dataset] {ref} from {b.root}")
@@ -599,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkout holding the metadata templates and kernel/submit.py (default: this one)",
     )
     p.add_argument(
+        "--allow-synthetic",
+        action="store_true",
+        help="submit/all: submit even when every model was trained on `cellseg synth` data only "
+        "(refused otherwise: it would score near 0 and use up a daily submission)",
+    )
+    p.add_argument(
         "--kernel-version",
         type=int,
         default=None,
@@ -630,7 +687,9 @@ def run(args: argparse.Namespace) -> int:
     args.repo = args.repo.resolve()
     username = km.resolve_username(args.username)
     with tempfile.TemporaryDirectory(prefix="cellseg-push-") as scratch:
-        # Everything local first: staging and every metadata check, before any network call.
+        # Everything local first: the provenance check, staging and every metadata check, before any
+        # network call (a refused submission costs neither a wheel build nor an upload).
+        provenance = check_provenance(args, steps)
         b = prepare_bundle(args, username, Path(scratch)) if "dataset" in steps else None
         dataset_ref = (
             b.metadata["id"] if b else km.fill(km.load_template(args.repo / km.DATASET_METADATA), username)["id"]
@@ -639,11 +698,14 @@ def run(args: argparse.Namespace) -> int:
         message = args.message or default_message(b)
         if args.dry_run:
             kfiles = stage_kernel(args.repo, kmeta, Path(scratch) / "kernel") if kmeta and "kernel" in steps else []
-            print_plan(steps, b, kmeta if "kernel" in steps or "submit" in steps else None, kfiles, message, args)
+            print_plan(
+                steps, b, kmeta if "kernel" in steps or "submit" in steps else None, kfiles, message, args, provenance
+            )
             return 0
         k = Kaggle(args.retry_budget, args.poll_interval, args.wait_timeout)
         if b is not None:
             say(bundle_mod.format_table(b.files))
+        say("\n".join(provenance))
         version = args.kernel_version
         step = steps[0]
         try:

@@ -9,7 +9,8 @@ decoded and scored. The report folder receives::
     per_image.csv         id, cell_type, voted_type, score, n_true, n_pred, seconds (worst first)
     overlays/NN_<id>.png  image with truth (green) and prediction (magenta) contours, worst first
     score_by_class.png    bar chart of the score per cell type
-    summary.json          score, per_class, images, device, seconds per image, projected runtime
+    summary.json          provenance (the ensemble's training data in one line), score, per_class, images,
+                          device, seconds per image, projected runtime
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import pandas as pd
 from PIL import Image
 
 from cellseg.errors import CellsegError
+from cellseg.model.manifest import load_manifest
+from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
 
 #: hidden test size the runtime is projected to
@@ -192,6 +195,7 @@ def dry_run(
     per_img_s = float(np.mean(list(run.seconds.values()))) if run.seconds else float("nan")
     projected = run.load_s + HIDDEN_TEST_IMAGES * per_img_s
     summary = {
+        "provenance": summarize(load_manifest(manifest, verify=False)),  # what the ensemble was trained on
         "score": scores.score,
         "per_class": scores.per_class,
         "images": len(truth),
@@ -208,4 +212,5 @@ def dry_run(
         "vote_accuracy": float((per_image["voted_type"] == per_image["cell_type"]).mean()),
     }
     (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return DryRunResult(scores.score, scores.per_class, per_image, scores.table(), projected, report, summary)
+    table = f"{scores.table()}\nensemble: {summary['provenance']}"
+    return DryRunResult(scores.score, scores.per_class, per_image, table, projected, report, summary)

@@ -93,6 +93,7 @@ def test_layout_and_csv_columns(synth_dir: Path) -> None:
     assert all(cell_type_from_filename(p.name) in CELL_TYPES for p in semi)
     # nothing else, no temporary folders left beside it
     assert sorted(p.name for p in synth_dir.iterdir()) == [
+        "cellseg-synth.json",  # the generator's marker: models trained here are recorded as synthetic
         "sample_submission.csv",
         "test",
         "train",
@@ -202,7 +203,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
-    assert not mismatch and not errors and len(match) == len(files) == 7
+    assert not mismatch and not errors and len(match) == len(files) == 8  # 5 PNGs, 2 CSVs, the marker
     assert (a / "train.csv").read_bytes() != (c / "train.csv").read_bytes()
 
 

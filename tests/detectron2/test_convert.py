@@ -10,6 +10,7 @@ The converted model is built once per module (through the real converter, checkp
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,6 +32,9 @@ from torchvision.ops import box_iou
 from cellseg.detectron2 import convert as d2
 from cellseg.detectron2 import modeling as d2compat
 from cellseg.errors import CellsegError
+from cellseg.model.export import export_weights
+from cellseg.model.manifest import load_manifest
+from cellseg.model.provenance import summarize, synthetic_only
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "detectron2"
 CLASSES = ["shsy5y", "astro", "cort"]
@@ -229,6 +233,17 @@ def test_kernel_inference_path_matches_detectron2(converted, image, expected):
     ious = [r[1] for r in results if r[0]]
     print(f"kernel path: matched {matched:.3f}, mask IoU min {min(ious):.4f}")
     assert matched >= 0.9 and min(ious) >= 0.85
+
+
+def test_converted_manifest_records_a_detectron2_import_with_the_source_sha256(converted, d2_weights, tmp_path):
+    digest = hashlib.sha256(d2_weights.read_bytes()).hexdigest()
+    m = load_manifest(converted / "manifest.yaml")
+    (p,) = [e.provenance for e in m.models]
+    assert (p.origin, p.imported.path, p.imported.sha256) == ("detectron2 import", "model_final.pth", digest)
+    assert summarize(m) == f"1 model: detectron2 import (sha256 {digest[:12]})" and not synthetic_only(m)
+    # re-exported (e.g. to fp16), the model still says where it came from
+    again = load_manifest(export_weights([converted / "model.pth"], tmp_path / "w").manifest)
+    assert again.models[0].provenance == p
 
 
 def test_plain_torchvision_behaviour_does_not_match(d2_state, d2_cfg, features, expected):

@@ -62,4 +62,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"staged {b.metadata['id']} in {b.root}")
     print(bundle.format_table(b.files))
+    print(bundle.format_provenance(b))
     return 0

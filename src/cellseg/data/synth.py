@@ -9,6 +9,8 @@ and benchmarked on this generator's output::
     <out>/test/<id>.png                      3 by default, no annotations (as on Kaggle)
     <out>/train_semi_supervised/<sample_id>_<DDdHHhMMm>.png   200 by default, unlabeled
     <out>/sample_submission.csv              id,predicted (one row per test id, predicted empty)
+    <out>/cellseg-synth.json                 marker: generator, seed, counts (models trained on this
+                                             folder are recorded as synthetic, cellseg.model.provenance)
 
 Ids are 12 lower-case hex digits. Images of one ``sample_id`` form a time series (same vessel, growing
 ``elapsed_timedelta``) so grouped folds are meaningful. Annotations are row-major RLE
@@ -85,6 +87,7 @@ from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename  # noqa: F401  (re-exported: semi file names carry the type)
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
+from cellseg.model.provenance import write_synth_marker
 
 #: Image share of each cell type in the real train set (320 : 155 : 131 of 606 images).
 TYPE_SHARE: dict[str, int] = {"cort": 320, "shsy5y": 155, "astro": 131}
@@ -703,6 +706,17 @@ def generate(
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
         pd.DataFrame({"id": test_ids, "predicted": [""] * len(test_ids)}).to_csv(
             tmp / "sample_submission.csv", index=False
+        )
+        # marks the folder as synthetic: training on it is recorded so (cellseg.model.provenance)
+        write_synth_marker(
+            tmp,
+            {
+                "seed": seed,
+                "train_images": train_images,
+                "test_images": test_images,
+                "semi_images": semi_images,
+                "instances": len(rows["id"]),
+            },
         )
 
         if out.exists():

@@ -450,6 +450,7 @@ def build_converted(
     model.load_state_dict(state)
     provenance = {
         "source": "detectron2",
+        "origin": "detectron2 import",  # cellseg.model.provenance.DETECTRON2
         "detectron2_weights": Path(weights).name,
         "detectron2_weights_sha256": sha256_file(weights),
         "detectron2_config": Path(config).name,
@@ -473,6 +474,7 @@ def convert_checkpoint(
     manifest path."""
     from cellseg.model.checkpoint import git_commit, save_checkpoint
     from cellseg.model.manifest import Manifest, ModelEntry, default_classes, write_manifest
+    from cellseg.model.provenance import from_checkpoint
 
     out_dir = Path(out_dir)
     model, model_cfg, provenance = build_converted(weights, config, class_names)
@@ -483,7 +485,7 @@ def convert_checkpoint(
         name=name or out_dir.name,
         # Detectron2 trains on box-aligned mask targets and pastes them unshifted: written on the
         # model's entry (not the ensemble's fusion), so it stays right when mixed with our models
-        models=[ModelEntry(checkpoint="model.pth", paste_shift=0.0)],
+        models=[ModelEntry(checkpoint="model.pth", paste_shift=0.0, provenance=from_checkpoint(provenance))],
         tta=["identity"],
         classes=default_classes(),
     )

@@ -34,6 +34,7 @@ from cellseg.inference.forward import load_ensemble, predict_views, raw_to_detec
 from cellseg.inference.pipeline import finish_image, forward_image
 from cellseg.io import read_gray
 from cellseg.model.manifest import load_manifest
+from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
 from cellseg.submission import validate_submission, write_submission
 
@@ -194,7 +195,10 @@ def predict_folder(
     dev = resolve_device(device)
     loaded_all = load_ensemble(manifest, dev)
     load_s = time.monotonic() - start
-    log(f"loaded {len(loaded_all)} model(s) on {dev} in {load_s:.1f}s; views {manifest.tta}; {len(ids)} test image(s)")
+    log(
+        f"loaded {len(loaded_all)} model(s) on {dev} in {load_s:.1f}s; views {manifest.tta}; {len(ids)} test image(s); "
+        f"ensemble: {summarize(manifest)}"
+    )
 
     views = list(manifest.tta)
     model_idx = list(range(len(loaded_all)))

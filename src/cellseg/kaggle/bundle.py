@@ -31,6 +31,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellseg.errors import CellsegError
 from cellseg.kaggle.metadata import (
@@ -41,6 +42,9 @@ from cellseg.kaggle.metadata import (
     resolve_username,
     validate_dataset_metadata,
 )
+
+if TYPE_CHECKING:
+    from cellseg.model.manifest import Manifest
 
 MARKER = "cellseg-bundle.json"
 PACKAGE = "sartorius-cellseg"
@@ -395,6 +399,22 @@ def read_bundle(root: str | Path) -> Bundle:
     files.append(_hash(root / MARKER, MARKER))
     audit_bundle(root, {f.path for f in files} | {DATASET_METADATA})
     return Bundle(root, meta, marker, sorted(files, key=lambda f: f.path))
+
+
+def bundle_manifest(b: Bundle) -> Manifest:
+    """The :class:`cellseg.model.manifest.Manifest` of a staged bundle's ensemble (checksums were
+    checked while staging and are not read again)."""
+    from cellseg.model.manifest import load_manifest
+
+    return load_manifest(b.root / b.marker["manifest"], verify=False)
+
+
+def format_provenance(b: Bundle) -> str:
+    """The plan's provenance block: what each model of the bundle was trained on (one line each),
+    the ensemble's one-line summary and the verdict (see :mod:`cellseg.model.provenance`)."""
+    from cellseg.model.provenance import plan_lines
+
+    return "\n".join([f"provenance ({b.marker['manifest']}):", *plan_lines(bundle_manifest(b))])
 
 
 def human_size(n: int) -> str:

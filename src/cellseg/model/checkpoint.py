@@ -5,11 +5,14 @@ A checkpoint is one ``torch.save`` file (a plain dict, loadable with ``weights_o
     {"format": "cellseg-checkpoint", "version": 1,
      "model": state_dict (float32, or float16 when saved with half=True),
      "half": bool, "model_config": ModelConfig as a dict, "class_names": [...],
-     "provenance": {"fold", "epoch", "score", "git_commit", ...},
+     "provenance": {"fold", "epoch", "score", "git_commit", ..., "origin", "data_sources" (per training
+                    source: path, sha256, images, synthetic), "init_sha256"},
      "experiment": full ExperimentConfig dict or None,
      "train_state": optimiser/scheduler/RNG state for --resume (last.pth only)}
 
-:func:`load_model` rebuilds the network from the file alone. :func:`load_init` loads starting
+``data_sources`` / ``init_sha256`` (what the weights were trained on) are written by ``cellseg train``
+and read by :func:`cellseg.model.provenance.from_checkpoint`; older checkpoints lack them (provenance
+unknown). :func:`load_model` rebuilds the network from the file alone. :func:`load_init` loads starting
 weights for training from a torchvision COCO Mask R-CNN state dict, an ImageNet ResNet state dict, or
 one of our checkpoints.
 """

@@ -3,9 +3,10 @@
 ``cellseg train`` leaves ``best.pth`` / ``last.pth`` in a run folder (``last.pth`` carries the whole
 resume state: optimiser, RNG, history). :func:`export_weights` copies the weights only (float16 by
 default: half the size, loaded back as float32), checks that each file rebuilds its model from its
-own config, and writes ``manifest.yaml`` with the checksums, the TTA views and the per-class
-thresholds (the defaults, or those of a template manifest), so the folder is what ``cellseg
-predict``, ``dry-run``, ``tune`` and the Kaggle bundle read::
+own config, and writes ``manifest.yaml`` with the checksums, each model's provenance (what it was
+trained on, :mod:`cellseg.model.provenance`), the TTA views and the per-class thresholds (the
+defaults, or those of a template manifest), so the folder is what ``cellseg predict``, ``dry-run``,
+``tune`` and the Kaggle bundle read::
 
     export_weights(["runs/r50/fold0/best.pth", "runs/r50/fold1/best.pth"], "weights/r50")
     # weights/r50/model_0.pth, model_1.pth, manifest.yaml
@@ -27,6 +28,7 @@ from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import load_model, save_checkpoint
 from cellseg.model.experiment import ExperimentConfig
 from cellseg.model.manifest import VIEWS, Manifest, ModelEntry, default_classes, load_manifest, write_manifest
+from cellseg.model.provenance import from_checkpoint
 
 
 @dataclass
@@ -93,7 +95,13 @@ def export_weights(
         provenance = dict(info.provenance, exported_from=str(s.resolve()))
         dest = save_checkpoint(out / fname, model, cfg, info.class_names, provenance, half=half)
         files.append((dest, s, dest.stat().st_size))
-        entries.append(ModelEntry(fname, weight=1.0 if weights is None else float(weights[i])))
+        entries.append(
+            ModelEntry(
+                fname,
+                weight=1.0 if weights is None else float(weights[i]),
+                provenance=from_checkpoint(info.provenance),  # None (unknown) for pre-provenance checkpoints
+            )
+        )
     m = dataclasses.replace(base, name=name or out.resolve().name, models=entries, tta=list(tta), base_dir="")
     write_manifest(m, manifest_path)
     return ExportResult(manifest_path, files)

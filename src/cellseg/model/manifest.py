@@ -1,6 +1,6 @@
 """The weights manifest: one YAML file per shipped ensemble (``weights/<name>/manifest.yaml``).
 
-It lists the checkpoints (file, sha256, ensemble weight), the TTA views, the fusion settings and the
+It lists the checkpoints (file, sha256, ensemble weight, provenance), the TTA views, the fusion settings and the
 per-cell-type post-processing thresholds. Every threshold reaches post-processing only through the
 :class:`Manifest` object loaded here. Checksums are verified on load, before any image is touched::
 
@@ -22,6 +22,7 @@ from cellseg import CELL_TYPES
 from cellseg.config import load_yaml, to_dict
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_write_text
+from cellseg.model.provenance import Provenance
 
 View = Literal["identity", "hflip", "vflip", "hvflip"]
 VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "hvflip")
@@ -37,6 +38,9 @@ class ModelEntry:
     #: mask paste shift of this model in pixels; None = 0 for models with aligned ROIAlign
     #: (Detectron2 conversions: box-aligned mask targets), else ``fusion.paste_shift``.
     paste_shift: float | None = None
+    #: what the model was trained on (:mod:`cellseg.model.provenance`); None = provenance unknown
+    #: (manifests written before it was recorded).
+    provenance: Provenance | None = None
 
 
 @dataclass

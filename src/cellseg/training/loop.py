@@ -44,6 +44,7 @@ from cellseg.io import atomic_path  # noqa: E402
 from cellseg.model.build import build_model, count_parameters, unwrap  # noqa: E402
 from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint  # noqa: E402
 from cellseg.model.experiment import ExperimentConfig  # noqa: E402
+from cellseg.model.provenance import init_record, run_provenance, training_sources  # noqa: E402
 from cellseg.paths import CompetitionPaths  # noqa: E402
 from cellseg.training.distributed import barrier, device_for, gather_rng, init_distributed, reduce_mean  # noqa: E402
 from cellseg.training.engine import evaluate, train_one_epoch  # noqa: E402
@@ -227,6 +228,9 @@ def train(
         "init": str(init) if init else None,
         "world_size": info.world_size,
     }
+    if info.main:  # what the weights are trained on (data_sources, init_sha256): cellseg.model.provenance
+        sources = training_sources(cfg, CompetitionPaths(data_dir).train_csv, dataset.records, dataset.extra)
+        provenance_base.update(run_provenance(sources, *init_record(init)))
 
     has_val = bool(val_truth) and tc.val_every > 0
     epoch = start_epoch

@@ -1,0 +1,349 @@
+"""What a model was trained on: one record per checkpoint, carried into the weights manifest, a
+one-line summary per ensemble and the "synthetic data only" verdict ``tools/push.py`` refuses to submit.
+
+Every piece of provenance logic lives here; the sites only call it:
+
+* ``cellseg synth`` writes :data:`SYNTH_MARKER` into the folder it generates;
+* ``cellseg train`` stores :func:`training_sources` (path, sha256, image count and whether the
+  images came from ``cellseg synth``, per source) and the init weights' sha256 in every checkpoint's
+  ``provenance`` dict (keys ``data_sources``, ``init_sha256``);
+* ``cellseg export`` / ``convert-detectron2`` turn that dict into a :class:`Provenance` with
+  :func:`from_checkpoint` and write it on the model's manifest entry;
+* ``cellseg bundle`` and ``tools/push.py`` print :func:`plan_lines`; ``predict`` / ``dry-run`` log
+  :func:`summarize`; ``tools/push.py submit``/``all`` refuse when :func:`synthetic_only` holds.
+
+A manifest entry without provenance (written before this existed) is "provenance unknown": it loads
+as before and never triggers the refusal. Example summary::
+
+    3 models: real train.csv (606 images) + pseudo-labels (1,972)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cellseg.config import from_dict, to_dict
+from cellseg.errors import CellsegError
+
+#: marker file ``cellseg synth`` writes into every dataset folder it generates (seed and counts).
+SYNTH_MARKER = "cellseg-synth.json"
+TRAINED = "cellseg train"
+DETECTRON2 = "detectron2 import"
+UNKNOWN = "provenance unknown"
+
+SourceKind = Literal["train_csv", "pseudo_csv", "coco_json"]
+_LABELS = {"train_csv": "train.csv", "pseudo_csv": "pseudo-labels", "coco_json": "COCO json"}
+
+
+@dataclass
+class DataSource:
+    """One training source: a train.csv, a pseudo-label CSV or a COCO (LIVECell) json.
+
+    ``images``: images of this source the run trained on (hold-out ids excluded). ``synthetic``: every
+    one of its images lies in a folder marked by ``cellseg synth`` (``synth_seed``: the marker's seed).
+    """
+
+    kind: SourceKind
+    path: str
+    sha256: str
+    images: int
+    synthetic: bool = False
+    synth_seed: int | None = None
+
+
+@dataclass
+class FileRef:
+    """A file by path and content fingerprint (sha256 None: the file was not at hand when recorded)."""
+
+    path: str
+    sha256: str | None = None
+
+
+@dataclass
+class Provenance:
+    """Where one model's weights came from (the ``provenance`` of a manifest entry).
+
+    ``sources``: every data source the weights were trained on, those of an init checkpoint of ours
+    included (fine-tuning chains). ``init``: the starting weights of the last run. ``imported``: the
+    original file of a Detectron2 conversion (``origin`` "detectron2 import"), kept through fine-tuning.
+    """
+
+    origin: Literal["cellseg train", "detectron2 import"] = TRAINED
+    sources: list[DataSource] = field(default_factory=list)
+    init: FileRef | None = None
+    imported: FileRef | None = None
+    fold: int | None = None
+    epoch: int | None = None
+    git_commit: str | None = None
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------- recording
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def synth_marker(folder: str | Path) -> dict | None:
+    """The ``cellseg synth`` marker of ``folder`` (its JSON; ``{}`` when unreadable), or None if unmarked."""
+    p = Path(folder) / SYNTH_MARKER
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_synth_marker(folder: str | Path, info: dict[str, Any]) -> Path:
+    """Write the marker (``{"generator": "cellseg synth", **info}``) into ``folder``; returns its path."""
+    p = Path(folder) / SYNTH_MARKER
+    p.write_text(json.dumps({"generator": "cellseg synth", **info}, indent=2) + "\n")
+    return p
+
+
+def _image_marker(image: Path, cache: dict[Path, dict | None]) -> dict | None:
+    """Marker of the dataset an image belongs to: its folder (``<csv dir>/x.png``) or the folder above
+    (``<data>/train/x.png``)."""
+    for folder in (image.parent, image.parent.parent):
+        if folder not in cache:
+            cache[folder] = synth_marker(folder)
+        if cache[folder] is not None:
+            return cache[folder]
+    return None
+
+
+def _source(kind: SourceKind, path: Path, images: Sequence[Path], cache: dict) -> DataSource:
+    markers = [_image_marker(Path(p), cache) for p in images]
+    synthetic = bool(markers) and all(m is not None for m in markers)
+    seed = markers[0].get("seed") if synthetic else None
+    return DataSource(
+        kind,
+        str(path.resolve()),
+        sha256_of(path),
+        len({str(p) for p in images}),
+        synthetic,
+        seed if isinstance(seed, int) else None,
+    )
+
+
+def training_sources(cfg: Any, train_csv: Path, base: Iterable[Any], extra: Iterable[Any]) -> list[DataSource]:
+    """The data sources of one training run, from the records the run's dataset holds.
+
+    Args:
+        cfg: the ExperimentConfig (``cfg.data.extra_csv`` / ``coco_json`` name the extra files).
+        train_csv: the run's train.csv.
+        base, extra: :class:`cellseg.data.dataset.Record` objects of train.csv and of the extra files
+            (``CellDataset.records`` / ``.extra``); an extra record names its file by ``source``
+            (``csv:<name>`` / ``coco:<name>``), so two extra files of the same name share their count.
+    Returns:
+        One :class:`DataSource` per file (train.csv first), images counted once each.
+    """
+    cache: dict[Path, dict | None] = {}
+    extra = list(extra)
+    out = [_source("train_csv", Path(train_csv), [r.path for r in base], cache)]
+    for kind, prefix, files in (
+        ("pseudo_csv", "csv", cfg.data.extra_csv),
+        ("coco_json", "coco", cfg.data.coco_json),
+    ):
+        for f in files:
+            label = f"{prefix}:{Path(f).name}"
+            out.append(_source(kind, Path(f), [r.path for r in extra if r.source == label], cache))
+    return out
+
+
+def init_record(init: str | Path | None) -> tuple[str | None, dict]:
+    """(sha256 of the init weights or None, the init's own provenance dict when it is a cellseg
+    checkpoint, else {}) for a training run's ``init``."""
+    if not init or not Path(init).is_file():
+        return None, {}
+    # lazy: torch-heavy, and this module is imported by the manifest (kernel, tools/push.py)
+    from cellseg.model.checkpoint import read_checkpoint_info
+
+    try:
+        inherited = read_checkpoint_info(init).provenance
+    except CellsegError:  # torchvision / ImageNet weights: no provenance of ours
+        inherited = {}
+    return sha256_of(init), inherited
+
+
+def run_provenance(sources: list[DataSource], init_sha256: str | None, inherited: dict) -> dict:
+    """The checkpoint ``provenance`` keys of a training run: ``origin``, ``data_sources`` (this run's
+    sources plus those an init checkpoint of ours was trained on), ``init_sha256`` and ``imported``
+    (a Detectron2 import the init descends from)."""
+    parent = from_checkpoint(inherited) if inherited else None
+    merged = _merge(sources + (parent.sources if parent else []))
+    out: dict[str, Any] = {
+        "origin": TRAINED,
+        "data_sources": [to_dict(s) for s in merged],
+        "init_sha256": init_sha256,
+    }
+    if parent is not None and parent.imported is not None:
+        out["imported"] = to_dict(parent.imported)
+    return out
+
+
+def _merge(sources: Iterable[DataSource]) -> list[DataSource]:
+    """One source per (kind, sha256, synthetic), keeping the largest image count, first-seen order."""
+    seen: dict[tuple[str, str, bool], DataSource] = {}
+    for s in sources:
+        key = (s.kind, s.sha256, s.synthetic)
+        if key not in seen:
+            seen[key] = s
+        elif s.images > seen[key].images:
+            seen[key] = dataclasses.replace(seen[key], images=s.images)
+    return list(seen.values())
+
+
+def from_checkpoint(prov: dict | None) -> Provenance | None:
+    """The :class:`Provenance` of a checkpoint's ``provenance`` dict; None when it records no
+    training data (checkpoints written before provenance existed)."""
+    prov = dict(prov or {})
+    common = {"fold": prov.get("fold"), "epoch": prov.get("epoch"), "git_commit": prov.get("git_commit")}
+    if prov.get("source") == "detectron2" or prov.get("origin") == DETECTRON2:
+        return Provenance(
+            origin=DETECTRON2,
+            imported=FileRef(str(prov.get("detectron2_weights", "")), prov.get("detectron2_weights_sha256")),
+            git_commit=prov.get("git_commit"),
+        )
+    if "data_sources" not in prov:
+        return None
+    init = FileRef(str(prov["init"]), prov.get("init_sha256")) if prov.get("init") else None
+    return Provenance(
+        origin=TRAINED,
+        sources=[from_dict(DataSource, s, "data_sources") for s in prov["data_sources"]],
+        init=init,
+        imported=from_dict(FileRef, prov["imported"], "imported") if prov.get("imported") else None,
+        **common,
+    )
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _records(models: Any) -> list[Provenance | None]:
+    """Per-model provenance of a Manifest (or its ``models`` list, or a list of records)."""
+    items = getattr(models, "models", models)
+    return [getattr(m, "provenance", m) if not isinstance(m, Provenance) else m for m in items]
+
+
+def _count(n: int, kind: str) -> str:
+    return f"{n:,} images" if kind == "train_csv" else f"{n:,}"
+
+
+def synthetic_only(models: Any) -> bool:
+    """True when every model of the ensemble was trained on ``cellseg synth`` data only. Models of
+    unknown provenance, Detectron2 imports and models without recorded sources make it False."""
+    recs = _records(models)
+    return bool(recs) and all(
+        p is not None
+        and p.origin == TRAINED
+        and p.imported is None
+        and p.sources
+        and all(s.synthetic for s in p.sources)
+        for p in recs
+    )
+
+
+def summarize(models: Any) -> str:
+    """The ensemble's provenance in one line, e.g. ``3 models: real train.csv (606 images) +
+    pseudo-labels (1,972)``; a source shared by several models (same sha256) is counted once."""
+    recs = _records(models)
+    n = len(recs)
+    groups: dict[tuple[str, bool], dict[str, int]] = {}
+    imports: dict[str, FileRef] = {}
+    unknown = 0
+    for p in recs:
+        if p is None:
+            unknown += 1
+            continue
+        for s in p.sources:
+            g = groups.setdefault((s.kind, s.synthetic), {})
+            g[s.sha256] = max(g.get(s.sha256, 0), s.images)
+        if p.imported is not None:
+            imports[p.imported.sha256 or p.imported.path] = p.imported
+    parts = []
+    for (kind, synthetic), files in groups.items():
+        prefix = "synthetic " if synthetic else ("real " if kind == "train_csv" else "")
+        parts.append(f"{prefix}{_LABELS[kind]} ({_count(sum(files.values()), kind)})")
+    for ref in imports.values():
+        parts.append(f"{DETECTRON2} (sha256 {(ref.sha256 or '?')[:12]})")
+    if unknown:
+        parts.append(UNKNOWN if unknown == n else f"{UNKNOWN} ({unknown} of {n})")
+    if not parts:
+        parts.append("no training data recorded")
+    return f"{n} model{'s' if n != 1 else ''}: " + " + ".join(parts)
+
+
+def describe(p: Provenance | None) -> str:
+    """One model's provenance in one line (for the bundle / push plans)."""
+    if p is None:
+        return UNKNOWN
+    if p.origin == DETECTRON2 and p.imported is not None:
+        return f"{DETECTRON2} of {p.imported.path} (sha256 {p.imported.sha256 or '?'})"
+    srcs = []
+    for s in p.sources:
+        what = "synthetic (cellseg synth" + (f" seed {s.synth_seed}" if s.synth_seed is not None else "") + ")"
+        srcs.append(
+            f"{_LABELS[s.kind]} {s.path} ({_count(s.images, s.kind)}, sha256 {s.sha256[:12]}, "
+            f"{what if s.synthetic else 'not synthetic'})"
+        )
+    bits = [f"{TRAINED}" + (f" fold {p.fold}" if p.fold is not None else "") + (f" epoch {p.epoch}" if p.epoch else "")]
+    bits.append("; ".join(srcs) if srcs else "no training data recorded")
+    if p.init is not None:
+        bits.append(f"init {p.init.path} (sha256 {(p.init.sha256 or '?')[:12]})")
+    if p.imported is not None:
+        bits.append(f"from {DETECTRON2} {p.imported.path} (sha256 {(p.imported.sha256 or '?')[:12]})")
+    return ": ".join(bits[:2]) + "".join(f"; {b}" for b in bits[2:])
+
+
+def verdict(models: Any) -> str:
+    """What the provenance means for a leaderboard submission, in one line."""
+    recs = _records(models)
+    if synthetic_only(recs):
+        return "synthetic data only: every model was trained on `cellseg synth` output (near 0 on the leaderboard)"
+    unknown = sum(p is None for p in recs)
+    if unknown:
+        return f"{UNKNOWN} for {unknown} of {len(recs)} model(s): the synthetic-data check does not apply"
+    return "trained on data that is not (only) synthetic"
+
+
+def plan_lines(manifest: Any) -> list[str]:
+    """Plan text: one line per model (``<checkpoint>: <provenance>``), the summary and the verdict."""
+    lines = [f"  {e.checkpoint}: {describe(e.provenance)}" for e in manifest.models]
+    lines.append(f"  ensemble: {summarize(manifest)}")
+    lines.append(f"  verdict: {verdict(manifest)}")
+    return lines
+
+
+__all__ = [
+    "SYNTH_MARKER",
+    "DataSource",
+    "FileRef",
+    "Provenance",
+    "describe",
+    "from_checkpoint",
+    "init_record",
+    "plan_lines",
+    "run_provenance",
+    "sha256_of",
+    "summarize",
+    "synth_marker",
+    "synthetic_only",
+    "training_sources",
+    "verdict",
+    "write_synth_marker",
+]
