@@ -43,7 +43,7 @@ def test_config_files_build():
         cfg = load_experiment(f)
         model = build_model(cfg.model)
         assert model.roi_heads.detections_per_img == cfg.model.box_detections_per_img
-        assert model.roi_heads.box_predictor.cls_score.out_features == 4
+        assert model.roi_heads.box_predictor.cls_score.out_features == len(cfg.model.class_names) + 1  # + background
         assert len(model.rpn.anchor_generator.sizes) == len(cfg.model.returned_layers) + 1
 
 
