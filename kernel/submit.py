@@ -11,6 +11,10 @@ Runs as the competition notebook (internet off). Standard library only until ``c
 4. run cellseg's predict pipeline with the bundle's manifest (the marker's ``"manifest"``) and write
    ``<root>/working/submission.csv`` (validated before exit).
 
+When no test image can be predicted (every PNG unreadable, or ``test/`` empty) the submission is still
+written, with an empty row for every ``sample_submission.csv`` id, the reason is logged in a banner
+and the exit status is 0: on Kaggle a missing submission.csv is the one outcome that must not happen.
+
 ``--kaggle-root DIR`` (or the environment variable ``CELLSEG_KAGGLE_ROOT``) replaces ``/kaggle``, so
 the same file runs locally against a fake tree. Expected failures print one line and exit 2.
 """
@@ -146,10 +150,13 @@ def main(argv=None) -> int:
         cellseg = import_cellseg(bundle, root / "temp")
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {Path(cellseg.__file__).parent}")
         from cellseg.errors import CellsegError
-        from cellseg.inference.runner import parse_duration, predict_folder
+        from cellseg.io import check_writable
 
         out = args.out or root / "working" / "submission.csv"
         try:
+            check_writable(out, "file")  # before torch is imported and the models load
+            from cellseg.inference.runner import parse_duration, predict_folder
+
             budget = parse_duration(args.time_budget)
             spent = time.monotonic() - start
             result = predict_folder(
@@ -160,6 +167,22 @@ def main(argv=None) -> int:
     except KernelError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
+    predicted = [i for i in result.seconds if i not in result.failed]
+    if not predicted and not result.skipped:
+        why = (
+            f"every one of the {len(result.failed)} test image(s) is unreadable; first: "
+            + next(iter(result.failed.values()))
+            if result.failed
+            else f"{comp / 'test'} holds no PNG image"
+        )
+        banner = "!" * 72
+        for line in (
+            banner,
+            f"NO TEST IMAGE WAS PREDICTED: {why}",
+            f"{out} has an empty row for each of {len(result.rows)} id(s): it is valid and will score 0",
+            banner,
+        ):
+            log(line)
     log(
         f"done: {out} ({len(result.rows)} images, {sum(map(len, result.rows.values()))} instances) "
         f"in {time.monotonic() - start:.0f}s"

@@ -50,7 +50,7 @@ def test_errors_name_the_key(data, words):
 
 
 def test_bad_override_and_missing_file(tmp_path):
-    with pytest.raises(CellsegError, match="not KEY=VALUE"):
+    with pytest.raises(CellsegError, match="command-line override .epochs. is not KEY=VALUE"):
         apply_overrides({}, ["epochs"])
     with pytest.raises(CellsegError, match="not found"):
         load_yaml(Outer, tmp_path / "nope.yaml")
@@ -58,3 +58,46 @@ def test_bad_override_and_missing_file(tmp_path):
     bad.write_text("a: [1,\n")
     with pytest.raises(CellsegError, match="invalid YAML"):
         load_yaml(Outer, bad)
+
+
+@dataclass
+class Paired:
+    """Two fields that must agree (as model.anchor_sizes and model.returned_layers do)."""
+
+    a: int = 1
+    b: int = 1
+
+    def __post_init__(self):
+        if self.a != self.b:
+            raise CellsegError(f"a ({self.a}) and b ({self.b}) must be equal")
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("a: 1\nb: 1\n")
+    # fine together even though the first alone breaks the pair: no error
+    assert load_yaml(Paired, p, ["a=2", "b=2"]) == Paired(2, 2)
+    with pytest.raises(CellsegError, match=r"^command-line override 'a=3': a \(3\) and b \(1\) must be equal$"):
+        load_yaml(Paired, p, ["a=3"])
+    with pytest.raises(CellsegError, match=r"^command-line override 'epochs=x': epochs: expected int, got str$"):
+        load_yaml(Outer, _outer(tmp_path), ["inner.ratio=2", "epochs=x"])
+    with pytest.raises(CellsegError, match=r"^command-line override 'inner.sizes=\[1,': value is not valid YAML"):
+        load_yaml(Outer, _outer(tmp_path), ["inner.sizes=[1,"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: x\n")
+    with pytest.raises(CellsegError, match=rf"^{bad}: epochs: expected int"):
+        load_yaml(Outer, bad, ["fp16=true"])
+    assert load_yaml(Outer, bad, ["epochs=2"]).epochs == 2  # an override may repair the file
+
+
+def _outer(tmp_path):
+    p = tmp_path / "o.yaml"
+    p.write_text("name: a\n")
+    return p
+
+
+def test_binary_file_as_yaml_names_file_and_expectation(tmp_path):
+    p = tmp_path / "model.pth"
+    p.write_bytes(b"PK\x03\x04\x00\x00binary\xff\xfe")
+    with pytest.raises(CellsegError, match=r"model\.pth: not a text file .*PyTorch checkpoint\); expected a YAML"):
+        load_yaml(Outer, p)

@@ -135,6 +135,11 @@ class Kaggle:
                 "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json (chmod 600) in "
                 f"{km.kaggle_config_dir()} (https://www.kaggle.com/settings -> Create New Token)"
             )
+        cfg = km.kaggle_json_path()
+        if cfg.is_file() and os.name != "nt" and cfg.stat().st_mode & 0o077:
+            warn(
+                f"warning: {cfg} is readable by other users (mode {cfg.stat().st_mode & 0o777:o}); run: chmod 600 {cfg}"
+            )
         # The client's verbose mode prints request headers, Authorization included.
         for var in ("VERBOSE", "VERBOSE_OUTPUT"):
             os.environ.pop(var, None)

@@ -8,6 +8,7 @@ types are errors that name the key path, e.g. ``model.anchor_sizes: expected lis
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -106,41 +107,75 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=VALUE`` strings to a nested dict (VALUE parsed as YAML: 3, 0.5, [8, 16], true)."""
+    """Apply ``a.b.c=VALUE`` strings to a nested dict (VALUE parsed as YAML: 3, 0.5, [8, 16], true).
+
+    Errors name the override as given on the command line."""
     for item in overrides or []:
         if "=" not in item:
-            raise CellsegError(f"override {item!r} is not KEY=VALUE")
+            raise CellsegError(f"command-line override {item!r} is not KEY=VALUE")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise CellsegError(f"command-line override {item!r}: empty key part in {key!r}")
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise CellsegError(f"override {key!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise CellsegError(f"command-line override {item!r}: {p!r} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise CellsegError(
+                f"command-line override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})"
+            ) from None
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, what: str = "a YAML config file") -> dict:
+    """The top-level mapping of YAML file ``path``. CellsegError (naming the file and ``what`` was
+    expected) when it is missing, binary, not YAML or not a mapping."""
     path = Path(path)
-    if not path.is_file():
-        raise CellsegError(f"config file {path} not found")
+    from cellseg.io import read_text_file  # io imports numpy and PIL; config stays light
+
+    text = read_text_file(path, what)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise CellsegError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise CellsegError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); expected {what}") from None
     if not isinstance(data, dict):
-        raise CellsegError(f"{path}: expected a mapping at the top level")
+        raise CellsegError(f"{path}: expected a mapping at the top level ({what})")
     return data
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Load ``path`` into dataclass ``cls`` after applying ``overrides``; errors name the file."""
-    data = apply_overrides(read_yaml(path), overrides or [])
+def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None, what: str | None = None) -> T:
+    """Load ``path`` into dataclass ``cls`` after applying ``overrides``.
+
+    An error caused by the file names the file; one caused by an override names the command line
+    and the override (``command-line override 'train.lr=x': train.lr: expected float, got str``).
+    ``what`` says what the file should be, for messages (default: a YAML config file).
+    """
+    data = read_yaml(path, what or "a YAML config file")
+    merged = apply_overrides(copy.deepcopy(data), overrides or [])  # its own errors name the override
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, merged)
     except CellsegError as e:
-        raise CellsegError(f"{path}: {e}") from None
+        error = str(e)
+    if not overrides or _error_of(cls, data) == error:
+        raise CellsegError(f"{path}: {error}") from None
+    # the overrides brought the error in: name the first one after which it appears
+    for k, item in enumerate(overrides):
+        if _error_of(cls, apply_overrides(copy.deepcopy(data), overrides[: k + 1])) == error:
+            raise CellsegError(f"command-line override {item!r}: {error}") from None
+    raise CellsegError(f"{path} with the command-line overrides {' '.join(overrides)}: {error}") from None
+
+
+def _error_of(cls: type, data: dict) -> str:
+    """The message :func:`from_dict` raises for ``data`` ('' when it builds)."""
+    try:
+        from_dict(cls, copy.deepcopy(data))
+    except CellsegError as e:
+        return str(e)
+    return ""
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:

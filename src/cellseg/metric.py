@@ -16,7 +16,7 @@ cannot overlap, and for t >= 0.5 that makes every match unique, so TP(t) = #pair
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -93,11 +93,16 @@ def image_score(gt: np.ndarray, pred: np.ndarray, n_gt: int | None = None, n_pre
 
 @dataclass
 class ScoreReport:
-    """Dataset score, per-type scores and a per-image table (id, cell_type, score, n_true, n_pred)."""
+    """Dataset score, per-type scores and a per-image table (id, cell_type, score, n_true, n_pred).
+
+    ``missing``: truth ids the predictions have no entry for at all (scored 0, as an image with no
+    predictions), sorted; callers warn about them (``cellseg score``) or refuse them (``--strict``).
+    """
 
     score: float
     per_class: dict[str, float]
     per_image: pd.DataFrame
+    missing: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> int:
@@ -121,7 +126,8 @@ def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> Sco
     Args:
         truth: image id -> :class:`cellseg.data.truth.ImageAnnotation` (id, cell_type, height, width, instances).
         preds: image id -> predicted instances. Ids in ``truth`` but not in ``preds`` score 0 (no
-            predictions); ids in ``preds`` but not in ``truth`` are an error.
+            predictions) and are listed in ``ScoreReport.missing``; ids in ``preds`` but not in
+            ``truth`` are an error.
 
     Raises:
         CellsegError: unknown ids, or overlapping predicted masks in an image (the Kaggle scorer
@@ -144,4 +150,5 @@ def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> Sco
     per_image = pd.DataFrame(rows, columns=["id", "cell_type", "score", "n_true", "n_pred"])
     per_class = {ct: float(g["score"].mean()) for ct, g in per_image.groupby("cell_type", sort=True)}
     score = float(per_image["score"].mean()) if len(per_image) else 0.0
-    return ScoreReport(score=score, per_class=per_class, per_image=per_image)
+    missing = sorted(set(truth) - set(preds))
+    return ScoreReport(score=score, per_class=per_class, per_image=per_image, missing=missing)

@@ -82,8 +82,11 @@ class CompetitionPaths:
         return self.root / "sample_submission.csv"
 
     def image(self, split: str, image_id: str) -> Path:
-        """PNG of ``image_id`` in ``split`` ('train', 'test' or 'train_semi_supervised')."""
-        return self.root / split / f"{image_id}.png"
+        """PNG of ``image_id`` in ``split`` ('train', 'test' or 'train_semi_supervised'); ``.PNG`` in any
+        letter case is found too."""
+        from cellseg.io import find_png  # io imports PIL and numpy; paths stays light
+
+        return find_png(self.root / split, image_id)
 
     def require(self, *names: str) -> CompetitionPaths:
         """Raise CellsegError naming the first missing entry among properties ``names``."""

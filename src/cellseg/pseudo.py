@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pandas as pd
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename
 from cellseg.errors import CellsegError
-from cellseg.io import atomic_path, read_gray
+from cellseg.io import atomic_path, list_pngs, read_gray
 from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest
 
 
@@ -56,7 +57,7 @@ def pseudo_label(
 ) -> PseudoResult:
     """Pseudo-label ``data_dir/train_semi_supervised/*.png`` into ``out_csv`` (written atomically)."""
     folder = Path(data_dir) / "train_semi_supervised"
-    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    files = list(list_pngs(folder).values())
     if not files:
         raise CellsegError(f"{folder}: no unlabeled PNG images found")
     from tqdm.auto import tqdm
@@ -70,9 +71,14 @@ def pseudo_label(
     manifest: Manifest = load_manifest(manifest_path, verify=True)
     dev = resolve_device(device)
     loaded = load_ensemble(manifest, dev)
-    rows, stats = [], []
+    rows, stats, unreadable = [], [], []
     for f in tqdm(files, desc="pseudo-label", unit="img", disable=None if progress else True):
-        image = read_gray(f)
+        try:
+            image = read_gray(f)
+        except CellsegError as e:  # one bad file must not end a run of thousands: skip it, say so
+            tqdm.write(f"warning: skipping {e}", file=sys.stderr)
+            unreadable.append(f.name)
+            continue
         h, w = image.shape
         raw, _ = forward_image(image, loaded, manifest.tta, dev)
         res = finish_image(
@@ -101,6 +107,8 @@ def pseudo_label(
                     "source": f"pseudo:{manifest.name or Path(manifest_path).parent.name}",
                 }
             )
+    if unreadable and len(unreadable) == len(files):
+        raise CellsegError(f"{folder}: every one of the {len(files)} image(s) is unreadable (first: {unreadable[0]})")
     df = pd.DataFrame(rows, columns=[*TRAIN_COLUMNS, "source"])
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)

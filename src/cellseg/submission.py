@@ -7,7 +7,7 @@ with no predictions gets one row with an empty ``predicted``.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy as np
 from cellseg.data.masks import CropMask
 from cellseg.data.rle import BatchDecodeError, decode_crop, decode_crops
 from cellseg.errors import CellsegError
-from cellseg.io import atomic_path, image_size
+from cellseg.io import atomic_path, image_size, list_pngs
 
 HEADER = ("id", "predicted")
 
@@ -43,7 +43,9 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, str]]]:
     """Read a submission: image id -> [(1-based line, rle), ...] (empty rles dropped, ids kept)."""
     path = Path(path)
     if not path.is_file():
-        raise CellsegError(f"{path}: file not found")
+        raise CellsegError(f"{path}: file not found" if not path.is_dir() else f"{path}: is a folder, not a CSV file")
+    if path.stat().st_size == 0:
+        raise CellsegError(f"{path}: empty file (0 bytes); expected a CSV with header 'id,predicted'")
     out: dict[str, list[tuple[int, str]]] = {}
     with open(path, newline="") as f:
         reader = csv.reader(f)
@@ -62,6 +64,16 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
+def _first_duplicate(items: Sequence[tuple[int, str]]) -> tuple[int, int] | None:
+    """(first line, repeating line) of the first RLE that appears twice among ``items``, else None."""
+    seen: dict[str, int] = {}
+    for line, rle in items:
+        if rle in seen:
+            return seen[rle], line
+        seen[rle] = line
+    return None
+
+
 def decode_submission(path: str | Path, sizes: Mapping[str, tuple[int, int]]) -> dict[str, list[CropMask]]:
     """Decode every RLE of a submission onto crops, with (height, width) per id from ``sizes``.
 
@@ -74,6 +86,9 @@ def decode_submission(path: str | Path, sizes: Mapping[str, tuple[int, int]]) ->
             line = items[0][0] if items else "?"
             raise CellsegError(f"{path}:{line}: id {image_id!r} is not in the truth")
         h, w = sizes[image_id]
+        dup = _first_duplicate(items)
+        if dup is not None:
+            raise CellsegError(f"{path}:{dup[1]}: duplicates line {dup[0]} (the same mask twice: masks overlap)")
         try:
             crops = decode_crops([rle for _, rle in items], h, w)
         except BatchDecodeError as e:
@@ -82,35 +97,45 @@ def decode_submission(path: str | Path, sizes: Mapping[str, tuple[int, int]]) ->
     return out
 
 
-def validate_submission(path: str | Path, test_dir: str | Path) -> list[str]:
+def validate_submission(path: str | Path, test_dir: str | Path, sample_ids: Iterable[str] = ()) -> list[str]:
     """Check a submission against a test folder the way the scorer would.
 
-    Checks: header, every test id present, no unknown ids, RLE syntax, runs within the image (size
-    from the PNG header), no two masks of an image overlapping. An unreadable test PNG is a problem
-    only when the submission has masks for it. Returns the problems, each prefixed
-    with ``line N:`` where it has one; an empty list means valid.
+    Checks: header, every test id (``*.png`` in any letter case) and every id of ``sample_ids``
+    (those of ``sample_submission.csv``) present, no unknown ids, RLE syntax, runs within the image
+    (size from the PNG header), no two masks of an image overlapping. An unreadable test PNG is a
+    problem only when the submission has masks for it; a ``sample_ids`` id without a PNG may only
+    have an empty row. Returns the problems, each prefixed with ``line N:`` where it has one; an
+    empty list means valid.
     """
     path, test_dir = Path(path), Path(test_dir)
     if not test_dir.is_dir():
         raise CellsegError(f"{test_dir}: test folder not found")
     problems: list[str] = []
-    sizes = {p.stem: p for p in sorted(test_dir.glob("*.png"))}
+    sizes = list_pngs(test_dir)
+    expected = set(sizes) | set(sample_ids)
     try:
         sub = read_submission(path)
     except CellsegError as e:
         return [str(e)]
-    for missing in sorted(set(sizes) - set(sub)):
+    for missing in sorted(expected - set(sub)):
         problems.append(f"test id {missing} has no row")
     for image_id, items in sub.items():
-        if image_id not in sizes:
+        if image_id not in expected:
             problems.append(f"line {items[0][0] if items else '?'}: id {image_id} is not in {test_dir}")
             continue
         if not items:
             continue  # an empty row needs no image size
+        if image_id not in sizes:
+            problems.append(f"line {items[0][0]}: masks for id {image_id}, which has no PNG in {test_dir}")
+            continue
         try:
             h, w = image_size(sizes[image_id])
         except CellsegError as e:
             problems.append(f"line {items[0][0]}: masks for an image whose size cannot be read ({e})")
+            continue
+        dup = _first_duplicate(items)
+        if dup is not None:
+            problems.append(f"line {dup[1]}: duplicates line {dup[0]} (the same mask twice: masks overlap)")
             continue
         owner = np.zeros((h, w), dtype=np.int32)  # index+1 into `lines` of the mask owning a pixel
         lines: list[int] = []

@@ -88,7 +88,7 @@ def test_load_errors(tmp_path, tiny_model):
     with pytest.raises(CellsegError, match="not found"):
         load_model(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
-    with pytest.raises(CellsegError, match="not a readable torch checkpoint"):
+    with pytest.raises(CellsegError, match="not a readable PyTorch checkpoint: not a file written by torch.save"):
         load_model(tmp_path / "junk.pth")
     torch.save(tiny_model.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CellsegError, match="not a cellseg checkpoint"):

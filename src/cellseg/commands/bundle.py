@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cellseg import paths
+from cellseg.io import check_writable
 from cellseg.kaggle import bundle
 
 
@@ -51,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(args.out, "dir")  # the bundle is staged beside --out and renamed into place
+    check_writable(Path(args.out).resolve().parent, "dir")
     manifest = args.weights or paths.demo_manifest()
     b = bundle.stage_bundle(
         manifest,

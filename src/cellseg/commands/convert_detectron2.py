@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellseg.detectron2.convert import convert_checkpoint
+    from cellseg.io import check_writable
 
+    check_writable(args.out, "dir")
     names = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not names:
         raise CellsegError("--classes is empty")

@@ -29,8 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellseg.io import check_writable
     from cellseg.kaggle.demo import run_demo
 
+    check_writable(args.out, "dir")
     res = run_demo(
         args.out,
         args.weights,

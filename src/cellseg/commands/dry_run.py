@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellseg.dry_run import HIDDEN_TEST_IMAGES, dry_run
+    from cellseg.io import check_writable
 
+    check_writable(args.report, "dir")  # before the models load
     images = args.images if args.images is not None or args.fold is not None else 24
     res = dry_run(
         args.data,

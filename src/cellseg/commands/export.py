@@ -48,8 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellseg.io import check_writable
     from cellseg.model.export import export_weights
 
+    check_writable(args.out, "dir")  # before any checkpoint is read
     tta = [v.strip() for v in args.tta.split(",") if v.strip()]
     res = export_weights(
         args.checkpoints,

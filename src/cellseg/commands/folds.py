@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cellseg.data.folds import make_folds
 from cellseg.data.truth import read_train_csv
-from cellseg.io import atomic_write_text
+from cellseg.io import atomic_write_text, check_writable
 from cellseg.paths import CompetitionPaths
 
 
@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     comp = CompetitionPaths(args.data).require("train_csv")
+    out = check_writable(args.out or args.data / f"folds_k{args.folds}_s{args.seed}.csv", "file")
     folds = make_folds(read_train_csv(comp.train_csv), k=args.folds, seed=args.seed)
-    out = args.out or args.data / f"folds_k{args.folds}_s{args.seed}.csv"
     atomic_write_text(out, folds.to_csv(index=False))
     table = folds.groupby(["fold", "cell_type"]).size().unstack(fill_value=0)
     print(table.to_string())

@@ -1,8 +1,14 @@
-"""``cellseg predict``: an ensemble on a competition folder's test/ -> submission.csv (the kernel's job)."""
+"""``cellseg predict``: an ensemble on a competition folder's test/ -> submission.csv (the kernel's job).
+
+Exit status: 0 = submission written with predictions; 1 = a valid submission was written but no
+image could be predicted (every test PNG unreadable, or test/ holds none: every row is empty), said
+on stderr in one line; 2 = error (one line), nothing written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -27,9 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA (fp16) when available, else CPU"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = (
+        "exit status: 0 submission written; 1 a valid submission was written but no image could be "
+        "predicted (all unreadable, or test/ empty); 2 error, nothing written"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellseg.io import check_writable
+
+    check_writable(args.out, "file")  # in milliseconds: before torch is even imported
     from cellseg.inference.runner import predict_folder
 
     res = predict_folder(
@@ -41,6 +54,19 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     n = sum(len(r) for r in res.rows.values())
+    predicted = [i for i in res.seconds if i not in res.failed]
+    if not predicted and not res.skipped:
+        why = (
+            f"every one of the {len(res.failed)} test image(s) is unreadable (first: {next(iter(res.failed.values()))})"
+            if res.failed
+            else f"{args.data / 'test'} holds no PNG image"
+        )
+        print(
+            f"cellseg predict: no image predicted: {why}; wrote a valid {res.out} with an empty row for each "
+            f"of {len(res.rows)} id(s)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"{res.out}: {len(res.rows)} image(s), {n} instance(s), {len(res.failed)} unreadable, "
         f"{len(res.skipped)} skipped for time; valid"

@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellseg.io import check_writable
     from cellseg.tune import predict_raw
 
+    check_writable(args.out, "dir")  # before the models load
     comp = CompetitionPaths(args.data).require("train_csv", "train_dir")
     ids = select_ids(read_train_csv(comp.train_csv), args.fold, args.folds, args.seed, args.images)
     out = predict_raw(args.data, args.weights, args.out, ids, device=args.device)

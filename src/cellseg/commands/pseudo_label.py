@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellseg.io import check_writable
     from cellseg.pseudo import pseudo_label
 
+    check_writable(args.out, "file")  # before the models load
     res = pseudo_label(
         args.data,
         args.weights,

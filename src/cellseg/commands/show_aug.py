@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     from cellseg import CELL_TYPES
     from cellseg.data.dataset import build_datasets
     from cellseg.errors import CellsegError
-    from cellseg.io import atomic_path
+    from cellseg.io import atomic_path, check_writable
 
+    check_writable(args.out, "file")
     if args.num < 1:
         raise CellsegError(f"-n must be >= 1, got {args.num}")
     augment = load_augment(args.config, args.overrides)

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellseg.data.synth import generate
+    from cellseg.io import check_writable
 
+    check_writable(args.out, "dir")
     s = generate(
         args.out,
         train_images=args.train_images,

@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellseg.errors import CellsegError
+    from cellseg.io import check_writable
     from cellseg.model.experiment import load_experiment
     from cellseg.training.loop import train
 
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.extra_ratio = args.pseudo_ratio
     name = args.config.stem
     out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
+    check_writable(out, "dir")  # fail now, not after the first epoch
     result = train(
         cfg,
         args.data,

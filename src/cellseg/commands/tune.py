@@ -48,9 +48,13 @@ def _values(kind):
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellseg.io import check_writable
     from cellseg.model.manifest import load_manifest
     from cellseg.tune import plot_curves, report_table, tune, write_tuned_manifest
 
+    check_writable(args.plots or args.cache / "plots", "dir")
+    if not args.no_write:
+        check_writable(args.weights / "manifest.yaml" if args.weights.is_dir() else args.weights, "file")
     manifest = load_manifest(args.weights, verify=False)
     truth = read_train_csv(args.truth, fill_holes=args.fill_holes).images
     grid = TuneGrid(

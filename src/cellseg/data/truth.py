@@ -205,7 +205,10 @@ def read_sample_submission(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CellsegError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise CellsegError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
     if "id" not in df.columns:
         raise CellsegError(f"{path}:1: no 'id' column")
     return list(dict.fromkeys(df["id"].tolist()))

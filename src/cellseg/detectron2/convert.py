@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from cellseg.errors import CellsegError
+from cellseg.io import read_text_file
 
 #: Detectron2 buffers that hold no weights (the normalisation comes from the config).
 IGNORED_D2_KEYS = {"pixel_mean", "pixel_std"}
@@ -40,8 +41,9 @@ def read_d2_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CellsegError(f"{path}: Detectron2 config not found")
+    text = read_text_file(path, "a Detectron2 config.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise CellsegError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or "MODEL" not in data:

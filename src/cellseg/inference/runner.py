@@ -5,7 +5,9 @@
 Order of work: manifest loaded and every checksum verified, models loaded, then for each test image:
 read (odd images converted by cellseg.io.read_gray; unreadable ones logged and given an empty row)
 -> :func:`cellseg.inference.pipeline.forward_image` + :func:`~cellseg.inference.pipeline.finish_image`
--> RLE. The submission is written atomically with every test id and validated before returning.
+-> RLE. The submission is written atomically with every test id (and an empty row for each
+``sample_submission.csv`` id without a PNG) and validated before returning; it is written even when
+every image is unreadable or ``test/`` is empty. ``out`` is checked writable before anything loads.
 
 Time budget: after every image the remaining work is projected from the measured seconds per
 (model x view) unit; while it would not fit, TTA views are dropped (last listed first), then models
@@ -32,7 +34,7 @@ from cellseg.data.truth import read_sample_submission
 from cellseg.errors import CellsegError
 from cellseg.inference.forward import load_ensemble, predict_views, raw_to_detections, resolve_device
 from cellseg.inference.pipeline import finish_image, forward_image
-from cellseg.io import read_gray
+from cellseg.io import check_writable, list_pngs, read_gray
 from cellseg.model.manifest import load_manifest
 from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
@@ -127,23 +129,33 @@ class RunResult:
 
 
 def list_test_ids(paths: CompetitionPaths, log: Log) -> list[str]:
-    """Ids of ``test/*.png`` (sorted); sample_submission ids without a PNG are logged."""
+    """Ids of ``test/*.png`` (any letter case of ``.png``, sorted). An empty ``test/`` is logged."""
     if not paths.test_dir.is_dir():
         raise CellsegError(f"{paths.test_dir}: test folder not found (is {paths.root} a competition-layout folder?)")
-    ids = sorted(p.stem for p in paths.test_dir.glob("*.png"))
-    if paths.sample_submission.is_file():
-        try:
-            sample = read_sample_submission(paths.sample_submission)
-        except CellsegError as e:
-            log(f"warning: {e}")
-            sample = []
-        missing = sorted(set(sample) - set(ids))
-        if missing:
-            log(
-                f"warning: {len(missing)} id(s) of {paths.sample_submission.name} have no PNG in test/ "
-                f"(e.g. {missing[0]}); they get no row"
-            )
+    ids = list(list_pngs(paths.test_dir))
+    if not ids:
+        log(f"warning: {paths.test_dir} holds no PNG image")
     return ids
+
+
+def sample_only_ids(paths: CompetitionPaths, ids: Sequence[str], log: Log) -> list[str]:
+    """Ids of ``sample_submission.csv`` that have no PNG among ``ids`` (logged): each gets an empty
+    row, so the submission always lists every id the scorer expects."""
+    if not paths.sample_submission.is_file():
+        return []
+    try:
+        sample = read_sample_submission(paths.sample_submission)
+    except CellsegError as e:
+        log(f"warning: {e}")
+        return []
+    have = set(ids)
+    missing = list(dict.fromkeys(i for i in sample if i not in have))
+    if missing:
+        log(
+            f"warning: {len(missing)} id(s) of {paths.sample_submission.name} have no PNG in test/ "
+            f"(e.g. {missing[0]}); they get an empty row"
+        )
+    return missing
 
 
 #: margin on measured seconds per unit when planning against the time budget
@@ -178,18 +190,27 @@ def predict_folder(
 ) -> RunResult:
     """Predict every test image of ``data_dir`` with the manifest's ensemble into ``out``.
 
-    ``image_ids`` restricts the run (default: every ``test/*.png``). ``pipeline``: post-process
-    image k in a worker thread while the models run on image k + 1 (default: on CUDA only).
-    Raises CellsegError (one line) for a missing test folder, an unusable manifest, a checksum
-    mismatch, every image failing, or an invalid written submission.
+    ``image_ids`` restricts the run (default: every ``test/*.png``, plus an empty row for each
+    ``sample_submission.csv`` id without a PNG). ``pipeline``: post-process image k in a worker
+    thread while the models run on image k + 1 (default: on CUDA only).
+    Raises CellsegError (one line) before any model loads for an unwritable ``out``, a missing test
+    folder, an unusable manifest or a checksum mismatch, and after writing for an invalid submission.
+    Unreadable images get empty rows: even when every image fails, a valid submission is written
+    (``result.failed`` then lists every id; callers decide how loudly to say so).
     """
     start = time.monotonic()
     log = log or _default_log
     budget = parse_duration(time_budget)
+    check_writable(out, "file")
     paths = CompetitionPaths(Path(data_dir))
     ids = list(image_ids) if image_ids is not None else list_test_ids(paths, log)
     if image_ids is not None and not paths.test_dir.is_dir():
         raise CellsegError(f"{paths.test_dir}: test folder not found")
+    sample_ids = sample_only_ids(paths, ids, log) if image_ids is None else []
+    if image_ids is None and not ids and not sample_ids:
+        raise CellsegError(
+            f"{paths.test_dir} holds no PNG and {paths.sample_submission.name} lists no id: nothing to predict"
+        )
     manifest = load_manifest(manifest_path, verify=True)  # checksums before any image is touched
 
     dev = resolve_device(device)
@@ -303,10 +324,12 @@ def predict_folder(
     result.views, result.models = views, len(model_idx)
     if ids and len(result.failed) == len(ids):
         first = next(iter(result.failed.values()))
-        raise CellsegError(f"every test image failed ({len(ids)}); first: {first}")
+        log(f"WARNING: every test image failed ({len(ids)}); first: {first}; every row is empty")
+    for i in sample_ids:
+        rows.setdefault(i, [])
     write_submission(out, rows)
     if validate:
-        problems = validate_submission(out, paths.test_dir) if image_ids is None else []
+        problems = validate_submission(out, paths.test_dir, sample_ids) if image_ids is None else []
         if problems:
             raise CellsegError(
                 f"{out}: written submission is invalid ({len(problems)} problem(s)); first: {problems[0]}"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cellseg.errors import CellsegError
+from cellseg.io import default_mode
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
     check,
@@ -325,6 +326,7 @@ def stage_bundle(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700; the bundle is shared and uploaded
     try:
         files: list[BundleFile] = []
         wdir = f"weights/{name}"

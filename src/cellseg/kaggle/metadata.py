@@ -55,13 +55,30 @@ def kaggle_config_dir() -> Path:
     return Path(xdg) / "kaggle"
 
 
+def kaggle_json_path() -> Path:
+    """The kaggle.json the client reads (it may not exist)."""
+    return kaggle_config_dir() / "kaggle.json"
+
+
 def _kaggle_json() -> dict[str, Any]:
-    path = kaggle_config_dir() / "kaggle.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    """kaggle.json as a dict; {} when there is none. CellsegError when it exists but is not a JSON
+    object (telling the user to put it there would be wrong: it is there)."""
+    path = kaggle_json_path()
+    if not path.is_file():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CellsegError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        where = f" (line {e.lineno} column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CellsegError(
+            f'{path}: not valid JSON{where}; expected {{"username": ..., "key": ...}} as downloaded from '
+            "https://www.kaggle.com/settings (Create New Token)"
+        ) from None
+    if not isinstance(data, dict):
+        raise CellsegError(f"{path}: expected a JSON object with username and key, got {type(data).__name__}")
+    return data
 
 
 def has_credentials() -> bool:

@@ -20,6 +20,7 @@ one of our checkpoints.
 from __future__ import annotations
 
 import subprocess
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,16 +69,34 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
+def _unreadable_reason(path: Path, e: Exception) -> str:
+    """Our words for why ``torch.load`` refused ``path`` (PyTorch's own text suggests turning
+    ``weights_only`` off, which is never the fix here)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    text = str(e)
+    if not head:
+        return "empty file (0 bytes)"
+    if "Unsupported global" in text or "GLOBAL" in text:
+        return (
+            "it holds pickled Python objects, not just tensors (e.g. a whole saved nn.Module); "
+            "save model.state_dict() instead"
+        )
+    if head.startswith(b"PK\x03\x04") or "zip archive" in text or isinstance(e, EOFError):
+        return "truncated or corrupt (an incomplete torch.save archive: copy or download it again)"
+    return "not a file written by torch.save"
+
+
 def _read(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CellsegError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unpickler errors come in many types
-        raise CellsegError(
-            f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
+        raise CellsegError(f"{path}: not a readable PyTorch checkpoint: {_unreadable_reason(path, e)}") from None
 
 
 def _is_ours(obj: Any) -> bool:
@@ -243,8 +262,10 @@ def load_init(model: nn.Module, path: str | Path, class_names: Sequence[str] | N
         src_names = _info(path, raw).class_names if _is_ours(raw) else None
         state = _unwrap_state(raw)
     except CellsegError as e:
-        if str(e).startswith(("checkpoint", str(path))):
+        if str(e).startswith("checkpoint"):
             raise
+        if str(e).startswith(str(path)):
+            raise CellsegError(f"--init {e}") from None
         raise CellsegError(f"--init {path}: {e}") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model = unwrap(model)

@@ -197,4 +197,4 @@ class ExperimentConfig:
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML experiment config with ``KEY=VALUE`` overrides (e.g. ``train.lr=0.01``)."""
-    return load_yaml(ExperimentConfig, path, overrides)
+    return load_yaml(ExperimentConfig, path, overrides, what="an experiment config (YAML, e.g. configs/demo.yaml)")

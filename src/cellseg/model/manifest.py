@@ -153,7 +153,7 @@ def load_manifest(path: str | Path, verify: bool = True, overrides: list[str] | 
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.yaml"
-    m = load_yaml(Manifest, path, overrides)
+    m = load_yaml(Manifest, path, overrides, what="an ensemble manifest (YAML, weights/<name>/manifest.yaml)")
     m.base_dir = str(path.resolve().parent)
     check_manifest(m, str(path))
     if verify:

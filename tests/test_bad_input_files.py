@@ -1,0 +1,183 @@
+"""Bad input files to ``cellseg score``, ``validate`` and ``train``: rows of docs/BAD_INPUT.md. Each
+asserts the exit status, no traceback, the line that names the problem, and nothing half-written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bad_input_helpers import REPO, assert_one_line_error, cli, cli_inproc, leftovers
+from cellseg.data import rle
+from cellseg.io import write_gray
+from helpers import train_rows, write_test_dir, write_train_csv
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def mask(h: int, w: int, y: int, x: int, size: int = 4) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y : y + size, x : x + size] = True
+    return m
+
+
+@pytest.fixture
+def scored(tmp_path):
+    """train.csv for images a, b, c (20 x 30, two cells each), their PNGs, and a's true RLEs."""
+    rows, rles = [], {}
+    for k, image_id in enumerate("abc"):
+        masks = [mask(20, 30, 2, 2 + k), mask(20, 30, 10, 15)]
+        rows += train_rows(image_id, "cort", masks)
+        rles[image_id] = [rle.encode(m) for m in masks]
+    truth = write_train_csv(tmp_path / "train.csv", rows)
+    test = write_test_dir(tmp_path / "test", ["a", "b"], shape=(20, 30))
+    write_gray(test / "c.PNG", np.zeros((20, 30), np.uint8))  # upper-case suffix counts as a PNG
+    return tmp_path, truth, test, rles
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ score
+
+
+def test_score_warns_about_missing_ids_and_strict_refuses(scored):
+    tmp, truth, _, rles = scored
+    sub = write(tmp / "sub.csv", "id,predicted\n" + "".join(f"a,{r}\n" for r in rles["a"]))
+    res = cli("score", "--truth", truth, "--submission", sub, cwd=tmp)
+    assert res.code == 0 and "Traceback" not in res.text
+    (warning,) = [ln for ln in res.err.splitlines() if "warning" in ln]
+    assert "has no row for 2 of 3 image(s) (b, c); they score 0" in warning
+    assert "overall" in res.out
+    strict = cli("score", "--truth", truth, "--submission", sub, "--strict", cwd=tmp)
+    assert_one_line_error(strict, "has no row for 2 of 3 image(s) (b, c)", "--strict")
+    assert strict.out == ""
+
+
+def test_score_header_only_submission(scored):
+    tmp, truth, _, _ = scored
+    sub = write(tmp / "sub.csv", "id,predicted\n")
+    res = cli("score", "--truth", truth, "--submission", sub, "--json", cwd=tmp)
+    assert res.code == 0 and "Traceback" not in res.text
+    assert "has no rows (header only): all 3 image(s) (a, b, c) score 0" in res.err
+    assert '"score": 0.0' in res.out
+    assert_one_line_error(
+        cli("score", "--truth", truth, "--submission", sub, "--strict", cwd=tmp), "header only", "--strict"
+    )
+
+
+def test_score_duplicate_rows_and_empty_file(scored):
+    tmp, truth, _, rles = scored
+    dup = write(tmp / "dup.csv", f"id,predicted\na,{rles['a'][0]}\nb,\na,{rles['a'][0]}\n")
+    assert_one_line_error(cli("score", "--truth", truth, "--submission", dup, cwd=tmp), "dup.csv:4: duplicates line 2")
+    empty = write(tmp / "empty.csv", "")
+    assert_one_line_error(
+        cli("score", "--truth", truth, "--submission", empty, cwd=tmp), "empty.csv: empty file (0 bytes)"
+    )
+
+
+# ------------------------------------------------------------------ validate
+
+
+def test_validate_missing_ids_duplicates_and_empty_file(scored):
+    tmp, _, test, rles = scored
+    missing = write(tmp / "missing.csv", "id,predicted\na,\n")
+    res = cli("validate", missing, "--test-dir", test, cwd=tmp)
+    assert res.code == 1 and "Traceback" not in res.text
+    assert "test id b has no row" in res.err and "test id c has no row" in res.err  # c.PNG counts
+    assert "INVALID (2 problem(s))" in res.err
+    dup = write(tmp / "dup.csv", f"id,predicted\na,{rles['a'][0]}\na,{rles['a'][0]}\nb,\nc,\n")
+    res = cli("validate", dup, "--test-dir", test, cwd=tmp)
+    assert res.code == 1 and "line 3: duplicates line 2" in res.err and "INVALID (1 problem(s))" in res.err
+    empty = write(tmp / "empty.csv", "")
+    res = cli("validate", empty, "--test-dir", test, cwd=tmp)
+    assert res.code == 1 and "Traceback" not in res.text and "empty file (0 bytes)" in res.err
+
+
+def test_validate_with_sample_submission_requires_its_ids(scored):
+    tmp, _, test, _ = scored
+    sample = write(tmp / "sample_submission.csv", "id,predicted\na,\nb,\nc,\nd,\n")
+    ok = write(tmp / "ok.csv", "id,predicted\na,\nb,\nc,\nd,\n")
+    res = cli("validate", ok, "--test-dir", test, "--sample-submission", sample, cwd=tmp)
+    assert res.code == 0, res.err  # d has no PNG but an empty row: fine
+    short = write(tmp / "short.csv", "id,predicted\na,\nb,\nc,\nd,1 3\n")
+    res = cli("validate", short, "--test-dir", test, "--sample-submission", sample, cwd=tmp)
+    assert res.code == 1 and "masks for id d, which has no PNG" in res.err
+
+
+# ------------------------------------------------------------------ train
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """A competition folder with two small annotated train images (enough to reach --init loading)."""
+    root = tmp_path / "data"
+    rows = []
+    for k, image_id in enumerate(["t0", "t1"]):
+        masks = [mask(48, 64, 5 + k, 5, 8), mask(48, 64, 25, 30, 8)]
+        rows += train_rows(image_id, "cort", masks, sample_id=f"cort[x]_{k}")
+        write_gray(root / "train" / f"{image_id}.png", np.full((48, 64), 120, np.uint8))
+    write_train_csv(root / "train.csv", rows)
+    return root
+
+
+def test_train_binary_file_as_config(tmp_path, capsys):
+    best = tmp_path / "best.pth"
+    torch.save({"model": {"w": torch.zeros(3)}}, best)
+    res = cli_inproc(capsys, "train", "--config", best, "--data", tmp_path, "--out", tmp_path / "run")
+    assert_one_line_error(res, str(best), "not a text file", "PyTorch checkpoint", "expected an experiment config")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_missing_data_folder(tmp_path, capsys):
+    res = cli_inproc(capsys, "train", "--config", DEMO, "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
+    assert_one_line_error(res, str(tmp_path / "nowhere" / "train.csv"), "not found")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.epochs=abc", ["'train.epochs=abc'", "train.epochs: expected int, got str"]),
+        ("model.no_such_key=1", ["'model.no_such_key=1'", "unknown config key 'model.no_such_key'"]),
+        ("train.lr=[1,", ["'train.lr=[1,'", "value is not valid YAML"]),
+        ("train.epochs.x=1", ["'train.epochs.x=1'", "'epochs' is not a section"]),
+    ],
+)
+def test_override_errors_name_the_command_line(tmp_path, capsys, override, words):
+    res = cli_inproc(capsys, "train", "--config", DEMO, "--data", tmp_path, "--out", tmp_path / "run", override)
+    line = assert_one_line_error(res, "command-line override", *words)
+    assert "demo.yaml" not in line  # the file is fine: do not send the user there
+    assert leftovers(tmp_path) == []
+
+
+def test_config_file_errors_still_name_the_file(tmp_path, capsys):
+    bad = write(tmp_path / "bad.yaml", "train:\n  epochs: many\n")
+    res = cli_inproc(capsys, "train", "--config", bad, "--data", tmp_path, "--out", tmp_path / "run", "train.lr=0.1")
+    assert_one_line_error(res, f"{bad}: train.epochs: expected int, got str")
+    nowhere = tmp_path / "nowhere"
+    fixed = cli_inproc(capsys, "train", "--config", bad, "--data", nowhere, "--out", tmp_path / "run", "train.epochs=1")
+    assert_one_line_error(fixed, "train.csv not found")  # the override repaired the file's value
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickled-module", "empty"])
+def test_train_bad_init_file_gets_our_message(tiny_data, tmp_path, capsys, kind):
+    init = tmp_path / "init.pth"
+    if kind == "truncated":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, init)
+        init.write_bytes(init.read_bytes()[:-300])
+        words = ["truncated or corrupt"]
+    elif kind == "pickled-module":
+        torch.save(torch.nn.Linear(2, 2), init)
+        words = ["pickled Python objects", "save model.state_dict() instead"]
+    else:
+        init.write_bytes(b"")
+        words = ["empty file (0 bytes)"]
+    run = tmp_path / "run"
+    args = ("train", "--config", DEMO, "--data", tiny_data, "--fold", "all", "--init", init, "--out", run, "--quiet")
+    res = cli_inproc(capsys, *args)
+    assert_one_line_error(res, f"--init {init}: not a readable PyTorch checkpoint", *words)
+    assert "weights_only" not in res.text and "PyTorch 2.6" not in res.text
+    assert not (run / "last.pth").exists() and not (run / "best.pth").exists()
