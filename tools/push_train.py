@@ -34,7 +34,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import push  # tools/push.py: the client wrapper, the dataset step; it puts src/ on sys.path if needed
@@ -51,63 +50,13 @@ DEFAULT_TIME_LIMIT = "11h30m"
 ENDED = ("COMPLETE", "ERROR", "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED")
 
 
-@dataclass
-class FoldKernel:
-    """One fold's kernel: its filled metadata, the values written into the pushed file, its source."""
-
-    fold: str
-    meta: dict
-    staged: dict
-    resume_ref: str | None = None
-
-    @property
-    def ref(self) -> str:
-        return self.meta["id"]
-
-
 # ----------------------------------------------------------------------------------------------
 # Local preparation (no network)
 
 
-def resume_ref_for(spec: str | None, fold: str, n_folds: int) -> str | None:
-    """The source kernel of ``fold`` for ``--resume-from OWNER/SLUG``: the slug as given when it ends
-    with this fold's suffix, else with the suffix appended (one command resumes every fold)."""
-    if not spec:
-        return None
-    problems = km._ref_problems("--resume-from", spec)
-    if problems:
-        raise UsageError(*problems)
-    suffix = kt.fold_suffix(fold)
-    if spec.endswith(suffix):
-        if n_folds > 1:
-            raise UsageError(f"--resume-from {spec} names one fold's kernel; give the slug without {suffix}")
-        return spec
-    return spec + suffix
-
-
-def fold_kernel(
-    repo: Path, username: str, dataset_ref: str, fold: str, slug: str | None, bundle_id: str, resume: str | None
-) -> FoldKernel:
-    """The kernel of one fold from ``kernel-train-metadata.json``: slug + ``-fold{K}``, title to match,
-    ``--resume-from`` added to ``kernel_sources``. Every problem found is a :class:`UsageError` line."""
-    meta = km.fill(km.load_template(repo / kt.TRAIN_KERNEL_METADATA), username)
-    base = slug or str(meta.get("id", "/")).split("/")[-1]
-    meta["id"] = f"{username}/{base}{kt.fold_suffix(fold)}"
-    if slug:
-        meta["title"] = " ".join(meta["id"].split("/")[1].split("-")).capitalize()
-    else:
-        meta["title"] = f"{meta.get('title', '')} {kt.fold_suffix(fold)[1:]}"
-    if resume:
-        meta["kernel_sources"] = [*meta.get("kernel_sources", []), resume]
-    problems = km.validate_kernel_metadata(meta, repo)
-    if dataset_ref not in meta.get("dataset_sources", []):
-        problems.append(f"kernel dataset_sources: {meta.get('dataset_sources')} does not include {dataset_ref}")
-    if problems:
-        raise UsageError(*problems)
-    return FoldKernel(fold, meta, {"fold": fold, "bundle_id": bundle_id}, resume)
-
-
-def prepare_train(args: argparse.Namespace, username: str, scratch: Path) -> tuple[bundle_mod.Bundle, list[FoldKernel]]:
+def prepare_train(
+    args: argparse.Namespace, username: str, scratch: Path
+) -> tuple[bundle_mod.Bundle, list[kt.FoldKernel]]:
     """Everything before the network: config + overrides, folds, the staged bundle, each fold's kernel."""
     from cellseg.model.experiment import load_experiment  # imports torch (seconds): train only, not fetch
 
@@ -118,25 +67,24 @@ def prepare_train(args: argparse.Namespace, username: str, scratch: Path) -> tup
         cfg = load_experiment(args.config, overrides)
     parse_duration(cfg.train.time_limit)  # a bad value fails here, not on Kaggle
     folds = kt.parse_folds(args.fold, cfg.data.folds)
-    resumes = {f: resume_ref_for(args.resume_from, f, len(folds)) for f in folds}
+    resumes = {f: kt.resume_ref_for(args.resume_from, f, len(folds)) for f in folds}
     if args.init and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init}: file not found")
     # Kernel metadata first (cheap), with a placeholder id; then the bundle (builds the wheel).
     dataset_ref = km.fill(km.load_template(args.repo / kt.TRAIN_DATASET_METADATA), username).get("id", "")
     for f in folds:
-        fold_kernel(args.repo, username, dataset_ref, f, args.slug, "", resumes[f])
-    out = (
-        scratch / "train-bundle"
-        if args.dry_run
-        else Path(args.bundle_out or args.repo / "dist" / "kaggle-train-bundle")
-    )
+        kt.fold_kernel(args.repo, username, dataset_ref, f, args.slug, "", resumes[f])
+    if args.bundle_out:
+        out = Path(args.bundle_out)
+    else:  # a dry run stages into a scratch folder, removed afterwards
+        out = scratch / "train-bundle" if args.dry_run else args.repo / "dist" / "kaggle-train-bundle"
     say(f"staging the training bundle ({args.config.name}, folds {','.join(folds)}) into {out}")
     b = kt.stage_train_bundle(args.config, out, folds, overrides, args.init, username=username, repo=args.repo)
     problems = km.validate_dataset_metadata(b.metadata)
     if problems:
         raise UsageError(*problems)
     kernels = [
-        fold_kernel(args.repo, username, b.metadata["id"], f, args.slug, b.marker["bundle_id"], resumes[f])
+        kt.fold_kernel(args.repo, username, b.metadata["id"], f, args.slug, b.marker["bundle_id"], resumes[f])
         for f in folds
     ]
     return b, kernels
@@ -188,7 +136,7 @@ def log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def check_resume_source(k: Kaggle, fk: FoldKernel) -> None:
+def check_resume_source(k: Kaggle, fk: kt.FoldKernel) -> None:
     out = output_marker(k, fk.resume_ref)
     if out is None:
         raise RemoteError(
@@ -203,7 +151,7 @@ def check_resume_source(k: Kaggle, fk: FoldKernel) -> None:
     )
 
 
-def push_fold(k: Kaggle, repo: Path, fk: FoldKernel) -> int:
+def push_fold(k: Kaggle, repo: Path, fk: kt.FoldKernel) -> int:
     """Push one fold's kernel (the staged entry file + metadata); returns its version number."""
     code = fk.meta["code_file"]
     with tempfile.TemporaryDirectory(prefix="cellseg-train-kernel-") as tmp:
@@ -385,7 +333,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def print_train_plan(
-    args: argparse.Namespace, b: bundle_mod.Bundle, kernels: list[FoldKernel], notes: str, scratch: Path
+    args: argparse.Namespace, b: bundle_mod.Bundle, kernels: list[kt.FoldKernel], notes: str, scratch: Path
 ) -> None:
     import json
 
@@ -460,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train.time_limit unless the config or an override sets it (default {DEFAULT_TIME_LIMIT}; 0 = none)",
     )
     t.add_argument(
-        "--bundle-out", default=None, metavar="DIR", help="where to stage (default dist/kaggle-train-bundle)"
+        "--bundle-out",
+        default=None,
+        metavar="DIR",
+        help="where to stage (default dist/kaggle-train-bundle; a --dry-run keeps it only when given)",
     )
     t.add_argument("--wait", action="store_true", help="poll every kernel until it ends")
     t.add_argument("-m", "--message", default=None, help="dataset version notes")

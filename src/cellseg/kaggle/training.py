@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cellseg.errors import CellsegError
@@ -51,11 +52,13 @@ from cellseg.kaggle.bundle import (
 )
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
+    _ref_problems,
     check,
     fill,
     load_template,
     resolve_username,
     validate_dataset_metadata,
+    validate_kernel_metadata,
 )
 from cellseg.model.manifest import sha256_file
 
@@ -185,6 +188,61 @@ def stage_train_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle(out, meta, marker, sorted(files, key=lambda f: f.path))
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel of each fold
+
+
+@dataclass
+class FoldKernel:
+    """One fold's kernel: its filled metadata, the values written into the pushed file, its source."""
+
+    fold: str
+    meta: dict
+    staged: dict
+    resume_ref: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.meta["id"]
+
+
+def resume_ref_for(spec: str | None, fold: str, n_folds: int) -> str | None:
+    """The source kernel of ``fold`` for ``--resume-from OWNER/SLUG``: the slug as given when it ends
+    with this fold's suffix, else with the suffix appended (one command resumes every fold)."""
+    if not spec:
+        return None
+    problems = _ref_problems("--resume-from", spec)
+    if problems:
+        raise CellsegError("; ".join(problems))
+    suffix = fold_suffix(fold)
+    if spec.endswith(suffix):
+        if n_folds > 1:
+            raise CellsegError(f"--resume-from {spec} names one fold's kernel; give the slug without {suffix}")
+        return spec
+    return spec + suffix
+
+
+def fold_kernel(
+    repo: Path, username: str, dataset_ref: str, fold: str, slug: str | None, bundle_id: str, resume: str | None
+) -> FoldKernel:
+    """The kernel of one fold from ``kernel-train-metadata.json``: slug + ``-fold{K}``, title to match,
+    ``--resume-from`` added to ``kernel_sources``. Problems: :class:`~cellseg.kaggle.metadata.MetadataError`, one line each."""
+    meta = fill(load_template(repo / TRAIN_KERNEL_METADATA), username)
+    base = slug or str(meta.get("id", "/")).split("/")[-1]
+    meta["id"] = f"{username}/{base}{fold_suffix(fold)}"
+    if slug:
+        meta["title"] = " ".join(meta["id"].split("/")[1].split("-")).capitalize()
+    else:
+        meta["title"] = f"{meta.get('title', '')} {fold_suffix(fold)[1:]}"
+    if resume:
+        meta["kernel_sources"] = [*meta.get("kernel_sources", []), resume]
+    problems = validate_kernel_metadata(meta, repo)
+    if dataset_ref not in meta.get("dataset_sources", []):
+        problems.append(f"kernel dataset_sources: {meta.get('dataset_sources')} does not include {dataset_ref}")
+    check(problems)
+    return FoldKernel(fold, meta, {"fold": fold, "bundle_id": bundle_id}, resume)
 
 
 # ----------------------------------------------------------------------------------------------
