@@ -121,7 +121,7 @@ def next_epoch_fits(
         fits = flag[0]
     if not fits and first_of_run:
         raise CellsegError(
-            f"train.time_limit {limit:.0f} s is shorter than one epoch of this run ({epoch_seconds or 0:.0f} s, "
+            f"train.time_limit {limit:g} s is shorter than one epoch of this run ({epoch_seconds or 0:.0f} s, "
             "recorded in last.pth): raise it"
         )
     return fits
@@ -285,7 +285,7 @@ def train(
             timed_out = True
             log(
                 f"stopping after epoch {epoch} of {tc.epochs}: another epoch (~{epoch_seconds or 0:.0f} s) would pass "
-                f"train.time_limit ({time_limit:.0f} s); continue with --resume"
+                f"train.time_limit ({time_limit:g} s); continue with --resume"
             )
             break
         t_epoch = time.monotonic()
