@@ -1,6 +1,8 @@
 """Kaggle entry point: offline submission for "Sartorius - Cell Instance Segmentation".
 
-Runs as the competition notebook (internet off). Standard library only until ``cellseg`` imports:
+Runs as the competition notebook (internet off). Standard library only until ``cellseg`` imports;
+the discovery and offline-install code is ``kernel/kaggle_env.py``, shared with ``kernel/train.py``
+and inlined into this file when ``tools/push.py`` stages the kernel (Kaggle runs one file):
 
 1. find our dataset bundle under ``<root>/input`` by its marker file ``cellseg-bundle.json``
    (searched recursively, depth-limited, so every mount layout works: ``input/<slug>/``,
@@ -22,97 +24,22 @@ the same file runs locally against a fake tree. Expected failures print one line
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-MARKER = "cellseg-bundle.json"
-PACKAGE = "sartorius-cellseg"
-MAX_DEPTH = 5
+# >>> kaggle_env: push.py inlines kernel/kaggle_env.py here (Kaggle runs one file); from a checkout it is imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kaggle_env import KernelError, find_bundle, find_data_dir, import_cellseg, kaggle_root, make_log  # noqa: E402
 
+# <<< kaggle_env
 
-class KernelError(Exception):
-    """An expected failure: printed as one line, exit status 2."""
-
-
-def log(msg: str) -> None:
-    print(f"[submit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def walk_dirs(top: Path, max_depth: int = MAX_DEPTH):
-    """Yield (dir, file names, dir names) breadth-first down to ``max_depth`` levels below ``top``."""
-    level = [top]
-    for _ in range(max_depth + 1):
-        nxt = []
-        for d in level:
-            try:
-                entries = list(os.scandir(d))
-            except OSError:
-                continue
-            files = {e.name for e in entries if e.is_file()}
-            dirs = sorted(e.name for e in entries if e.is_dir())
-            yield d, files, dirs
-            nxt += [d / n for n in dirs if not n.startswith(".")]
-        level = nxt
-
-
-def find_bundle(input_dir: Path) -> Path:
-    """The folder holding ``cellseg-bundle.json`` (the shallowest, then alphabetically first)."""
-    for d, files, _ in walk_dirs(input_dir):
-        if MARKER in files:
-            return d
-    raise KernelError(f"no {MARKER} under {input_dir} (is the cellseg dataset attached to the notebook?)")
+log = make_log("submit")
 
 
 def find_competition(input_dir: Path) -> Path:
     """The folder with ``sample_submission.csv`` and a ``test/`` folder (shallowest first)."""
-    for d, files, dirs in walk_dirs(input_dir):
-        if "sample_submission.csv" in files and "test" in dirs:
-            return d
-    raise KernelError(f"no competition folder (sample_submission.csv + test/) under {input_dir}")
-
-
-def import_cellseg(bundle: Path, scratch: Path):
-    """Import cellseg, installing the bundle's wheel offline first when it is not importable."""
-    try:
-        return importlib.import_module("cellseg")
-    except ImportError:
-        pass
-    wheels = bundle / "wheels"
-    if not any(wheels.glob("*.whl")):
-        raise KernelError(f"cellseg is not installed and {wheels} holds no wheel")
-    target = Path(tempfile.mkdtemp(prefix="cellseg-pkg-", dir=scratch if scratch.is_dir() else None))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-index",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "--quiet",
-        "--find-links",
-        str(wheels),
-        "--target",
-        str(target),
-        PACKAGE,
-    ]
-    log("installing " + PACKAGE + " from " + str(wheels))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise KernelError(f"offline pip install of {PACKAGE} failed: {last[0]}")
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    try:
-        return importlib.import_module("cellseg")
-    except ImportError as e:
-        raise KernelError(f"cellseg still not importable after installing it into {target}: {e}") from None
+    return find_data_dir(input_dir, "sample_submission.csv", "test")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,32 +57,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     start = time.monotonic()
     args = parse_args(argv)
-    root = args.kaggle_root or Path(os.environ.get("CELLSEG_KAGGLE_ROOT", "/kaggle"))
-    os.environ["CELLSEG_KAGGLE_ROOT"] = str(root)  # cellseg.paths.kaggle_root() agrees with us
+    root = kaggle_root(args.kaggle_root)
     input_dir = root / "input"
     try:
         if not input_dir.is_dir():
             raise KernelError(f"{input_dir} not found (use --kaggle-root to run outside Kaggle)")
-        bundle = find_bundle(input_dir)
-        try:
-            marker = json.loads((bundle / MARKER).read_text())
-        except (OSError, ValueError) as e:
-            raise KernelError(f"{bundle / MARKER}: unreadable marker ({e})") from None
+        bundle, marker = find_bundle(input_dir, "predict")
         manifest = bundle / (args.manifest or marker.get("manifest") or "")
         if not manifest.is_file():
             raise KernelError(f"manifest {manifest} not found in the bundle")
         log(f"bundle {bundle} (version {marker.get('version', '?')}, commit {str(marker.get('git_commit'))[:12]})")
         comp = find_competition(input_dir)
         log(f"competition data {comp}")
-        cellseg = import_cellseg(bundle, root / "temp")
+        cellseg = import_cellseg(bundle, root / "temp", log)
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {Path(cellseg.__file__).parent}")
+        from cellseg.config import parse_duration
         from cellseg.errors import CellsegError
         from cellseg.io import check_writable
 
         out = args.out or root / "working" / "submission.csv"
         try:
             check_writable(out, "file")  # before torch is imported and the models load
-            from cellseg.inference.runner import parse_duration, predict_folder
+            from cellseg.inference.runner import predict_folder  # imports torch: after the output check
 
             budget = parse_duration(args.time_budget)
             spent = time.monotonic() - start

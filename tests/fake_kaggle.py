@@ -15,7 +15,13 @@ source comes back in ``invalidDatasetSources``. Every request is recorded (``ser
 Scripting: ``fake.fail(method, code, message, times=1)`` answers the next ``times`` calls of
 ``method`` (e.g. "CreateDatasetVersion", or "PUT" for uploads) with that error; ``processing_polls``
 is how many status polls a new dataset version stays ``BLOBS_RECEIVED`` before ``READY``;
-``kernel_statuses`` / ``submission_statuses`` are the states successive polls report.
+``kernel_statuses`` / ``submission_statuses`` are the states successive polls report
+(``kernel_statuses_by_slug[slug]`` for one kernel, when several are polled at once).
+
+Kernel output (``ListKernelSessionOutput`` + the signed-URL download the client then GETs):
+``fake.set_output("alice/k", {"run/last.pth": b"..."}, log="...", version=3)`` serves those files,
+of the latest version unless the request names one (``versionLabel`` "v3"); ``kernels_known`` are
+kernels that exist without having been pushed here (valid ``kernel_sources``).
 """
 
 from __future__ import annotations
@@ -64,6 +70,10 @@ class FakeKaggle:
         self.uploads: dict[str, Upload] = {}
         self.kernels: list[dict] = []  # SaveKernel bodies
         self.kernel_statuses: list[str] = ["QUEUED", "RUNNING", "COMPLETE"]
+        self.kernel_statuses_by_slug: dict[str, list[str]] = {}
+        self.kernel_outputs: dict[str, dict[int, dict]] = {}  # "owner/slug" -> version -> {"files", "log"}
+        self.kernels_known: set[str] = set()
+        self.blobs: dict[str, bytes] = {}  # download id -> bytes served by GET /download/<id>
         self.kernel_failure = "Your notebook hit an error"
         self.kernel_log = (
             '[{"stream_name":"stdout","time":1.0,"data":"loading weights\\n"},'
@@ -119,6 +129,11 @@ class FakeKaggle:
     def add_dataset(self, ref: str, pending_polls: int = 0) -> Dataset:
         ds = self.datasets[ref] = Dataset(ref, [{"notes": "v1", "files": [], "is_private": True}], pending_polls)
         return ds
+
+    def set_output(self, ref: str, files: dict[str, bytes], log: str | None = None, version: int = 1) -> None:
+        """Make ``files`` (relative path -> bytes) the output of kernel ``ref`` version ``version``."""
+        self.kernel_outputs.setdefault(ref, {})[version] = {"files": dict(files), "log": log}
+        self.kernels_known.add(ref)
 
     def methods(self) -> list[str]:
         return [c.method for c in self.calls]
@@ -201,21 +216,44 @@ class FakeKaggle:
             return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
         if method == "SaveKernel":
             self.kernels.append(body)
+            owner_slug = body.get("slug", "")
             self._polls["kernel"] = 0
+            self._polls[f"kernel:{owner_slug}"] = 0
             invalid = [
                 s for s in body.get("datasetDataSources", []) if s not in self.datasets or s in self.rejected_sources
             ]
-            owner_slug = body.get("slug", "")
+            known = self.kernels_known | {k.get("slug") for k in self.kernels[:-1]}
+            invalid_kernels = [s for s in body.get("kernelDataSources", []) if s not in known]
             return {
                 "ref": f"/code/{owner_slug}",
                 "url": f"https://www.kaggle.com/code/{owner_slug}",
                 "versionNumber": len(self.kernels),
                 "invalidDatasetSources": invalid,
+                "invalidKernelSources": invalid_kernels,
             }
         if method == "GetKernelSessionStatus":
+            ref = f"{body.get('userName')}/{body.get('kernelSlug')}"
+            if ref in self.kernel_statuses_by_slug:
+                return self._next(
+                    f"kernel:{ref}", self.kernel_statuses_by_slug[ref], {"failureMessage": self.kernel_failure}
+                )
             return self._next("kernel", self.kernel_statuses, {"failureMessage": self.kernel_failure})
         if method == "ListKernelSessionOutput":
-            return {"files": [], "log": self.kernel_log}
+            ref = f"{body.get('userName')}/{body.get('kernelSlug')}"
+            versions = self.kernel_outputs.get(ref)
+            if not versions:
+                return {"files": [], "log": self.kernel_log}
+            label = body.get("versionLabel")
+            version = int(label.lstrip("v")) if label else max(versions)
+            if version not in versions:
+                raise _Error(404, f"Kernel {ref} has no version {label}")
+            out = versions[version]
+            files = []
+            for name, data in out["files"].items():
+                blob = f"b{len(self.blobs) + 1}"
+                self.blobs[blob] = data
+                files.append({"fileName": name, "url": f"{self.url}/download/{blob}"})
+            return {"files": files, "log": out["log"] or ""}
         if method == "CreateCodeSubmission":
             self.submissions.append(body)
             self._polls["submission"] = 0
@@ -314,6 +352,27 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = {"code": e.code, "message": e.message}
         self._send(call.status, payload)
 
+    def do_GET(self) -> None:  # the signed URLs of kernel output files
+        fake = self.server_fake
+        blob = self.path.rstrip("/").split("/")[-1]
+        with fake._lock:
+            call = Call("GET", {"blob": blob})
+            fake.calls.append(call)
+            fault = fake._fault("GET")
+            data = fake.blobs.get(blob)
+            if fault:
+                call.status = fault[0]
+            elif data is None:
+                call.status = 404
+        if call.status != 200:
+            self._send(call.status, {"code": call.status, "message": "download failed"})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_PUT(self) -> None:
         fake = self.server_fake
         data = self._read_body()
@@ -342,7 +401,14 @@ def make_checkout(dst: Path) -> Path:
     """Copy what a checkout needs for bundling and pushing into ``dst``: pyproject, README, the
     metadata templates, src/ (no caches) and kernel/ (a stand-in entry when the real one is absent)."""
     dst.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md", "dataset-metadata.json", "kernel-metadata.json"):
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "dataset-metadata.json",
+        "kernel-metadata.json",
+        "dataset-train-metadata.json",
+        "kernel-train-metadata.json",
+    ):
         if (REPO / name).is_file():
             shutil.copy2(REPO / name, dst / name)
     shutil.copytree(REPO / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

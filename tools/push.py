@@ -6,6 +6,8 @@
     python tools/push.py kernel                     # push kernel/submit.py, wait for COMPLETE or ERROR (+ log)
     python tools/push.py submit --wait              # submit the latest kernel version, print the score
     python tools/push.py all --dry-run              # the full plan (files, sizes, metadata, calls), no network
+    python tools/push.py train --config configs/maskrcnn_r50_fpn.yaml --fold all --init coco.pth --wait
+    python tools/push.py fetch --kernel OWNER/sartorius-cellseg-train --fold all --out runs/kaggle/r50
 
 Steps (see docs/KAGGLE.md):
   dataset  stage the bundle (``cellseg bundle``) unless ``--bundle`` names a staged one; create the
@@ -16,6 +18,9 @@ Steps (see docs/KAGGLE.md):
            push, poll until COMPLETE or ERROR; on ERROR print the tail of the kernel's log.
   submit   ``competition_submit_code`` with the kernel version; ``--wait``: poll until scored.
   all      the three in order, stopping at the first failure with what to do next.
+  train    train on Kaggle's GPU: a training bundle + one kernel per fold (tools/push_train.py;
+           ``python tools/push.py train --help``).
+  fetch    download a training kernel's output, verify every file, print its metrics.
 
 Provenance: every plan prints what each model of the ensemble was trained on (the manifest's
 ``provenance``). ``submit`` and ``all`` refuse (exit 2, before any network call) an ensemble whose
@@ -55,6 +60,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from cellseg.errors import CellsegError  # noqa: E402
 from cellseg.kaggle import bundle as bundle_mod  # noqa: E402
+from cellseg.kaggle import kernel_code  # noqa: E402
 from cellseg.kaggle import metadata as km  # noqa: E402
 from cellseg.model import provenance as prov  # noqa: E402
 from cellseg.model.manifest import load_manifest  # noqa: E402
@@ -272,9 +278,10 @@ def load_kernel_meta(repo: Path, username: str, dataset_ref: str) -> dict:
 
 
 def stage_kernel(repo: Path, meta: dict, folder: Path) -> list[bundle_mod.BundleFile]:
-    """Copy the entry file (same relative path) and write the filled kernel-metadata.json into ``folder``."""
+    """Write the entry file (same relative path; kernel/kaggle_env.py inlined, since Kaggle runs one
+    file) and the filled kernel-metadata.json into ``folder``."""
     code = meta["code_file"]
-    info = bundle_mod.copy_hashed(repo / code, folder / code, code)
+    info = kernel_code.write_staged(repo / code, folder / code, code)
     km.write_json(folder / km.KERNEL_METADATA, meta)
     return [info]
 
@@ -629,7 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Details: docs/KAGGLE.md",
     )
-    p.add_argument("step", choices=(*STEPS, "all"), help="what to do (all = dataset, kernel, submit in order)")
+    p.add_argument(
+        "step",
+        choices=(*STEPS, "all", "train", "fetch"),
+        help="what to do (all = dataset, kernel, submit in order; train / fetch: see their own --help)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print the full plan (files, sizes, metadata, calls); no network"
     )
@@ -736,6 +747,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "fetch"):  # training on Kaggle: tools/push_train.py
+        import push_train
+
+        return push_train.main(argv)
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -183,3 +184,22 @@ def dump_yaml(obj: Any, path: str | Path) -> None:
     from cellseg.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """A duration in seconds: ``8h30m``, ``45m``, ``90s``, ``1h2m3s``, ``2.5h``, ``0.5s`` or plain seconds
+    (a number or a numeric string). None stays None.
+
+    Used for config values and command-line options (``train.time_limit``, the kernel's ``--time-budget``).
+    Raises CellsegError naming the text when it is not understood.
+    """
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
+    if not s or not m or not any(m.groups()):
+        raise CellsegError(f"duration {text!r} not understood (examples: 8h30m, 45m, 90s, 3600)")
+    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + se

@@ -17,6 +17,7 @@ import pytest
 from cellseg.errors import CellsegError
 from cellseg.kaggle import bundle
 from fake_kaggle import PLANTED, make_checkout, make_weights, plant_secrets
+from kernel_helpers import bare_env
 
 
 def sha256(path: Path) -> str:
@@ -158,6 +159,7 @@ def test_wheel_installs_offline_into_a_fresh_venv(staged, tmp_path):
         text=True,
         cwd=tmp_path,
         timeout=60,
+        env=bare_env(),  # no PYTHONPATH: a checkout's src/ on it would shadow the installed wheel
     )
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).is_relative_to(venv)

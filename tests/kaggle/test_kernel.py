@@ -1,20 +1,19 @@
 """kernel/submit.py against a fake /kaggle tree, from a venv where torch imports but cellseg does not:
 the kernel must find the bundle, install our freshly built wheel offline, find the competition folder
-and write a valid submission."""
+and write a valid submission. What runs is the file push.py uploads (kernel/kaggle_env.py inlined),
+alone in a folder."""
 
 import importlib.util
 import json
 import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
-import pytest
-
-from cellseg.kaggle.bundle import build_wheel
-from cellseg.paths import kernel_entry, repo_root
+from cellseg.kaggle.kernel_code import write_staged
+from cellseg.paths import kernel_entry
 from cellseg.submission import validate_submission
 from inference_helpers import make_competition, make_manifest
+from kernel_helpers import bare_env
 
 SLUG = "sartorius-cell-instance-segmentation"
 
@@ -24,30 +23,6 @@ def load_kernel():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def bare_python(tmp_path_factory):
-    """A fresh venv that sees this venv's site-packages through a plain .pth line (torch imports),
-    but not the editable install of cellseg (its own .pth is not processed from there)."""
-    venv = tmp_path_factory.mktemp("venv") / "v"
-    subprocess.run(["python3.11", "-m", "venv", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    site = subprocess.run(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    Path(site, "parent_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return py
-
-
-@pytest.fixture(scope="module")
-def wheel_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheels")
-    build_wheel(repo_root(), out)
-    return out
 
 
 def fake_kaggle(tmp: Path, wheel_dir: Path, layout: str) -> Path:
@@ -70,19 +45,22 @@ def fake_kaggle(tmp: Path, wheel_dir: Path, layout: str) -> Path:
 
 def test_bare_venv_has_torch_but_not_cellseg(bare_python):
     probe = "import torch, importlib.util; print(importlib.util.find_spec('cellseg') is None)"
-    out = subprocess.run([str(bare_python), "-c", probe], capture_output=True, text=True, cwd="/")
+    out = subprocess.run([str(bare_python), "-c", probe], capture_output=True, text=True, cwd="/", env=bare_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
 
 
 def test_kernel_installs_wheel_and_writes_valid_submission(bare_python, wheel_dir, tmp_path):
     root = fake_kaggle(tmp_path, wheel_dir, "new")
+    pushed = tmp_path / "pushed" / "submit.py"  # alone: no kaggle_env.py beside it, as on Kaggle
+    write_staged(kernel_entry(), pushed, "submit.py")
     proc = subprocess.run(
-        [str(bare_python), str(kernel_entry()), "--kaggle-root", str(root), "--time-budget", "5m"],
+        [str(bare_python), str(pushed), "--kaggle-root", str(root), "--time-budget", "5m"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
+        env=bare_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "installing sartorius-cellseg" in proc.stderr
@@ -97,7 +75,7 @@ def test_kernel_installs_wheel_and_writes_valid_submission(bare_python, wheel_di
 def test_discovery_in_old_layout(wheel_dir, tmp_path):
     kernel = load_kernel()
     root = fake_kaggle(tmp_path, wheel_dir, "old")
-    assert kernel.find_bundle(root / "input") == root / "input" / "cellseg-weights"
+    assert kernel.find_bundle(root / "input", "predict")[0] == root / "input" / "cellseg-weights"
     assert kernel.find_competition(root / "input") == root / "input" / SLUG
 
 

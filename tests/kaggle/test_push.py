@@ -18,6 +18,7 @@ import zipfile
 import pytest
 
 from cellseg.kaggle import bundle
+from cellseg.kaggle.kernel_code import stage_code
 from fake_kaggle import REPO, FakeKaggle, make_checkout, make_weights
 
 KEY = "k3y-must-never-be-printed-91b2"
@@ -291,7 +292,9 @@ def test_kernel_push_sends_internet_off_and_polls_to_complete(tmp_path, site, fa
     assert body["datasetDataSources"] == [DATASET]
     assert body["competitionDataSources"] == ["sartorius-cell-instance-segmentation"]
     assert (body["language"], body["kernelType"]) == ("python", "script")
-    assert body["text"] == (site["checkout"] / "kernel" / "submit.py").read_text()
+    # One self-contained file: kernel/kaggle_env.py inlined (Kaggle runs only the code file).
+    assert body["text"] == stage_code(site["checkout"] / "kernel" / "submit.py")
+    assert "def import_cellseg(" in body["text"] and "from kaggle_env import" not in body["text"]
     assert fake.methods() == ["GetDatasetStatus", "SaveKernel"] + ["GetKernelSessionStatus"] * 3
     assert "COMPLETE" in p.stdout
 

@@ -17,7 +17,6 @@ are processed while time remains and the rest get empty rows: the run never over
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 import traceback
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cellseg.config import parse_duration
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import read_sample_submission
 from cellseg.errors import CellsegError
@@ -45,20 +45,6 @@ Log = Callable[[str], None]
 
 def _default_log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
-
-
-def parse_duration(text: str | float | int | None) -> float | None:
-    """``8h30m``, ``45m``, ``90s``, ``1h2m3s``, ``2.5h`` or plain seconds -> seconds (None stays None)."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    s = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
-    if not s or not m or not any(m.groups()):
-        raise CellsegError(f"time budget {text!r} not understood (examples: 8h30m, 45m, 90s, 3600)")
-    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + se
 
 
 # ----------------------------------------------------------------------------- time budget

@@ -150,6 +150,11 @@ class TrainConfig:
     threads: int = 0
     #: print the losses every N steps to the log (0 = only the progress bar).
     log_every: int = 50
+    #: wall-clock budget of one ``train()`` call (``11h30m``, ``45m``, seconds; None or 0 = none). Before
+    #: each epoch the run stops cleanly (last.pth + metrics of the epoch just done, resumable with
+    #: ``--resume``) when the longest epoch so far (training + validation) would end past it. A Kaggle
+    #: GPU session ends at 12 h: ``tools/push.py train`` sets 11h30m.
+    time_limit: float | str | None = None
 
 
 @dataclass

@@ -14,10 +14,19 @@ torch DDP (launched by ``torchrun``).
   score), ``metrics.csv``, ``curves.png``, ``config.yaml``. All writes are atomic, so a run killed at
   any moment resumes (``resume=True``) from its last epoch with identical optimiser, scheduler, RNG
   (python, numpy, torch, sampler epoch) and epoch state.
+* Time limit (``train.time_limit``, e.g. ``11h30m`` for a 12 h Kaggle session): checked at epoch
+  boundaries only. Before each epoch, when the longest epoch so far (training + validation + saving;
+  carried over in the resume state) would end past the limit, the run stops with the epoch just done
+  saved: a clean, resumable stop, and stop + ``resume=True`` ends with the same weights as one
+  uninterrupted run. Stopping mid-epoch was not chosen: resuming there exactly would need the
+  sampler's and the loader workers' positions in the resume state. The first epoch of a run has
+  nothing to project from and always starts; a resumed run whose recorded epoch does not fit the
+  limit at all is an error rather than a session that makes no progress.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cellseg import CELL_TYPES  # noqa: E402
-from cellseg.config import dump_yaml, to_dict  # noqa: E402
+from cellseg.config import dump_yaml, parse_duration, to_dict  # noqa: E402
 from cellseg.data import livecell  # noqa: E402
 from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
 from cellseg.data.folds import make_folds, split  # noqa: E402
@@ -87,6 +96,35 @@ class TrainResult:
     steps_done: int
     history: list[dict] = field(default_factory=list)
     model: nn.Module | None = None
+    #: the run stopped before its last epoch because of ``train.time_limit`` (resume to continue).
+    timed_out: bool = False
+
+
+def next_epoch_fits(
+    limit: float | None, elapsed: float, epoch_seconds: float | None, first_of_run: bool, info: Any
+) -> bool:
+    """Whether another epoch fits ``train.time_limit``; rank 0 decides for every rank.
+
+    Args:
+        limit: the limit in seconds (None: no limit).
+        elapsed: seconds since this ``train()`` call started.
+        epoch_seconds: the longest epoch so far (training + validation + saving), None before the first.
+        first_of_run: no epoch was done yet in this call: a resumed run that cannot fit one is an error.
+        info: the process-group info (:func:`cellseg.training.distributed.init_distributed`).
+    Returns:
+        True to run the next epoch, False to stop cleanly.
+    """
+    fits = not limit or epoch_seconds is None or elapsed + epoch_seconds <= limit
+    if info.distributed:  # clocks differ per rank: all follow rank 0
+        flag = [fits]
+        dist.broadcast_object_list(flag, src=0)
+        fits = flag[0]
+    if not fits and first_of_run:
+        raise CellsegError(
+            f"train.time_limit {limit:g} s is shorter than one epoch of this run ({epoch_seconds or 0:.0f} s, "
+            "recorded in last.pth): raise it"
+        )
+    return fits
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
@@ -138,6 +176,10 @@ def train(
     data_dir, out = Path(data_dir), Path(out)
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
 
+    t_start = time.monotonic()
+    time_limit = parse_duration(tc.time_limit) or None
+    if time_limit is not None and time_limit < 0:
+        raise CellsegError(f"train.time_limit must not be negative, got {tc.time_limit!r}")
     if init and not (resume and (Path(out) / "last.pth").is_file()) and not Path(init).is_file():
         raise CellsegError(f"--init {init}: checkpoint not found")
     seed_everything(tc.seed)
@@ -197,6 +239,7 @@ def train(
 
     start_epoch, step, history = 0, 0, []
     best_score, best_epoch = None, None
+    epoch_seconds: float | None = None  # the longest epoch so far, for train.time_limit
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
@@ -204,6 +247,7 @@ def train(
         start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
         history = list(resume_state["history"])
         best_score, best_epoch = resume_state["best_score"], resume_state["best_epoch"]
+        epoch_seconds = resume_state.get("epoch_seconds")
         rngs = resume_state["rng"]
         if len(rngs) != info.world_size:
             raise CellsegError(f"{last_path}: saved by {len(rngs)} process(es), resumed with {info.world_size}")
@@ -235,7 +279,16 @@ def train(
     has_val = bool(val_truth) and tc.val_every > 0
     epoch = start_epoch
     stop = bool(tc.max_steps) and step >= tc.max_steps
+    timed_out = False
     while epoch < tc.epochs and not stop:
+        if not next_epoch_fits(time_limit, time.monotonic() - t_start, epoch_seconds, epoch == start_epoch, info):
+            timed_out = True
+            log(
+                f"stopping after epoch {epoch} of {tc.epochs}: another epoch (~{epoch_seconds or 0:.0f} s) would pass "
+                f"train.time_limit ({time_limit:g} s); continue with --resume"
+            )
+            break
+        t_epoch = time.monotonic()
         sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -302,6 +355,7 @@ def train(
             )
             if improved or not has_val:
                 save_checkpoint(best_path, model, cfg, cfg.model.class_names, provenance, half=tc.half_best)
+            epoch_seconds = max(epoch_seconds or 0.0, time.monotonic() - t_epoch)
             state = {
                 "epoch": epoch,
                 "step": step,
@@ -312,6 +366,7 @@ def train(
                 "history": history,
                 "best_score": best_score,
                 "best_epoch": best_epoch,
+                "epoch_seconds": epoch_seconds,
             }
             save_checkpoint(last_path, model, cfg, cfg.model.class_names, provenance, train_state=state)
             write_metrics(out, history)
@@ -324,4 +379,4 @@ def train(
         best_score, best_epoch, history = obj
     if info.main and best_score is not None:
         log(f"best hold-out score {best_score:.4f} at epoch {best_epoch}: {best_path}")
-    return TrainResult(out, best_score, best_epoch, epoch, step, history, unwrap(model))
+    return TrainResult(out, best_score, best_epoch, epoch, step, history, unwrap(model), timed_out)
