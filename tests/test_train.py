@@ -235,10 +235,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 
 DDP_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from cellseg.model.experiment import load_experiment
 from cellseg.training.loop import train
 import torch.distributed as dist
+
+# every tensor a collective gets must be on the training device (NCCL has no CPU tensors)
+def on_device(fn):
+    def check(tensor, *args, **kwargs):
+        local = int(os.environ["LOCAL_RANK"])
+        want = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        assert tensor.device == want, f"{fn.__name__} got a tensor on {tensor.device}, training on {want}"
+        return fn(tensor, *args, **kwargs)
+    return check
+dist.all_reduce, dist.broadcast = on_device(dist.all_reduce), on_device(dist.broadcast)
 cfg = load_experiment(sys.argv[1], sys.argv[4:])
 res = train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
 rank = dist.get_rank()
@@ -290,3 +300,87 @@ def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     ckpt = read_checkpoint_info(out / "last.pth")
     assert ckpt.provenance["world_size"] == 2 and ckpt.provenance["epoch"] == 2
     assert len(read_checkpoint(out / "last.pth")["train_state"]["rng"]) == 2  # every rank's RNG is resumable
+
+
+def test_collectives_get_tensors_on_the_training_device(monkeypatch):
+    """NCCL has no CPU backend: the loss means and BatchNorm buffers must be all-reduced / broadcast on
+    the training device. A 'meta' device stands in for the GPU (the gloo run above trains on the CPU)."""
+    from cellseg.training import distributed
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def all_reduce(t, *a, **k):
+        seen.append(("all_reduce", t.device))
+        raise Stop  # a meta tensor has no values to read back
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda t, *a, **k: seen.append(("broadcast", t.device)))
+    info = distributed.DistInfo(rank=1, world_size=2, device=torch.device("meta"))
+    with pytest.raises(Stop):
+        distributed.reduce_mean({"loss": 1.0, "loss_mask": 0.5}, info)
+    distributed.broadcast_buffers(torch.nn.BatchNorm2d(4).to("meta"), info)
+    assert [name for name, _ in seen] == ["all_reduce", "broadcast", "broadcast", "broadcast"]
+    assert {d for _, d in seen} == {torch.device("meta")}
+
+
+FAILING_VALIDATION_SCRIPT = """
+import os, sys, time
+import cellseg.training.loop as loop
+from cellseg.model.experiment import load_experiment
+rank = int(os.environ["RANK"])
+if rank == 0:
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation blew up")
+    loop.evaluate = broken
+cfg = load_experiment(sys.argv[1], sys.argv[4:])
+try:
+    loop.train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
+except Exception as e:
+    with open(f"{sys.argv[3]}/rank{rank}.err", "w") as f:
+        f.write(f"{time.time()} {type(e).__name__}: {e}")
+    if rank == 0:
+        time.sleep(90)  # alive but gone (as a process stuck in NCCL teardown): the others must not need it to exit
+    sys.exit(1)
+"""
+
+
+def test_rank0_failing_in_validation_stops_the_other_ranks_at_once(tiny_data, tmp_path):
+    """Two gloo processes launched by hand (no torchrun to kill the survivors); rank 0 raises in its
+    validation and then stays alive: rank 1, waiting for rank 0, must stop promptly with a clear line."""
+    import socket
+
+    script = tmp_path / "fail_val.py"
+    script.write_text(FAILING_VALIDATION_SCRIPT)
+    out = tmp_path / "run"
+    out.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    cmd = [sys.executable, str(script), str(configs_dir() / "demo.yaml"), str(tiny_data), str(out)]
+    cmd += [*TINY_OVERRIDES, "train.epochs=1", "train.max_steps=1"]
+    procs = [
+        subprocess.Popen(
+            cmd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for r in (0, 1)
+    ]
+    try:
+        procs[1].wait(timeout=150)
+        done = time.time()
+        log1 = procs[1].stdout.read().decode()
+        assert procs[1].returncode == 1, log1[-3000:]
+        assert procs[0].poll() is None  # rank 0 is still alive: rank 1 did not wait for it to exit
+        failed_at, _ = (out / "rank0.err").read_text().split(" ", 1)
+        assert done - float(failed_at) < 20
+        err1 = (out / "rank1.err").read_text()
+        assert "CellsegError" in err1 and "rank 0 failed" in err1 and "validation blew up" in err1, err1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()

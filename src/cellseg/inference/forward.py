@@ -7,22 +7,27 @@ mask onto its own box crop only (``grid_sample``, vectorised in buckets of simil
 
 Views (``identity``, ``hflip``, ``vflip``, ``hvflip``) are batched into one forward per model and
 mapped back exactly: boxes mirrored, 28 x 28 masks flipped. On CUDA the convolutional parts (backbone,
-RPN head, box and mask heads) run under fp16 autocast while box decoding stays in fp32.
+RPN head, box head, mask head and mask predictor) run under fp16 autocast while box decoding stays in
+fp32, with every BatchNorm folded into its convolution first (:func:`fold_batchnorm`), so the backbone
+stays in half precision from end to end.
 """
 
 from __future__ import annotations
 
+import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.errors import CellsegError
+from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.model.manifest import FusionConfig, Manifest
 
@@ -34,12 +39,59 @@ VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
 }
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+def _tiny_kernel(device: torch.device) -> None:
+    """An element-wise op and a small convolution (cuDNN) on ``device``, waited for."""
+    x = torch.arange(64, dtype=torch.float32, device=device).reshape(1, 1, 8, 8)
+    y = F.conv2d(x * 0.5 + 1.0, torch.ones(2, 1, 3, 3, device=device), padding=1)
+    torch.cuda.synchronize(device)
+    if not torch.isfinite(y).all().item():
+        raise RuntimeError("a 3 x 3 convolution of small numbers gave non-finite values")
+
+
+def cuda_kernel_error(device: torch.device) -> str | None:
+    """None when ``device`` runs :func:`_tiny_kernel`, else the error's first line (e.g. a torch build
+    without kernels for this card's architecture: "no kernel image is available for execution")."""
+    try:
+        _tiny_kernel(device)
+    except Exception as e:  # any failure means: do not run the models here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}"
+    return None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_device(device: str = "auto", log: Callable[[str], None] | None = None) -> torch.device:
+    """The inference device for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``auto`` -> CUDA when available and a tiny kernel runs on it, else CPU. A GPU that torch sees but
+    cannot run kernels on (e.g. an image whose torch lacks the card's architecture) falls back to the
+    CPU with a loud ``log`` line (default: stderr), so the submission is still written. An explicit
+    ``cuda`` without a GPU, or on one that cannot run kernels, is a CellsegError.
+    """
+    log = log or _stderr
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CellsegError("--device cuda asked for, but no CUDA GPU is available")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        dev = torch.device("cuda", torch.cuda.current_device())
+        error = cuda_kernel_error(dev)
+        if error is None:
+            return dev
+        log(
+            f"WARNING: CUDA is available but cannot run a kernel on {dev} ({error}); "
+            "FALLING BACK TO THE CPU: inference will be much slower"
+        )
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CellsegError("--device cuda asked for, but no CUDA GPU is available")
+        dev = torch.device(device)
+        error = cuda_kernel_error(dev)
+        if error is not None:
+            raise CellsegError(f"--device {device}: the GPU cannot run a kernel ({error}); use --device auto or cpu")
+        return dev
     return torch.device(device)
 
 
@@ -53,16 +105,27 @@ def _postprocess_keep_crops(self, result, image_shapes, original_image_sizes):
 
 
 class _Autocast(nn.Module):
-    """Runs ``module`` under CUDA fp16 autocast and returns float32 tensors (nested dict/list/tuple)."""
+    """Runs ``module`` under autocast (CUDA fp16) and returns float32 tensors (nested dict/list/tuple),
+    or, with ``keep_half``, its half-precision outputs as they are (for a module whose only consumer
+    runs under autocast too)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(
+        self,
+        module: nn.Module,
+        keep_half: bool = False,
+        device_type: str = "cuda",
+        dtype: torch.dtype = torch.float16,
+    ):
         super().__init__()
         self.module = module
+        self.keep_half = keep_half
+        self.device_type = device_type
+        self.dtype = dtype
 
     def forward(self, *args, **kwargs):
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast(self.device_type, dtype=self.dtype):
             out = self.module(*args, **kwargs)
-        return _to_float(out)
+        return out if self.keep_half else _to_float(out)
 
 
 def _to_float(x):
@@ -75,12 +138,23 @@ def _to_float(x):
     return x
 
 
-def prepare_model(model: nn.Module, fusion: FusionConfig, device: torch.device, fp16: bool | None = None) -> nn.Module:
+def prepare_model(
+    model: nn.Module,
+    fusion: FusionConfig,
+    device: torch.device,
+    fp16: bool | None = None,
+    fold_bn: bool = True,
+) -> nn.Module:
     """Ready a torchvision MaskRCNN for ensemble inference (in place; returns it).
 
     Loosens the model's own filtering (``roi_heads.score_thresh``/``nms_thresh``/
     ``detections_per_img`` from the manifest's fusion section), keeps masks as 28 x 28
-    probabilities, moves to ``device``, eval mode; on CUDA wraps the conv parts in fp16 autocast.
+    probabilities, eval mode, moves to ``device``. ``fp16`` (default: on CUDA) wraps the conv parts in
+    fp16 autocast: backbone, RPN head, box head, and mask head + mask predictor (the mask head's
+    (N, 256, 14, 14) output stays half precision into the predictor, whose (N, 256, 28, 28) deconv
+    would be GBs in float32 for 4 views x 1000 detections). ``fold_bn`` (default on) folds BatchNorms
+    into their convolutions first (:func:`fold_batchnorm`), on every device, so the CPU runs (tests,
+    dry runs) check the model the GPU runs; with the demo model the golden submission is unchanged.
     """
     if not hasattr(model, "roi_heads") or getattr(model.roi_heads, "mask_predictor", None) is None:
         raise CellsegError(f"{type(model).__name__} is not a Mask R-CNN (no roi_heads.mask_predictor)")
@@ -89,14 +163,18 @@ def prepare_model(model: nn.Module, fusion: FusionConfig, device: torch.device, 
     rh.nms_thresh = float(fusion.model_nms_thresh)
     rh.detections_per_img = int(fusion.detections_per_view)
     model.transform.postprocess = types.MethodType(_postprocess_keep_crops, model.transform)
-    model.eval().to(device)
+    model.eval()
     if fp16 is None:
         fp16 = device.type == "cuda"
+    if fold_bn:
+        fold_batchnorm(model)
+    model.to(device)
     if fp16 and not isinstance(model.backbone, _Autocast):
         model.backbone = _Autocast(model.backbone)
         model.rpn.head = _Autocast(model.rpn.head)
         rh.box_head = _Autocast(rh.box_head)
-        rh.mask_head = _Autocast(rh.mask_head)
+        rh.mask_head = _Autocast(rh.mask_head, keep_half=True)
+        rh.mask_predictor = _Autocast(rh.mask_predictor)
     return model
 
 
@@ -242,15 +320,18 @@ def _class_names(info, model) -> Sequence[str] | None:
     return None
 
 
-def load_ensemble(manifest: Manifest, device: torch.device, fp16: bool | None = None) -> list[LoadedModel]:
-    """Load and prepare every model of the manifest (checksums are checked by load_manifest)."""
+def load_ensemble(
+    manifest: Manifest, device: torch.device, fp16: bool | None = None, fold_bn: bool = True
+) -> list[LoadedModel]:
+    """Load and prepare every model of the manifest (checksums are checked by load_manifest); ``fp16``
+    and ``fold_bn`` as in :func:`prepare_model`."""
     from cellseg.model.checkpoint import load_model
 
     out = []
     for entry in manifest.models:
         path = manifest.checkpoint_path(entry)
         model, info = load_model(path, device)
-        prepare_model(model, manifest.fusion, device, fp16)
+        prepare_model(model, manifest.fusion, device, fp16, fold_bn)
         num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
         shift = entry.paste_shift
         if shift is None:
@@ -347,6 +428,8 @@ def relabel(raw: Sequence[RawView], class_id: int) -> list[RawView]:
 __all__ = [
     "VIEW_FLIPS",
     "resolve_device",
+    "cuda_kernel_error",
+    "fold_batchnorm",
     "prepare_model",
     "load_ensemble",
     "predict_views",

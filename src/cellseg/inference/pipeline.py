@@ -20,7 +20,7 @@ import torch
 
 from cellseg import CLASS_IDS
 from cellseg.data.masks import CropMask
-from cellseg.inference.forward import predict_views, raw_to_detections, raw_vote_inputs, relabel
+from cellseg.inference.forward import RawView, predict_views, raw_to_detections, raw_vote_inputs, relabel
 from cellseg.inference.fusion import fuse
 from cellseg.inference.postprocess import postprocess, vote_cell_type
 from cellseg.model.manifest import Manifest
@@ -35,15 +35,46 @@ class ImageResult:
     rest_s: float
 
 
-def forward_image(image: np.ndarray, loaded, views: Sequence[str], device) -> tuple[list, float]:
-    """Models x views of one (H, W) uint8 image -> (raw views, seconds). A CUDA out-of-memory
-    error is retried once with one view per forward."""
+#: torch.OutOfMemoryError appeared in torch 2.5; older torch (Kaggle's image may lag) has only the CUDA one
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def _forward(image: np.ndarray, loaded, views: Sequence[str], device, known: dict, batch: int) -> list[RawView]:
+    """Every model x view of ``image`` in :func:`predict_views`' order, taking the ``known``
+    (model position, view) results as they are and running only the others."""
+    if not known:
+        return predict_views(loaded, image, views, device, batch=batch)
+    raw: list[RawView] = []
+    for mi, lm in enumerate(loaded):
+        missing = [v for v in views if (mi, v) not in known]
+        ran = {r.view: r for r in predict_views([lm], image, missing, device, batch=batch)} if missing else {}
+        for v in views:
+            r = known.get((mi, v)) or ran[v]
+            raw.append(RawView(r.boxes, r.scores, r.labels, r.masks, mi, v))
+    return raw
+
+
+def forward_image(
+    image: np.ndarray, loaded, views: Sequence[str], device, known: dict | None = None
+) -> tuple[list, float]:
+    """Models x views of one (H, W) uint8 image -> (raw views, seconds).
+
+    ``known`` maps (position in ``loaded``, view) to a RawView already computed for this image (the
+    time budget's calibration forward), which is used instead of running it again. A CUDA
+    out-of-memory error is retried once with one view per forward, after the ``except`` block is
+    left: while the exception is alive its traceback holds the failed forward's tensors.
+    """
     t0 = time.perf_counter()
+    known = dict(known or {})
+    raw = None
     try:
-        raw = predict_views(loaded, image, views, device)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        raw = predict_views(loaded, image, views, device, batch=1)
+        raw = _forward(image, loaded, views, device, known, batch=4)
+    except OutOfMemoryError:
+        pass  # retried below, once the exception (and the memory its frames hold) is released
+    if raw is None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raw = _forward(image, loaded, views, device, known, batch=1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return raw, time.perf_counter() - t0

@@ -9,10 +9,14 @@ read (odd images converted by cellseg.io.read_gray; unreadable ones logged and g
 ``sample_submission.csv`` id without a PNG) and validated before returning; it is written even when
 every image is unreadable or ``test/`` is empty. ``out`` is checked writable before anything loads.
 
-Time budget: after every image the remaining work is projected from the measured seconds per
-(model x view) unit; while it would not fit, TTA views are dropped (last listed first), then models
-(lowest weight first), each decision logged. If even one model x one view does not fit, images
-are processed while time remains and the rest get empty rows: the run never overruns.
+Time budget: one model x the identity view is first run twice on the first test image, a warm-up
+(on a GPU the first forward includes cuDNN start-up and lazy kernel loading, seconds that later
+forwards do not pay) and a timed run whose output that image then uses. Before every image the
+remaining work is projected from the measured seconds per (model x view) unit (median of the last
+five) and planned afresh from the manifest's full view and model lists: while it would not fit, TTA
+views are dropped (last listed first), then models (lowest weight first), and they come back as
+soon as the time left allows; every change of plan is logged. If even one model x one view does
+not fit, images are processed while time remains and the rest get empty rows: the run never overruns.
 """
 
 from __future__ import annotations
@@ -146,19 +150,35 @@ def sample_only_ids(paths: CompetitionPaths, ids: Sequence[str], log: Log) -> li
 
 #: margin on measured seconds per unit when planning against the time budget
 SAFETY = 1.3
+#: dropped views / models come back when the larger plan fits this fraction of the time left
+REGROW_MARGIN = 0.85
 
 
-def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -> float | None:
-    """Seconds of one model x identity view on the first readable test image (None if none reads)."""
+@dataclass
+class Calibration:
+    """The time budget's first measurement: one model x the identity view of one test image."""
+
+    seconds: float  # warm: the second forward + pasting its masks
+    cold_seconds: float  # the first forward (warm-up), not used for planning
+    image_id: str
+    raw: list  # the timed forward's RawViews, used for that image
+
+
+def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -> Calibration | None:
+    """Time one model x identity view on the first readable test image, after a warm-up forward on the
+    same image (None if none of the first five reads)."""
     for image_id in ids[:5]:
         try:
             image = read_gray(paths.image("test", image_id))
         except CellsegError:
             continue
         t0 = time.monotonic()
+        predict_views(one_model, image, ["identity"], device)  # results come back on the CPU: waited for
+        cold = time.monotonic() - t0
+        t0 = time.monotonic()
         raw = predict_views(one_model, image, ["identity"], device)
         raw_to_detections(raw, one_model, *image.shape, min_score=0.5)
-        return time.monotonic() - t0
+        return Calibration(time.monotonic() - t0, cold, image_id, raw)
     return None
 
 
@@ -199,7 +219,7 @@ def predict_folder(
         )
     manifest = load_manifest(manifest_path, verify=True)  # checksums before any image is touched
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, log=log)
     loaded_all = load_ensemble(manifest, dev)
     load_s = time.monotonic() - start
     log(
@@ -207,18 +227,22 @@ def predict_folder(
         f"ensemble: {summarize(manifest)}"
     )
 
-    views = list(manifest.tta)
-    model_idx = list(range(len(loaded_all)))
+    all_views, all_models = list(manifest.tta), list(range(len(loaded_all)))
+    views, model_idx = all_views, all_models
     weights = [m.weight for m in loaded_all]
     rows: dict[str, list[str]] = {i: [] for i in ids}
     result = RunResult(Path(out), rows, {}, {}, {}, [], [], load_s, 0.0, str(dev))
     unit_times: list[float] = []
     reserve = min(2.0, 0.05 * (budget or 0)) + 0.01 * (budget or 0)  # writing + validating the CSV
+    calib: Calibration | None = None
     if budget is not None and ids and time.monotonic() - start < budget - reserve:
-        per_unit = _calibrate(paths, ids, loaded_all[:1], dev)
-        if per_unit is not None:
-            unit_times.append(per_unit)
-            log(f"time budget {budget:.0f}s: one model x one view takes ~{per_unit:.2f}s per image")
+        calib = _calibrate(paths, ids, loaded_all[:1], dev)
+        if calib is not None:
+            unit_times.append(calib.seconds)
+            log(
+                f"time budget {budget:.0f}s: one model x one view takes ~{calib.seconds:.2f}s per image "
+                f"(first, cold forward: {calib.cold_seconds:.2f}s)"
+            )
     # On CUDA the CPU stages of image k run in a worker thread while the GPU runs image k + 1.
     use_thread = dev.type == "cuda" if pipeline is None else pipeline
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-post") if use_thread else None
@@ -257,12 +281,26 @@ def predict_folder(
             if budget is not None:
                 elapsed = time.monotonic() - start
                 seconds_left = budget - reserve - elapsed
-                per_unit = SAFETY * float(np.mean(unit_times[-5:])) if unit_times else None
-                if per_unit is not None:
-                    plan = plan_within_budget(views, model_idx, weights, per_unit, left + len(pending), seconds_left)
-                    for d in plan.decisions:
-                        log(d)
-                    result.decisions += plan.decisions
+                per_unit = SAFETY * float(np.median(unit_times[-5:])) if unit_times else None
+                if per_unit is not None:  # from the full lists: dropped views and models come back
+                    n_left, units = left + len(pending), len(views) * len(model_idx)
+                    plan = plan_within_budget(all_views, all_models, weights, per_unit, n_left, seconds_left)
+                    if len(plan.views) * len(plan.models) > units:  # growing back only with a margin (no flip-flop)
+                        plan = plan_within_budget(
+                            all_views, all_models, weights, per_unit, n_left, REGROW_MARGIN * seconds_left
+                        )
+                        if len(plan.views) * len(plan.models) > units:
+                            plan.decisions = [
+                                f"time budget: {n_left} images projected at "
+                                f"{n_left * per_unit * len(plan.views) * len(plan.models):.0f}s fit the "
+                                f"{seconds_left:.0f}s left: back to views {plan.views} x models {plan.models}"
+                            ]
+                        else:
+                            plan = BudgetPlan(views, model_idx)
+                    if (plan.views, plan.models) != (views, model_idx):
+                        for d in plan.decisions:
+                            log(d)
+                        result.decisions += plan.decisions
                     views, model_idx = plan.views, plan.models
                 est = (per_unit or 0.0) * len(views) * len(model_idx) * (1 + len(pending))
                 if seconds_left <= 0 or est > seconds_left:
@@ -276,9 +314,12 @@ def predict_folder(
                     break
             path = paths.image("test", image_id)
             loaded = [loaded_all[i] for i in model_idx]
+            known = {}  # the calibration forward's output, for its own image
+            if calib is not None and image_id == calib.image_id and 0 in model_idx and "identity" in views:
+                known = {(model_idx.index(0), "identity"): calib.raw[0]}
             try:
                 image = read_gray(path)
-                raw, forward_s = forward_image(image, loaded, views, dev)
+                raw, forward_s = forward_image(image, loaded, views, dev, known=known)
             except Exception as e:
                 fail(image_id, e)
                 last = time.monotonic()

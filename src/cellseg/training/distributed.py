@@ -1,16 +1,32 @@
 """torch.distributed for training: the process group torchrun describes, and the few collectives the
-loop needs (barrier, loss means, RNG states)."""
+loop needs (loss means, BatchNorm buffers, RNG states, and rank 0's "done" after its validation).
+
+On GPUs the group is NCCL, which has no CPU backend: every tensor a collective gets here is on the
+rank's training device (:attr:`DistInfo.device`). The ranks that wait while rank 0 validates and
+writes the run folder wait on a separate gloo group (CPU, long timeout, and a dead peer's closed
+socket is noticed at once), and rank 0 tells them whether it succeeded: a rank 0 that raises there
+(:func:`main_section`) makes every other rank stop with one clear line instead of hanging in an NCCL
+barrier until NCCL's timeout.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from cellseg.errors import CellsegError
 from cellseg.training.rng import rng_state
+
+#: how long the other ranks wait for rank 0's validation + checkpoint writes (gloo group)
+MAIN_SECTION_TIMEOUT = timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -18,6 +34,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device | None = None  # the training device (None: see device_for)
+    control: Any = field(default=None, compare=False, repr=False)  # gloo group for rank 0's "done"
 
     @property
     def main(self) -> bool:
@@ -29,17 +47,35 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK...)."""
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK...).
+
+    With CUDA: an NCCL group on this rank's GPU, plus a gloo group for the waits in
+    :func:`main_section`; on the CPU: one gloo group for both.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo()
+        return DistInfo(device=_default_device(0))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _default_device(local)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, init_method="env://")
-    return DistInfo(rank, world, local)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", init_method="env://")
+        else:
+            dist.init_process_group(backend="gloo", init_method="env://", timeout=MAIN_SECTION_TIMEOUT)
+    control = None
+    if dist.get_backend() != "gloo":
+        control = dist.new_group(backend="gloo", timeout=MAIN_SECTION_TIMEOUT)
+    return DistInfo(rank, world, local, device, control)
+
+
+def _default_device(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_for(info: DistInfo) -> torch.device:
+    """This rank's training device: its local GPU, else the CPU."""
+    return info.device if info.device is not None else _default_device(info.local_rank)
 
 
 def barrier(info: DistInfo) -> None:
@@ -48,28 +84,94 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def device_for(info: DistInfo) -> torch.device:
-    """This rank's training device: its local GPU, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
-
-
 def gather_rng(info: DistInfo) -> list[dict]:
-    """Every rank's generator states (rank order), for a resume that continues each rank exactly."""
+    """Every rank's generator states (rank order), for a resume that continues each rank exactly.
+
+    The states travel pickled over the control (gloo) group when there is one, else the default group
+    (gloo too: on NCCL ``all_gather_object`` would need the current CUDA device set, which it is)."""
     state = rng_state()
     if not info.distributed:
         return [state]
     states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, state)
+    dist.all_gather_object(states, state, group=info.control)
     return states
 
 
 def reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """The mean over ranks of each value (identity in a single process)."""
+    """The mean over ranks of each value (identity in a single process); the all-reduce runs on the
+    training device (NCCL has no CPU tensors)."""
     if not info.distributed or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device_for(info))
     dist.all_reduce(t)
-    return {k: float(v) / info.world_size for k, v in zip(keys, t)}
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.cpu().tolist())}
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running stats drift apart per rank) on every rank, in place."""
+    if not info.distributed:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
+# ----------------------------------------------------------------------------- rank 0's section
+
+_open: list[DistInfo] = []  # rank 0 only: a main section is open (the other ranks wait in main_done)
+
+
+def main_section(info: DistInfo) -> None:
+    """Mark the start of the part only rank 0 runs (validation, checkpoints); end it with
+    :func:`main_done`. If rank 0 raises in between, :func:`fail_fast` tells the waiting ranks."""
+    if info.distributed and info.main:
+        _open[:] = [info]
+
+
+def main_done(info: DistInfo) -> None:
+    """End of rank 0's section: rank 0 tells every rank it succeeded; the others wait for that here
+    (on the gloo group) and raise CellsegError if rank 0 reports a failure."""
+    if not info.distributed:
+        return
+    _open.clear()
+    _exchange(info, None)
+
+
+def _exchange(info: DistInfo, error: str | None) -> None:
+    msg = [error]
+    try:
+        dist.broadcast_object_list(msg, src=0, group=info.control)
+    except Exception as e:  # e.g. rank 0's process died: its socket closed
+        if info.main:
+            raise
+        raise CellsegError(f"rank {info.rank}: lost rank 0 while it validated ({_first_line(e)}); stopping") from e
+    if msg[0] is not None and not info.main:
+        raise CellsegError(f"rank {info.rank}: rank 0 failed while validating / writing the run ({msg[0]}); stopping")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail_fast(fn: F) -> F:
+    """Decorator for the training run: when rank 0 raises inside an open :func:`main_section`, send
+    the error to the waiting ranks before it propagates, so they stop at once."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            if _open:
+                info = _open.pop()
+                try:
+                    _exchange(info, _first_line(e))
+                except Exception:  # the others are gone already: nothing more to tell
+                    pass
+            raise
+
+    return wrapper  # type: ignore[return-value]

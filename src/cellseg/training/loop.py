@@ -55,7 +55,16 @@ from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, sav
 from cellseg.model.experiment import ExperimentConfig  # noqa: E402
 from cellseg.model.provenance import init_record, run_provenance, training_sources  # noqa: E402
 from cellseg.paths import CompetitionPaths  # noqa: E402
-from cellseg.training.distributed import barrier, device_for, gather_rng, init_distributed, reduce_mean  # noqa: E402
+from cellseg.training.distributed import (  # noqa: E402
+    broadcast_buffers,
+    device_for,
+    fail_fast,
+    gather_rng,
+    init_distributed,
+    main_done,
+    main_section,
+    reduce_mean,
+)
 from cellseg.training.engine import evaluate, train_one_epoch  # noqa: E402
 from cellseg.training.optim import build_optimizer, lr_factor  # noqa: E402
 from cellseg.training.rng import seed_everything, set_rng_state  # noqa: E402
@@ -147,6 +156,7 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+@fail_fast  # rank 0 failing in its validation stops the other ranks at once (they wait for it)
 def train(
     cfg: ExperimentConfig,
     data_dir: str | Path,
@@ -312,9 +322,7 @@ def train(
         epoch += 1
         elapsed = stats.seconds
         means = reduce_mean(stats.means, info)
-        if info.distributed:  # BatchNorm running stats drift apart per rank: keep rank 0's everywhere
-            for buf in unwrap(model).buffers():
-                dist.broadcast(buf, src=0)
+        broadcast_buffers(unwrap(model), info)  # BatchNorm running stats drift apart per rank: keep rank 0's
         rngs = gather_rng(info)  # the state the next epoch starts from (validation must not change it)
         row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
         row.update(
@@ -324,6 +332,7 @@ def train(
         last_epoch = epoch >= tc.epochs or stop
         validate = has_val and (epoch % tc.val_every == 0 or last_epoch)
         improved = False
+        main_section(info)  # rank 0 validates and writes; the others wait in main_done
         if info.main:
             if validate:
                 if lc_val is not None:  # LIVECell images, scored per cell line
@@ -371,7 +380,7 @@ def train(
             save_checkpoint(last_path, model, cfg, cfg.model.class_names, provenance, train_state=state)
             write_metrics(out, history)
         set_rng_state(rngs[info.rank])
-        barrier(info)
+        main_done(info)
 
     if info.distributed:
         obj = [best_score, best_epoch, history]
