@@ -29,7 +29,7 @@ from cellseg.metric import ScoreReport, score_images
 
 def gray_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W) uint8 grey -> (3, H, W) float32 in [0, 1] (grey repeated), the models' input."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32).div_(255.0)
+    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(torch.float32).div_(255.0)  # writable copy
     return t.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
