@@ -79,6 +79,16 @@ def fake_run_folder(folder: Path) -> dict[str, bytes]:
     return files
 
 
+def test_a_folds_csv_made_for_other_data_is_refused(tmp_path, capsys):
+    data = make_tiny_data(tmp_path / "data")
+    (tmp_path / "folds.csv").write_text("id,sample_id,cell_type,fold\nother,s,cort,0\n")
+    args = ["train", "--config", str(REPO / "configs/demo.yaml"), "--data", str(data), "--out", str(tmp_path / "r")]
+    assert main([*args, f"data.folds_csv={tmp_path}/folds.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "made for other data (9 train image(s) in no fold" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_train_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     out = tmp_path / "runs" / "fold0"
     files = fake_run_folder(out)
@@ -114,16 +124,20 @@ def make_tiny_data(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def forced_run(tmp_path_factory):
     """`cellseg train --force` into a folder holding another run's files, with stderr a pipe (as when
-    logging to a file) and train.max_steps=2 inside a 3-step epoch: (run folder, completed process)."""
+    logging to a file), a folds CSV whose fold 0 holds one image (8 train images / batch 2 = 4 steps per
+    epoch) and train.max_steps=2: (run folder, completed process)."""
     from test_train import TINY_OVERRIDES
 
     root = tmp_path_factory.mktemp("forced")
     data = make_tiny_data(root / "data")
+    folds = pd.read_csv(data / "train.csv", dtype=str).drop_duplicates("id")[["id", "sample_id", "cell_type"]]
+    folds["fold"] = [0] + [1 + i % 2 for i in range(len(folds) - 1)]
+    folds.to_csv(root / "folds.csv", index=False)
     out = root / "run"
     fake_run_folder(out)
     (out / "curves.png").write_bytes(b"stale")
     args = ["train", "--config", str(REPO / "configs/demo.yaml"), "--data", str(data), "--fold", "0"]
-    args += ["--out", str(out), "--force", *TINY_OVERRIDES, "train.max_steps=2"]
+    args += ["--out", str(out), "--force", *TINY_OVERRIDES, "train.max_steps=2", f"data.folds_csv={root}/folds.csv"]
     proc = subprocess.run([sys.executable, "-m", "cellseg", *args], capture_output=True, text=True, timeout=300)
     return out, proc
 
@@ -137,12 +151,17 @@ def test_train_force_replaces_the_run(forced_run):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_train_holds_out_the_fold_of_the_folds_csv(forced_run):
+    _, proc = forced_run
+    assert "8 train / 1 hold-out images" in proc.stdout + proc.stderr  # data.folds=3 alone would hold out 3
+
+
 def test_train_progress_counts_the_steps_it_takes_and_prints_lines_into_a_log(forced_run):
-    """6 train images / batch 2 = 3 steps per epoch, but train.max_steps=2: the total is 2. tqdm draws
-    nothing when stderr is not a terminal; plain lines are printed instead."""
+    """4 steps per epoch, but train.max_steps=2: the total is 2. tqdm draws nothing when stderr is
+    not a terminal; plain lines are printed instead."""
     _, proc = forced_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("epoch 1/3: ")]
     assert lines and lines[-1].startswith("epoch 1/3: 2/2 step (100%)"), proc.stderr[-2000:]
-    assert not [line for line in proc.stderr.splitlines() if "/3 step" in line]
+    assert not [line for line in proc.stderr.splitlines() if "/4 step" in line]
     assert "Warning" not in proc.stderr  # nothing a user cannot act on
