@@ -265,27 +265,25 @@ def test_a_cache_holds_one_ensemble_even_after_a_kill(tmp_path, monkeypatch, cap
     a = make_manifest(tmp_path / "a", n_models=1, tta=("identity", "hflip"))
     b = make_manifest(tmp_path / "b", n_models=1, tta=("identity",))
     cache = tmp_path / "cache"
-    real_save = raw_cache.save_cached
 
-    def killed_after_one(path, img):
-        if list(cache.glob("*.npz")):
-            raise KeyboardInterrupt  # the run dies after its first image
-        real_save(path, img)
+    def killed(path, img):
+        raise KeyboardInterrupt  # the run dies while writing its first image
 
-    monkeypatch.setattr(raw_cache, "save_cached", killed_after_one)
+    monkeypatch.setattr(raw_cache, "save_cached", killed)
     with pytest.raises(KeyboardInterrupt):
         predict_raw(data, a, cache, ids, device="cpu", progress=False)
     monkeypatch.undo()
-    index = json.loads((cache / "index.json").read_text())
-    assert index["fingerprint"] == cache_fingerprint(load_manifest(a)) and index["ids"] == ids[:1]
-    first = (cache / f"{ids[0]}.npz").stat().st_mtime_ns
+    index = json.loads((cache / "index.json").read_text())  # written before the first image
+    assert index["fingerprint"] == cache_fingerprint(load_manifest(a)) and index["ids"] == []
 
     # another manifest is refused by predict-raw (one line, nothing added) ...
     base = ["--data", str(data), "--out", str(cache), "--device", "cpu"]
     assert main(["predict-raw", *base, "--weights", str(b)]) == 2
     err = capsys.readouterr().err
     assert "another manifest" in err and len(err.strip().splitlines()) == 1
-    assert [p.stem for p in cache.glob("*.npz")] == ids[:1]
+    assert not list(cache.glob("*.npz"))
+    predict_raw(data, a, cache, ids[:1], device="cpu", progress=False)  # one image of A cached
+    first = (cache / f"{ids[0]}.npz").stat().st_mtime_ns
     # ... and by tune --weights
     tune_args = ["tune", "--cache", str(cache), "--truth", str(data / "train.csv"), "--no-write"]
     assert main([*tune_args, "--weights", str(b)]) == 2
