@@ -1,24 +1,33 @@
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import yaml
 
+from cellseg import raw_cache
+from cellseg.cli import main
 from cellseg.data.masks import CropMask, label_image
 from cellseg.data.truth import ImageAnnotation
 from cellseg.inference.fusion import Detections, SoftCrop, fuse
 from cellseg.inference.postprocess import postprocess
+from cellseg.io import write_gray
 from cellseg.metric import image_score
 from cellseg.model.manifest import ClassThresholds, Manifest, ModelEntry, load_manifest, write_manifest
+from cellseg.raw_cache import cache_fingerprint, predict_raw
 from cellseg.tune import (
     CachedImage,
     TuneGrid,
+    choose,
     image_grid_scores,
     load_cached,
     plot_curves,
-    report_table,
     save_cached,
     tune,
-    write_tuned_manifest,
 )
+from cellseg.tune_report import decide, grid_edge_warnings, report, report_table, write_tuned_manifest
+from helpers import train_rows, write_train_csv
+from inference_helpers import make_manifest
 
 H, W = 60, 80
 
@@ -28,7 +37,7 @@ def disk(cy, cx, r, h=H, w=W):
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
 
-def make_case(rng, image_id, cell_type="cort", n=6):
+def make_case(rng, image_id, cell_type="cort", n=6, fingerprint="", sample_id=None, voted=None):
     """Truth: n disks. Cache: each cell seen by 2 views (shifted soft masks, high scores), plus
     low-score spurious blobs and small high-score fragments that min-pixels should remove."""
     truth, dets = [], []
@@ -58,8 +67,8 @@ def make_case(rng, image_id, cell_type="cort", n=6):
         np.array([x[2] for x in dets]),
         np.ones(len(dets), np.float32),
     )
-    ann = ImageAnnotation(image_id, cell_type, H, W, truth, meta={"sample_id": f"s{image_id}"})
-    return CachedImage(image_id, cell_type, H, W, 2.0, d), ann
+    ann = ImageAnnotation(image_id, cell_type, H, W, truth, meta={"sample_id": sample_id or f"s{image_id}"})
+    return CachedImage(image_id, voted or cell_type, H, W, 2.0, d, fingerprint), ann
 
 
 def manifest_with(th: ClassThresholds) -> Manifest:
@@ -72,10 +81,11 @@ def manifest_with(th: ClassThresholds) -> Manifest:
 
 
 def test_cache_round_trip(tmp_path):
-    img, _ = make_case(np.random.default_rng(0), "a")
+    img, _ = make_case(np.random.default_rng(0), "a", fingerprint="f" * 64)
     save_cached(tmp_path / "a.npz", img)
     back = load_cached(tmp_path / "a.npz")
     assert (back.id, back.cell_type, back.height, back.width, back.total_weight) == ("a", "cort", H, W, 2.0)
+    assert back.fingerprint == img.fingerprint
     assert np.array_equal(back.dets.scores, img.dets.scores)
     for m0, m1 in zip(img.dets.masks, back.dets.masks):
         assert (m0.top, m0.left, m0.prob.shape) == (m1.top, m1.left, m1.prob.shape)
@@ -110,21 +120,29 @@ def test_grid_equals_running_the_pipeline(seed):
         assert table[idx] == pytest.approx(expected), (idx, th)
 
 
-def test_tune_improves_bad_defaults_and_writes_new_manifest_version(tmp_path):
+BAD = ClassThresholds(score=0.05, mask_threshold=0.5, nms_iou=0.9, min_pixels=0)
+
+
+def make_tuning_case(tmp_path, n=6, th=BAD, **case):
+    """A manifest (thresholds ``th``) and a cache of ``n`` make_case images predicted by its ensemble."""
+    mpath = tmp_path / "w" / "manifest.yaml"
+    mpath.parent.mkdir()
+    (mpath.parent / "m.pth").write_bytes(b"not really a model")
+    write_manifest(manifest_with(th), mpath)
+    manifest = load_manifest(mpath, verify=False)
     rng = np.random.default_rng(5)
     cache = tmp_path / "cache"
     cache.mkdir()
     truth = {}
-    for i in range(6):
-        img, ann = make_case(rng, f"im{i}")
+    for i in range(n):
+        img, ann = make_case(rng, f"im{i}", fingerprint=cache_fingerprint(manifest), **case)
         save_cached(cache / f"{img.id}.npz", img)
         truth[img.id] = ann
-    bad = ClassThresholds(score=0.05, mask_threshold=0.5, nms_iou=0.9, min_pixels=0)
-    mpath = tmp_path / "w" / "manifest.yaml"
-    mpath.parent.mkdir()
-    (mpath.parent / "m.pth").write_bytes(b"not really a model")
-    write_manifest(manifest_with(bad), mpath)
-    manifest = load_manifest(mpath, verify=False)
+    return mpath, manifest, cache, truth
+
+
+def test_tune_improves_bad_defaults_and_writes_new_manifest_version(tmp_path):
+    mpath, manifest, cache, truth = make_tuning_case(tmp_path)
     res = tune(cache, truth, manifest, folds=3, progress=False)
     r = res.classes["cort"]
     assert r.images == 6
@@ -135,11 +153,148 @@ def test_tune_improves_bad_defaults_and_writes_new_manifest_version(tmp_path):
     assert "cort" in report_table(res)
     pngs = plot_curves(res, tmp_path / "plots")
     assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    new, old = write_tuned_manifest(mpath, manifest, res)
+    decision = decide(res)
+    assert decision.write and decision.changed == ["cort"] and decision.classes["cort"] == r.tuned
+    assert decision.reasons["cort"].startswith("changed (score 0.05 -> ")
+    new, old = write_tuned_manifest(mpath, manifest, decision.classes)
     assert old.name == "manifest.v1.yaml"
     assert yaml.safe_load(old.read_text())["classes"]["cort"]["min_pixels"] == 0
     written = load_manifest(new, verify=False).classes["cort"]
     assert written == r.tuned
     # a second tuning keeps both earlier versions
-    _, old2 = write_tuned_manifest(mpath, load_manifest(mpath, verify=False), res)
+    _, old2 = write_tuned_manifest(mpath, load_manifest(mpath, verify=False), decision.classes)
     assert old2.name == "manifest.v2.yaml" and old.exists()
+
+
+def test_choose_moves_a_value_only_when_it_scores_higher():
+    tables = np.array([[[0.5, 0.5], [0.2, 0.1]], [[0.3, 0.3], [0.2, 0.1]]])  # (images, 2, 2): a tie at row 0
+    assert choose(tables) == (0, 0)
+    assert choose(tables, prefer=(0, 1)) == (0, 1)  # the current value wins the tie
+    assert choose(tables, prefer=(1, 1)) == (0, 0)  # a strictly better value still wins
+
+
+def test_cli_tune_writes_only_what_beats_the_current_thresholds_out_of_fold(tmp_path, capsys):
+    """First run: bad thresholds, the tuned ones win out-of-fold -> written, saying what changed.
+    Second run on the same cache: the thresholds just written are current and nothing beats them by
+    the margin -> the manifest stays byte for byte, and the report says why."""
+    mpath, _, cache, _ = make_tuning_case(tmp_path)
+    truth_csv = tmp_path / "train.csv"
+    write_truth_csv(truth_csv, tmp_path)
+    args = ["tune", "--cache", str(cache), "--truth", str(truth_csv), "--weights", str(mpath), "--folds", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cort: changed (score 0.05 -> " in out and "out-of-fold" in out
+    assert "wrote cort thresholds to" in out and (mpath.parent / "manifest.v1.yaml").exists()
+    tuned = mpath.read_bytes()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cort: kept" in out and "is left as it is" in out
+    assert mpath.read_bytes() == tuned and not (mpath.parent / "manifest.v2.yaml").exists()
+
+
+def write_truth_csv(path, tmp_path):
+    """train.csv for the make_tuning_case images (same rng sequence: the truth disks only)."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(6):
+        _, ann = make_case(rng, f"im{i}")
+        rows += train_rows(ann.id, ann.cell_type, [m.to_full(H, W) for m in ann.instances], sample_id=f"sim{i}")
+    write_train_csv(path, rows)
+
+
+def test_one_sample_group_has_no_out_of_fold_figure(tmp_path):
+    mpath, manifest, cache, truth = make_tuning_case(tmp_path, sample_id="one-sample")
+    res = tune(cache, truth, manifest, folds=3, progress=False)
+    r = res.classes["cort"]
+    assert r.groups == 1 and r.out_of_fold_score is None and res.out_of_fold_score is None
+    assert r.tuned_score > r.default_score  # tuning found an in-sample gain ...
+    decision = decide(res)
+    assert not decision.write and "no out-of-fold figure" in decision.reasons["cort"]  # ... that nothing checks
+    text = report(res, decision)
+    assert "n/a" in text and "one sample group" in text
+    assert decide(res, force=True).write
+
+
+def test_rows_are_grouped_by_true_type_and_the_vote_is_reported(tmp_path):
+    mpath, manifest, cache, truth = make_tuning_case(tmp_path)
+    for image_id in ("im1", "im4"):  # two cort images the ensemble voted shsy5y
+        img = load_cached(cache / f"{image_id}.npz")
+        save_cached(cache / f"{image_id}.npz", dataclasses.replace(img, cell_type="shsy5y"))
+    res = tune(cache, truth, manifest, folds=3, progress=False)
+    assert list(res.classes) == ["cort"] and res.classes["cort"].images == 6
+    assert res.vote_right == 4 and sorted(res.classes["cort"].misvoted) == ["im1", "im4"]
+    assert "4/6 image(s) voted their true type" in report(res, decide(res))
+
+
+def test_a_threshold_at_the_edge_of_its_grid_is_warned_about(tmp_path):
+    mpath, manifest, cache, truth = make_tuning_case(tmp_path)
+    # the 5-pixel fragments go at min_pixels 10; 10 is the largest value tried and beats 0
+    edge = tune(cache, truth, manifest, grid=TuneGrid(min_pixels=[0, 10]), progress=False)
+    assert edge.classes["cort"].tuned.min_pixels == 10
+    assert any(
+        "cort min_pixels = 10 is the largest value tried" in w and "--min-pixels 0,10,20,30" in w
+        for w in grid_edge_warnings(edge)
+    )
+    inner = tune(cache, truth, manifest, grid=TuneGrid(min_pixels=[0, 10, 40]), progress=False)
+    assert inner.classes["cort"].tuned.min_pixels == 10
+    assert not [w for w in grid_edge_warnings(inner) if "min_pixels" in w]
+
+
+# ------------------------------------------------------------------- predict-raw: one ensemble per cache
+
+
+def tiny_train_folder(root, n=3):
+    """``n`` 64 x 80 cort images with three bright disks each (train/ + train.csv)."""
+    (root / "train").mkdir(parents=True)
+    rows, ids = [], []
+    for i in range(n):
+        image_id = f"{i:012x}"
+        masks = [disk(15 + 15 * k, 15 + 20 * k, 5, 64, 80) for k in range(3)]
+        image = np.full((64, 80), 90, np.uint8)
+        for m in masks:
+            image[m] = 200
+        write_gray(root / "train" / f"{image_id}.png", image)
+        rows += train_rows(image_id, "cort", masks, sample_id=f"cort[x]_s{i}")
+        ids.append(image_id)
+    write_train_csv(root / "train.csv", rows)
+    return root, ids
+
+
+def test_a_cache_holds_one_ensemble_even_after_a_kill(tmp_path, monkeypatch, capsys):
+    data, ids = tiny_train_folder(tmp_path / "data")
+    a = make_manifest(tmp_path / "a", n_models=1, tta=("identity", "hflip"))
+    b = make_manifest(tmp_path / "b", n_models=1, tta=("identity",))
+    cache = tmp_path / "cache"
+
+    def killed(path, img):
+        raise KeyboardInterrupt  # the run dies while writing its first image
+
+    monkeypatch.setattr(raw_cache, "save_cached", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predict_raw(data, a, cache, ids, device="cpu", progress=False)
+    monkeypatch.undo()
+    index = json.loads((cache / "index.json").read_text())  # written before the first image
+    assert index["fingerprint"] == cache_fingerprint(load_manifest(a)) and index["ids"] == []
+
+    # another manifest is refused by predict-raw (one line, nothing added) ...
+    base = ["--data", str(data), "--out", str(cache), "--device", "cpu"]
+    assert main(["predict-raw", *base, "--weights", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "another manifest" in err and len(err.strip().splitlines()) == 1
+    assert not list(cache.glob("*.npz"))
+    predict_raw(data, a, cache, ids[:1], device="cpu", progress=False)  # one image of A cached
+    first = (cache / f"{ids[0]}.npz").stat().st_mtime_ns
+    # ... and by tune --weights
+    tune_args = ["tune", "--cache", str(cache), "--truth", str(data / "train.csv"), "--no-write"]
+    assert main([*tune_args, "--weights", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "another ensemble" in err and len(err.strip().splitlines()) == 1
+
+    # the same manifest resumes; progress counts only the 2 images still to do (stderr is no terminal here)
+    assert main(["predict-raw", *base, "--weights", str(a)]) == 0
+    out = capsys.readouterr()
+    assert "predict-raw: 2/2 img" in out.err and "/3 img" not in out.err
+    assert "1 were already cached, 2 predicted now" in out.out
+    assert sorted(p.stem for p in cache.glob("*.npz")) == ids
+    assert (cache / f"{ids[0]}.npz").stat().st_mtime_ns == first
+    assert main([*tune_args, "--weights", str(a)]) == 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Upload the bundle, push the kernel and submit it to the competition, with Kaggle's own client.
 
-    python tools/push.py all --wait                 # the whole loop: dataset -> kernel -> submission score
+    python tools/push.py all --wait --weights weights/r50/manifest.yaml  # dataset -> kernel -> score of that ensemble
     python tools/push.py dataset -m "thresholds v2" # new dataset version from weights/demo (staged first)
     python tools/push.py kernel                     # push kernel/submit.py, wait for COMPLETE or ERROR (+ log)
     python tools/push.py submit --wait              # submit the latest kernel version, print the score
@@ -139,7 +139,8 @@ class Kaggle:
         if not km.has_credentials():
             raise UsageError(
                 "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY, or save kaggle.json (chmod 600) in "
-                f"{km.kaggle_config_dir()} (https://www.kaggle.com/settings -> Create New Token)"
+                f"{km.kaggle_config_dir()} (https://www.kaggle.com/settings -> Create New Token); "
+                f"searched, in the client's order: {'; '.join(km.credential_search())}"
             )
         cfg = km.kaggle_json_path()
         if cfg.is_file() and os.name != "nt" and cfg.stat().st_mode & 0o077:
@@ -629,10 +630,20 @@ def print_plan(
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def step_help(step: str) -> str:
+    """The module docstring's paragraph for ``step`` (under "Steps") and its example lines."""
+    lines = __doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {step} "))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("       ")), len(lines))
+    examples = [line for line in lines if line.strip().startswith(f"python tools/push.py {step} ")]
+    return "\n".join(["examples:", *examples, "", *lines[start:end]])
+
+
+def build_parser(step: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``step`` (the first argument, when it names one) makes --help that step's."""
     p = argparse.ArgumentParser(
         prog="push.py",
-        description=__doc__.split("\n\n")[0],
+        description=step_help(step) if step else __doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Details: docs/KAGGLE.md",
     )
@@ -752,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         import push_train
 
         return push_train.main(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv and argv[0] in (*STEPS, "all") else None).parse_args(argv)
     try:
         return run(args)
     except UsageError as e:

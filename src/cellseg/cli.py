@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-aug": ("show_aug", "draw augmented training samples with mask contours to a PNG grid"),
     "predict": ("predict", "run an ensemble on a competition folder's test/ and write submission.csv"),
     "dry-run": ("dry_run", "run the kernel's exact path on train images and score it"),
-    "predict-raw": ("predict_raw", "cache fused, un-thresholded predictions for threshold tuning"),
+    "predict-raw": ("predict_raw", "cache pre-fusion predictions (every model x TTA view) for threshold tuning"),
     "tune": ("tune", "tune per-class post-processing thresholds on cached predictions"),
     "pseudo-label": ("pseudo_label", "pseudo-label the unlabeled images into a train.csv-format file"),
     "export": ("export", "turn trained checkpoints into a weights folder with its manifest"),

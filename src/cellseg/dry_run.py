@@ -47,13 +47,17 @@ class DryRunResult:
     summary: dict
 
 
-def select_images(train_set, fold: int | None, images: int | None, seed: int = 0, k: int = 5) -> list[str]:
-    """Ids of a fold's hold-out (``fold``) or ``images`` sampled with ``seed`` (all when both None)."""
+def select_images(
+    train_set, fold: int | None, images: int | None, seed: int = 0, k: int = 5, folds_csv: str | Path | None = None
+) -> list[str]:
+    """Ids of a fold's hold-out (``fold``; folds from ``folds_csv`` when given, else made with ``k``
+    and ``seed``) or ``images`` sampled with ``seed`` (all when both None)."""
     ids = list(train_set.images)
     if fold is not None:
-        from cellseg.data.folds import make_folds
+        from cellseg.data.folds import load_folds
 
-        df = make_folds(train_set, k=k, seed=seed)
+        df = load_folds(train_set, k=k, seed=seed, csv=folds_csv)
+        k = int(df["fold"].max()) + 1
         if not 0 <= fold < k:
             raise CellsegError(f"--fold must be in 0..{k - 1}, got {fold}")
         return df.loc[df["fold"] == fold, "id"].tolist()
@@ -138,6 +142,7 @@ def dry_run(
     overlays: int = 12,
     progress: bool = True,
     log=None,
+    folds_csv: str | Path | None = None,
 ) -> DryRunResult:
     """Run the kernel path on train images and write the report folder (see the module docstring)."""
     from cellseg.data.masks import label_image
@@ -149,7 +154,7 @@ def dry_run(
 
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     train = read_train_csv(paths.train_csv)
-    ids = select_images(train, fold, images, seed)
+    ids = select_images(train, fold, images, seed, folds_csv=folds_csv)
     if not ids:
         raise CellsegError("no train image selected")
     report = Path(report_dir)
@@ -164,6 +169,7 @@ def dry_run(
             device=device,
             progress=progress,
             log=log,
+            kind="train",
         )
     skipped = set(run.skipped)
     if len(skipped) == len(ids):

@@ -20,16 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import resize_boxes
-from tqdm.auto import tqdm
 
 from cellseg.data.masks import CropMask
 from cellseg.io import read_gray
 from cellseg.metric import ScoreReport, score_images
+from cellseg.progress import progress as progress_bar
 
 
 def gray_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W) uint8 grey -> (3, H, W) float32 in [0, 1] (grey repeated), the models' input."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32).div_(255.0)
+    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(torch.float32).div_(255.0)  # writable copy
     return t.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
@@ -160,8 +160,11 @@ def evaluate(
     """Competition score of ``model`` on the images of ``truth`` (id -> ImageAnnotation) in ``image_dir``."""
     was_training = model.training
     preds = {}
-    for image_id in tqdm(list(truth), desc="validate", unit="img", leave=False, disable=None if progress else True):
+    bar = progress_bar(total=len(truth), desc="validate", unit="img", enabled=progress, leave=False)
+    for image_id in list(truth):
         image = read_gray(Path(image_dir) / f"{image_id}.png")
         preds[image_id] = predict_crops(model, [image], device, score_thresh, mask_thresh, min_pixels)[0]
+        bar.update()
+    bar.close()
     model.train(was_training)
     return score_images(truth, preds)

@@ -6,6 +6,9 @@ PRE-fusion detections of every model x TTA view (after the cell-type vote) in on
 their crops. Caching before fusion lets the tuner search the NMS IoU too; caching soft masks lets it
 search the mask binarisation threshold. Tuning never re-runs the models.
 
+The cache (``<id>.npz`` + ``index.json``, one ensemble per folder) is :mod:`cellseg.raw_cache`;
+deciding what to write back and reporting it is :mod:`cellseg.tune_report`.
+
 ``cellseg tune`` evaluates, for every cached image, the competition score of every combination of
 (NMS IoU, mask threshold, minimum pixels, score threshold) in a grid. The score threshold is free:
 overlap removal is greedy in descending score order, so the instances that survive a score threshold
@@ -17,9 +20,6 @@ and scored on the held-out one (out-of-fold score).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,136 +30,18 @@ import numpy as np
 from cellseg import CELL_TYPES
 from cellseg.data.masks import fill_holes, label_image
 from cellseg.errors import CellsegError
-from cellseg.inference.fusion import Detections, SoftCrop, fuse, pairwise_iou
+from cellseg.inference.fusion import fuse, pairwise_iou
 from cellseg.inference.postprocess import binarize, min_pixels_filter, remove_overlaps
-from cellseg.io import atomic_path, atomic_write_text, read_gray
+from cellseg.io import atomic_path
 from cellseg.metric import THRESHOLDS, matched_pairs
-from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest, write_manifest
-
-CACHE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- cache
-
-
-@dataclass
-class CachedImage:
-    """Pre-fusion detections of one image, as cached by :func:`predict_raw`."""
-
-    id: str
-    cell_type: str
-    height: int
-    width: int
-    total_weight: float
-    dets: Detections
-
-
-def save_cached(path: str | Path, img: CachedImage) -> None:
-    """Write ``img`` as a compressed npz (soft masks quantised to uint8), atomically."""
-    d = img.dets
-    shapes = np.array([m.prob.shape for m in d.masks], dtype=np.int32).reshape(-1, 2)
-    flat = np.concatenate([m.prob.ravel() for m in d.masks]) if d.masks else np.zeros(0, np.float32)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(
-                f,
-                version=CACHE_VERSION,
-                meta=json.dumps(
-                    {
-                        "id": img.id,
-                        "cell_type": img.cell_type,
-                        "height": img.height,
-                        "width": img.width,
-                        "total_weight": img.total_weight,
-                    }
-                ),
-                boxes=d.boxes,
-                scores=d.scores,
-                labels=d.labels,
-                source=d.source,
-                weight=d.weight,
-                tops=np.array([m.top for m in d.masks], np.int32),
-                lefts=np.array([m.left for m in d.masks], np.int32),
-                shapes=shapes,
-                probs=np.round(np.clip(flat, 0, 1) * 255).astype(np.uint8),
-            )
-
-
-def load_cached(path: str | Path) -> CachedImage:
-    """Read one cached image written by :func:`save_cached`."""
-    with np.load(path) as z:
-        if int(z["version"]) != CACHE_VERSION:
-            raise CellsegError(
-                f"{path}: cache version {int(z['version'])}, expected {CACHE_VERSION}; re-run predict-raw"
-            )
-        meta = json.loads(str(z["meta"]))
-        shapes, probs = z["shapes"], z["probs"].astype(np.float32) / 255.0
-        ends = np.cumsum(shapes[:, 0] * shapes[:, 1])
-        starts = ends - shapes[:, 0] * shapes[:, 1]
-        masks = [
-            SoftCrop(int(t), int(l), probs[s:e].reshape(int(h), int(w)))
-            for t, l, s, e, (h, w) in zip(z["tops"], z["lefts"], starts, ends, shapes)
-        ]
-        dets = Detections(z["boxes"], z["scores"], z["labels"], masks, z["source"], z["weight"])
-    return CachedImage(meta["id"], meta["cell_type"], meta["height"], meta["width"], meta["total_weight"], dets)
-
-
-def predict_raw(
-    data_dir: str | Path,
-    manifest_path: str | Path,
-    out_dir: str | Path,
-    image_ids: Sequence[str],
-    split: str = "train",
-    device: str = "auto",
-    progress: bool = True,
-) -> Path:
-    """Cache pre-fusion detections of ``image_ids`` (PNGs in ``data_dir/split``) into ``out_dir``.
-
-    Writes ``<id>.npz`` per image and ``index.json`` (manifest, checksums, views, ids). Images whose
-    file is already cached for the same manifest are skipped, so an interrupted run resumes.
-    """
-    from tqdm.auto import tqdm
-
-    from cellseg.inference.forward import load_ensemble, resolve_device
-    from cellseg.inference.pipeline import forward_image, image_detections
-    from cellseg.paths import CompetitionPaths
-
-    manifest = load_manifest(manifest_path, verify=True)
-    if not manifest.models:
-        raise CellsegError(f"{manifest_path}: manifest lists no model")
-    paths = CompetitionPaths(Path(data_dir))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    index_path = out / "index.json"
-    key = {
-        "manifest": str(Path(manifest_path).resolve()),
-        "sha256": [m.sha256 for m in manifest.models],
-        "views": list(manifest.tta),
-        "split": split,
-    }
-    if index_path.exists():
-        old = json.loads(index_path.read_text())
-        if {k: old.get(k) for k in key} != key:
-            raise CellsegError(f"{out} holds a cache of another manifest or split; use a new --out folder")
-    dev = resolve_device(device)
-    loaded = load_ensemble(manifest, dev)
-    done = []
-    for image_id in tqdm(list(image_ids), desc="predict-raw", unit="img", disable=None if progress else True):
-        target = out / f"{image_id}.npz"
-        if not target.exists():
-            image = read_gray(paths.image(split, image_id))
-            raw, _ = forward_image(image, loaded, manifest.tta, dev)
-            # every detection above the models' own floor: the tuner chooses the score threshold
-            dets, cell_type, total = image_detections(
-                image.shape, raw, loaded, manifest.tta, manifest, min_score=manifest.fusion.model_score_thresh
-            )
-            save_cached(target, CachedImage(image_id, cell_type, *image.shape, total, dets))
-        done.append(image_id)
-    atomic_write_text(
-        index_path, json.dumps({**key, "ids": done, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1)
-    )
-    return out
-
+from cellseg.model.manifest import ClassThresholds, Manifest
+from cellseg.raw_cache import (  # noqa: F401  (predict_raw, save_cached re-exported: `from cellseg.tune import ...`)
+    CachedImage,
+    cache_fingerprint,
+    load_cached,
+    predict_raw,
+    save_cached,
+)
 
 # ----------------------------------------------------------------------------- scoring a grid
 
@@ -266,24 +148,41 @@ def image_grid_scores(img: CachedImage, truth, grid: TuneGrid, manifest: Manifes
 
 @dataclass
 class ClassResult:
+    """One cell type's tuning (images grouped by their TRUE type).
+
+    ``default_score`` / ``tuned_score``: mean image score with the manifest's / the chosen thresholds
+    (in-sample); ``out_of_fold_score``: each image scored with thresholds chosen without its sample
+    group's fold, None when the images come from one sample group (no out-of-fold figure exists).
+    ``default_scores`` / ``oof_scores``: the per-image figures behind them (same image order).
+    ``misvoted``: ids whose cell-type vote differs from their true type. ``groups``: sample groups.
+    """
+
     cell_type: str
     images: int
     default: ClassThresholds
     tuned: ClassThresholds
     default_score: float
     tuned_score: float
-    out_of_fold_score: float
+    out_of_fold_score: float | None
     curves: dict[str, tuple[list[float], list[float]]]
+    groups: int = 0
+    default_scores: list[float] = field(default_factory=list)
+    oof_scores: list[float] | None = None
+    misvoted: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TuneResult:
+    """All classes; ``out_of_fold_score`` is None unless every class has one. ``vote_right``: images
+    whose cell-type vote (what the kernel will apply) matched the true type."""
+
     classes: dict[str, ClassResult]
     default_score: float
     tuned_score: float
-    out_of_fold_score: float
+    out_of_fold_score: float | None
     images: int
     seconds: float
+    vote_right: int = 0
 
 
 def _group_folds(groups: Sequence[str], k: int) -> np.ndarray:
@@ -294,9 +193,14 @@ def _group_folds(groups: Sequence[str], k: int) -> np.ndarray:
     return np.array([fold_of[g] for g in groups], dtype=np.int64)
 
 
-def choose(tables: np.ndarray) -> tuple[int, ...]:
-    """Grid index with the best mean score over images; ``tables`` (n_images, *grid.shape)."""
+def choose(tables: np.ndarray, prefer: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Grid index with the best mean score over images; ``tables`` (n_images, *grid.shape).
+
+    ``prefer`` (the current thresholds) wins every tie: a value only moves when it scores higher.
+    """
     mean = tables.mean(axis=0)
+    if prefer is not None and mean[prefer] >= mean.max() - 1e-12:
+        return tuple(int(i) for i in prefer)
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mean)), mean.shape))
 
 
@@ -309,7 +213,11 @@ def tune(
     jobs: int = 1,
     progress: bool = True,
 ) -> TuneResult:
-    """Tune per-class thresholds on every cached image that has ground truth in ``truth``."""
+    """Tune per-class thresholds on every cached image that has ground truth in ``truth``.
+
+    Images are grouped by their true cell type. Raises CellsegError when the cache holds predictions
+    of another ensemble than ``manifest`` (see :func:`cache_fingerprint`).
+    """
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -318,10 +226,23 @@ def tune(
     if not files:
         raise CellsegError(f"{cache_dir}: no cached image with ground truth (run `cellseg predict-raw` first)")
     grid = grid or TuneGrid()
+    fingerprint = cache_fingerprint(manifest)
     per_class: dict[str, list] = {}
+    foreign: set[str] = set()
     for f in tqdm(files, desc="read cache", unit="img", disable=None if progress else True):
         img = load_cached(f)
-        per_class.setdefault(img.cell_type, []).append(img)
+        if img.fingerprint != fingerprint:
+            foreign.add(img.fingerprint)
+        per_class.setdefault(truth[img.id].cell_type, []).append(img)  # the true type, not the vote
+    if foreign:
+        n = sum(len(v) for v in per_class.values())
+        n_bad = sum(img.fingerprint != fingerprint for v in per_class.values() for img in v)
+        raise CellsegError(
+            f"{cache_dir}: {n_bad} of {n} cached image(s) were predicted by another ensemble than "
+            f"{manifest.name or 'this manifest'} (fingerprint {fingerprint[:12]}...)"
+            + (" and the cache mixes several ensembles" if len(foreign) + (n_bad < n) > 1 else "")
+            + "; run `cellseg predict-raw` with this manifest into a new --out"
+        )
     grids = {ct: grid.with_values(manifest.thresholds(ct)) for ct in per_class}
     jobs_list = [(img, ct) for ct, imgs in per_class.items() for img in imgs]
     tables: dict[str, list[np.ndarray]] = {ct: [] for ct in per_class}
@@ -345,14 +266,16 @@ def tune(
     for ct in [c for c in CELL_TYPES if c in per_class]:
         g, tab = grids[ct], np.stack(tables[ct])
         default = manifest.thresholds(ct)
-        d_idx, best = g.index_of(default), choose(tab)
+        d_idx = g.index_of(default)
+        best = choose(tab, prefer=d_idx)
         groups = [truth[img.id].meta.get("sample_id") or img.id for img in per_class[ct]]
         fold = _group_folds(groups, folds)
         oof = np.zeros(len(tab))
         for k in np.unique(fold):
             held = fold == k
-            idx = choose(tab[~held]) if (~held).any() else best
+            idx = choose(tab[~held], prefer=d_idx) if (~held).any() else best
             oof[held] = tab[held][(slice(None), *idx)]
+        has_oof = len(np.unique(fold)) > 1  # one sample group: every image would be scored in-sample
         curves = {}
         for axis, name in enumerate(("nms_iou", "mask_threshold", "min_pixels", "score")):
             sl = list(best)
@@ -365,36 +288,25 @@ def tune(
             g.values(best),
             float(tab[(slice(None), *d_idx)].mean()),
             float(tab[(slice(None), *best)].mean()),
-            float(oof.mean()),
+            float(oof.mean()) if has_oof else None,
             curves,
+            groups=len(set(groups)),
+            default_scores=tab[(slice(None), *d_idx)].tolist(),
+            oof_scores=oof.tolist() if has_oof else None,
+            misvoted=[img.id for img in per_class[ct] if img.cell_type != ct],
         )
         all_default += tab[(slice(None), *d_idx)].tolist()
         all_tuned += tab[(slice(None), *best)].tolist()
-        all_oof += oof.tolist()
+        all_oof += oof.tolist() if has_oof else [float("nan")] * len(tab)
     return TuneResult(
         results,
         float(np.mean(all_default)),
         float(np.mean(all_tuned)),
-        float(np.mean(all_oof)),
+        None if np.isnan(all_oof).any() else float(np.mean(all_oof)),
         len(all_tuned),
         time.time() - t0,
+        vote_right=sum(r.images - len(r.misvoted) for r in results.values()),
     )
-
-
-def report_table(res: TuneResult) -> str:
-    lines = [
-        f"{'cell type':<9} {'images':>6} {'default':>8} {'tuned':>8} {'out-of-fold':>11}   chosen (score / mask / nms / min px)"
-    ]
-    for ct, r in res.classes.items():
-        t = r.tuned
-        lines.append(
-            f"{ct:<9} {r.images:>6} {r.default_score:>8.4f} {r.tuned_score:>8.4f} {r.out_of_fold_score:>11.4f}   "
-            f"{t.score:.3f} / {t.mask_threshold:.2f} / {t.nms_iou:.2f} / {t.min_pixels}"
-        )
-    lines.append(
-        f"{'overall':<9} {res.images:>6} {res.default_score:>8.4f} {res.tuned_score:>8.4f} {res.out_of_fold_score:>11.4f}"
-    )
-    return "\n".join(lines)
 
 
 def plot_curves(res: TuneResult, out_dir: str | Path) -> list[Path]:
@@ -425,22 +337,3 @@ def plot_curves(res: TuneResult, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
-
-
-def write_tuned_manifest(manifest_path: str | Path, manifest: Manifest, res: TuneResult) -> tuple[Path, Path]:
-    """Keep the current manifest as ``manifest.vN.yaml`` and write the tuned values into the manifest.
-
-    Returns (new manifest path, kept old version path).
-    """
-    path = Path(manifest_path)
-    if path.is_dir():
-        path = path / "manifest.yaml"
-    n = 1
-    while (old := path.with_name(f"{path.stem}.v{n}{path.suffix}")).exists():
-        n += 1
-    shutil.copy2(path, old)
-    classes = dict(manifest.classes)
-    for ct, r in res.classes.items():
-        classes[ct] = r.tuned
-    write_manifest(dataclasses.replace(manifest, classes=classes), path, fill_checksums=False)
-    return path, old

@@ -225,9 +225,12 @@ def test_kernel_title_not_matching_its_slug_is_caught_before_any_request(tmp_pat
 
 
 def test_missing_credentials_is_one_line_and_exit_2(tmp_path, site, fake):
-    p = push(tmp_path, site, fake.url, "dataset", "--bundle", str(site["bundle"]), "--username", USER, creds=None)
+    args = ("dataset", "--bundle", str(site["bundle"]), "--username", USER)
+    p = push(tmp_path, site, fake.url, *args, creds=None, env_extra={"XDG_CONFIG_HOME": ""})
     assert p.returncode == 2 and fake.calls == []
     assert p.stderr.strip().count("\n") == 0 and "no Kaggle credentials" in p.stderr
+    home = tmp_path / "home"  # every place the client would read, in its order (docs/KAGGLE.md)
+    assert f"{home}/.kaggle/kaggle.json (no {home}/.kaggle folder); then {home}/.config/kaggle/kaggle.json" in p.stderr
 
 
 def test_rejected_key_is_a_credentials_error(tmp_path, site, fake):

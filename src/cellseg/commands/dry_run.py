@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling / fold seed (default 0)")
     p.add_argument(
+        "--folds-csv", type=Path, default=None, metavar="CSV", help="take --fold from this `cellseg folds` CSV"
+    )
+    p.add_argument(
         "--report",
         type=Path,
         default=Path("dry-run"),
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         time_budget=args.time_budget,
         progress=not args.no_progress,
+        folds_csv=args.folds_csv,
     )
     print(res.table)
     s = res.summary

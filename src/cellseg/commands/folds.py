@@ -10,8 +10,19 @@ from cellseg.data.truth import read_train_csv
 from cellseg.io import atomic_write_text, check_writable
 from cellseg.paths import CompetitionPaths
 
+DESCRIPTION = """\
+Assign every train image to one of K folds, grouped by sample_id (images of one sample never straddle
+folds) and stratified by cell type, and write them as a CSV (id, sample_id, cell_type, fold). The
+commands that hold a fold out read it, so training, caching and the dry run agree on one hold-out:
+  cellseg train ... --fold 0 data.folds_csv=CSV
+  cellseg predict-raw ... --fold 0 --folds-csv CSV
+  cellseg dry-run ... --fold 0 --folds-csv CSV
+Without the CSV they make the same folds from data.folds / data.fold_seed (train) or -k / --seed."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--data", required=True, type=Path, help="competition-layout folder holding train.csv")
     p.add_argument("-k", "--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
@@ -26,4 +37,7 @@ def run(args: argparse.Namespace) -> int:
     table = folds.groupby(["fold", "cell_type"]).size().unstack(fill_value=0)
     print(table.to_string())
     print(f"wrote {out} ({len(folds)} images, {folds['sample_id'].nunique()} samples, {args.folds} folds)")
+    print(
+        f"hold a fold out with: cellseg train ... --fold K data.folds_csv={out}  (predict-raw / dry-run: --folds-csv)"
+    )
     return 0

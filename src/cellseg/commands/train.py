@@ -11,12 +11,40 @@ examples:
   cellseg train --config configs/demo.yaml --data /tmp/synth --fold 0
   cellseg train --config configs/maskrcnn_r50_fpn.yaml --data DATA --init coco_maskrcnn_r50.pth train.lr=0.01
   cellseg train --config configs/demo.yaml --data DATA --out runs/demo --resume      # after a kill
-  cellseg train --config configs/demo.yaml --data DATA --pseudo runs/pseudo.csv --pseudo-ratio 0.5
+  cellseg train --config configs/demo.yaml --data DATA --init runs/demo/fold0/best.pth \
+      --pseudo runs/pseudo.csv --pseudo-ratio 0.5 --out runs/demo_pseudo/fold0   # a new run from the first one
   torchrun --nproc_per_node 4 -m cellseg train --config configs/maskrcnn_r50_fpn_v2.yaml --data DATA
 
 The run folder gets last.pth (every epoch, resumable), best.pth (best hold-out score),
-metrics.csv, curves.png and config.yaml. See docs/TRAINING.md.
+metrics.csv, curves.png and config.yaml. A folder that already holds a run is never overwritten:
+pass --resume to continue it or --force to replace it. See docs/TRAINING.md.
 """
+
+#: what a run folder holds; any of them present means the folder holds a run
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "config.yaml")
+
+
+def check_run_folder(out: Path, resume: bool, force: bool, main_rank: bool) -> None:
+    """Refuse to train into a folder that already holds a run, unless ``resume`` (continue it) or
+    ``force`` (then the main rank deletes the run's files first, so nothing of the old run mixes
+    with the new one).
+
+    Raises:
+        CellsegError: one line naming the folder and the files found.
+    """
+    from cellseg.errors import CellsegError
+
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if not found or resume:
+        return
+    if not force:
+        raise CellsegError(
+            f"{out} already holds a training run ({', '.join(found)}): pass --resume to continue it, "
+            "--force to replace it, or choose another --out"
+        )
+    if main_rank:
+        for name in found:
+            (out / name).unlink()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="starting weights: torchvision COCO Mask R-CNN state dict, ImageNet ResNet state dict, or a cellseg checkpoint",
     )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>/fold<K>)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth when it exists")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pth")
+    again.add_argument(
+        "--force", action="store_true", help="delete the run already in OUT (checkpoints, metrics) and start afresh"
+    )
     parser.add_argument(
         "--pseudo",
         type=Path,
@@ -81,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
         if args.pseudo_ratio <= 0:
             raise CellsegError(f"--pseudo-ratio must be > 0, got {args.pseudo_ratio}")
         cfg.data.extra_ratio = args.pseudo_ratio
+    if args.init and not args.resume and not args.init.is_file():
+        raise CellsegError(f"--init {args.init}: checkpoint not found")
     name = args.config.stem
     out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
+    check_run_folder(out, args.resume, args.force, main_rank=os.environ.get("RANK", "0") == "0")
     check_writable(out, "dir")  # fail now, not after the first epoch
     result = train(
         cfg,

@@ -7,9 +7,19 @@ from pathlib import Path
 
 from cellseg.data.truth import read_train_csv
 from cellseg.tune import TuneGrid
+from cellseg.tune_report import MIN_GAIN
+
+DESCRIPTION = """\
+Choose per-class post-processing thresholds (score, mask binarisation, NMS IoU, minimum pixels) on
+the predictions cached by `cellseg predict-raw`, and write them into the manifest only where they
+are shown to generalise: a class changes when the OUT-OF-FOLD score of its tuned thresholds (chosen
+without the image's sample-group fold) beats the current thresholds by at least --min-gain. The
+in-sample tuned score is reported but never decides. Images are grouped by their true cell type.
+The previous manifest is kept as manifest.vN.yaml."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     p.add_argument("--cache", required=True, type=Path, help="folder written by `cellseg predict-raw`")
     p.add_argument("--truth", required=True, type=Path, help="train.csv with the cached images' ground truth")
     p.add_argument(
@@ -21,6 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--plots", type=Path, help="folder for one score-vs-threshold plot per class (default: beside the cache)"
     )
     p.add_argument("--no-write", action="store_true", help="report only; leave the manifest as it is")
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        default=MIN_GAIN,
+        metavar="G",
+        help=f"a class changes only when its out-of-fold score beats the current one by >= G (default {MIN_GAIN})",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write every class's tuned thresholds, whatever the out-of-fold check says"
+    )
     p.add_argument("--fill-holes", action="store_true", help="fill holes of the ground-truth masks first")
     d = TuneGrid()
     for name, kind in (("nms_iou", float), ("mask_threshold", float), ("min_pixels", int), ("score", float)):
@@ -50,7 +70,8 @@ def _values(kind):
 def run(args: argparse.Namespace) -> int:
     from cellseg.io import check_writable
     from cellseg.model.manifest import load_manifest
-    from cellseg.tune import plot_curves, report_table, tune, write_tuned_manifest
+    from cellseg.tune import plot_curves, tune
+    from cellseg.tune_report import decide, report, write_tuned_manifest
 
     check_writable(args.plots or args.cache / "plots", "dir")
     if not args.no_write:
@@ -61,11 +82,17 @@ def run(args: argparse.Namespace) -> int:
         **{k: getattr(args, k) for k in ("nms_iou", "mask_threshold", "min_pixels", "score") if getattr(args, k)}
     )
     res = tune(args.cache, truth, manifest, grid=grid, folds=args.folds, jobs=args.jobs)
-    print(report_table(res))
-    print(f"({res.images} images in {res.seconds:.1f}s; out-of-fold = thresholds chosen without the image's fold)")
+    decision = decide(res, min_gain=args.min_gain, force=args.force)
+    print(report(res, decision))
+    print(f"({res.images} image(s) in {res.seconds:.1f}s)")
     for p in plot_curves(res, args.plots or args.cache / "plots"):
         print(f"plot: {p}")
-    if not args.no_write:
-        new, old = write_tuned_manifest(args.weights, manifest, res)
-        print(f"wrote tuned thresholds to {new} (previous version kept as {old})")
+    if args.no_write:
+        print("--no-write: the manifest is left as it is")
+    elif decision.write:
+        new, old = write_tuned_manifest(args.weights, manifest, decision.classes)
+        what = ", ".join(decision.changed) or "unchanged"
+        print(f"wrote {what} thresholds to {new} (previous version kept as {old})")
+    else:
+        print(f"no class passed the out-of-fold check: {args.weights} is left as it is (--force writes anyway)")
     return 0

@@ -48,6 +48,27 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def load_folds(train_set, k: int = 5, seed: int = 0, csv: str | Path | None = None) -> pd.DataFrame:
+    """The folds of ``train_set``: read from ``csv`` (a file of :func:`make_folds` / ``cellseg folds``)
+    when given, else made with ``k`` and ``seed``. Same columns as :func:`make_folds`.
+
+    Raises:
+        CellsegError: the CSV's ids are not exactly the train images (it was made for other data).
+    """
+    if not csv:
+        return make_folds(train_set, k=k, seed=seed)
+    df = read_folds(csv)
+    ids, listed = set(train_set.images), set(df["id"])
+    if ids != listed:
+        missing, unknown = sorted(ids - listed), sorted(listed - ids)
+        raise CellsegError(
+            f"{csv}: made for other data ({len(missing)} train image(s) in no fold, e.g. "
+            f"{(missing or ['-'])[0]}; {len(unknown)} id(s) not in train.csv, e.g. {(unknown or ['-'])[0]}); "
+            "run `cellseg folds` on this data"
+        )
+    return df
+
+
 def split(folds: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
     """(train ids, hold-out ids) for ``fold``."""
     k = int(folds["fold"].max()) + 1
@@ -57,16 +78,24 @@ def split(folds: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
     return folds.loc[~hold, "id"].tolist(), folds.loc[hold, "id"].tolist()
 
 
-def select_ids(train_set, fold: int | None = None, k: int = 5, seed: int = 0, images: int | None = None) -> list[str]:
-    """Train image ids for a hold-out run: fold ``fold``'s hold-out, or a seeded random sample of
-    ``images`` ids (stratified order kept), or every image when neither is given."""
+def select_ids(
+    train_set,
+    fold: int | None = None,
+    k: int = 5,
+    seed: int = 0,
+    images: int | None = None,
+    folds_csv: str | Path | None = None,
+) -> list[str]:
+    """Train image ids for a hold-out run: fold ``fold``'s hold-out (folds from ``folds_csv`` when
+    given, else made with ``k`` and ``seed``), or a seeded random sample of ``images`` ids
+    (stratified order kept), or every image when neither is given."""
     import numpy as np
 
     ids = list(train_set.images)
     if fold is not None and images is not None:
         raise CellsegError("give either a fold or a number of images, not both")
     if fold is not None:
-        return split(make_folds(train_set, k=k, seed=seed), fold)[1]
+        return split(load_folds(train_set, k=k, seed=seed, csv=folds_csv), fold)[1]
     if images is not None:
         if images < 1:
             raise CellsegError(f"--images must be >= 1, got {images}")

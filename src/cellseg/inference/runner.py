@@ -193,6 +193,7 @@ def predict_folder(
     image_ids: Sequence[str] | None = None,
     validate: bool = True,
     pipeline: bool | None = None,
+    kind: str = "test",
 ) -> RunResult:
     """Predict every test image of ``data_dir`` with the manifest's ensemble into ``out``.
 
@@ -202,7 +203,8 @@ def predict_folder(
     Raises CellsegError (one line) before any model loads for an unwritable ``out``, a missing test
     folder, an unusable manifest or a checksum mismatch, and after writing for an invalid submission.
     Unreadable images get empty rows: even when every image fails, a valid submission is written
-    (``result.failed`` then lists every id; callers decide how loudly to say so).
+    (``result.failed`` then lists every id; callers decide how loudly to say so). ``kind`` names the
+    images in log lines (the dry run stages train images as ``test/``).
     """
     start = time.monotonic()
     log = log or _default_log
@@ -223,7 +225,7 @@ def predict_folder(
     loaded_all = load_ensemble(manifest, dev)
     load_s = time.monotonic() - start
     log(
-        f"loaded {len(loaded_all)} model(s) on {dev} in {load_s:.1f}s; views {manifest.tta}; {len(ids)} test image(s); "
+        f"loaded {len(loaded_all)} model(s) on {dev} in {load_s:.1f}s; views {manifest.tta}; {len(ids)} {kind} image(s); "
         f"ensemble: {summarize(manifest)}"
     )
 

@@ -60,6 +60,31 @@ def kaggle_json_path() -> Path:
     return kaggle_config_dir() / "kaggle.json"
 
 
+def credential_search() -> list[str]:
+    """Where the kaggle client (2.2.5) looks for credentials, in its order, each with what is there:
+    ``KAGGLE_API_TOKEN``, ``~/.kaggle/access_token``, ``KAGGLE_USERNAME`` + ``KAGGLE_KEY``, then the
+    one kaggle.json of :func:`kaggle_config_dir` (``$KAGGLE_CONFIG_DIR``, else ``~/.kaggle``, else
+    ``$XDG_CONFIG_HOME/kaggle`` = ``~/.config/kaggle`` when ``~/.kaggle`` does not exist). One short
+    phrase per place; never a key."""
+
+    def state(path: Path) -> str:
+        return f"{path} ({'present' if path.is_file() else 'missing'})"
+
+    home = Path(os.path.expanduser("~")) / ".kaggle"
+    env = [v for v in ("KAGGLE_USERNAME", "KAGGLE_KEY") if os.environ.get(v)]
+    out = [
+        f"KAGGLE_API_TOKEN ({'set' if os.environ.get('KAGGLE_API_TOKEN') else 'unset'})",
+        state(home / "access_token"),
+        f"KAGGLE_USERNAME + KAGGLE_KEY ({' and '.join(env) + ' set' if env else 'unset'})",
+    ]
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return out + [f"$KAGGLE_CONFIG_DIR/kaggle.json = {state(kaggle_config_dir() / 'kaggle.json')}"]
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")) / "kaggle"
+    if home.exists():
+        return out + [state(home / "kaggle.json"), f"not {xdg / 'kaggle.json'} (read only when {home} does not exist)"]
+    return out + [f"{home / 'kaggle.json'} (no {home} folder)", f"then {state(xdg / 'kaggle.json')}"]
+
+
 def _kaggle_json() -> dict[str, Any]:
     """kaggle.json as a dict; {} when there is none. CellsegError when it exists but is not a JSON
     object (telling the user to put it there would be wrong: it is there)."""

@@ -169,6 +169,9 @@ class DataConfig:
     coco_json: list[str] = field(default_factory=list)
     folds: int = 5
     fold_seed: int = 0
+    #: a folds CSV written by `cellseg folds` (id, sample_id, cell_type, fold); when set it defines the
+    #: folds and ``folds`` / ``fold_seed`` are unused. Empty: folds made from ``folds`` and ``fold_seed``.
+    folds_csv: str = ""
     #: extra items per epoch as a fraction of the train images (None = every extra image once per epoch).
     extra_ratio: float | None = None
     #: folder of the COCO json images when not beside the json; class of COCO images without a cell-type name.

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cellseg.errors import CellsegError
 from cellseg.metric import ScoreReport
 from cellseg.model.experiment import TrainConfig
+from cellseg.progress import progress as progress_bar
 
 
 @dataclass
@@ -65,11 +65,11 @@ def train_one_epoch(
         tc: the ``train`` section (grad_clip, log_every, max_steps).
         epoch: 0-based epoch index (progress bar and log lines only).
         step: global optimiser steps done before this epoch.
-        total_steps: steps of the whole run (log lines only).
-        steps_per_epoch: batches per epoch (progress bar total).
+        total_steps: steps of the whole run, ``train.max_steps`` applied (log lines, progress total).
+        steps_per_epoch: batches per epoch.
         use_amp: autocast + loss scaling (CUDA only).
         log: writes one line (rank 0 only; a no-op elsewhere).
-        progress: show a tqdm bar.
+        progress: show progress (a tqdm bar on a terminal, else a plain line every 30 s).
 
     Returns:
         :class:`EpochStats`. A non-finite loss raises :class:`CellsegError` naming each loss term.
@@ -78,13 +78,13 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     n_steps, wait, t_epoch = 0, 0.0, time.perf_counter()
     stopped = False
-    bar = tqdm(
-        total=steps_per_epoch,
+    # the bar counts the steps this epoch will really take: train.max_steps may stop it early
+    bar = progress_bar(
+        total=max(min(steps_per_epoch, total_steps - step), 0),
         desc=f"epoch {epoch + 1}/{tc.epochs}",
         unit="step",
+        enabled=progress,
         leave=False,
-        disable=None if progress else True,
-        dynamic_ncols=True,
     )
     t_wait = time.perf_counter()
     for images, targets in loader:

@@ -26,6 +26,7 @@ torch DDP (launched by ``torchrun``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from cellseg import CELL_TYPES  # noqa: E402
 from cellseg.config import dump_yaml, parse_duration, to_dict  # noqa: E402
 from cellseg.data import livecell  # noqa: E402
 from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
-from cellseg.data.folds import make_folds, split  # noqa: E402
+from cellseg.data.folds import load_folds, split  # noqa: E402
 from cellseg.data.truth import read_train_csv  # noqa: E402
 from cellseg.errors import CellsegError  # noqa: E402
 from cellseg.io import atomic_path  # noqa: E402
@@ -72,12 +73,12 @@ from cellseg.training.rng import seed_everything, set_rng_state  # noqa: E402
 
 def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
     """(TrainSet without hole filling = validation truth, train ids, hold-out ids)."""
-    if fold is not None and not 0 <= fold < cfg.data.folds:
+    if fold is not None and not cfg.data.folds_csv and not 0 <= fold < cfg.data.folds:
         raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
     truth = read_train_csv(CompetitionPaths(data_dir).require("train_csv").train_csv, fill_holes=False)
     if fold is None:
         return truth, list(truth.images), []
-    folds = make_folds(truth, k=cfg.data.folds, seed=cfg.data.fold_seed)
+    folds = load_folds(truth, k=cfg.data.folds, seed=cfg.data.fold_seed, csv=cfg.data.folds_csv)
     train_ids, hold_ids = split(folds, fold)
     return truth, train_ids, hold_ids
 
@@ -149,7 +150,9 @@ def write_metrics(out: Path, history: list[dict]) -> None:
         sub = df[["epoch", col]].dropna()
         if len(sub):
             ax2.plot(sub["epoch"], sub[col], marker="o", label=col.removeprefix("val_"))
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("competition score (hold-out)"), ax2.legend(fontsize=7)
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("competition score (hold-out)")
+    if ax2.lines:  # no hold-out (--fold all): nothing to label
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -230,11 +233,14 @@ def train(
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if tc.num_workers > cores:  # more loader processes than cores only slow loading down (and torch warns)
+        log(f"train.num_workers={tc.num_workers} but {cores} core(s) here: using {cores} loader worker(s)")
     loader = DataLoader(
         dataset,
         batch_size=tc.batch_size,
         sampler=sampler,
-        num_workers=tc.num_workers,
+        num_workers=min(tc.num_workers, cores),
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         drop_last=False,
