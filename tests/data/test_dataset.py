@@ -234,8 +234,9 @@ def test_coco_json_polygons_and_rle(comp, tmp_path):
         coco_json=[str(path)],
         coco_images_dir=str(tmp_path / "images"),
         coco_cell_type="cort",
+        use_train=False,
     )
-    train, val = build_datasets(cfg, comp["root"], use_train=False)
+    train, val = build_datasets(cfg, comp["root"])
     assert val is None and len(train) == 2
     _, t = check_item(train[0], (H, W))
     m = t["masks"].numpy().astype(bool)

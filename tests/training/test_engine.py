@@ -54,7 +54,7 @@ def test_validation_score_equals_dry_run_of_the_checkpoint(synth_dir, tmp_path):
     assert val_score == res.best_score and val_score > 0.1  # the demo model finds cells: a real comparison
 
     # the same thresholds as a weights manifest around the checkpoint, and dry-run on the same fold
-    manifest = dataclasses.replace(validation_manifest(cfg.train), models=[ModelEntry("best.pth")])
+    manifest = dataclasses.replace(validation_manifest(cfg), models=[ModelEntry("best.pth")])
     path = write_manifest(manifest, tmp_path / "run" / "validation.yaml")
     report = tmp_path / "dry"
     args = ["dry-run", "--data", str(synth_dir), "--weights", str(path), "--fold", "0", "-k", "4", "--seed", "0"]
@@ -70,10 +70,13 @@ def test_validation_score_equals_dry_run_of_the_checkpoint(synth_dir, tmp_path):
 def test_validation_manifest_is_val_thresholds_for_every_type():
     cfg = ExperimentConfig()
     th = dataclasses.replace(cfg.train.val_thresholds, score=0.3, min_pixels=12)
-    m = validation_manifest(dataclasses.replace(cfg.train, val_thresholds=th))
+    cfg.train = dataclasses.replace(cfg.train, val_thresholds=th)
+    cfg.model = dataclasses.replace(cfg.model, box_detections_per_img=2000)
+    m = validation_manifest(cfg)
     assert m.tta == ["identity"] and m.models == []
     assert {ct: m.thresholds(ct) for ct in ("shsy5y", "astro", "cort")} == {
         ct: th for ct in ("shsy5y", "astro", "cort")
     }
+    assert m.fusion.detections_per_view == 2000  # the model's own cap (dense LIVECell images)
     m.classes["astro"].score = 0.9  # each type gets its own copy
     assert m.thresholds("cort").score == 0.3 and th.score == 0.3

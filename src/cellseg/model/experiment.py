@@ -143,8 +143,8 @@ class TrainConfig:
     val_every: int = 1
     #: thresholds of the validation predictions, the same for every cell type (the manifest's
     #: per-class fields; defaults = the manifest's defaults). Validation runs the inference pipeline
-    #: (:func:`cellseg.training.engine.validation_manifest`): identity view, default fusion and
-    #: post-processing, so a checkpoint's validation score is what ``cellseg dry-run`` gives with
+    #: with :func:`cellseg.training.engine.validation_manifest` (identity view, default fusion and
+    #: post-processing), so a checkpoint's validation score is what ``cellseg dry-run`` gives with
     #: that manifest.
     val_thresholds: ClassThresholds = field(default_factory=ClassThresholds)
     #: use at most this many hold-out images for validation (0 = all).

@@ -142,20 +142,21 @@ def train_one_epoch(
     )
 
 
-def validation_manifest(tc: TrainConfig) -> Manifest:
+def validation_manifest(cfg: ExperimentConfig) -> Manifest:
     """The thresholds validation predicts with, as a manifest without models.
 
-    ``train.val_thresholds`` for every cell type, the identity view only, and the manifest defaults
-    for fusion (:class:`~cellseg.model.manifest.FusionConfig`) and post-processing
+    ``train.val_thresholds`` for every cell type, the identity view, the manifest defaults for
+    fusion (:class:`~cellseg.model.manifest.FusionConfig`) except ``detections_per_view`` = the model's
+    own ``box_detections_per_img`` (LIVECell models keep up to 2000), and the default post-processing
     (:class:`~cellseg.model.manifest.PostprocessConfig`). Add the checkpoint as its one model and
     ``cellseg dry-run`` scores that checkpoint exactly as validation did.
     """
-    th = tc.val_thresholds
+    th = cfg.train.val_thresholds
     return Manifest(
         name="validation",
         models=[],
         tta=["identity"],
-        fusion=FusionConfig(),
+        fusion=FusionConfig(detections_per_view=cfg.model.box_detections_per_img),
         classes={ct: dataclasses.replace(th) for ct in CELL_TYPES},
         postprocess=PostprocessConfig(),
     )
@@ -205,7 +206,7 @@ def score_with_pipeline(
     (:func:`cellseg.inference.pipeline.in_memory_ensemble`; ``class_agnostic`` for models whose classes
     are not the competition's). ``per_class`` of the report groups by ``truth[id].cell_type``.
     """
-    manifest = validation_manifest(cfg.train)
+    manifest = validation_manifest(cfg)
     loaded = in_memory_ensemble(model, cfg.model, manifest, device, class_agnostic=class_agnostic)
     preds = {}
     bar = progress_bar(total=len(truth), desc="validate", unit="img", enabled=progress, leave=False)
