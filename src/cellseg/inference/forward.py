@@ -326,17 +326,11 @@ def as_loaded(
     fp16: bool | None = None,
     fold_bn: bool = True,
 ) -> LoadedModel:
-    """Ready ``model`` for the pipeline (:func:`prepare_model`, in place) and describe it as a LoadedModel.
+    """:func:`prepare_model` (in place; ``fp16``, ``fold_bn`` as there) and the LoadedModel the pipeline runs.
 
-    Args:
-        model: a torchvision MaskRCNN built from ``model_config``.
-        class_names: the model's label names (label i = ``class_names[i-1]``); None = the competition's.
-        fusion: the manifest's fusion section (the model's own score / NMS / detection-count limits).
-        weight: ensemble weight.
-        paste_shift: mask paste shift in pixels; None = 0 for models with aligned ROIAlign
-            (``model_config.roi_aligned``: Detectron2 conversions), else ``fusion.paste_shift``.
-        name: shown in logs (the checkpoint path).
-        fp16, fold_bn: as in :func:`prepare_model`.
+    ``class_names``: label i is ``class_names[i-1]`` (None = the competition's). ``paste_shift`` None =
+    0 for aligned-ROIAlign models (``model_config.roi_aligned``: Detectron2 conversions), else
+    ``fusion.paste_shift``. ``name`` is shown in logs.
     """
     prepare_model(model, fusion, device, fp16, fold_bn)
     num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
@@ -351,8 +345,8 @@ def load_ensemble(
     """Load and prepare every model of the manifest (checksums are checked by load_manifest); ``fp16``
     and ``fold_bn`` as in :func:`prepare_model`."""
     out = []
-    for entry in manifest.models:
-        path = manifest.checkpoint_path(entry)
+    for e in manifest.models:
+        path = manifest.checkpoint_path(e)
         model, info = load_model(path, device)
         out.append(
             as_loaded(
@@ -361,8 +355,8 @@ def load_ensemble(
                 info.class_names,
                 manifest.fusion,
                 device,
-                entry.weight,
-                entry.paste_shift,
+                e.weight,
+                e.paste_shift,
                 str(path),
                 fp16,
                 fold_bn,
