@@ -89,8 +89,8 @@ def main() -> None:
 
     from cellseg.data import rle
     from cellseg.data.dataset import build_datasets
-    from cellseg.data.transforms import AugmentConfig
     from cellseg.io import read_gray
+    from cellseg.model.experiment import AugmentConfig, ExperimentConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "data", args.cells)
@@ -103,7 +103,7 @@ def main() -> None:
             m = torch.from_numpy(masks.astype(np.uint8))
             return torch.from_numpy(image).float().div(255).expand(3, -1, -1), m, tv_masks_to_boxes(m)
 
-        plain, _ = build_datasets(root, AugmentConfig(enabled=False), fold=None)
+        plain, _ = build_datasets(ExperimentConfig(augment=AugmentConfig(enabled=False)), root)
         geo = AugmentConfig(
             hflip=0.5,
             vflip=0.5,
@@ -113,9 +113,11 @@ def main() -> None:
             brightness=(1, 1),
             contrast=(1, 1),
         )
-        aug, _ = build_datasets(root, geo, fold=None)
-        default, _ = build_datasets(root, AugmentConfig(), fold=None)
-        paste, _ = build_datasets(root, AugmentConfig(copy_paste_p=1.0, copy_paste_max_cells=20), fold=None)
+        aug, _ = build_datasets(ExperimentConfig(augment=geo), root)
+        default, _ = build_datasets(ExperimentConfig(augment=AugmentConfig()), root)
+        paste, _ = build_datasets(
+            ExperimentConfig(augment=AugmentConfig(copy_paste_p=1.0, copy_paste_max_cells=20)), root
+        )
         n = len(plain[0][1]["labels"])
 
         stock = v2.Compose(

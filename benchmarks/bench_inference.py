@@ -31,6 +31,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image, project
 
 from cellseg import CLASS_IDS
 from cellseg.data.masks import stack
+from cellseg.data.rle import encode_crop
 from cellseg.data.synth import generate
 from cellseg.data.truth import read_train_csv
 from cellseg.inference.forward import (
@@ -43,7 +44,7 @@ from cellseg.inference.forward import (
     relabel,
 )
 from cellseg.inference.fusion import fuse, mask_iou_sparse
-from cellseg.inference.postprocess import encode_all, postprocess, vote_cell_type
+from cellseg.inference.postprocess import postprocess, vote_cell_type
 from cellseg.io import read_gray
 from cellseg.model.build import build_model
 from cellseg.model.experiment import ModelConfig
@@ -89,7 +90,7 @@ def synthetic_views(ann, n_views: int, n_models: int, dets: int, seed: int = 0) 
 
 
 def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) -> tuple[int, dict]:
-    """Everything but the forward passes, as :func:`cellseg.inference.pipeline.predict_image` does it."""
+    """Everything but the forward passes, stage by stage as :func:`cellseg.inference.pipeline.finish_image` runs them."""
     t = {}
     t0 = time.perf_counter()
     image = read_gray(png)
@@ -104,23 +105,13 @@ def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) 
     dets = raw_to_detections(raw, loaded, H, W, min_score=th.score)
     t["paste crops"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fused = fuse(
-        dets,
-        H,
-        W,
-        th.nms_iou,
-        fu.iou_type,
-        th.mask_threshold,
-        fu.average_masks,
-        fu.score_mode,
-        total_weight=float(len(raw)),
-    )
+    fused = fuse(dets, th, fu, H, W, total_weight=float(len(raw)))
     t["fusion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     crops, _ = postprocess(fused, th, manifest.postprocess, H, W)
     t["post-process"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    encode_all(crops, H, W)
+    [encode_crop(c, H, W) for c in crops]
     t["rle"] = time.perf_counter() - t0
     t["_dets"] = len(dets)
     return len(crops), t

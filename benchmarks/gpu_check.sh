@@ -87,7 +87,7 @@ if [ "$MODE" = smoke ]; then
   SYNTH=(--train-images 6 --test-images 2 --semi-images 0 --workers 1)
   TRAIN_TINY=(model.returned_layers=[1,2] "model.anchor_sizes=[[8],[16],[32]]" model.fpn_channels=16
     model.box_head_dim=32 model.mask_head_convs=1 model.input_scale=0.5 train.num_workers=0 train.threads=1
-    data.folds=3 train.max_steps=1 train.val_max_images=1 train.val_score_thresh=0.0 augment.crop_size=[128,128])
+    data.folds=3 train.max_steps=1 train.val_max_images=1 train.val_thresholds.score=0.0 augment.crop_size=[128,128])
   N_IMAGES=2
   MEMORY=(--tiny)
 else

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from cellseg.cli import main
+from cellseg.data.folds import select_ids
 from cellseg.data.synth import generate
-from cellseg.dry_run import contour, overlay, select_images
+from cellseg.dry_run import contour, overlay
 from inference_helpers import make_manifest
 
 
@@ -65,9 +66,21 @@ def test_dry_run_fold_selection(synth, manifest):
     from cellseg.data.truth import read_train_csv
 
     train = read_train_csv(synth / "train.csv")
-    folds = [set(select_images(train, k, None)) for k in range(5)]
+    folds = [set(select_ids(train, fold=k)) for k in range(5)]
     assert set().union(*folds) == set(train.images) and sum(map(len, folds)) == len(train.images)
-    assert select_images(train, None, 4) == select_images(train, None, 4) and len(select_images(train, None, 4)) == 4
+    assert select_ids(train, images=4) == select_ids(train, images=4) and len(select_ids(train, images=4)) == 4
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_predict_raw_and_dry_run_pick_the_same_images(synth, manifest, tmp_path, seed):
+    """Tuning (predict-raw) and the dry run look at the same train images for the same --images/--seed
+    (they used two sampling functions that disagreed for every seed)."""
+    common = ["--data", str(synth), "--weights", str(manifest), "--images", "6", "--seed", str(seed)]
+    assert main(["predict-raw", *common, "--out", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    assert main(["dry-run", *common, "--report", str(tmp_path / "rep"), "--device", "cpu", "--no-progress"]) == 0
+    cached = json.loads((tmp_path / "cache" / "index.json").read_text())["ids"]
+    scored = pd.read_csv(tmp_path / "rep" / "per_image.csv", dtype={"id": str})["id"]
+    assert len(cached) == 6 and sorted(cached) == sorted(scored)
 
 
 def test_overlay_draws_both_contours():

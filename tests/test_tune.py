@@ -103,17 +103,7 @@ def test_grid_equals_running_the_pipeline(seed):
     m = manifest_with(ClassThresholds())
     for idx in np.ndindex(*grid.shape):
         th = grid.values(idx)
-        fused = fuse(
-            img.dets,
-            H,
-            W,
-            th.nms_iou,
-            m.fusion.iou_type,
-            th.mask_threshold,
-            m.fusion.average_masks,
-            m.fusion.score_mode,
-            total_weight=img.total_weight,
-        )
+        fused = fuse(img.dets, th, m.fusion, H, W, total_weight=img.total_weight)
         crops, _ = postprocess(fused, th, m.postprocess, H, W)
         pred, _ = label_image(crops, H, W)
         expected = image_score(gt, pred, len(ann.instances), len(crops))

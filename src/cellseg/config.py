@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -148,14 +149,23 @@ def read_yaml(path: str | Path, what: str = "a YAML config file") -> dict:
     return data
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None, what: str | None = None) -> T:
+def load_yaml(
+    cls: type[T],
+    path: str | Path,
+    overrides: list[str] | None = None,
+    what: str | None = None,
+    upgrade: Callable[[dict], dict] | None = None,
+) -> T:
     """Load ``path`` into dataclass ``cls`` after applying ``overrides``.
 
     An error caused by the file names the file; one caused by an override names the command line
     and the override (``command-line override 'train.lr=x': train.lr: expected float, got str``).
-    ``what`` says what the file should be, for messages (default: a YAML config file).
+    ``what`` says what the file should be, for messages (default: a YAML config file). ``upgrade``
+    rewrites the file's mapping first (renamed keys of older files).
     """
     data = read_yaml(path, what or "a YAML config file")
+    if upgrade is not None:
+        data = upgrade(data)
     merged = apply_overrides(copy.deepcopy(data), overrides or [])  # its own errors name the override
     try:
         return from_dict(cls, merged)

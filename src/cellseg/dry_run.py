@@ -27,10 +27,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cellseg.data.folds import select_ids
+from cellseg.data.masks import label_image
+from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
+from cellseg.inference.runner import predict_folder
+from cellseg.io import read_gray
+from cellseg.metric import score_images
 from cellseg.model.manifest import load_manifest
 from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
+from cellseg.submission import decode_submission
 
 #: hidden test size the runtime is projected to
 HIDDEN_TEST_IMAGES = 240
@@ -45,29 +52,6 @@ class DryRunResult:
     projected_s: float
     report_dir: Path
     summary: dict
-
-
-def select_images(
-    train_set, fold: int | None, images: int | None, seed: int = 0, k: int = 5, folds_csv: str | Path | None = None
-) -> list[str]:
-    """Ids of a fold's hold-out (``fold``; folds from ``folds_csv`` when given, else made with ``k``
-    and ``seed``) or ``images`` sampled with ``seed`` (all when both None)."""
-    ids = list(train_set.images)
-    if fold is not None:
-        from cellseg.data.folds import load_folds
-
-        df = load_folds(train_set, k=k, seed=seed, csv=folds_csv)
-        k = int(df["fold"].max()) + 1
-        if not 0 <= fold < k:
-            raise CellsegError(f"--fold must be in 0..{k - 1}, got {fold}")
-        return df.loc[df["fold"] == fold, "id"].tolist()
-    if images is not None:
-        if images < 1:
-            raise CellsegError(f"--images must be >= 1, got {images}")
-        rng = np.random.default_rng(seed)
-        pick = rng.choice(len(ids), size=min(images, len(ids)), replace=False)
-        return [ids[i] for i in sorted(pick)]
-    return ids
 
 
 def stage_test_folder(paths: CompetitionPaths, ids: Sequence[str], out: Path) -> Path:
@@ -105,6 +89,7 @@ def overlay(image: np.ndarray, truth_labels: np.ndarray, pred_labels: np.ndarray
 
 
 def _plot_by_class(per_class: dict[str, float], counts: dict[str, int], path: Path) -> None:
+    # matplotlib only for this chart: importing it (~0.5 s) is left to the reports that draw
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +122,7 @@ def dry_run(
     fold: int | None = None,
     images: int | None = None,
     seed: int = 0,
+    folds: int = 5,
     device: str = "auto",
     time_budget: str | float | None = None,
     overlays: int = 12,
@@ -144,17 +130,15 @@ def dry_run(
     log=None,
     folds_csv: str | Path | None = None,
 ) -> DryRunResult:
-    """Run the kernel path on train images and write the report folder (see the module docstring)."""
-    from cellseg.data.masks import label_image
-    from cellseg.data.truth import read_train_csv
-    from cellseg.inference.runner import predict_folder
-    from cellseg.io import read_gray
-    from cellseg.metric import score_images
-    from cellseg.submission import decode_submission
+    """Run the kernel path on train images and write the report folder (see the module docstring).
 
+    The images are :func:`cellseg.data.folds.select_ids`' choice (``fold`` of ``folds_csv``'s folds or of
+    ``folds`` sample-grouped folds made with ``seed``, or ``images`` sampled with ``seed``), the same as
+    ``cellseg predict-raw`` picks.
+    """
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     train = read_train_csv(paths.train_csv)
-    ids = select_images(train, fold, images, seed, folds_csv=folds_csv)
+    ids = select_ids(train, fold, folds, seed, images, folds_csv)
     if not ids:
         raise CellsegError("no train image selected")
     report = Path(report_dir)

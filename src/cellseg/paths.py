@@ -15,6 +15,7 @@ Competition-layout folder (real or synthetic)::
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,27 @@ def repo_root() -> Path | None:
     """The checkout this package runs from (``src/cellseg`` -> repo), or None when installed as a wheel."""
     root = PACKAGE_DIR.parent.parent
     return root if (root / "pyproject.toml").is_file() else None
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The HEAD commit (40 hex digits) of the git checkout at ``cwd`` (default: this package's), with
+    ``-dirty`` appended when tracked files are modified; None outside git or without git.
+
+    Recorded in checkpoints' provenance and in the Kaggle bundle's marker.
+    """
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],  # no tag names: the hash
+            cwd=Path(cwd) if cwd else PACKAGE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def _in_repo(*parts: str) -> Path:

@@ -1,6 +1,7 @@
 """Pseudo-labels for the unlabeled images (``train_semi_supervised/``).
 
-The ensemble runs on each unlabeled image with the cell type read from the file name (the vote when
+The ensemble runs on each unlabeled image through the per-image pipeline
+(:func:`cellseg.inference.pipeline.predict_image`) with the cell type read from the file name (the vote when
 the name does not say), and only confident instances are kept: the manifest's per-class thresholds
 made stricter (score + ``score_margin``, minimum pixels x ``min_pixels_factor``). The result is a
 train.csv-format file (the 9 columns, the unknown ones empty, plus ``source``) that training takes
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename
 from cellseg.errors import CellsegError
+from cellseg.inference.forward import load_ensemble, resolve_device
+from cellseg.inference.pipeline import predict_image
 from cellseg.io import atomic_path, list_pngs, read_gray
 from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest
 
@@ -60,11 +64,6 @@ def pseudo_label(
     files = list(list_pngs(folder).values())
     if not files:
         raise CellsegError(f"{folder}: no unlabeled PNG images found")
-    from tqdm.auto import tqdm
-
-    from cellseg.inference.forward import load_ensemble, resolve_device
-    from cellseg.inference.pipeline import finish_image, forward_image
-
     if images is not None:
         pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:images])
         files = [files[i] for i in pick]
@@ -80,13 +79,12 @@ def pseudo_label(
             unreadable.append(f.name)
             continue
         h, w = image.shape
-        raw, _ = forward_image(image, loaded, manifest.tta, dev)
-        res = finish_image(
-            image.shape,
-            raw,
+        res = predict_image(
+            image,
             loaded,
             manifest.tta,
             manifest,
+            dev,
             cell_type_from_filename(f.name),
             strictness=lambda th: stricter(th, score_margin, min_pixels_factor),
         )

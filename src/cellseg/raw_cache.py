@@ -24,9 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.errors import CellsegError
+from cellseg.inference.forward import load_ensemble, resolve_device
 from cellseg.inference.fusion import Detections, SoftCrop
+from cellseg.inference.pipeline import forward_image, image_detections
 from cellseg.io import atomic_path, atomic_write_text, read_gray
 from cellseg.model.manifest import Manifest, load_manifest
+from cellseg.paths import CompetitionPaths
+from cellseg.progress import progress as progress_bar
 
 CACHE_VERSION = 2  # 2: every file records its ensemble's fingerprint
 
@@ -148,11 +152,6 @@ def predict_raw(
     Raises:
         CellsegError: ``out_dir`` holds a cache of another ensemble or split, or unindexed files.
     """
-    from cellseg.inference.forward import load_ensemble, resolve_device
-    from cellseg.inference.pipeline import forward_image, image_detections
-    from cellseg.paths import CompetitionPaths
-    from cellseg.progress import progress as progress_bar
-
     manifest = load_manifest(manifest_path, verify=True)
     if not manifest.models:
         raise CellsegError(f"{manifest_path}: manifest lists no model")

@@ -21,13 +21,15 @@ and scored on the held-out one (out-of-fold score).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from cellseg import CELL_TYPES
+from cellseg.data.folds import group_folds
 from cellseg.data.masks import fill_holes, label_image
 from cellseg.errors import CellsegError
 from cellseg.inference.fusion import fuse, pairwise_iou
@@ -113,18 +115,8 @@ def image_grid_scores(img: CachedImage, truth, grid: TuneGrid, manifest: Manifes
         # the pairwise IoU depends on the mask threshold, not on the NMS threshold: computed once
         pair_iou = pairwise_iou(img.dets, img.height, img.width, fu.iou_type, mthr) if len(img.dets) else None
         for a, nms in enumerate(grid.nms_iou):
-            fused = fuse(
-                img.dets,
-                img.height,
-                img.width,
-                nms,
-                fu.iou_type,
-                mthr,
-                fu.average_masks,
-                fu.score_mode,
-                total_weight=img.total_weight,
-                iou=pair_iou,
-            )
+            th = ClassThresholds(nms_iou=nms, mask_threshold=mthr)  # fusion reads these two only
+            fused = fuse(img.dets, th, fu, img.height, img.width, total_weight=img.total_weight, iou=pair_iou)
             crops = [binarize(m, mthr) for m in fused.masks]
             if pp.fill_holes:
                 crops = [fill_holes(c) for c in crops]
@@ -185,14 +177,6 @@ class TuneResult:
     vote_right: int = 0
 
 
-def _group_folds(groups: Sequence[str], k: int) -> np.ndarray:
-    """Fold index (0..k-1) per item, grouped (one group never straddles folds), deterministic."""
-    uniq = sorted(set(groups))
-    k = max(1, min(k, len(uniq)))
-    fold_of = {g: i % k for i, g in enumerate(uniq)}
-    return np.array([fold_of[g] for g in groups], dtype=np.int64)
-
-
 def choose(tables: np.ndarray, prefer: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Grid index with the best mean score over images; ``tables`` (n_images, *grid.shape).
 
@@ -218,8 +202,6 @@ def tune(
     Images are grouped by their true cell type. Raises CellsegError when the cache holds predictions
     of another ensemble than ``manifest`` (see :func:`cache_fingerprint`).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     files = sorted(Path(cache_dir).glob("*.npz"))
     files = [f for f in files if f.stem in truth]
@@ -248,8 +230,6 @@ def tune(
     tables: dict[str, list[np.ndarray]] = {ct: [] for ct in per_class}
     bar = tqdm(total=len(jobs_list), desc="tune", unit="img", disable=None if progress else True)
     if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(jobs) as ex:
             futs = [
                 (ct, ex.submit(image_grid_scores, img, truth[img.id], grids[ct], manifest)) for img, ct in jobs_list
@@ -269,7 +249,7 @@ def tune(
         d_idx = g.index_of(default)
         best = choose(tab, prefer=d_idx)
         groups = [truth[img.id].meta.get("sample_id") or img.id for img in per_class[ct]]
-        fold = _group_folds(groups, folds)
+        fold = group_folds(groups, folds)
         oof = np.zeros(len(tab))
         for k in np.unique(fold):
             held = fold == k
@@ -311,6 +291,7 @@ def tune(
 
 def plot_curves(res: TuneResult, out_dir: str | Path) -> list[Path]:
     """One PNG per class: score vs each threshold, the others held at the chosen values."""
+    # matplotlib only for these plots: importing it (~0.5 s) is left to the runs that draw
     import matplotlib
 
     matplotlib.use("Agg")

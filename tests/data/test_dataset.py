@@ -16,15 +16,20 @@ from PIL import Image
 
 from cellseg import CLASS_IDS
 from cellseg.data.dataset import build_datasets, build_train_dataset, collate_fn
-from cellseg.data.transforms import AugmentConfig
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
+from cellseg.model.experiment import AugmentConfig, DataConfig, ExperimentConfig
 from helpers import train_rows, write_train_csv
 
 H, W = 30, 40
 TYPES = ["shsy5y", "shsy5y", "astro", "astro", "cort", "cort"]
 REPO = Path(__file__).resolve().parents[2]
+
+
+def exp(augment: AugmentConfig | None = None, **data) -> ExperimentConfig:
+    """An experiment config with this augmentation and these ``data`` fields (the rest default)."""
+    return ExperimentConfig(data=DataConfig(**data), augment=augment or AugmentConfig())
 
 
 def rect(top, left, h, w, shape=(H, W)):
@@ -88,7 +93,7 @@ def check_item(item, shape=None):
 
 
 def test_fold_split_and_unaugmented_holdout_items_equal_the_annotations(comp):
-    train, val = build_datasets(comp["root"], AugmentConfig(), fold=0, k=2, seed=0)
+    train, val = build_datasets(exp(AugmentConfig(), folds=2, fold_seed=0), comp["root"], fold=0)
     ids_train = {train.record(i).image_id for i in range(len(train))}
     ids_val = {val.record(i).image_id for i in range(len(val))}
     assert ids_train | ids_val == set(comp["truth"]) and not ids_train & ids_val and ids_val
@@ -104,7 +109,7 @@ def test_fold_split_and_unaugmented_holdout_items_equal_the_annotations(comp):
 
 
 def test_fill_holes_can_be_switched_off(comp):
-    train, _ = build_datasets(comp["root"], AugmentConfig(enabled=False), fold=None, fill_holes=False)
+    train, _ = build_datasets(exp(AugmentConfig(enabled=False), fill_holes=False), comp["root"])
     assert len(train) == 6
     i = next(j for j in range(6) if train.record(j).cell_type == "astro")
     _, target = check_item(train[i], (H, W))
@@ -124,7 +129,7 @@ def test_augmented_items_with_copy_paste_stay_consistent(comp):
         gamma=(0.8, 1.2),
         min_area=2,
     )
-    train, _ = build_datasets(comp["root"], cfg, fold=None)
+    train, _ = build_datasets(exp(cfg), comp["root"])
     torch.manual_seed(0)
     grew = 0
     for _ in range(3):
@@ -140,27 +145,27 @@ def test_augmented_items_with_copy_paste_stay_consistent(comp):
 def test_pseudo_label_csv_with_ratio_and_holdout_exclusion(comp, tmp_path):
     semi = rect(4, 4, 6, 6)
     rows = train_rows("shsy5y_semi_0001", "shsy5y", [semi, rect(20, 20, 5, 9)])
-    _, val = build_datasets(comp["root"], None, fold=0, k=2, seed=0)
+    _, val = build_datasets(exp(folds=2), comp["root"], fold=0)
     held = val.record(0)
     rows += train_rows(held.image_id, held.cell_type, [rect(1, 1, 4, 4)])  # a pseudo-label on a hold-out image
     df = pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
     df["source"] = "pseudo"
     csv = tmp_path / "pseudo.csv"
     df.to_csv(csv, index=False)
-    train, val = build_datasets(comp["root"], AugmentConfig(enabled=False), fold=0, k=2, seed=0, extra_csv=[csv])
+    train, val = build_datasets(exp(AugmentConfig(enabled=False), folds=2, extra_csv=[str(csv)]), comp["root"], fold=0)
     n_base = len(train.records)
     assert len(train) == n_base + 1  # the hold-out image's pseudo-label is left out
     _, target = check_item(train[n_base], (H, W))
     assert target["image_id"] == "shsy5y_semi_0001"
     assert np.array_equal(target["masks"][0].numpy().astype(bool), semi)
     assert (target["labels"] == 1).all()
-    train, _ = build_datasets(comp["root"], None, fold=0, k=2, seed=0, extra_csv=[csv], extra_ratio=1.5)
+    train, _ = build_datasets(exp(folds=2, extra_csv=[str(csv)], extra_ratio=1.5), comp["root"], fold=0)
     assert len(train) == n_base + round(1.5 * n_base)
     assert {train.record(i).image_id for i in range(n_base, len(train))} == {"shsy5y_semi_0001"}
     missing = tmp_path / "missing.csv"
     write_train_csv(missing, train_rows("nowhere", "cort", [semi]))
     with pytest.raises(CellsegError, match="nowhere.png not found"):
-        build_datasets(comp["root"], None, fold=None, extra_csv=[missing])
+        build_datasets(exp(extra_csv=[str(missing)]), comp["root"])
 
 
 def test_coco_json_polygons_and_rle(comp, tmp_path):
@@ -224,15 +229,14 @@ def test_coco_json_polygons_and_rle(comp, tmp_path):
     ann_dir.mkdir()
     path = ann_dir / "livecell.json"
     path.write_text(json.dumps(coco))
-    train, val = build_datasets(
-        comp["root"],
+    cfg = exp(
         AugmentConfig(enabled=False),
-        fold=None,
-        coco_json=[path],
-        coco_images_dir=tmp_path / "images",
-        use_train=False,
+        coco_json=[str(path)],
+        coco_images_dir=str(tmp_path / "images"),
         coco_cell_type="cort",
+        use_train=False,
     )
+    train, val = build_datasets(cfg, comp["root"])
     assert val is None and len(train) == 2
     _, t = check_item(train[0], (H, W))
     m = t["masks"].numpy().astype(bool)
@@ -244,12 +248,10 @@ def test_coco_json_polygons_and_rle(comp, tmp_path):
     _, t = check_item(train[1], (H, W))
     assert t["labels"].tolist() == [CLASS_IDS["cort"]]  # unknown line -> coco_cell_type
     with pytest.raises(CellsegError, match="not found"):
-        build_datasets(comp["root"], None, coco_json=[path])  # no images dir: the tifs are not beside the json
+        build_datasets(exp(coco_json=[str(path)]), comp["root"])  # no images dir: the tifs are not beside the json
 
 
 def test_collate_and_build_train_dataset_for_the_trainer(comp):
-    from cellseg.model.experiment import ExperimentConfig
-
     cfg = ExperimentConfig()
     ds = build_train_dataset(cfg, comp["root"], ["img0", "img4"])
     assert [ds.record(i).image_id for i in range(len(ds))] == ["img0", "img4"]
@@ -264,13 +266,13 @@ def test_size_mismatch_is_a_clear_error(comp, tmp_path):
     root = tmp_path / "c"
     shutil.copytree(comp["root"], root)
     write_gray(root / "train" / "img0.png", np.zeros((H + 1, W), dtype=np.uint8))
-    train, _ = build_datasets(root, None, fold=None)
+    train, _ = build_datasets(exp(), root)
     with pytest.raises(CellsegError, match="annotations say 30x40"):
         train[0]
 
 
 def test_synth_items_at_competition_size(synth_dir):
-    train, val = build_datasets(synth_dir, AugmentConfig(copy_paste_p=0.5), fold=1, k=3)
+    train, val = build_datasets(exp(AugmentConfig(copy_paste_p=0.5), folds=3), synth_dir, fold=1)
     assert len(train) + len(val) == 12
     torch.manual_seed(0)
     for ds in (train, val):
@@ -339,3 +341,19 @@ def test_type_repeat_oversamples_per_cell_type(comp):
     ds = build_train_dataset(cfg, comp["root"], ids)
     base = Counter(build_train_dataset(load_experiment(REPO / "configs/demo.yaml"), comp["root"], ids).cell_types)
     assert Counter(ds.cell_types) == {"cort": base["cort"], "shsy5y": 2 * base["shsy5y"], "astro": 3 * base["astro"]}
+
+
+def test_build_datasets_is_the_trainers_split_and_dataset(comp):
+    """build_datasets = holdout_split (the split training uses) + build_train_dataset: the same
+    hold-out, the same oversampling by data.type_repeat, the same extra-source exclusion."""
+    from cellseg.data.folds import holdout_split
+    from cellseg.data.truth import read_train_csv
+
+    cfg = exp(AugmentConfig(enabled=False), folds=2, fold_seed=1, type_repeat={"astro": 3.0})
+    train, val = build_datasets(cfg, comp["root"], fold=1)
+    train_ids, hold_ids = holdout_split(read_train_csv(comp["root"] / "train.csv"), 1, k=2, seed=1)
+    assert [val.record(i).image_id for i in range(len(val))] == hold_ids
+    trainer = build_train_dataset(cfg, comp["root"], train_ids)
+    assert [r.image_id for r in train.records] == [r.image_id for r in trainer.records]
+    n_astro = sum(1 for i in train_ids if TYPES[int(i[3:])] == "astro")
+    assert n_astro > 0 and train.cell_types.count("astro") == 3 * n_astro

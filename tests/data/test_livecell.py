@@ -56,7 +56,7 @@ TINY_TRAIN = [
     "train.warmup_iters=1",
     "train.amp=false",
     "train.log_every=0",
-    "train.val_score_thresh=0.0",
+    "train.val_thresholds.score=0.0",
     "augment.crop_size=[0, 0]",
 ]
 

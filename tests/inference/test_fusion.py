@@ -12,6 +12,11 @@ from cellseg.inference.fusion import (
     greedy_nms,
     mask_iou_sparse,
 )
+from cellseg.model.manifest import ClassThresholds, FusionConfig
+
+
+def th(nms_iou: float, mask_threshold: float = 0.5) -> ClassThresholds:
+    return ClassThresholds(nms_iou=nms_iou, mask_threshold=mask_threshold)
 
 
 def random_crops(rng, n, height=60, width=80):
@@ -81,25 +86,27 @@ def test_fuse_merges_duplicates_and_averages_masks():
         np.array([0, 1, 0]),
         np.array([1.0, 1.0, 1.0], np.float32),
     )
-    out = fuse(dets, 64, 64, 0.5, "mask", 0.5, average_masks=True)
+    out = fuse(dets, th(0.5), FusionConfig(iou_type="mask", average_masks=True), 64, 64)
     assert len(out) == 2 and out.scores.tolist() == pytest.approx([0.9, 0.8])
     m = out.masks[0]
     assert (m.top, m.left, m.prob.shape) == (10, 10, (11, 10))
     assert m.prob[0, 0] == pytest.approx(0.9 * 0.9 / 1.5)  # only a covers the first row
     assert m.prob[5, 5] == pytest.approx(0.9)
     assert out.boxes[0].tolist() == [10, 10, 20, 21]
-    plain = fuse(dets, 64, 64, 0.5, "box", 0.5, average_masks=False)
+    plain = fuse(dets, th(0.5), FusionConfig(iou_type="box", average_masks=False), 64, 64)
     assert len(plain) == 2 and plain.masks[0] is a
 
 
-def test_fuse_is_class_wise_with_per_class_thresholds():
+def test_fuse_is_class_wise_with_the_thresholds_nms_iou():
     a, b = _blob(10, 10, 10, 10), _blob(12, 10, 10, 10)  # IoU 80/120 = 0.67
     boxes = np.array([a.box, b.box], np.float32)
     same = Detections(boxes, np.array([0.9, 0.8], np.float32), np.array([2, 2]), [a, b])
-    assert len(fuse(same, 40, 40, {2: 0.5}, "mask")) == 1
-    assert len(fuse(same, 40, 40, {2: 0.7}, "mask")) == 2
+    assert len(fuse(same, th(0.5), FusionConfig(), 40, 40)) == 1
+    assert len(fuse(same, th(0.7), FusionConfig(), 40, 40)) == 2
     other = Detections(boxes, np.array([0.9, 0.8], np.float32), np.array([2, 3]), [a, b])
-    assert len(fuse(other, 40, 40, 0.3, "mask")) == 2
+    assert len(fuse(other, th(0.3), FusionConfig(), 40, 40)) == 2
+    # the mask threshold binarises the soft masks for the IoU: at 0.95 the 0.9 blobs are empty, IoU 0
+    assert len(fuse(same, th(0.5, mask_threshold=0.95), FusionConfig(), 40, 40)) == 2
 
 
 def test_mean_score_mode_rewards_agreement():
@@ -112,7 +119,7 @@ def test_mean_score_mode_rewards_agreement():
         np.array([0, 1, 1, 2]),
         np.ones(4, np.float32),
     )
-    out = fuse(dets, 48, 48, 0.5, "mask", score_mode="mean", total_weight=3.0)
+    out = fuse(dets, th(0.5), FusionConfig(score_mode="mean"), 48, 48, total_weight=3.0)
     # cell 1 seen by sources 0 and 1 (best of source 1 is 0.7): (0.8 + 0.7) / 3; cell 2 by one source
     assert out.scores.tolist() == pytest.approx([0.5, 0.3])
 
@@ -124,4 +131,4 @@ def test_average_crops_union_box():
 
 
 def test_empty_input():
-    assert len(fuse(Detections.empty(), 10, 10, 0.5)) == 0
+    assert len(fuse(Detections.empty(), th(0.5), FusionConfig(), 10, 10)) == 0

@@ -1,4 +1,5 @@
-"""``cellseg.inference.pipeline``: the per-image pipeline after the forward pass (vote -> fusion -> post-processing)."""
+"""``cellseg.inference.pipeline``: the per-image path (forward -> vote -> fusion -> post-processing), on a
+model in memory (training validation) and on checkpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import dataclasses
 import numpy as np
 import torch
 
-from cellseg.inference.forward import LoadedModel, RawView, label_map_for
-from cellseg.inference.pipeline import finish_image
-from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry
+from cellseg.data.masks import label_image
+from cellseg.inference.forward import LoadedModel, RawView, label_map_for, load_ensemble
+from cellseg.inference.pipeline import finish_image, forward_image, in_memory_ensemble, predict_image
+from cellseg.model.build import build_model
+from cellseg.model.experiment import ModelConfig
+from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, load_manifest
+from helpers import TINY
+from inference_helpers import blob_image, make_manifest
 
 H, W = 120, 160
 
@@ -58,3 +64,41 @@ def test_the_manifest_vote_threshold_decides_the_cell_type_and_its_thresholds():
     assert every.cell_type == "shsy5y"  # the fragments outvote the cells when every detection votes
     # a type given by the caller (unlabeled images named by type) skips the vote
     assert finish_image((H, W), _raw(), loaded, ["identity"], _manifest(0.0), cell_type="cort").cell_type == "cort"
+
+
+def test_in_memory_model_runs_the_pipeline_on_a_copy():
+    """Training validation runs the model being trained through the pipeline: non-overlapping crops,
+    and the model itself keeps its mode, its inference settings and its state_dict keys."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY)
+    model = build_model(cfg).train()
+    keys = list(model.state_dict())
+    before = (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img)
+    postprocess_fn = model.transform.postprocess
+    manifest = dataclasses.replace(_manifest(0.5), fusion=FusionConfig(model_score_thresh=0.0))
+    manifest.classes = {ct: ClassThresholds(score=0.0, mask_threshold=0.5, nms_iou=0.9) for ct in manifest.classes}
+    loaded = in_memory_ensemble(model, cfg, manifest, torch.device("cpu"))
+    image = (np.random.default_rng(0).random((48, 64)) * 255).astype(np.uint8)
+    res = predict_image(image, loaded, ["identity"], manifest, torch.device("cpu"))
+    assert len(res.crops) > 0 and len(res.scores) == len(res.crops)
+    assert label_image(res.crops, 48, 64)[1] == 0  # no pixel claimed twice
+    assert all(c.area > 0 and c.top >= 0 and c.left >= 0 for c in res.crops)
+    assert model.training and list(model.state_dict()) == keys and model.transform.postprocess == postprocess_fn
+    assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == before
+    assert loaded[0].model is not model and loaded[0].paste_shift == manifest.fusion.paste_shift
+
+
+def test_predict_image_is_forward_then_finish(tmp_path):
+    """The one-call path and the runner's two halves give the same instances."""
+    path = make_manifest(tmp_path / "w", n_models=2, tta=("identity", "hflip"), detections_per_view=40)
+    m = load_manifest(path)
+    loaded = load_ensemble(m, torch.device("cpu"))
+    image = blob_image(1)
+    whole = predict_image(image, loaded, m.tta, m, torch.device("cpu"))
+    raw, _ = forward_image(image, loaded, m.tta, torch.device("cpu"))
+    halves = finish_image(image.shape, raw, loaded, m.tta, m)
+    assert len(whole.crops) > 0 and whole.cell_type == halves.cell_type
+    assert np.array_equal(whole.scores, halves.scores)
+    assert all(
+        np.array_equal(a.to_full(*image.shape), b.to_full(*image.shape)) for a, b in zip(whole.crops, halves.crops)
+    )

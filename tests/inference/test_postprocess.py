@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 
 from cellseg.data.masks import CropMask, label_image
-from cellseg.data.rle import decode
+from cellseg.data.rle import decode, encode_crop
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.inference.postprocess import (
     binarize,
-    encode_all,
     min_pixels_filter,
     postprocess,
     remove_overlaps,
@@ -96,7 +95,7 @@ def test_postprocess_chain_order_and_rle():
     crops, scores = postprocess(dets, th, PostprocessConfig(fill_holes=True), 40, 40)
     assert len(crops) == 1 and scores.tolist() == pytest.approx([0.9])
     assert np.array_equal(crops[0].to_full(40, 40), disk(20, 20, 9))
-    (rle,) = encode_all(crops, 40, 40)
+    rle = encode_crop(crops[0], 40, 40)
     assert np.array_equal(decode(rle, 40, 40), disk(20, 20, 9))
     crops, _ = postprocess(dets, th, PostprocessConfig(fill_holes=False), 40, 40)
     assert np.array_equal(crops[0].to_full(40, 40), ring)

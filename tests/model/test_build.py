@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torchvision.models.detection import MaskRCNN
 
 from cellseg.config import from_dict
 from cellseg.errors import CellsegError
@@ -29,7 +28,6 @@ def test_r50_layout_matches_torchvision(heads, reference):
     """Same parameter names and shapes as torchvision's builders, so their checkpoints load."""
     ours = build_model(ModelConfig(heads=heads))
     ref = reference(weights=None, weights_backbone=None, num_classes=4)
-    assert isinstance(ours, MaskRCNN)
     assert shapes(ours.state_dict()) == shapes(ref.state_dict())
 
 

@@ -10,13 +10,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="competition-layout folder with train.csv and train/")
     p.add_argument("--weights", required=True, type=Path, help="the ensemble's manifest.yaml (or its folder)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--fold", type=int, default=None, help="predict this fold's hold-out (5 grouped folds)")
+    which.add_argument(
+        "--fold", type=int, default=None, help="predict this fold's hold-out (folds grouped by sample_id)"
+    )
     which.add_argument(
         "--images",
         type=int,
         default=None,
         help="predict this many sampled train images (default 24 when --fold is not given)",
     )
+    p.add_argument("-k", "--folds", type=int, default=5, help="number of folds for --fold (default 5)")
     p.add_argument("--seed", type=int, default=0, help="sampling / fold seed (default 0)")
     p.add_argument(
         "--folds-csv", type=Path, default=None, metavar="CSV", help="take --fold from this `cellseg folds` CSV"
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         fold=args.fold,
         images=images,
         seed=args.seed,
+        folds=args.folds,
         device=args.device,
         time_budget=args.time_budget,
         progress=not args.no_progress,

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_augment(path: Path | None, overrides: list[str]):
     """AugmentConfig from a YAML file (experiment config or bare section) plus ``KEY=VALUE`` overrides."""
     from cellseg.config import apply_overrides, from_dict, read_yaml
-    from cellseg.data.transforms import AugmentConfig
     from cellseg.errors import CellsegError
+    from cellseg.model.experiment import AugmentConfig
 
     data = read_yaml(path) if path is not None else {}
     if "augment" in data or {"model", "train", "data"} & set(data):  # an experiment config
@@ -113,12 +113,14 @@ def run(args: argparse.Namespace) -> int:
     from cellseg.data.dataset import build_datasets
     from cellseg.errors import CellsegError
     from cellseg.io import atomic_path, check_writable
+    from cellseg.model.experiment import DataConfig, ExperimentConfig
 
     check_writable(args.out, "file")
     if args.num < 1:
         raise CellsegError(f"-n must be >= 1, got {args.num}")
     augment = load_augment(args.config, args.overrides)
-    ds, _ = build_datasets(args.data, augment, fold=None, fill_holes=not args.no_fill_holes)
+    cfg = ExperimentConfig(data=DataConfig(fill_holes=not args.no_fill_holes), augment=augment)
+    ds, _ = build_datasets(cfg, args.data, fold=None)
     if len(ds) == 0:
         raise CellsegError(f"{args.data}: no training images")
     rng = np.random.default_rng(args.seed)

@@ -2,11 +2,8 @@
 
 Entry points::
 
-    build_datasets(data_dir, augment: AugmentConfig | None = None, fold: int | None = None, k=5,
-                   seed=0, fill_holes=True, extra_csv=(), coco_json=(), coco_images_dir=None,
-                   extra_ratio=None, use_train=True, folds_csv=None, coco_cell_type="shsy5y",
-                   progress=False) -> (train_ds, val_ds or None)
-    build_train_dataset(cfg: ExperimentConfig, data_dir, train_ids) -> CellDataset   # for cellseg.training.loop
+    build_train_dataset(cfg: ExperimentConfig, data_dir, train_ids) -> CellDataset   # what training uses
+    build_datasets(cfg: ExperimentConfig, data_dir, fold=None) -> (train_ds, val_ds or None)
     collate_fn(batch) -> (images tuple, targets tuple)
 
 ``CellDataset[i]`` is ``(image, target)``::
@@ -24,7 +21,8 @@ torch's generator, so DataLoader worker seeding covers the numpy side too.
 Sources:
 
 * ``train.csv`` of the data dir (hole filling on by default), split by fold via
-  :func:`cellseg.data.folds.make_folds` (or ``folds_csv``): train = the other folds, val = the fold.
+  :func:`cellseg.data.folds.holdout_split` (the split training uses too): train = the other folds,
+  val = the fold.
 * ``extra_csv``: train.csv-format files (pseudo-labels; an optional ``source`` column is allowed);
   images looked up in ``<data>/train_semi_supervised/``, then ``<data>/train/``, then the csv's
   folder. Ids that belong to the hold-out fold are left out (no leakage). With ``extra_ratio`` each
@@ -57,11 +55,14 @@ from torchvision import tv_tensors
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data import livecell
 from cellseg.data.coco import CocoRef, CocoStore, load_coco
+from cellseg.data.folds import holdout_split
 from cellseg.data.masks import CropMask, stack
 from cellseg.data.masks import boxes as crop_boxes
-from cellseg.data.transforms import AugmentConfig, build_transform, copy_paste_indexed
+from cellseg.data.transforms import build_transform, copy_paste_indexed
+from cellseg.data.truth import TrainSet, read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import read_gray
+from cellseg.model.experiment import AugmentConfig, DataConfig, ExperimentConfig
 from cellseg.paths import CompetitionPaths
 
 
@@ -294,8 +295,6 @@ def extra_csv_records(
     path: str | Path, data_dir: str | Path, fill_holes: bool = True, exclude: Iterable[str] = ()
 ) -> list[Record]:
     """Records of a train.csv-format file (pseudo-labels), leaving out ``exclude`` ids."""
-    from cellseg.data.truth import read_train_csv
-
     path, paths = Path(path), CompetitionPaths(Path(data_dir))
     ts = read_train_csv(path, fill_holes=fill_holes)
     skip = set(exclude)
@@ -355,7 +354,9 @@ def coco_records(
     return store_records(load_coco(path, images_dir, class_map, class_names, default_type), exclude)
 
 
-def coco_sources(data, data_dir: str | Path, class_names: Sequence[str], exclude: Iterable[str] = ()) -> list[Record]:
+def coco_sources(
+    data: DataConfig, data_dir: str | Path, class_names: Sequence[str], exclude: Iterable[str] = ()
+) -> list[Record]:
     """Records of ``data.coco_json`` and of the LIVECell splits ``data.livecell_splits`` (a DataConfig)."""
     out: list[Record] = []
     for p in data.coco_json:
@@ -370,73 +371,32 @@ def coco_sources(data, data_dir: str | Path, class_names: Sequence[str], exclude
 # -------------------------------------------------------------------- constructors
 
 
-def build_datasets(
+def build_train_dataset(
+    cfg: ExperimentConfig,
     data_dir: str | Path,
-    augment: AugmentConfig | None = None,
-    fold: int | None = None,
-    k: int = 5,
-    seed: int = 0,
-    fill_holes: bool = True,
-    extra_csv: Sequence[str | Path] = (),
-    coco_json: Sequence[str | Path] = (),
-    coco_images_dir: str | Path | None = None,
-    extra_ratio: float | None = None,
-    use_train: bool = True,
-    folds_csv: str | Path | None = None,
-    coco_cell_type: str = "shsy5y",
+    train_ids: Sequence[str],
+    *,
+    train_set: TrainSet | None = None,
     progress: bool = False,
-) -> tuple[CellDataset, CellDataset | None]:
-    """Train and hold-out datasets of a competition-layout folder.
+) -> CellDataset:
+    """The augmented training dataset (what :func:`cellseg.training.loop.train` trains on).
 
     Args:
-        data_dir: folder with train.csv and train/ (real or ``cellseg synth``).
-        augment: training augmentation (default :class:`AugmentConfig()`); hold-out is never augmented.
-        fold: hold-out fold (0..k-1), or None = every train.csv image trains and val_ds is None.
-        k, seed: :func:`cellseg.data.folds.make_folds` arguments (ignored with ``folds_csv``).
-        fill_holes: fill holes of train.csv / extra csv masks (both datasets).
-        extra_csv, coco_json, coco_images_dir, extra_ratio, coco_cell_type: extra training sources
-            (see the module docstring); never part of val_ds.
-        use_train: False leaves train.csv images out of train_ds (e.g. LIVECell-only pre-training).
-        folds_csv: a folds file written by ``cellseg folds`` instead of computing them.
+        cfg: ``data`` (hole filling, ``use_train``, ``extra_csv`` / ``extra_ratio``, ``coco_json`` and
+            LIVECell sources with their class map, ``type_repeat``), ``model.class_names`` (labels of
+            COCO / LIVECell sources), ``augment``, ``train.seed``.
+        data_dir: competition-layout folder with train.csv and train/.
+        train_ids: the train.csv images that train (see :func:`cellseg.data.folds.holdout_split`); the
+            other train.csv ids are the hold-out and are left out of the extra sources too (no leakage).
+        train_set: train.csv already read with ``cfg.data.fill_holes`` (saves reading it again).
+
+    Returns:
+        :class:`CellDataset` of the train.csv images (none with ``data.use_train: false``; oversampled
+        per cell type by ``data.type_repeat``, :func:`repeat_by_type`) plus the extra sources.
     """
-    from cellseg.data.folds import make_folds, read_folds, split
-    from cellseg.data.truth import read_train_csv
-
-    paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
-    ts = read_train_csv(paths.train_csv, fill_holes=fill_holes, progress=progress)
-    hold_ids: list[str] = []
-    train_ids = list(ts.images)
-    if fold is not None:
-        folds = read_folds(folds_csv) if folds_csv is not None else make_folds(ts, k=k, seed=seed)
-        train_ids, hold_ids = split(folds, fold)
-        unknown = sorted(set(train_ids + hold_ids) - set(ts.images))
-        if unknown:
-            raise CellsegError(f"{folds_csv}: id {unknown[0]!r} is not in {paths.train_csv}")
-    extra: list[Record] = []
-    for p in extra_csv:
-        extra += extra_csv_records(p, data_dir, fill_holes=fill_holes, exclude=hold_ids)
-    for p in coco_json:
-        extra += coco_records(p, coco_images_dir, default_type=coco_cell_type, exclude=hold_ids)
-    base = train_records(ts, paths.train_dir, train_ids) if use_train else []
-    train_ds = CellDataset(base, augment if augment is not None else AugmentConfig(), extra, extra_ratio, seed=seed)
-    val_ds = CellDataset(train_records(ts, paths.train_dir, hold_ids)) if fold is not None else None
-    return train_ds, val_ds
-
-
-def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> CellDataset:
-    """The augmented training dataset for :func:`cellseg.training.loop.train`: ``train_ids`` of train.csv
-    (holes filled per ``cfg.data.fill_holes``) plus ``cfg.data.extra_csv`` / ``coco_json`` (ids not in
-    ``train_ids`` but in train.csv, i.e. hold-out ids, are excluded from the extras); the train.csv
-    images oversampled per cell type by ``cfg.data.type_repeat`` (:func:`repeat_by_type`).
-
-    ``cfg.data.use_train: false`` leaves the train.csv images out (LIVECell pretraining); labels of
-    COCO / LIVECell sources follow ``cfg.data.coco_class_map`` into ``cfg.model.class_names``.
-    """
-    from cellseg.data.truth import read_train_csv
-
     data = cfg.data
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
-    ts = read_train_csv(paths.train_csv, fill_holes=data.fill_holes)
+    ts = train_set if train_set is not None else read_train_csv(paths.train_csv, data.fill_holes, progress=progress)
     hold = set(ts.images) - set(train_ids)
     extra: list[Record] = []
     for p in data.extra_csv:
@@ -446,3 +406,30 @@ def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> 
     if data.type_repeat:
         base = repeat_by_type(base, data.type_repeat)
     return CellDataset(base, cfg.augment, extra, data.extra_ratio, seed=cfg.train.seed)
+
+
+def build_datasets(
+    cfg: ExperimentConfig,
+    data_dir: str | Path,
+    fold: int | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[CellDataset, CellDataset | None]:
+    """Train and hold-out datasets of a competition-layout folder: the split training makes
+    (:func:`cellseg.data.folds.holdout_split` with ``data.folds_csv``, else ``data.folds`` /
+    ``data.fold_seed``), then :func:`build_train_dataset`.
+
+    Args:
+        cfg: the experiment config (``data``, ``augment``, ``model.class_names``, ``train.seed``).
+        fold: hold-out fold, or None = every train.csv image trains and the hold-out is None.
+
+    Returns:
+        (augmented training dataset, un-augmented hold-out dataset or None).
+    """
+    paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
+    ts = read_train_csv(paths.train_csv, fill_holes=cfg.data.fill_holes, progress=progress)
+    data = cfg.data
+    train_ids, hold_ids = holdout_split(ts, fold, data.folds, data.fold_seed, data.folds_csv or None)
+    train_ds = build_train_dataset(cfg, data_dir, train_ids, train_set=ts)
+    val_ds = CellDataset(train_records(ts, paths.train_dir, hold_ids)) if fold is not None else None
+    return train_ds, val_ds

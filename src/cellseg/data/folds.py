@@ -1,10 +1,21 @@
 """K folds grouped by ``sample_id`` (images of one sample never straddle folds) and stratified by
-cell type, via scikit-learn's ``StratifiedGroupKFold``; deterministic for a seed."""
+cell type, via scikit-learn's ``StratifiedGroupKFold``; deterministic for a seed.
+
+Every split of the train images goes through here:
+
+* :func:`group_folds`: the fold assignment itself (also used by ``cellseg tune`` for its out-of-fold check);
+* :func:`make_folds` / :func:`read_folds` / :func:`load_folds`: a train set's folds (``cellseg folds``
+  writes them);
+* :func:`holdout_split`: training's (train ids, hold-out ids) for a fold;
+* :func:`select_ids`: the images ``cellseg dry-run`` and ``cellseg predict-raw`` run on.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cellseg.errors import CellsegError
@@ -12,13 +23,41 @@ from cellseg.errors import CellsegError
 FOLD_COLUMNS = ("id", "sample_id", "cell_type", "fold")
 
 
+def group_folds(groups: Sequence[str], k: int, seed: int = 0, strata: Sequence[str] | None = None) -> np.ndarray:
+    """Fold index per item: items of one group never straddle folds, strata spread evenly.
+
+    Args:
+        groups: (N,) group of each item (e.g. its sample_id).
+        k: folds wanted; fewer are made when there are fewer groups (one group: every item in fold 0).
+        seed: shuffling seed of ``StratifiedGroupKFold`` (deterministic for a seed).
+        strata: (N,) class of each item to stratify by (e.g. its cell type); None = one stratum.
+
+    Returns:
+        (N,) int64 fold of each item, 0..min(k, number of groups)-1.
+    """
+    # scikit-learn only here: importing sklearn.model_selection takes seconds, and most commands make no folds
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = list(groups)
+    k = max(1, min(k, len(set(groups))))
+    fold = np.zeros(len(groups), dtype=np.int64)
+    if k < 2:
+        return fold
+    y = list(strata) if strata is not None else [0] * len(groups)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    try:
+        for f, (_, hold) in enumerate(splitter.split(np.zeros(len(groups)), y, groups=groups)):
+            fold[hold] = f
+    except ValueError as e:  # sklearn's own message says what is too small
+        raise CellsegError(f"cannot make {k} folds: {e}") from None
+    return fold
+
+
 def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
     """Assign each image of a :class:`cellseg.data.truth.TrainSet` to one of ``k`` folds.
 
     Returns a DataFrame with columns id, sample_id, cell_type, fold (0..k-1), in train.csv order.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     rows = [(a.id, a.meta.get("sample_id") or a.id, a.cell_type) for a in train_set.images.values()]
     df = pd.DataFrame(rows, columns=["id", "sample_id", "cell_type"])
     groups = df["sample_id"].nunique()
@@ -26,13 +65,7 @@ def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
         raise CellsegError(f"need at least 2 folds, got {k}")
     if groups < k:
         raise CellsegError(f"cannot make {k} folds from {groups} sample_id group(s)")
-    df["fold"] = -1
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    try:
-        for fold, (_, hold) in enumerate(splitter.split(df, df["cell_type"], groups=df["sample_id"])):
-            df.loc[df.index[hold], "fold"] = fold
-    except ValueError as e:  # sklearn's own message says what is too small
-        raise CellsegError(f"cannot make {k} folds: {e}") from None
+    df["fold"] = group_folds(df["sample_id"].tolist(), k, seed, strata=df["cell_type"].tolist())
     return df
 
 
@@ -78,6 +111,21 @@ def split(folds: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
     return folds.loc[~hold, "id"].tolist(), folds.loc[hold, "id"].tolist()
 
 
+def holdout_split(
+    train_set, fold: int | None, k: int = 5, seed: int = 0, folds_csv: str | Path | None = None
+) -> tuple[list[str], list[str]]:
+    """(train ids, hold-out ids) of a training run: fold ``fold`` of :func:`load_folds` (``folds_csv``
+    when given, else made with ``k`` and ``seed``); ``fold`` None = every image trains, no hold-out.
+
+    Raises CellsegError for a fold out of range or a folds CSV made for other data.
+    """
+    if fold is None:
+        return list(train_set.images), []
+    if not folds_csv and not 0 <= fold < k:
+        raise CellsegError(f"--fold {fold} out of range 0..{k - 1} (data.folds={k})")
+    return split(load_folds(train_set, k=k, seed=seed, csv=folds_csv), fold)
+
+
 def select_ids(
     train_set,
     fold: int | None = None,
@@ -86,11 +134,17 @@ def select_ids(
     images: int | None = None,
     folds_csv: str | Path | None = None,
 ) -> list[str]:
-    """Train image ids for a hold-out run: fold ``fold``'s hold-out (folds from ``folds_csv`` when
-    given, else made with ``k`` and ``seed``), or a seeded random sample of ``images`` ids
-    (stratified order kept), or every image when neither is given."""
-    import numpy as np
+    """The train images a hold-out run predicts (``cellseg dry-run``, ``cellseg predict-raw``).
 
+    Args:
+        train_set: a :class:`cellseg.data.truth.TrainSet`.
+        fold: fold ``fold``'s hold-out of :func:`load_folds` (``folds_csv`` when given, else ``k``
+            folds made with ``seed``): the hold-out training validates on with the same settings.
+        images: else a random sample of this many ids (``seed``), in train.csv order.
+
+    Returns:
+        Ids; every image when neither ``fold`` nor ``images`` is given.
+    """
     ids = list(train_set.images)
     if fold is not None and images is not None:
         raise CellsegError("give either a fold or a number of images, not both")

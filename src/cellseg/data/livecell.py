@@ -21,15 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cellseg.data.coco import CocoStore, load_coco
 from cellseg.data.truth import ImageAnnotation
-from cellseg.engine import predict_crops
 from cellseg.errors import CellsegError
-from cellseg.io import read_gray
-from cellseg.metric import ScoreReport, score_images
-from cellseg.model.experiment import TrainConfig
+from cellseg.metric import ScoreReport
+from cellseg.model.experiment import ExperimentConfig
+from cellseg.training.engine import score_with_pipeline
 
 LIVECELL_DIR = "LIVECell_dataset_2021"
 SPLITS = ("train", "val", "test")
@@ -130,19 +128,13 @@ class LivecellValidation:
         return sorted({self.store.lines[int(self.store.line[i])] for i in self.indices})
 
     def evaluate(
-        self, model: torch.nn.Module, device: str | torch.device, tc: TrainConfig, progress: bool = True
+        self, model: torch.nn.Module, device: torch.device, cfg: ExperimentConfig, progress: bool = True
     ) -> ScoreReport:
-        """Score ``model`` on the images (``tc``: the ``train`` section's ``val_*`` thresholds, as in
-        :func:`cellseg.training.engine.evaluate`); ``per_class`` holds one score per cell line."""
-        was_training = model.training
-        preds = {}
-        for i in tqdm(self.indices, desc="validate", unit="img", leave=False, disable=None if progress else True):
-            image = np.require(read_gray(self.store.path(i)), requirements="W")  # PIL's TIFF arrays are read-only
-            preds[self.store.image_id(i)] = predict_crops(
-                model, [image], device, tc.val_score_thresh, tc.val_mask_thresh, tc.val_min_pixels
-            )[0]
-        model.train(was_training)
-        return score_images(self.truth, preds)
+        """Score ``model`` on the images with the inference pipeline and ``train.val_thresholds``, as
+        :func:`cellseg.training.engine.evaluate` does, but class-agnostic (LIVECell's lines are not the
+        competition's classes: every instance counts); ``per_class`` holds one score per cell line."""
+        paths = {self.store.image_id(i): self.store.path(i) for i in self.indices}
+        return score_with_pipeline(model, self.truth, paths, device, cfg, progress, class_agnostic=True)
 
 
 def validation_set(cfg, data_dir: str | Path) -> LivecellValidation | None:

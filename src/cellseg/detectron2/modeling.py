@@ -43,6 +43,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
+from cellseg.model.experiment import ModelConfig
+
 __all__ = [
     "apply_options",
     "move_stride_to_1x1",
@@ -367,7 +369,7 @@ def _retype(module: nn.Module, cls: type) -> None:
         module.__class__ = cls
 
 
-def apply_options(model: nn.Module, cfg) -> nn.Module:
+def apply_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     """Switch on the Detectron2-faithful behaviours that ``cfg`` (a ModelConfig) asks for, in place,
     on a torchvision ``MaskRCNN`` built from it. Parameters and state-dict keys are unchanged.
 
@@ -375,10 +377,9 @@ def apply_options(model: nn.Module, cfg) -> nn.Module:
     poolers and anchors ``returned_layers``, ``anchor_sizes``, ``aspect_ratios``,
     ``roi_sampling_ratio``, ``mask_roi_size``.
     """
-    if getattr(cfg, "stride_in_1x1", False):
+    if cfg.stride_in_1x1:
         move_stride_to_1x1(model.backbone.body)
-    d2 = bool(getattr(cfg, "detectron2_inference", False))
-    aligned = bool(getattr(cfg, "roi_aligned", False))
+    d2, aligned = cfg.detectron2_inference, cfg.roi_aligned
     if not (d2 or aligned):
         return model
     strides = level_strides(list(cfg.returned_layers))

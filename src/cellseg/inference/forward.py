@@ -29,6 +29,8 @@ from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.errors import CellsegError
 from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
+from cellseg.model.checkpoint import load_model
+from cellseg.model.experiment import ModelConfig
 from cellseg.model.manifest import FusionConfig, Manifest
 
 VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
@@ -312,12 +314,29 @@ def label_map_for(class_names: Sequence[str] | None, num_classes: int) -> np.nda
     return lut
 
 
-def _class_names(info, model) -> Sequence[str] | None:
-    for obj in (info, getattr(info, "config", None), getattr(getattr(info, "config", None), "model", None)):
-        names = getattr(obj, "class_names", None) if obj is not None else None
-        if names:
-            return names
-    return None
+def as_loaded(
+    model: nn.Module,
+    model_config: ModelConfig,
+    class_names: Sequence[str] | None,
+    fusion: FusionConfig,
+    device: torch.device,
+    weight: float = 1.0,
+    paste_shift: float | None = None,
+    name: str = "",
+    fp16: bool | None = None,
+    fold_bn: bool = True,
+) -> LoadedModel:
+    """:func:`prepare_model` (in place; ``fp16``, ``fold_bn`` as there) and the LoadedModel the pipeline runs.
+
+    ``class_names``: label i is ``class_names[i-1]`` (None = the competition's). ``paste_shift`` None =
+    0 for aligned-ROIAlign models (``model_config.roi_aligned``: Detectron2 conversions), else
+    ``fusion.paste_shift``. ``name`` is shown in logs.
+    """
+    prepare_model(model, fusion, device, fp16, fold_bn)
+    num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+    if paste_shift is None:
+        paste_shift = 0.0 if model_config.roi_aligned else fusion.paste_shift
+    return LoadedModel(model, float(weight), label_map_for(class_names, num_classes), name, float(paste_shift))
 
 
 def load_ensemble(
@@ -325,24 +344,22 @@ def load_ensemble(
 ) -> list[LoadedModel]:
     """Load and prepare every model of the manifest (checksums are checked by load_manifest); ``fp16``
     and ``fold_bn`` as in :func:`prepare_model`."""
-    from cellseg.model.checkpoint import load_model
-
     out = []
-    for entry in manifest.models:
-        path = manifest.checkpoint_path(entry)
+    for e in manifest.models:
+        path = manifest.checkpoint_path(e)
         model, info = load_model(path, device)
-        prepare_model(model, manifest.fusion, device, fp16, fold_bn)
-        num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
-        shift = entry.paste_shift
-        if shift is None:
-            shift = 0.0 if getattr(info.model_config, "roi_aligned", False) else manifest.fusion.paste_shift
         out.append(
-            LoadedModel(
+            as_loaded(
                 model,
-                float(entry.weight),
-                label_map_for(_class_names(info, model), num_classes),
+                info.model_config,
+                info.class_names,
+                manifest.fusion,
+                device,
+                e.weight,
+                e.paste_shift,
                 str(path),
-                float(shift),
+                fp16,
+                fold_bn,
             )
         )
     return out
@@ -432,6 +449,7 @@ __all__ = [
     "fold_batchnorm",
     "prepare_model",
     "load_ensemble",
+    "as_loaded",
     "predict_views",
     "paste_soft",
     "raw_to_detections",

@@ -2,17 +2,23 @@
 
 Detections stay on their bounding-box crops throughout: a soft (float) mask per instance on its own
 crop (:class:`SoftCrop`). Duplicates are found with NMS on mask IoU (sparse: a CSR matrix of the
-binarised crops times its transpose, never a dense N x H*W array) or box IoU, with a class-wise IoU
-threshold; optionally the suppressed duplicates' soft masks are averaged into their keeper.
+binarised crops times its transpose, never a dense N x H*W array) or box IoU, between detections of
+the same label only; optionally the suppressed duplicates' soft masks are averaged into their keeper.
+:func:`fuse` takes its settings as config objects, like post-processing: the image's cell-type
+:class:`~cellseg.model.manifest.ClassThresholds` and the manifest's :class:`~cellseg.model.manifest.FusionConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy import sparse
+from torchvision.ops import box_iou
+
+from cellseg.model.manifest import ClassThresholds, FusionConfig
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,6 @@ def mask_iou_sparse(masks: Sequence[SoftCrop], threshold: float, height: int, wi
 
 def box_iou_sparse(boxes: np.ndarray, chunk: int = 1024) -> sparse.csr_matrix:
     """Pairwise box IoU (torchvision.ops.box_iou) kept only where > 0: (N, N) CSR float32, in row chunks."""
-    import torch
-    from torchvision.ops import box_iou
-
     n = len(boxes)
     t = torch.as_tensor(boxes, dtype=torch.float32)
     rows, cols, vals = [], [], []
@@ -184,38 +187,40 @@ def pairwise_iou(dets: Detections, height: int, width: int, iou_type: str = "mas
 
 def fuse(
     dets: Detections,
+    thresholds: ClassThresholds,
+    config: FusionConfig,
     height: int,
     width: int,
-    iou_threshold: float | Mapping[int, float],
-    iou_type: str = "mask",
-    mask_threshold: float = 0.5,
-    average_masks: bool = True,
-    score_mode: str = "max",
+    *,
     total_weight: float = 1.0,
     iou: sparse.csr_matrix | None = None,
 ) -> Detections:
-    """Merge duplicates across views and models.
+    """Merge the duplicates that several views and models found of one object (greedy NMS, class-wise).
 
-    ``iou_threshold``: one value or class id -> value; only same-label detections are merged.
-    ``mask_threshold`` binarises the soft masks for mask IoU. ``average_masks``: the keeper's mask
-    becomes the score x model-weight average of its cluster. ``score_mode`` ``max`` keeps the
-    keeper's score; ``mean`` sums, per (model, view) source, the best score x model weight in the
-    cluster and divides by ``total_weight`` (the summed weight of every model x view that ran).
-    ``iou``: a precomputed :func:`pairwise_iou` of ``dets`` (lets a threshold search reuse it).
-    Returns the keepers (descending score) with boxes recomputed from their (averaged) crops.
+    Args:
+        dets: N pre-fusion detections of one (height, width) image (any order).
+        thresholds: the image's cell-type thresholds: ``nms_iou`` is the IoU above which a higher-scored
+            detection suppresses a same-label one; ``mask_threshold`` binarises the soft masks for mask IoU.
+        config: ``iou_type`` (mask or box IoU), ``average_masks`` (the keeper's mask becomes the
+            score x model-weight average of its cluster) and ``score_mode`` (``max`` keeps the keeper's
+            score; ``mean`` sums, per (model, view) source, the best score x model weight in the cluster
+            and divides by ``total_weight``).
+        total_weight: summed weight of every model x view that ran (``mean`` score mode only).
+        iou: a precomputed :func:`pairwise_iou` of ``dets`` (lets a threshold search reuse it).
+
+    Returns:
+        The keepers as :class:`Detections` (descending score), boxes recomputed from their (averaged) crops.
     """
     n = len(dets)
     if n == 0:
         return Detections.empty()
+    average_masks, score_mode = config.average_masks, config.score_mode
     if iou is None:
-        iou = pairwise_iou(dets, height, width, iou_type, mask_threshold)
+        iou = pairwise_iou(dets, height, width, config.iou_type, thresholds.mask_threshold)
     coo = iou.tocoo()
     same = dets.labels[coo.row] == dets.labels[coo.col]
     iou = sparse.csr_matrix((coo.data[same], (coo.row[same], coo.col[same])), shape=iou.shape)
-    if isinstance(iou_threshold, Mapping):
-        thr = np.array([iou_threshold.get(int(c), 0.5) for c in dets.labels], dtype=np.float32)
-    else:
-        thr = np.full(n, float(iou_threshold), dtype=np.float32)
+    thr = np.full(n, float(thresholds.nms_iou), dtype=np.float32)
     keep, owner = greedy_nms(iou, dets.scores, thr)
     if not average_masks and score_mode == "max":
         return dets.take(keep)

@@ -1,33 +1,72 @@
-"""One image through the ensemble: the per-image path every caller shares (the folder runner and so the
-kernel, dry-run, predict-raw/tune, pseudo-labels).
+"""One image through the ensemble: the per-image path every caller shares.
 
-    (H, W) uint8 image -> models x TTA views (:func:`forward_image`) -> cell-type vote
-    (:func:`vote_image_type`) -> relabel + paste (:func:`image_detections`) -> fusion + post-processing
-    (:func:`finish_image`) -> non-overlapping crops with scores (:class:`ImageResult`).
+    (H, W) uint8 image
+      -> models x TTA views            :func:`forward_image`      (cellseg.inference.forward)
+      -> cell-type vote                :func:`vote_image_type`    (cellseg.inference.postprocess)
+      -> relabel + paste soft crops    :func:`image_detections`   (cellseg.inference.forward)
+      -> fusion                        :func:`~cellseg.inference.fusion.fuse`
+      -> post-processing               :func:`~cellseg.inference.postprocess.postprocess`
+      -> non-overlapping crops + scores (:class:`ImageResult`)
 
-The forward runs where the models are (GPU); everything after it is CPU-only, so the folder runner can
-run image k's CPU stages in a worker thread while the GPU runs image k + 1.
+:func:`predict_image` is the whole path; it is :func:`forward_image` followed by :func:`finish_image`.
+Who calls what:
+
+* ``cellseg predict`` / the Kaggle kernel / ``cellseg dry-run``: :func:`cellseg.inference.runner.predict_folder`
+  calls :func:`forward_image` and :func:`finish_image` (on CUDA the CPU half of image k runs in a
+  worker thread while the GPU runs image k + 1);
+* training validation: :func:`cellseg.training.engine.evaluate` calls :func:`predict_image` on the
+  model held in memory (:func:`in_memory_ensemble`);
+* ``cellseg pseudo-label``: :func:`predict_image` with the file name's cell type and stricter thresholds;
+* ``cellseg predict-raw``: :func:`forward_image` + :func:`image_detections` (the pre-fusion detections
+  are cached), then ``cellseg tune`` runs fusion and post-processing over a grid of thresholds.
+
+Every threshold comes from a :class:`~cellseg.model.manifest.Manifest` (its ``models`` list is not
+read here: the models come as :class:`~cellseg.inference.forward.LoadedModel`).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from cellseg import CLASS_IDS
+from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data.masks import CropMask
-from cellseg.inference.forward import RawView, predict_views, raw_to_detections, raw_vote_inputs, relabel
-from cellseg.inference.fusion import fuse
+from cellseg.inference.forward import (
+    LoadedModel,
+    RawView,
+    as_loaded,
+    predict_views,
+    raw_to_detections,
+    raw_vote_inputs,
+    relabel,
+)
+from cellseg.inference.fusion import Detections, fuse
 from cellseg.inference.postprocess import postprocess, vote_cell_type
-from cellseg.model.manifest import Manifest
+from cellseg.model.experiment import ModelConfig
+from cellseg.model.manifest import ClassThresholds, Manifest
+
+#: adjusts a cell type's thresholds before they are applied (pseudo-labels use stricter ones)
+Strictness = Callable[[ClassThresholds], ClassThresholds]
 
 
 @dataclass
 class ImageResult:
+    """The pipeline's answer for one image.
+
+    Attributes:
+        crops: K non-overlapping instances (tight :class:`~cellseg.data.masks.CropMask`), descending score.
+        scores: (K,) float32 fused scores.
+        cell_type: the image's cell type (voted, or given by the caller).
+        forward_s: seconds in the models (0 when only the CPU half ran).
+        rest_s: seconds of vote, paste, fusion and post-processing.
+    """
+
     crops: list[CropMask]
     scores: np.ndarray
     cell_type: str
@@ -39,7 +78,14 @@ class ImageResult:
 OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
-def _forward(image: np.ndarray, loaded, views: Sequence[str], device, known: dict, batch: int) -> list[RawView]:
+def _forward(
+    image: np.ndarray,
+    loaded: Sequence[LoadedModel],
+    views: Sequence[str],
+    device: torch.device,
+    known: dict[tuple[int, str], RawView],
+    batch: int,
+) -> list[RawView]:
     """Every model x view of ``image`` in :func:`predict_views`' order, taking the ``known``
     (model position, view) results as they are and running only the others."""
     if not known:
@@ -55,9 +101,13 @@ def _forward(image: np.ndarray, loaded, views: Sequence[str], device, known: dic
 
 
 def forward_image(
-    image: np.ndarray, loaded, views: Sequence[str], device, known: dict | None = None
-) -> tuple[list, float]:
-    """Models x views of one (H, W) uint8 image -> (raw views, seconds).
+    image: np.ndarray,
+    loaded: Sequence[LoadedModel],
+    views: Sequence[str],
+    device: torch.device,
+    known: dict[tuple[int, str], RawView] | None = None,
+) -> tuple[list[RawView], float]:
+    """Every model on every view of one (H, W) uint8 image -> (raw views in model-major order, seconds).
 
     ``known`` maps (position in ``loaded``, view) to a RawView already computed for this image (the
     time budget's calibration forward), which is used instead of running it again. A CUDA
@@ -80,27 +130,32 @@ def forward_image(
     return raw, time.perf_counter() - t0
 
 
-def vote_image_type(raw, loaded, manifest: Manifest) -> str:
-    """The image's cell type from all its raw model x view detections (manifest's vote threshold)."""
+def vote_image_type(raw: Sequence[RawView], loaded: Sequence[LoadedModel], manifest: Manifest) -> str:
+    """The image's cell type from all its raw model x view detections (the manifest's vote threshold)."""
     return vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
 
 
 def image_detections(
     image_shape: tuple[int, int],
-    raw,
-    loaded,
+    raw: Sequence[RawView],
+    loaded: Sequence[LoadedModel],
     views: Sequence[str],
     manifest: Manifest,
     cell_type: str | None = None,
     min_score: float | None = None,
-):
+) -> tuple[Detections, str, float]:
     """Pre-fusion detections of one image from its raw views (CPU only).
 
-    The cell type is ``cell_type`` when given (e.g. from an unlabeled image's file name), else the
-    score-weighted vote; every detection is relabelled to it, so its thresholds apply. Masks scoring
-    under ``min_score`` are not pasted; by default that is the type's score threshold in ``max``
-    score mode (lower scores cannot change which detections above it survive greedy NMS) and 0
-    otherwise. Returns (Detections, cell type, total weight of all model x view runs).
+    Args:
+        image_shape: (height, width).
+        cell_type: the image's type when known (e.g. from an unlabeled image's file name); else the
+            score-weighted vote. Every detection is relabelled to it, so its thresholds apply.
+        min_score: masks scoring under it are not pasted. Default: the type's score threshold in
+            ``max`` score mode (lower scores cannot change which detections above it survive greedy
+            NMS), else 0.
+
+    Returns:
+        (Detections with soft masks on their crops, cell type, total weight of all model x view runs).
     """
     if cell_type is None:
         cell_type = vote_image_type(raw, loaded, manifest)
@@ -113,17 +168,21 @@ def image_detections(
 
 def finish_image(
     image_shape: tuple[int, int],
-    raw,
-    loaded,
+    raw: Sequence[RawView],
+    loaded: Sequence[LoadedModel],
     views: Sequence[str],
     manifest: Manifest,
     cell_type: str | None = None,
-    strictness=None,
+    strictness: Strictness | None = None,
 ) -> ImageResult:
-    """Cell-type vote, fusion and post-processing of one image's raw views (CPU only).
+    """Cell-type vote, paste, fusion and post-processing of one image's raw views (CPU only).
 
-    ``cell_type`` skips the vote; ``strictness(thresholds) -> thresholds`` adjusts the type's
-    thresholds (pseudo-labels use stricter ones).
+    Args:
+        image_shape: (height, width).
+        raw: :func:`forward_image`'s views of the image.
+        views: the views that ran (for the ``mean`` score mode's total weight).
+        cell_type: skips the vote.
+        strictness: adjusts the type's thresholds (pseudo-labels use stricter ones).
     """
     height, width = image_shape
     t1 = time.perf_counter()
@@ -136,24 +195,44 @@ def finish_image(
     dets, cell_type, total = image_detections(
         image_shape, raw, loaded, views, manifest, cell_type, th.score if fu.score_mode == "max" else 0.0
     )
-    fused = fuse(
-        dets,
-        height,
-        width,
-        th.nms_iou,
-        fu.iou_type,
-        th.mask_threshold,
-        fu.average_masks,
-        fu.score_mode,
-        total_weight=total,
-    )
+    fused = fuse(dets, th, fu, height, width, total_weight=total)
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
     return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
 
 
-def predict_image(image: np.ndarray, loaded, views: Sequence[str], manifest: Manifest, device) -> ImageResult:
-    """One (H, W) uint8 image through models x views, vote, fusion and post-processing."""
+def predict_image(
+    image: np.ndarray,
+    loaded: Sequence[LoadedModel],
+    views: Sequence[str],
+    manifest: Manifest,
+    device: torch.device,
+    cell_type: str | None = None,
+    strictness: Strictness | None = None,
+) -> ImageResult:
+    """One (H, W) uint8 image through models x views, vote, fusion and post-processing.
+
+    Exactly :func:`forward_image` then :func:`finish_image` (see there for ``cell_type`` and ``strictness``).
+    """
     raw, forward_s = forward_image(image, loaded, views, device)
-    res = finish_image(image.shape, raw, loaded, views, manifest)
+    res = finish_image(image.shape, raw, loaded, views, manifest, cell_type, strictness)
     res.forward_s = forward_s
     return res
+
+
+def in_memory_ensemble(
+    model: nn.Module, model_config: ModelConfig, manifest: Manifest, device: torch.device, class_agnostic: bool = False
+) -> list[LoadedModel]:
+    """A one-model ensemble of a model held in memory (e.g. the one being trained), for :func:`predict_image`.
+
+    The pipeline changes the model it runs (eval mode, its own score / NMS limits, masks kept 28 x 28,
+    fp16 wrappers on CUDA), so it runs a deep copy: ``model``, its mode and its state_dict keys are
+    left as they were. Label names are ``model_config.class_names`` (a name that is not a cell type is
+    dropped, as for a checkpoint); the paste shift follows the manifest as for a checkpoint
+    (:func:`cellseg.inference.forward.as_loaded`). ``class_agnostic``: every foreground label counts as
+    one cell type instead (validation on images whose classes are not the competition's, e.g. LIVECell
+    cell lines, where every instance is scored).
+    """
+    loaded = as_loaded(copy.deepcopy(model), model_config, model_config.class_names, manifest.fusion, device)
+    if class_agnostic:
+        loaded.label_map = np.where(np.arange(len(loaded.label_map)) > 0, CLASS_IDS[CELL_TYPES[0]], 0)
+    return [loaded]

@@ -1,7 +1,8 @@
 """Post-processing of one image's fused detections, as small pure functions in this order:
 
 cell-type vote -> score threshold -> mask binarisation -> hole filling -> minimum pixels ->
-overlap removal (higher score keeps contested pixels) -> RLE.
+overlap removal (higher score keeps contested pixels). The caller encodes the surviving crops
+(:func:`cellseg.data.rle.encode_crop`: the folder runner for submission.csv, pseudo-labels for their csv).
 
 Every threshold comes from the weights manifest (:class:`cellseg.model.manifest.ClassThresholds` of the
 image's voted cell type, :class:`cellseg.model.manifest.PostprocessConfig`).
@@ -15,7 +16,6 @@ import numpy as np
 
 from cellseg import CELL_TYPES
 from cellseg.data.masks import CropMask, fill_holes
-from cellseg.data.rle import encode_crop
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.model.manifest import ClassThresholds, PostprocessConfig
 
@@ -86,11 +86,6 @@ def remove_overlaps(
         out.append(CropMask(c.top, c.left, own).tight())
         kept.append(int(i))
     return out, np.asarray(kept, dtype=np.int64)
-
-
-def encode_all(crops: Sequence[CropMask], height: int, width: int) -> list[str]:
-    """Row-major RLE of each crop (cellseg.data.rle.encode_crop)."""
-    return [encode_crop(c, height, width) for c in crops]
 
 
 def postprocess(

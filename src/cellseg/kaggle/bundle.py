@@ -43,6 +43,7 @@ from cellseg.kaggle.metadata import (
     resolve_username,
     validate_dataset_metadata,
 )
+from cellseg.paths import git_commit, repo_root
 
 if TYPE_CHECKING:
     from cellseg.model.manifest import Manifest
@@ -268,14 +269,6 @@ def _weights_plan(manifest_path: Path) -> tuple[str, Path, list[tuple[Path, str,
     return name, manifest_path, plan
 
 
-def _git_commit(repo: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out``. An existing ``out`` is replaced only if it is an earlier
     bundle (holds the marker) or empty: staging never deletes a folder it did not make."""
@@ -310,8 +303,6 @@ def stage_bundle(
     Returns:
         The :class:`Bundle` with every uploaded file's size and sha256.
     """
-    from cellseg.paths import repo_root
-
     repo = Path(repo) if repo is not None else repo_root()
     if repo is None:
         raise CellsegError("cellseg runs from an installed wheel: pass the source checkout with --repo")
@@ -351,7 +342,7 @@ def stage_bundle(
             "manifest": f"{wdir}/manifest.yaml",
             "weights": name,
             "dataset": meta["id"],
-            "git_commit": _git_commit(repo),
+            "git_commit": git_commit(repo),
             "files": [f.__dict__ for f in files],
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")

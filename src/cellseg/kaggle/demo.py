@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellseg.errors import CellsegError
+from cellseg.kaggle.metadata import COMPETITION
 from cellseg.paths import demo_manifest, kernel_entry, repo_root
-
-SLUG = "sartorius-cell-instance-segmentation"
 
 
 @dataclass
@@ -46,7 +45,7 @@ def build_fake_kaggle(root: Path, data: Path, manifest: Path, wheel_dir: Path | 
     m = load_manifest(manifest)  # checksums verified before anything is copied
     if root.exists():
         shutil.rmtree(root)
-    comp = root / "input" / "competitions" / SLUG
+    comp = root / "input" / "competitions" / COMPETITION
     comp.mkdir(parents=True)
     shutil.copytree(data / "test", comp / "test")
     shutil.copy2(data / "sample_submission.csv", comp / "sample_submission.csv")

@@ -19,7 +19,6 @@ one of our checkpoints.
 
 from __future__ import annotations
 
-import subprocess
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, class_specific, unwrap
 from cellseg.model.experiment import ExperimentConfig, ModelConfig
+from cellseg.paths import git_commit  # re-exported: checkpoints record it in their provenance
 
 FORMAT = "cellseg-checkpoint"
 VERSION = 1
@@ -49,24 +49,6 @@ class CheckpointInfo:
     provenance: dict = field(default_factory=dict)
     half: bool = False
     experiment: dict | None = None
-
-
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """The checkout's HEAD commit (with ``-dirty`` when modified), or None outside git."""
-    cwd = Path(cwd) if cwd else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def _unreadable_reason(path: Path, e: Exception) -> str:

@@ -3,22 +3,29 @@
 
 Sections: ``model`` (:class:`ModelConfig`, everything needed to rebuild the network; it is stored in
 every checkpoint), ``train`` (:class:`TrainConfig`: optimiser, schedule, AMP, validation),
-``data`` (:class:`DataConfig`: which annotations, folds) and ``augment``
-(:class:`cellseg.data.transforms.AugmentConfig`, owned by the augmentation module).
+``data`` (:class:`DataConfig`: which annotations, folds) and ``augment`` (:class:`AugmentConfig`,
+applied by :mod:`cellseg.data.transforms`; defined here so that loading a checkpoint, which stores
+the experiment config, never imports the augmentation code).
 
     cfg = load_experiment("configs/demo.yaml", ["train.epochs=3", "model.min_size=800"])
+
+Validation thresholds (``train.val_thresholds``) are a :class:`cellseg.model.manifest.ClassThresholds`,
+with the weights manifest's field names; the former ``train.val_score_thresh`` / ``val_mask_thresh`` /
+``val_min_pixels`` keys still load, with a one-line deprecation notice on stderr.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from cellseg import CELL_TYPES
 from cellseg.config import load_yaml
-from cellseg.data.transforms import AugmentConfig
 from cellseg.errors import CellsegError
+from cellseg.model.manifest import ClassThresholds
 
 
 @dataclass
@@ -134,10 +141,12 @@ class TrainConfig:
     seed: int = 0
     #: validate on the fold's hold-out every N epochs (and after the last); 0 = never.
     val_every: int = 1
-    #: post-processing of validation predictions (competition metric on the hold-out).
-    val_score_thresh: float = 0.5
-    val_mask_thresh: float = 0.5
-    val_min_pixels: int = 0
+    #: thresholds of the validation predictions, the same for every cell type (the manifest's
+    #: per-class fields; defaults = the manifest's defaults). Validation runs the inference pipeline
+    #: with :func:`cellseg.training.engine.validation_manifest` (identity view, default fusion and
+    #: post-processing), so a checkpoint's validation score is what ``cellseg dry-run`` gives with
+    #: that manifest.
+    val_thresholds: ClassThresholds = field(default_factory=ClassThresholds)
     #: use at most this many hold-out images for validation (0 = all).
     val_max_images: int = 0
     #: stop after this many optimiser steps in total (0 = run all epochs); for smoke runs.
@@ -196,6 +205,49 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Augmentation policy for training images (validation images are never augmented).
+
+    Geometric ops act on the image, the masks and the boxes together; boxes are recomputed from the
+    masks afterwards, and instances with fewer than ``min_area`` mask pixels are dropped.
+    """
+
+    #: Master switch: False gives the un-augmented image (still cheap: no copies of the masks).
+    enabled: bool = True
+    #: Probability of a horizontal / vertical flip.
+    hflip: float = 0.5
+    vflip: float = 0.5
+    #: Probability of a rotation by 90 or 270 degrees (height and width swap). 0 = off.
+    rot90: float = 0.5
+    #: Multi-scale short side, Detectron2 ``ResizeShortestEdge`` style. ``short_sides`` non-empty:
+    #: the short side is chosen from it ("choice"); otherwise it is the original short side times a
+    #: factor drawn uniformly from ``scale_range`` ("range"). (1.0, 1.0) and [] = no resizing.
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    short_sides: tuple[int, ...] = ()
+    #: Cap on the long side after resizing (0 = no cap).
+    max_size: int = 0
+    #: Random crop (height, width) taken after resizing; a side larger than the image is clipped to
+    #: the image (no padding). (0, 0) = no crop.
+    crop_size: tuple[int, int] = (0, 0)
+    #: Multiplicative brightness / contrast factors drawn uniformly from these ranges ((1, 1) = off).
+    brightness: tuple[float, float] = (0.9, 1.1)
+    contrast: tuple[float, float] = (0.9, 1.1)
+    #: Gamma drawn uniformly from this range, applied to the [0, 1] image ((1, 1) = off).
+    gamma: tuple[float, float] = (1.0, 1.0)
+    #: Gaussian noise: with probability ``noise_p`` add N(0, noise_sigma) to the [0, 1] image (result
+    #: clipped to [0, 1]). 0 = off.
+    noise_sigma: float = 0.0
+    noise_p: float = 0.5
+    #: Copy-paste (Ghiasi et al. 2021): with probability ``copy_paste_p`` paste 1..``copy_paste_max_cells``
+    #: cells of another training image (same cell type when ``copy_paste_same_type``) onto this one.
+    copy_paste_p: float = 0.0
+    copy_paste_max_cells: int = 20
+    copy_paste_same_type: bool = True
+    #: Instances with fewer mask pixels than this after augmentation are dropped.
+    min_area: int = 8
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -203,6 +255,74 @@ class ExperimentConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+#: former keys (section, key) -> their place now (section, key, field); see :func:`upgrade_keys`.
+RENAMED: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("train", "val_score_thresh"): ("train", "val_thresholds", "score"),
+    ("train", "val_mask_thresh"): ("train", "val_thresholds", "mask_threshold"),
+    ("train", "val_min_pixels"): ("train", "val_thresholds", "min_pixels"),
+}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def upgrade_keys(data: dict, where: str, notice: Callable[[str], None] = _stderr) -> dict:
+    """Move the former keys of :data:`RENAMED` in a raw config dict to their new place (in place).
+
+    Args:
+        data: the mapping of a config file (or of a checkpoint's stored experiment).
+        where: the file, for the notice.
+        notice: receives one line naming every moved key (default: printed to stderr).
+
+    Returns:
+        ``data``. A key given both ways is an error (CellsegError).
+    """
+    moved = []
+    for (section, key), (new_section, new_key, new_field) in RENAMED.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict) or key not in sec:
+            continue
+        target = data.setdefault(new_section, {}).setdefault(new_key, {})
+        if not isinstance(target, dict):
+            raise CellsegError(f"{where}: {new_section}.{new_key}: expected a mapping")
+        if new_field in target:
+            raise CellsegError(f"{where}: {section}.{key} and {new_section}.{new_key}.{new_field} both given")
+        target[new_field] = sec.pop(key)
+        moved.append(f"{section}.{key} -> {new_section}.{new_key}.{new_field}")
+    if moved:
+        notice(f"{where}: deprecated config key(s) {', '.join(moved)}; rename them")
+    return data
+
+
+def upgrade_overrides(overrides: list[str], notice: Callable[[str], None] = _stderr) -> list[str]:
+    """``KEY=VALUE`` overrides with the former keys of :data:`RENAMED` renamed (one notice line)."""
+    out, moved = [], []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        target = RENAMED.get((parts[0], parts[1])) if sep and len(parts) == 2 else None
+        if target is not None:
+            new_key = ".".join(target)
+            out.append(f"{new_key}={value}")
+            moved.append(f"{key.strip()} -> {new_key}")
+        else:
+            out.append(item)
+    if moved:
+        notice(f"command-line override(s): deprecated key(s) {', '.join(moved)}; rename them")
+    return out
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML experiment config with ``KEY=VALUE`` overrides (e.g. ``train.lr=0.01``)."""
-    return load_yaml(ExperimentConfig, path, overrides, what="an experiment config (YAML, e.g. configs/demo.yaml)")
+    """Load a YAML experiment config with ``KEY=VALUE`` overrides (e.g. ``train.lr=0.01``).
+
+    Former key names (:data:`RENAMED`, in the file or in an override) are moved to their new place
+    with a one-line notice on stderr. Errors (unknown keys, wrong types) name the file or the override.
+    """
+    return load_yaml(
+        ExperimentConfig,
+        path,
+        upgrade_overrides(overrides or []),
+        what="an experiment config (YAML, e.g. configs/demo.yaml)",
+        upgrade=lambda data: upgrade_keys(data, str(path)),
+    )

@@ -26,7 +26,7 @@ from cellseg import CELL_TYPES
 from cellseg.config import from_dict
 from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import load_model, save_checkpoint
-from cellseg.model.experiment import ExperimentConfig
+from cellseg.model.experiment import ExperimentConfig, upgrade_keys
 from cellseg.model.manifest import VIEWS, Manifest, ModelEntry, default_classes, load_manifest, write_manifest
 from cellseg.model.provenance import from_checkpoint
 
@@ -91,7 +91,11 @@ def export_weights(
     out.mkdir(parents=True, exist_ok=True)
     files, entries = [], []
     for i, ((s, model, info), fname) in enumerate(zip(loaded, _file_names(len(srcs)))):
-        cfg = from_dict(ExperimentConfig, info.experiment, "experiment") if info.experiment else info.model_config
+        cfg = (
+            from_dict(ExperimentConfig, upgrade_keys(info.experiment, str(s)), "experiment")
+            if info.experiment
+            else info.model_config
+        )
         provenance = dict(info.provenance, exported_from=str(s.resolve()))
         dest = save_checkpoint(out / fname, model, cfg, info.class_names, provenance, half=half)
         files.append((dest, s, dest.stat().st_size))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -11,9 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cellseg import CELL_TYPES
+from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
-from cellseg.metric import ScoreReport
-from cellseg.model.experiment import TrainConfig
+from cellseg.inference.pipeline import in_memory_ensemble, predict_image
+from cellseg.io import read_gray
+from cellseg.metric import ScoreReport, score_images
+from cellseg.model.experiment import ExperimentConfig, TrainConfig
+from cellseg.model.manifest import FusionConfig, Manifest, PostprocessConfig
 from cellseg.progress import progress as progress_bar
 
 
@@ -136,30 +142,77 @@ def train_one_epoch(
     )
 
 
+def validation_manifest(cfg: ExperimentConfig) -> Manifest:
+    """The thresholds validation predicts with, as a manifest without models.
+
+    ``train.val_thresholds`` for every cell type, the identity view, the manifest defaults for
+    fusion (:class:`~cellseg.model.manifest.FusionConfig`) except ``detections_per_view`` = the model's
+    own ``box_detections_per_img`` (LIVECell models keep up to 2000), and the default post-processing
+    (:class:`~cellseg.model.manifest.PostprocessConfig`). Add the checkpoint as its one model and
+    ``cellseg dry-run`` scores that checkpoint exactly as validation did.
+    """
+    th = cfg.train.val_thresholds
+    return Manifest(
+        name="validation",
+        models=[],
+        tta=["identity"],
+        fusion=FusionConfig(detections_per_view=cfg.model.box_detections_per_img),
+        classes={ct: dataclasses.replace(th) for ct in CELL_TYPES},
+        postprocess=PostprocessConfig(),
+    )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    truth: Mapping,
+    truth: Mapping[str, ImageAnnotation],
     images_dir: Path,
     device: torch.device,
-    tc: TrainConfig,
+    cfg: ExperimentConfig,
     progress: bool,
 ) -> ScoreReport:
-    """Score ``model`` on the hold-out images ``truth`` (id -> ImageAnnotation) with the competition metric.
+    """Score ``model`` on the hold-out images ``truth`` (``images_dir/<id>.png``) with the competition metric.
 
     Args:
-        model: the unwrapped model (put in eval mode here; the caller switches back).
+        model: the unwrapped model being trained (left as it is: the pipeline runs a copy).
         truth: the hold-out's ground truth, keyed by image id.
         images_dir: where ``<id>.png`` lives (the competition's ``train/``).
         device: where the model is.
-        tc: the ``train`` section (``val_*`` thresholds).
-        progress: show a tqdm bar.
+        cfg: the experiment config: ``model.class_names`` and ``model.roi_aligned`` (labels, mask
+            paste shift) and ``train.val_thresholds``.
+        progress: show progress (a tqdm bar on a terminal, else plain lines).
 
     Returns:
         :class:`cellseg.metric.ScoreReport` (overall and per cell type).
     """
-    from cellseg.engine import evaluate as _evaluate  # the pre-pipeline validation path, being replaced
+    paths = {i: Path(images_dir) / f"{i}.png" for i in truth}
+    return score_with_pipeline(model, truth, paths, device, cfg, progress)
 
-    return _evaluate(
-        model, truth, images_dir, device, tc.val_score_thresh, tc.val_mask_thresh, tc.val_min_pixels, progress
-    )
+
+@torch.no_grad()
+def score_with_pipeline(
+    model: nn.Module,
+    truth: Mapping[str, ImageAnnotation],
+    paths: Mapping[str, Path],
+    device: torch.device,
+    cfg: ExperimentConfig,
+    progress: bool,
+    class_agnostic: bool = False,
+) -> ScoreReport:
+    """Predict every image of ``truth`` (its file in ``paths``) with the inference pipeline and score it.
+
+    Predictions come from :func:`cellseg.inference.pipeline.predict_image` (the path of ``cellseg
+    predict`` and ``dry-run``) with :func:`validation_manifest`'s thresholds, on a copy of ``model``
+    (:func:`cellseg.inference.pipeline.in_memory_ensemble`; ``class_agnostic`` for models whose classes
+    are not the competition's). ``per_class`` of the report groups by ``truth[id].cell_type``.
+    """
+    manifest = validation_manifest(cfg)
+    loaded = in_memory_ensemble(model, cfg.model, manifest, device, class_agnostic=class_agnostic)
+    preds = {}
+    bar = progress_bar(total=len(truth), desc="validate", unit="img", enabled=progress, leave=False)
+    for image_id in list(truth):
+        image = read_gray(paths[image_id])
+        preds[image_id] = predict_image(image, loaded, manifest.tta, manifest, device).crops
+        bar.update()
+    bar.close()
+    return score_images(truth, preds)

@@ -47,7 +47,7 @@ from cellseg import CELL_TYPES  # noqa: E402
 from cellseg.config import dump_yaml, parse_duration, to_dict  # noqa: E402
 from cellseg.data import livecell  # noqa: E402
 from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
-from cellseg.data.folds import load_folds, split  # noqa: E402
+from cellseg.data.folds import holdout_split  # noqa: E402
 from cellseg.data.truth import read_train_csv  # noqa: E402
 from cellseg.errors import CellsegError  # noqa: E402
 from cellseg.io import atomic_path  # noqa: E402
@@ -69,18 +69,6 @@ from cellseg.training.distributed import (  # noqa: E402
 from cellseg.training.engine import evaluate, train_one_epoch  # noqa: E402
 from cellseg.training.optim import build_optimizer, lr_factor  # noqa: E402
 from cellseg.training.rng import seed_everything, set_rng_state  # noqa: E402
-
-
-def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
-    """(TrainSet without hole filling = validation truth, train ids, hold-out ids)."""
-    if fold is not None and not cfg.data.folds_csv and not 0 <= fold < cfg.data.folds:
-        raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
-    truth = read_train_csv(CompetitionPaths(data_dir).require("train_csv").train_csv, fill_holes=False)
-    if fold is None:
-        return truth, list(truth.images), []
-    folds = load_folds(truth, k=cfg.data.folds, seed=cfg.data.fold_seed, csv=cfg.data.folds_csv)
-    train_ids, hold_ids = split(folds, fold)
-    return truth, train_ids, hold_ids
 
 
 def balanced_subset(truth: dict, n: int) -> list[str]:
@@ -196,7 +184,8 @@ def train(
     if init and not (resume and (Path(out) / "last.pth").is_file()) and not Path(init).is_file():
         raise CellsegError(f"--init {init}: checkpoint not found")
     seed_everything(tc.seed)
-    truth, train_ids, hold_ids = split_ids(cfg, data_dir, fold)
+    truth = read_train_csv(CompetitionPaths(data_dir).require("train_csv").train_csv, fill_holes=False)
+    train_ids, hold_ids = holdout_split(truth, fold, cfg.data.folds, cfg.data.fold_seed, cfg.data.folds_csv or None)
     dataset = build_train_dataset(cfg, data_dir, train_ids)
     if len(dataset) == 0:
         raise CellsegError(f"fold {fold}: no training images")
@@ -342,10 +331,10 @@ def train(
         if info.main:
             if validate:
                 if lc_val is not None:  # LIVECell images, scored per cell line
-                    report = lc_val.evaluate(unwrap(model), device, tc, progress)
+                    report = lc_val.evaluate(unwrap(model), device, cfg, progress)
                 else:
                     report = evaluate(
-                        unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, tc, progress
+                        unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, cfg, progress
                     )
                 row["val_score"] = report.score
                 row.update({f"val_{ct}": report.per_class.get(ct) for ct in val_groups})
