@@ -2,14 +2,13 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from cellseg.cli import main
 from cellseg.data.synth import generate
-from cellseg.dry_run import contour, overlay, select_images
+from cellseg.dry_run import select_images
 from inference_helpers import make_manifest
 
 
@@ -68,18 +67,6 @@ def test_dry_run_fold_selection(synth, manifest):
     folds = [set(select_images(train, k, None)) for k in range(5)]
     assert set().union(*folds) == set(train.images) and sum(map(len, folds)) == len(train.images)
     assert select_images(train, None, 4) == select_images(train, None, 4) and len(select_images(train, None, 4)) == 4
-
-
-def test_overlay_draws_both_contours():
-    img = np.full((20, 20), 100, np.uint8)
-    truth = np.zeros((20, 20), np.int32)
-    truth[2:8, 2:8] = 1
-    pred = np.zeros((20, 20), np.int32)
-    pred[10:16, 10:16] = 1
-    rgb = overlay(img, truth, pred)
-    assert tuple(rgb[2, 4]) == (0, 230, 0) and tuple(rgb[10, 12]) == (255, 0, 255)
-    assert tuple(rgb[5, 5]) == (100, 100, 100)  # interior untouched
-    assert contour(truth).sum() == 20  # 6x6 square: its ring
 
 
 def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):

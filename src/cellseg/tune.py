@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cellseg import CELL_TYPES
+from cellseg import CELL_TYPES, plot
 from cellseg.data.masks import fill_holes, label_image
 from cellseg.errors import CellsegError
 from cellseg.inference.fusion import fuse, pairwise_iou
 from cellseg.inference.postprocess import binarize, min_pixels_filter, remove_overlaps
-from cellseg.io import atomic_path
 from cellseg.metric import THRESHOLDS, matched_pairs
 from cellseg.model.manifest import ClassThresholds, Manifest
 from cellseg.raw_cache import (  # noqa: F401  (predict_raw, save_cached re-exported: `from cellseg.tune import ...`)
@@ -310,30 +309,6 @@ def tune(
 
 
 def plot_curves(res: TuneResult, out_dir: str | Path) -> list[Path]:
-    """One PNG per class: score vs each threshold, the others held at the chosen values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ct, r in res.classes.items():
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-        for ax, (name, (xs, ys)) in zip(axes, r.curves.items()):
-            ax.plot(xs, ys, marker="o", ms=3)
-            ax.axvline(getattr(r.tuned, name), color="tab:green", ls="--", label="tuned")
-            ax.axvline(getattr(r.default, name), color="tab:red", ls=":", label="default")
-            ax.set_xlabel(name)
-            ax.set_ylabel("score")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{ct}: {r.images} images, tuned {r.tuned_score:.4f} (default {r.default_score:.4f})")
-        fig.tight_layout()
-        p = out_dir / f"tune_{ct}.png"
-        with atomic_path(p) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+    """One PNG per class, ``out_dir/tune_<type>.png``: score vs each threshold, the others held at the
+    chosen values (drawn by :func:`cellseg.plot.tune_curves`). Returns the paths."""
+    return plot.tune_curves(res.classes, out_dir)

@@ -32,31 +32,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from cellseg import CELL_TYPES  # noqa: E402
-from cellseg.config import dump_yaml, parse_duration, to_dict  # noqa: E402
-from cellseg.data import livecell  # noqa: E402
-from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
-from cellseg.data.folds import load_folds, split  # noqa: E402
-from cellseg.data.truth import read_train_csv  # noqa: E402
-from cellseg.errors import CellsegError  # noqa: E402
-from cellseg.io import atomic_path  # noqa: E402
-from cellseg.model.build import build_model, count_parameters, unwrap  # noqa: E402
-from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint  # noqa: E402
-from cellseg.model.experiment import ExperimentConfig  # noqa: E402
-from cellseg.model.provenance import init_record, run_provenance, training_sources  # noqa: E402
-from cellseg.paths import CompetitionPaths  # noqa: E402
-from cellseg.training.distributed import (  # noqa: E402
+from cellseg import CELL_TYPES, plot
+from cellseg.config import dump_yaml, parse_duration, to_dict
+from cellseg.data import livecell
+from cellseg.data.dataset import build_train_dataset, collate_fn
+from cellseg.data.folds import load_folds, split
+from cellseg.data.truth import read_train_csv
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_path
+from cellseg.model.build import build_model, count_parameters, unwrap
+from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
+from cellseg.model.experiment import ExperimentConfig
+from cellseg.model.provenance import init_record, run_provenance, training_sources
+from cellseg.paths import CompetitionPaths
+from cellseg.training.distributed import (
     broadcast_buffers,
     device_for,
     fail_fast,
@@ -66,9 +62,9 @@ from cellseg.training.distributed import (  # noqa: E402
     main_section,
     reduce_mean,
 )
-from cellseg.training.engine import evaluate, train_one_epoch  # noqa: E402
-from cellseg.training.optim import build_optimizer, lr_factor  # noqa: E402
-from cellseg.training.rng import seed_everything, set_rng_state  # noqa: E402
+from cellseg.training.engine import evaluate, train_one_epoch
+from cellseg.training.optim import build_optimizer, lr_factor
+from cellseg.training.rng import seed_everything, set_rng_state
 
 
 def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
@@ -138,25 +134,11 @@ def next_epoch_fits(
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
-    """``metrics.csv`` (one row per epoch) and ``curves.png`` (losses, validation scores)."""
+    """``metrics.csv`` (one row per epoch) and ``curves.png`` (losses, validation scores; :mod:`cellseg.plot`)."""
     df = pd.DataFrame(history)
     with atomic_path(out / "metrics.csv") as tmp:
         df.to_csv(tmp, index=False)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for col in [c for c in df.columns if c.startswith("loss")]:
-        ax1.plot(df["epoch"], df[col], marker=".", label=col)
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("train loss"), ax1.set_yscale("log"), ax1.legend(fontsize=7)
-    for col in [c for c in df.columns if c.startswith("val_")]:
-        sub = df[["epoch", col]].dropna()
-        if len(sub):
-            ax2.plot(sub["epoch"], sub[col], marker="o", label=col.removeprefix("val_"))
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("competition score (hold-out)")
-    if ax2.lines:  # no hold-out (--fold all): nothing to label
-        ax2.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out / "curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    plot.training_curves(df, out / "curves.png")
 
 
 @fail_fast  # rank 0 failing in its validation stops the other ranks at once (they wait for it)
