@@ -93,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.errors import CellsegError
     from cellseg.io import check_writable
     from cellseg.model.experiment import load_experiment

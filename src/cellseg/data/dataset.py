@@ -57,9 +57,11 @@ from torchvision import tv_tensors
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data import livecell
 from cellseg.data.coco import CocoRef, CocoStore, load_coco
+from cellseg.data.folds import make_folds, read_folds, split
 from cellseg.data.masks import CropMask, stack
 from cellseg.data.masks import boxes as crop_boxes
 from cellseg.data.transforms import AugmentConfig, build_transform, copy_paste_indexed
+from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import read_gray
 from cellseg.paths import CompetitionPaths
@@ -294,8 +296,6 @@ def extra_csv_records(
     path: str | Path, data_dir: str | Path, fill_holes: bool = True, exclude: Iterable[str] = ()
 ) -> list[Record]:
     """Records of a train.csv-format file (pseudo-labels), leaving out ``exclude`` ids."""
-    from cellseg.data.truth import read_train_csv
-
     path, paths = Path(path), CompetitionPaths(Path(data_dir))
     ts = read_train_csv(path, fill_holes=fill_holes)
     skip = set(exclude)
@@ -399,9 +399,6 @@ def build_datasets(
         use_train: False leaves train.csv images out of train_ds (e.g. LIVECell-only pre-training).
         folds_csv: a folds file written by ``cellseg folds`` instead of computing them.
     """
-    from cellseg.data.folds import make_folds, read_folds, split
-    from cellseg.data.truth import read_train_csv
-
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     ts = read_train_csv(paths.train_csv, fill_holes=fill_holes, progress=progress)
     hold_ids: list[str] = []
@@ -432,8 +429,6 @@ def build_train_dataset(cfg, data_dir: str | Path, train_ids: Sequence[str]) -> 
     ``cfg.data.use_train: false`` leaves the train.csv images out (LIVECell pretraining); labels of
     COCO / LIVECell sources follow ``cfg.data.coco_class_map`` into ``cfg.model.class_names``.
     """
-    from cellseg.data.truth import read_train_csv
-
     data = cfg.data
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     ts = read_train_csv(paths.train_csv, fill_holes=data.fill_holes)

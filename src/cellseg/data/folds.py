@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from cellseg.errors import CellsegError
 
@@ -17,8 +19,6 @@ def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
 
     Returns a DataFrame with columns id, sample_id, cell_type, fold (0..k-1), in train.csv order.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     rows = [(a.id, a.meta.get("sample_id") or a.id, a.cell_type) for a in train_set.images.values()]
     df = pd.DataFrame(rows, columns=["id", "sample_id", "cell_type"])
     groups = df["sample_id"].nunique()
@@ -89,8 +89,6 @@ def select_ids(
     """Train image ids for a hold-out run: fold ``fold``'s hold-out (folds from ``folds_csv`` when
     given, else made with ``k`` and ``seed``), or a seeded random sample of ``images`` ids
     (stratified order kept), or every image when neither is given."""
-    import numpy as np
-
     ids = list(train_set.images)
     if fold is not None and images is not None:
         raise CellsegError("give either a fold or a number of images, not both")
