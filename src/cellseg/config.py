@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import yaml
 
 from cellseg.errors import CellsegError
-from cellseg.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -182,6 +181,8 @@ def _error_of(cls: type, data: dict) -> str:
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
     """Write a dataclass tree as YAML atomically."""
+    from cellseg.io import atomic_write_text  # io imports numpy and PIL; config stays light
+
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 

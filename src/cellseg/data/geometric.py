@@ -83,7 +83,7 @@ def _xyxy(boxes: tv_tensors.BoundingBoxes) -> np.ndarray:
 class RandomFlipRot90(v2.Transform):
     """Horizontal flip (p ``hflip``), vertical flip (p ``vflip``) and rotation by 90/270 degrees
     (p ``rot90``), drawn independently -- the same distribution as ``v2.RandomHorizontalFlip``,
-    ``v2.RandomVerticalFlip`` and :class:`RandomRot90` in a row -- applied as one operation.
+    ``v2.RandomVerticalFlip`` and a random 90/270 degree rotation in a row -- applied as one operation.
 
     Images and boxes go through torchvision's kernels (``F.horizontal_flip``, ``F.vertical_flip``)
     and ``torch.rot90``. The (N, H, W) "masks" of an ``(image, {"boxes", "masks", ...})`` sample

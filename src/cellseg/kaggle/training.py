@@ -35,6 +35,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from cellseg.errors import CellsegError
 from cellseg.kaggle.bundle import (
     MARKER,
@@ -61,6 +63,7 @@ from cellseg.kaggle.metadata import (
     validate_kernel_metadata,
 )
 from cellseg.model.manifest import sha256_file
+from cellseg.paths import repo_root
 
 #: Templates of the training dataset and kernel at the repository root.
 TRAIN_DATASET_METADATA = "dataset-train-metadata.json"
@@ -133,8 +136,6 @@ def stage_train_bundle(
     Returns:
         The :class:`~cellseg.kaggle.bundle.Bundle` (files with size and sha256; ``marker`` as written).
     """
-    from cellseg.paths import repo_root
-
     repo = Path(repo) if repo is not None else repo_root()
     if repo is None:
         raise CellsegError("cellseg runs from an installed wheel: pass the source checkout with --repo")
@@ -286,8 +287,6 @@ def verify_output(folder: str | Path) -> dict:
 def summarize_output(folder: str | Path, out: dict) -> list[str]:
     """Lines describing a verified training output: status, epochs, best hold-out score, the last
     epochs of ``run/metrics.csv``."""
-    import pandas as pd
-
     folder = Path(folder)
     status = out.get("status", "?")
     lines = [
