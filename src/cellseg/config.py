@@ -14,13 +14,17 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from cellseg.errors import CellsegError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: A dataclass type: what the config system loads.
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -40,7 +44,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except CellsegError as e:
                 errors.append(str(e))
         raise CellsegError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

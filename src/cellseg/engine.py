@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +52,11 @@ class Detections:
 def detect(model: nn.Module, images: Sequence[torch.Tensor]) -> list[Detections]:
     """Run ``model`` (eval mode) on (3, H, W) images; detections in original coordinates, masks unpasted."""
     sizes = [tuple(int(s) for s in im.shape[-2:]) for im in images]
-    image_list, _ = model.transform(list(images))
-    features = model.backbone(image_list.tensors)
-    proposals, _ = model.rpn(image_list, features)
-    dets, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    m: Any = model  # torchvision's parts are typed nn.Module: calls through them are dynamic
+    image_list, _ = m.transform(list(images))
+    features = m.backbone(image_list.tensors)
+    proposals, _ = m.rpn(image_list, features)
+    dets, _ = m.roi_heads(features, proposals, image_list.image_sizes)
     out = []
     for det, resized, orig in zip(dets, image_list.image_sizes, sizes):
         out.append(

@@ -198,7 +198,8 @@ def predict_raw(
         dets, cell_type, total = image_detections(
             image.shape, raw, loaded, manifest.tta, manifest, min_score=manifest.fusion.model_score_thresh
         )
-        save_cached(out / f"{image_id}.npz", CachedImage(image_id, cell_type, *image.shape, total, dets, fingerprint))
+        h, w = image.shape  # read_gray: always (H, W)
+        save_cached(out / f"{image_id}.npz", CachedImage(image_id, cell_type, h, w, total, dets, fingerprint))
         done.append(image_id)
         write_index()
         bar.update()

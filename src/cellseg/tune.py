@@ -69,7 +69,7 @@ class TuneGrid:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.nms_iou), len(self.mask_threshold), len(self.min_pixels), len(self.score))
 
-    def values(self, index: tuple[int, int, int, int]) -> ClassThresholds:
+    def values(self, index: tuple[int, ...]) -> ClassThresholds:
         a, b, c, d = index
         return ClassThresholds(
             score=float(self.score[d]),
@@ -192,6 +192,12 @@ def _group_folds(groups: Sequence[str], k: int) -> np.ndarray:
     return np.array([fold_of[g] for g in groups], dtype=np.int64)
 
 
+def _at(tables: np.ndarray, index: tuple[int, ...]) -> np.ndarray:
+    """(n_images,) scores at grid ``index`` of ``tables`` (n_images, *grid.shape)."""
+    key: tuple[slice | int, ...] = (slice(None), *index)
+    return tables[key]
+
+
 def choose(tables: np.ndarray, prefer: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Grid index with the best mean score over images; ``tables`` (n_images, *grid.shape).
 
@@ -273,11 +279,11 @@ def tune(
         for k in np.unique(fold):
             held = fold == k
             idx = choose(tab[~held], prefer=d_idx) if (~held).any() else best
-            oof[held] = tab[held][(slice(None), *idx)]
+            oof[held] = _at(tab[held], idx)
         has_oof = len(np.unique(fold)) > 1  # one sample group: every image would be scored in-sample
         curves = {}
         for axis, name in enumerate(("nms_iou", "mask_threshold", "min_pixels", "score")):
-            sl = list(best)
+            sl: list[int | slice] = list(best)
             sl[axis] = slice(None)
             curves[name] = (list(map(float, getattr(g, name))), tab.mean(axis=0)[tuple(sl)].tolist())
         results[ct] = ClassResult(
@@ -285,17 +291,17 @@ def tune(
             len(tab),
             default,
             g.values(best),
-            float(tab[(slice(None), *d_idx)].mean()),
-            float(tab[(slice(None), *best)].mean()),
+            float(_at(tab, d_idx).mean()),
+            float(_at(tab, best).mean()),
             float(oof.mean()) if has_oof else None,
             curves,
             groups=len(set(groups)),
-            default_scores=tab[(slice(None), *d_idx)].tolist(),
+            default_scores=_at(tab, d_idx).tolist(),
             oof_scores=oof.tolist() if has_oof else None,
             misvoted=[img.id for img in per_class[ct] if img.cell_type != ct],
         )
-        all_default += tab[(slice(None), *d_idx)].tolist()
-        all_tuned += tab[(slice(None), *best)].tolist()
+        all_default += _at(tab, d_idx).tolist()
+        all_tuned += _at(tab, best).tolist()
         all_oof += oof.tolist() if has_oof else [float("nan")] * len(tab)
     return TuneResult(
         results,

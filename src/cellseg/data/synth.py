@@ -80,7 +80,7 @@ def split_counts(n: int) -> dict[str, int]:
     if n >= 3:
         for t in counts:
             if counts[t] == 0:
-                donor = max(counts, key=counts.get)
+                donor = max(counts, key=counts.__getitem__)
                 counts[donor] -= 1
                 counts[t] = 1
     return counts
@@ -289,10 +289,10 @@ def generate(
 
     stats = {}
     for t in CELL_TYPES:
-        s = per_type.get(t)
-        if not s:
+        st = per_type.get(t)
+        if not st:
             continue
-        counts, areas = np.array(s["counts"]), np.array(s["areas"])
+        counts, areas = np.array(st["counts"]), np.array(st["areas"])
         stats[t] = {
             "images": int(counts.size),
             "instances": int(counts.sum()),
@@ -300,8 +300,8 @@ def generate(
             "min_instances": int(counts.min()),
             "max_instances": int(counts.max()),
             "mean_area": round(float(areas.mean()), 1) if areas.size else 0.0,
-            "broken": int(s["broken"]),
-            "broken_share": round(s["broken"] / max(1, int(counts.sum())), 3),
+            "broken": int(st["broken"]),
+            "broken_share": round(st["broken"] / max(1, int(counts.sum())), 3),
         }
     return {
         "out": str(out),

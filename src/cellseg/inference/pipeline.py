@@ -12,7 +12,7 @@ run image k's CPU stages in a worker thread while the GPU runs image k + 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +20,10 @@ import torch
 
 from cellseg import CLASS_IDS
 from cellseg.data.masks import CropMask
-from cellseg.inference.forward import RawView, predict_views, raw_to_detections, raw_vote_inputs, relabel
-from cellseg.inference.fusion import fuse
+from cellseg.inference.forward import LoadedModel, RawView, predict_views, raw_to_detections, raw_vote_inputs, relabel
+from cellseg.inference.fusion import Detections, fuse
 from cellseg.inference.postprocess import postprocess, vote_cell_type
-from cellseg.model.manifest import Manifest
+from cellseg.model.manifest import ClassThresholds, Manifest
 
 
 @dataclass
@@ -39,7 +39,14 @@ class ImageResult:
 OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
-def _forward(image: np.ndarray, loaded, views: Sequence[str], device, known: dict, batch: int) -> list[RawView]:
+def _forward(
+    image: np.ndarray,
+    loaded: Sequence[LoadedModel],
+    views: Sequence[str],
+    device: torch.device,
+    known: dict[tuple[int, str], RawView],
+    batch: int,
+) -> list[RawView]:
     """Every model x view of ``image`` in :func:`predict_views`' order, taking the ``known``
     (model position, view) results as they are and running only the others."""
     if not known:
@@ -55,8 +62,12 @@ def _forward(image: np.ndarray, loaded, views: Sequence[str], device, known: dic
 
 
 def forward_image(
-    image: np.ndarray, loaded, views: Sequence[str], device, known: dict | None = None
-) -> tuple[list, float]:
+    image: np.ndarray,
+    loaded: Sequence[LoadedModel],
+    views: Sequence[str],
+    device: torch.device,
+    known: dict[tuple[int, str], RawView] | None = None,
+) -> tuple[list[RawView], float]:
     """Models x views of one (H, W) uint8 image -> (raw views, seconds).
 
     ``known`` maps (position in ``loaded``, view) to a RawView already computed for this image (the
@@ -80,20 +91,20 @@ def forward_image(
     return raw, time.perf_counter() - t0
 
 
-def vote_image_type(raw, loaded, manifest: Manifest) -> str:
+def vote_image_type(raw: Sequence[RawView], loaded: Sequence[LoadedModel], manifest: Manifest) -> str:
     """The image's cell type from all its raw model x view detections (manifest's vote threshold)."""
     return vote_cell_type(*raw_vote_inputs(raw, loaded), min_score=manifest.fusion.vote_min_score)
 
 
 def image_detections(
     image_shape: tuple[int, int],
-    raw,
-    loaded,
+    raw: Sequence[RawView],
+    loaded: Sequence[LoadedModel],
     views: Sequence[str],
     manifest: Manifest,
     cell_type: str | None = None,
     min_score: float | None = None,
-):
+) -> tuple[Detections, str, float]:
     """Pre-fusion detections of one image from its raw views (CPU only).
 
     The cell type is ``cell_type`` when given (e.g. from an unlabeled image's file name), else the
@@ -113,12 +124,12 @@ def image_detections(
 
 def finish_image(
     image_shape: tuple[int, int],
-    raw,
-    loaded,
+    raw: Sequence[RawView],
+    loaded: Sequence[LoadedModel],
     views: Sequence[str],
     manifest: Manifest,
     cell_type: str | None = None,
-    strictness=None,
+    strictness: Callable[[ClassThresholds], ClassThresholds] | None = None,
 ) -> ImageResult:
     """Cell-type vote, fusion and post-processing of one image's raw views (CPU only).
 
@@ -151,7 +162,9 @@ def finish_image(
     return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
 
 
-def predict_image(image: np.ndarray, loaded, views: Sequence[str], manifest: Manifest, device) -> ImageResult:
+def predict_image(
+    image: np.ndarray, loaded: Sequence[LoadedModel], views: Sequence[str], manifest: Manifest, device: torch.device
+) -> ImageResult:
     """One (H, W) uint8 image through models x views, vote, fusion and post-processing."""
     raw, forward_s = forward_image(image, loaded, views, device)
     res = finish_image(image.shape, raw, loaded, views, manifest)

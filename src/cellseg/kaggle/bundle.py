@@ -410,11 +410,13 @@ def format_provenance(b: Bundle) -> str:
 
 
 def human_size(n: int) -> str:
+    """``n`` bytes as B / KiB / MiB / GiB text, e.g. ``human_size(1536) == "1.5 KiB"``."""
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
 
 
 def format_table(files: list[BundleFile]) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from cellseg.config import dump_yaml, parse_duration, to_dict
 from cellseg.data import livecell
 from cellseg.data.dataset import build_train_dataset, collate_fn
 from cellseg.data.folds import load_folds, split
-from cellseg.data.truth import read_train_csv
+from cellseg.data.truth import TrainSet, read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, count_parameters, unwrap
@@ -67,7 +68,7 @@ from cellseg.training.optim import build_optimizer, lr_factor
 from cellseg.training.rng import seed_everything, set_rng_state
 
 
-def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
+def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None) -> tuple[TrainSet, list[str], list[str]]:
     """(TrainSet without hole filling = validation truth, train ids, hold-out ids)."""
     if fold is not None and not cfg.data.folds_csv and not 0 <= fold < cfg.data.folds:
         raise CellsegError(f"--fold {fold} out of range 0..{cfg.data.folds - 1} (data.folds={cfg.data.folds})")
@@ -79,7 +80,7 @@ def split_ids(cfg: ExperimentConfig, data_dir: Path, fold: int | None):
     return truth, train_ids, hold_ids
 
 
-def balanced_subset(truth: dict, n: int) -> list[str]:
+def balanced_subset(truth: Mapping[str, Any], n: int) -> list[str]:
     """``n`` ids taken round-robin over cell types (each type in its original order)."""
     by_type: dict[str, list[str]] = {}
     for image_id, ann in truth.items():
@@ -182,7 +183,7 @@ def train(
     dataset = build_train_dataset(cfg, data_dir, train_ids)
     if len(dataset) == 0:
         raise CellsegError(f"fold {fold}: no training images")
-    val_truth = {i: truth.images[i] for i in hold_ids}
+    val_truth: Mapping[str, Any] = {i: truth.images[i] for i in hold_ids}
     if tc.val_max_images and len(val_truth) > tc.val_max_images:
         val_truth = {i: val_truth[i] for i in balanced_subset(val_truth, tc.val_max_images)}
     lc_val = livecell.validation_set(cfg, data_dir)  # data.livecell_val: LIVECell replaces the hold-out
@@ -214,7 +215,9 @@ def train(
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if tc.num_workers > cores:  # more loader processes than cores only slow loading down (and torch warns)
         log(f"train.num_workers={tc.num_workers} but {cores} core(s) here: using {cores} loader worker(s)")
@@ -371,7 +374,7 @@ def train(
         main_done(info)
 
     if info.distributed:
-        obj = [best_score, best_epoch, history]
+        obj: list[Any] = [best_score, best_epoch, history]
         dist.broadcast_object_list(obj, src=0)
         best_score, best_epoch, history = obj
     if info.main and best_score is not None:
