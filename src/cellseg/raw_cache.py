@@ -27,6 +27,8 @@ from cellseg.errors import CellsegError
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.io import atomic_path, atomic_write_text, read_gray
 from cellseg.model.manifest import Manifest, load_manifest
+from cellseg.paths import CompetitionPaths
+from cellseg.progress import progress as progress_bar
 
 CACHE_VERSION = 2  # 2: every file records its ensemble's fingerprint
 
@@ -148,10 +150,9 @@ def predict_raw(
     Raises:
         CellsegError: ``out_dir`` holds a cache of another ensemble or split, or unindexed files.
     """
+    # lazy: the model side imports torch; reading a cache (tune) stays torch-free
     from cellseg.inference.forward import load_ensemble, resolve_device
     from cellseg.inference.pipeline import forward_image, image_detections
-    from cellseg.paths import CompetitionPaths
-    from cellseg.progress import progress as progress_bar
 
     manifest = load_manifest(manifest_path, verify=True)
     if not manifest.models:
