@@ -25,6 +25,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks kernel tools
 	$(BIN)/ruff format --check src tests benchmarks kernel tools
+	$(BIN)/mypy  # files and settings: [tool.mypy] in pyproject.toml
 
 clean:
 	rm -rf demo-out build dist src/*.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_synth.py [--workers N] [--train-images 606] [--semi-images 200]
 
-(a) Cell rasterisation: ``synth.cell_shapes`` (batched, angle lookup table) vs the baseline measured
+(a) Cell rasterisation: ``synth_shapes.cell_shapes`` (batched, angle lookup table) vs the baseline measured
     in this run: one cell at a time with ``np.arctan2``/``np.hypot`` (the straightforward version).
     Same profiles and areas; reports the speed-up and the pixel agreement of the two.
 (b) The full default dataset (606 train, 3 test, 200 semi) with ``--workers`` processes (default:
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cellseg.data import synth
+from cellseg.data import synth, synth_shapes
 
 
 def naive_shapes(rng: np.random.Generator, cell_type: str, areas: np.ndarray) -> list[np.ndarray]:
     """Baseline: the same outlines rasterised one cell at a time with arctan2 on a square crop."""
-    r, bend, swirl = synth._profiles(rng, cell_type, areas.size)
-    r = r * np.sqrt(areas / (0.5 * (r * r).sum(1) * (2 * np.pi / synth._N_ANGLES)))[:, None]
+    r, bend, swirl = synth_shapes._profiles(rng, cell_type, areas.size)
+    r = r * np.sqrt(areas / (0.5 * (r * r).sum(1) * (2 * np.pi / synth_shapes._N_ANGLES)))[:, None]
     out = []
     for k in range(areas.size):
         rmax = float(r[k].max())
@@ -41,7 +41,7 @@ def naive_shapes(rng: np.random.Generator, cell_type: str, areas: np.ndarray) ->
         u, v = xx, yy - np.float32(bend[k] / rmax) * xx * xx
         rho = np.hypot(u, v)
         th = np.arctan2(v, u) + np.float32(swirl[k] / rmax) * rho
-        idx = ((th + np.pi) * (synth._N_ANGLES / (2 * np.pi))).astype(np.int64) % synth._N_ANGLES
+        idx = ((th + np.pi) * (synth_shapes._N_ANGLES / (2 * np.pi))).astype(np.int64) % synth_shapes._N_ANGLES
         out.append(rho <= r[k][idx])
     return out
 
@@ -55,9 +55,9 @@ def _cpu() -> float:
 def bench_shapes() -> None:
     for cell_type, n in (("shsy5y", 2000), ("astro", 400)):
         areas = np.full(n, 230.0 if cell_type == "shsy5y" else 900.0)
-        synth.cell_shapes(np.random.default_rng(0), cell_type, areas[:10])  # build the angle table
+        synth_shapes.cell_shapes(np.random.default_rng(0), cell_type, areas[:10])  # build the angle table
         t = time.perf_counter()
-        ours = synth.cell_shapes(np.random.default_rng(1), cell_type, areas)
+        ours = synth_shapes.cell_shapes(np.random.default_rng(1), cell_type, areas)
         t_ours = time.perf_counter() - t
         t = time.perf_counter()
         base = naive_shapes(np.random.default_rng(1), cell_type, areas)

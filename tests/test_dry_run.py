@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -10,7 +9,6 @@ from PIL import Image
 from cellseg.cli import main
 from cellseg.data.folds import select_ids
 from cellseg.data.synth import generate
-from cellseg.dry_run import contour, overlay
 from inference_helpers import make_manifest
 
 
@@ -81,18 +79,6 @@ def test_predict_raw_and_dry_run_pick_the_same_images(synth, manifest, tmp_path,
     cached = json.loads((tmp_path / "cache" / "index.json").read_text())["ids"]
     scored = pd.read_csv(tmp_path / "rep" / "per_image.csv", dtype={"id": str})["id"]
     assert len(cached) == 6 and sorted(cached) == sorted(scored)
-
-
-def test_overlay_draws_both_contours():
-    img = np.full((20, 20), 100, np.uint8)
-    truth = np.zeros((20, 20), np.int32)
-    truth[2:8, 2:8] = 1
-    pred = np.zeros((20, 20), np.int32)
-    pred[10:16, 10:16] = 1
-    rgb = overlay(img, truth, pred)
-    assert tuple(rgb[2, 4]) == (0, 230, 0) and tuple(rgb[10, 12]) == (255, 0, 255)
-    assert tuple(rgb[5, 5]) == (100, 100, 100)  # interior untouched
-    assert contour(truth).sum() == 20  # 6x6 square: its ring
 
 
 def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):

@@ -15,13 +15,17 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from cellseg.errors import CellsegError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: A dataclass type: what the config system loads.
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -41,7 +45,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except CellsegError as e:
                 errors.append(str(e))
         raise CellsegError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -191,7 +195,7 @@ def _error_of(cls: type, data: dict) -> str:
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
     """Write a dataclass tree as YAML atomically."""
-    from cellseg.io import atomic_write_text
+    from cellseg.io import atomic_write_text  # io imports numpy and PIL; config stays light
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))
 

@@ -7,7 +7,8 @@ decoded and scored. The report folder receives::
 
     submission.csv        what the kernel wrote
     per_image.csv         id, cell_type, voted_type, score, n_true, n_pred, seconds (worst first)
-    overlays/NN_<id>.png  image with truth (green) and prediction (magenta) contours, worst first
+    overlays/NN_<id>.png  image with truth (green) and prediction (magenta) contours, unmatched cells
+                          hatched, and a legend saying so (cellseg.plot.save_overlay), worst first
     score_by_class.png    bar chart of the score per cell type
     summary.json          provenance (the ensemble's training data in one line), score, per_class, images,
                           device, seconds per image, projected runtime
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from cellseg import plot
 from cellseg.data.folds import select_ids
 from cellseg.data.masks import label_image
 from cellseg.data.truth import read_train_csv
@@ -68,51 +69,6 @@ def stage_test_folder(paths: CompetitionPaths, ids: Sequence[str], out: Path) ->
             shutil.copy2(src, test / src.name)
     (out / "sample_submission.csv").write_text("id,predicted\n" + "".join(f"{i},\n" for i in ids))
     return out
-
-
-def contour(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a label image: (H, W) bool, True where a neighbour has another label."""
-    edge = np.zeros(mask.shape, bool)
-    edge[:-1] |= mask[:-1] != mask[1:]
-    edge[1:] |= mask[1:] != mask[:-1]
-    edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
-    edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
-    return edge & (mask > 0)
-
-
-def overlay(image: np.ndarray, truth_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8: the grey image with truth contours green and prediction contours magenta."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.uint8)
-    rgb[contour(truth_labels)] = (0, 230, 0)
-    rgb[contour(pred_labels)] = (255, 0, 255)
-    return rgb
-
-
-def _plot_by_class(per_class: dict[str, float], counts: dict[str, int], path: Path) -> None:
-    # matplotlib only for this chart: importing it (~0.5 s) is left to the reports that draw
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(per_class)
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    bars = ax.bar(names, [per_class[n] for n in names], color=["#4c72b0", "#dd8452", "#55a868"][: len(names)])
-    for b, n in zip(bars, names):
-        ax.text(
-            b.get_x() + b.get_width() / 2,
-            b.get_height(),
-            f"{per_class[n]:.3f}\n({counts.get(n, 0)} img)",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_ylim(0, max([0.5, *per_class.values()]) * 1.25)
-    ax.set_ylabel("competition score")
-    ax.set_title("dry run: score by cell type")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def dry_run(
@@ -178,9 +134,10 @@ def dry_run(
         img = read_gray(paths.image("train", row.id))
         gt, _ = label_image(ann.instances, ann.height, ann.width)
         pr, _ = label_image(preds.get(row.id, []), ann.height, ann.width)
-        Image.fromarray(overlay(img, gt, pr), "RGB").save(ov / f"{rank:02d}_{row.id}_{row.score:.3f}.png")
+        title = f"{row.id}  {row.cell_type}  score {row.score:.3f}"
+        plot.save_overlay(ov / f"{rank:02d}_{row.id}_{row.score:.3f}.png", img, gt, pr, title)
     counts = per_image["cell_type"].value_counts().to_dict()
-    _plot_by_class(scores.per_class, counts, report / "score_by_class.png")
+    plot.score_by_class(scores.per_class, counts, report / "score_by_class.png")
 
     per_img_s = float(np.mean(list(run.seconds.values()))) if run.seconds else float("nan")
     projected = run.load_s + HIDDEN_TEST_IMAGES * per_img_s

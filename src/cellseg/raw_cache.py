@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.errors import CellsegError
-from cellseg.inference.forward import load_ensemble, resolve_device
 from cellseg.inference.fusion import Detections, SoftCrop
-from cellseg.inference.pipeline import forward_image, image_detections
 from cellseg.io import atomic_path, atomic_write_text, read_gray
 from cellseg.model.manifest import Manifest, load_manifest
 from cellseg.paths import CompetitionPaths
@@ -152,6 +150,10 @@ def predict_raw(
     Raises:
         CellsegError: ``out_dir`` holds a cache of another ensemble or split, or unindexed files.
     """
+    # lazy: the model side imports torch; reading a cache (tune) stays torch-free
+    from cellseg.inference.forward import load_ensemble, resolve_device
+    from cellseg.inference.pipeline import forward_image, image_detections
+
     manifest = load_manifest(manifest_path, verify=True)
     if not manifest.models:
         raise CellsegError(f"{manifest_path}: manifest lists no model")
@@ -197,7 +199,8 @@ def predict_raw(
         dets, cell_type, total = image_detections(
             image.shape, raw, loaded, manifest.tta, manifest, min_score=manifest.fusion.model_score_thresh
         )
-        save_cached(out / f"{image_id}.npz", CachedImage(image_id, cell_type, *image.shape, total, dets, fingerprint))
+        h, w = image.shape  # read_gray: always (H, W)
+        save_cached(out / f"{image_id}.npz", CachedImage(image_id, cell_type, h, w, total, dets, fingerprint))
         done.append(image_id)
         write_index()
         bar.update()

@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellseg import CELL_TYPES
+from cellseg import CELL_TYPES, plot
 from cellseg.data.folds import group_folds
 from cellseg.data.masks import fill_holes, label_image
 from cellseg.errors import CellsegError
 from cellseg.inference.fusion import fuse, pairwise_iou
 from cellseg.inference.postprocess import binarize, min_pixels_filter, remove_overlaps
-from cellseg.io import atomic_path
 from cellseg.metric import THRESHOLDS, matched_pairs
 from cellseg.model.manifest import ClassThresholds, Manifest
 from cellseg.raw_cache import (  # noqa: F401  (predict_raw, save_cached re-exported: `from cellseg.tune import ...`)
@@ -72,7 +71,7 @@ class TuneGrid:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.nms_iou), len(self.mask_threshold), len(self.min_pixels), len(self.score))
 
-    def values(self, index: tuple[int, int, int, int]) -> ClassThresholds:
+    def values(self, index: tuple[int, ...]) -> ClassThresholds:
         a, b, c, d = index
         return ClassThresholds(
             score=float(self.score[d]),
@@ -177,6 +176,12 @@ class TuneResult:
     vote_right: int = 0
 
 
+def _at(tables: np.ndarray, index: tuple[int, ...]) -> np.ndarray:
+    """(n_images,) scores at grid ``index`` of ``tables`` (n_images, *grid.shape)."""
+    key: tuple[slice | int, ...] = (slice(None), *index)
+    return tables[key]
+
+
 def choose(tables: np.ndarray, prefer: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Grid index with the best mean score over images; ``tables`` (n_images, *grid.shape).
 
@@ -254,11 +259,11 @@ def tune(
         for k in np.unique(fold):
             held = fold == k
             idx = choose(tab[~held], prefer=d_idx) if (~held).any() else best
-            oof[held] = tab[held][(slice(None), *idx)]
+            oof[held] = _at(tab[held], idx)
         has_oof = len(np.unique(fold)) > 1  # one sample group: every image would be scored in-sample
         curves = {}
         for axis, name in enumerate(("nms_iou", "mask_threshold", "min_pixels", "score")):
-            sl = list(best)
+            sl: list[int | slice] = list(best)
             sl[axis] = slice(None)
             curves[name] = (list(map(float, getattr(g, name))), tab.mean(axis=0)[tuple(sl)].tolist())
         results[ct] = ClassResult(
@@ -266,17 +271,17 @@ def tune(
             len(tab),
             default,
             g.values(best),
-            float(tab[(slice(None), *d_idx)].mean()),
-            float(tab[(slice(None), *best)].mean()),
+            float(_at(tab, d_idx).mean()),
+            float(_at(tab, best).mean()),
             float(oof.mean()) if has_oof else None,
             curves,
             groups=len(set(groups)),
-            default_scores=tab[(slice(None), *d_idx)].tolist(),
+            default_scores=_at(tab, d_idx).tolist(),
             oof_scores=oof.tolist() if has_oof else None,
             misvoted=[img.id for img in per_class[ct] if img.cell_type != ct],
         )
-        all_default += tab[(slice(None), *d_idx)].tolist()
-        all_tuned += tab[(slice(None), *best)].tolist()
+        all_default += _at(tab, d_idx).tolist()
+        all_tuned += _at(tab, best).tolist()
         all_oof += oof.tolist() if has_oof else [float("nan")] * len(tab)
     return TuneResult(
         results,
@@ -290,31 +295,6 @@ def tune(
 
 
 def plot_curves(res: TuneResult, out_dir: str | Path) -> list[Path]:
-    """One PNG per class: score vs each threshold, the others held at the chosen values."""
-    # matplotlib only for these plots: importing it (~0.5 s) is left to the runs that draw
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ct, r in res.classes.items():
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-        for ax, (name, (xs, ys)) in zip(axes, r.curves.items()):
-            ax.plot(xs, ys, marker="o", ms=3)
-            ax.axvline(getattr(r.tuned, name), color="tab:green", ls="--", label="tuned")
-            ax.axvline(getattr(r.default, name), color="tab:red", ls=":", label="default")
-            ax.set_xlabel(name)
-            ax.set_ylabel("score")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{ct}: {r.images} images, tuned {r.tuned_score:.4f} (default {r.default_score:.4f})")
-        fig.tight_layout()
-        p = out_dir / f"tune_{ct}.png"
-        with atomic_path(p) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+    """One PNG per class, ``out_dir/tune_<type>.png``: score vs each threshold, the others held at the
+    chosen values (drawn by :func:`cellseg.plot.tune_curves`). Returns the paths."""
+    return plot.tune_curves(res.classes, out_dir)

@@ -1,5 +1,6 @@
-"""cellseg.data.synth: layout, statistics per cell type, determinism, non-overlap, broken astro masks,
-non-thresholdable images, and the ``cellseg synth`` command through a real subprocess."""
+"""cellseg.data.synth (with synth_image, synth_shapes): layout, statistics per cell type, determinism,
+non-overlap, broken astro masks, non-thresholdable images, and the ``cellseg synth`` command through a
+real subprocess."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pandas as pd
 import pytest
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
-from cellseg.data import rle, synth
+from cellseg.data import rle, synth, synth_image
 from cellseg.data.masks import fill_holes, label_image
-from cellseg.data.truth import cell_type_from_filename, read_train_csv
+from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename, read_train_csv
+from cellseg.errors import CellsegError
 from cellseg.io import read_gray
 
 H, W = IMAGE_SHAPE
@@ -29,11 +31,11 @@ def _cellseg_cmd() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sample() -> dict[str, list[synth.SynthImage]]:
+def sample() -> dict[str, list[synth_image.SynthImage]]:
     """A moderately sized sample per type, straight from make_image (no files)."""
     rng = np.random.default_rng(2024)
     counts = {"cort": 24, "shsy5y": 10, "astro": 20}
-    return {t: [synth.make_image(rng, t) for _ in range(n)] for t, n in counts.items()}
+    return {t: [synth_image.make_image(rng, t) for _ in range(n)] for t, n in counts.items()}
 
 
 def _iou(a, b) -> float:
@@ -63,7 +65,7 @@ def _otsu(img: np.ndarray) -> int:
 
 def test_layout_and_csv_columns(synth_dir: Path) -> None:
     df = pd.read_csv(synth_dir / "train.csv", dtype=str, keep_default_na=False)
-    assert tuple(df.columns) == synth.TRAIN_COLUMNS
+    assert tuple(df.columns) == TRAIN_COLUMNS
     ids = df["id"].unique()
     assert len(ids) == 12
     assert sorted(p.stem for p in (synth_dir / "train").glob("*.png")) == sorted(ids)
@@ -132,7 +134,7 @@ def test_statistics_per_type_roughly_match_the_real_data(sample) -> None:
         areas = np.array([a.area for s in images for a in s.annotations])
         assert 0.6 * REAL_MEAN_INSTANCES[t] < counts.mean() < 1.5 * REAL_MEAN_INSTANCES[t], t
         assert 0.75 * REAL_MEAN_AREA[t] < areas.mean() < 1.3 * REAL_MEAN_AREA[t], t
-        assert areas.min() >= synth.SPECS[t].min_area
+        assert areas.min() >= synth_image.SPECS[t].min_area
         assert all(s.image.shape == (H, W) and s.image.dtype == np.uint8 for s in images)
     # spread: shsy5y images are crowded, cort ones sparse; astro cells the largest
     assert min(len(s.cells) for s in sample["shsy5y"]) > max(len(s.cells) for s in sample["cort"])
@@ -223,14 +225,14 @@ def test_refuses_a_non_empty_out_unless_forced(tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(synth.CellsegError, match="not empty"):
+    with pytest.raises(CellsegError, match="not empty"):
         synth.generate(out, 1, 0, 0, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left
     s = synth.generate(out, 1, 0, 0, progress=False, force=True)
     assert s["train_images"] == 1 and not (out / "keep.txt").exists() and (out / "train.csv").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
-    with pytest.raises(synth.CellsegError, match="train_images"):
+    with pytest.raises(CellsegError, match="train_images"):
         synth.generate(tmp_path / "neg", -1, progress=False)
 
 

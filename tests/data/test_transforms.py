@@ -11,10 +11,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cellseg.config import load_yaml
+from cellseg.data.geometric import rot90
 from cellseg.data.transforms import (
     AugmentConfig,
     RandomFlipRot90,
-    RandomRot90,
     RandomScaleCrop,
     TightBoxes,
     build_transform,
@@ -121,8 +121,7 @@ def test_flips_map_image_masks_and_boxes_together(masks, op, ref):
 @pytest.mark.parametrize("k", [1, 3])
 def test_rot90_maps_image_masks_and_boxes_together(masks, k):
     image, target = sample(masks)
-    rot = RandomRot90(p=1.0)
-    out_img, out = rot.transform(image, {"k": k}), {key: rot.transform(v, {"k": k}) for key, v in target.items()}
+    out_img, out = rot90(image, k), {key: rot90(v, k) for key, v in target.items()}
     want = np.rot90(masks, k, axes=(1, 2))
     assert out["masks"].shape == (len(masks), W, H) and out["boxes"].canvas_size == (W, H)
     assert np.array_equal(arr(out["masks"]), want.astype(np.uint8))
@@ -163,10 +162,11 @@ def test_fused_flip_rot90_draws_like_three_independent_ops():
 
 
 def test_rot90_draws_both_directions_and_identity():
-    rot = RandomRot90(p=0.5)
+    rot = RandomFlipRot90(hflip=0.0, vflip=0.0, rot90=0.5)
     torch.manual_seed(0)
-    ks = {rot.make_params([])["k"] for _ in range(200)}
-    assert ks == {0, 1, 3}
+    draws = [rot.make_params([]) for _ in range(200)]
+    assert {d["k"] for d in draws} == {0, 1, 3}
+    assert not any(d["h"] or d["v"] for d in draws)
 
 
 def test_full_geometric_pipeline_keeps_boxes_tight_and_labels_aligned(masks):

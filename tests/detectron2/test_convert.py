@@ -1,4 +1,4 @@
-"""Detectron2 checkpoints in our pipeline without Detectron2 (cellseg.detectron2.convert, cellseg.detectron2.modeling,
+"""Detectron2 checkpoints in our pipeline without Detectron2 (cellseg.detectron2.config, .convert, .modeling,
 ``cellseg convert-detectron2``), checked against real Detectron2 v0.6 outputs stored in
 tests/fixtures/detectron2 (see its README.md): a Mask R-CNN R50-FPN with deterministic weights
 regenerated here by the fixture's own make_weights.py, run on a 260 x 352 grey image.

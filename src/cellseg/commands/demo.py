@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.io import check_writable
     from cellseg.kaggle.demo import run_demo
 

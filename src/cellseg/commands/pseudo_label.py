@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.io import check_writable
     from cellseg.pseudo import pseudo_label
 

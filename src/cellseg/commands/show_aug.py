@@ -5,10 +5,12 @@ per instance, boxes optional)."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
+
+#: The README's training config (``cellseg train --config configs/maskrcnn_r50_fpn.yaml``): drawn by default.
+DEFAULT_CONFIG = "maskrcnn_r50_fpn.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         help="YAML with the augmentation: an experiment config (its 'augment' section is used) or a bare "
-        "AugmentConfig mapping; default: AugmentConfig() defaults",
+        "AugmentConfig mapping; default: the README's training config, configs/maskrcnn_r50_fpn.yaml "
+        "(AugmentConfig() defaults where cellseg runs from a wheel, without configs/)",
     )
     parser.add_argument(
         "--set",
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_augment(path: Path | None, overrides: list[str]):
     """AugmentConfig from a YAML file (experiment config or bare section) plus ``KEY=VALUE`` overrides."""
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.config import apply_overrides, from_dict, read_yaml
     from cellseg.errors import CellsegError
     from cellseg.model.experiment import AugmentConfig
@@ -56,69 +60,38 @@ def load_augment(path: Path | None, overrides: list[str]):
         raise CellsegError(f"{path or '--set'}: {e}") from None
 
 
-def outline(masks: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Contour pixels (mask xor eroded mask) of a (N, H, W) stack, computed on each instance's box.
+def default_config() -> tuple[Path | None, str]:
+    """The config show-aug draws without ``--config``: what ``cellseg train`` would train on in the README.
 
-    Returns ``coords`` (K, 2) int (row, col) and ``owner`` (K,) int: the instance of each pixel.
+    Returns ``(path, description)``: ``configs/maskrcnn_r50_fpn.yaml`` of the checkout, or ``(None,
+    "AugmentConfig() defaults ...")`` when cellseg runs from a wheel (no configs/ folder).
     """
-    from scipy import ndimage
+    from cellseg.errors import CellsegError
+    from cellseg.paths import configs_dir
 
-    coords, owner = [], []
-    h, w = masks.shape[-2:]
-    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.int64).reshape(-1, 4)):
-        y0, x0 = max(y0 - 1, 0), max(x0 - 1, 0)
-        y1, x1 = min(y1 + 1, h), min(x1 + 1, w)
-        sub = masks[i, y0:y1, x0:x1].astype(bool)
-        edge = sub & ~ndimage.binary_erosion(sub, border_value=0)
-        r, c = np.nonzero(edge)
-        coords.append(np.column_stack([r + y0, c + x0]))
-        owner.append(np.full(r.size, i))
-    if not coords:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(coords), np.concatenate(owner)
-
-
-def render(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, draw_boxes: bool = False) -> np.ndarray:
-    """(H, W, 3) uint8: the grey image with one coloured contour per instance (and boxes)."""
-    import matplotlib
-
-    grey = (np.clip(image[0], 0, 1) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    n = len(masks)
-    if n == 0:
-        return rgb
-    colors = (matplotlib.colormaps["hsv"](np.random.default_rng(0).permutation(n) / max(n, 1))[:, :3] * 255).astype(
-        np.uint8
-    )
-    coords, owner = outline(masks, boxes)
-    rgb[coords[:, 0], coords[:, 1]] = colors[owner]
-    if draw_boxes:
-        h, w = grey.shape
-        for (x0, y0, x1, y1), col in zip(np.asarray(boxes, dtype=np.int64), colors):
-            x1, y1 = min(x1, w) - 1, min(y1, h) - 1
-            rgb[y0, x0 : x1 + 1] = rgb[y1, x0 : x1 + 1] = col
-            rgb[y0 : y1 + 1, x0] = rgb[y0 : y1 + 1, x1] = col
-    return rgb
+    try:
+        path = configs_dir() / DEFAULT_CONFIG
+    except CellsegError:
+        return None, "AugmentConfig() defaults (installed wheel: no configs/ folder)"
+    return path, f"configs/{DEFAULT_CONFIG} (the README's training config; --config to draw another)"
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
     from tqdm.auto import tqdm
 
-    from cellseg import CELL_TYPES
+    from cellseg import CELL_TYPES, plot
     from cellseg.data.dataset import build_datasets
     from cellseg.errors import CellsegError
-    from cellseg.io import atomic_path, check_writable
+    from cellseg.io import check_writable
     from cellseg.model.experiment import DataConfig, ExperimentConfig
 
     check_writable(args.out, "file")
     if args.num < 1:
         raise CellsegError(f"-n must be >= 1, got {args.num}")
-    augment = load_augment(args.config, args.overrides)
+    config, source = (args.config, str(args.config)) if args.config is not None else default_config()
+    print(f"augmentation: {source}" + (f" + {len(args.overrides)} --set override(s)" if args.overrides else ""))
+    augment = load_augment(config, args.overrides)
     cfg = ExperimentConfig(data=DataConfig(fill_holes=not args.no_fill_holes), augment=augment)
     ds, _ = build_datasets(cfg, args.data, fold=None)
     if len(ds) == 0:
@@ -133,22 +106,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         picks = rng.choice(len(ds), size=args.num, replace=args.num > len(ds)).tolist()
     torch.manual_seed(args.seed)
-    cols = args.cols or math.ceil(math.sqrt(args.num))
-    rows = math.ceil(args.num / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, idx in zip(axes.ravel(), tqdm(picks, desc="show-aug", unit="img", disable=None)):
+    panels = []
+    for idx in tqdm(picks, desc="show-aug", unit="img", disable=None):
         image, target = ds[idx]
         masks, boxes = target["masks"].numpy(), target["boxes"].numpy()
-        ax.imshow(render(image.numpy(), masks, boxes, args.boxes), interpolation="nearest")
         labels = target["labels"].numpy()
         kinds = ", ".join(f"{CELL_TYPES[c - 1]} {int((labels == c).sum())}" for c in np.unique(labels)) or "no cells"
-        ax.set_title(f"{target['image_id'][:12]}  {image.shape[2]}x{image.shape[1]}\n{kinds}", fontsize=8)
-    fig.suptitle(f"{args.data.name}: {args.num} augmented samples (seed {args.seed})", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(args.out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        caption = f"{target['image_id'][:12]}  {image.shape[2]}x{image.shape[1]}\n{kinds}"
+        panels.append(plot.AugPanel(plot.render(image.numpy(), masks, boxes, args.boxes), caption))
+    title = f"{args.data.name}: {args.num} augmented samples (seed {args.seed})\naugmentation: {source}"
+    _, rows, cols = plot.aug_grid(panels, args.out, title, args.cols)
     print(f"wrote {args.out} ({args.num} samples, {rows}x{cols} grid)")
     return 0

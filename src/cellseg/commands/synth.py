@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.data.synth import generate
     from cellseg.io import check_writable
 

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from cellseg.errors import CellsegError
+
 EPILOG = """\
 examples:
   cellseg train --config configs/demo.yaml --data /tmp/synth --fold 0
@@ -32,8 +34,6 @@ def check_run_folder(out: Path, resume: bool, force: bool, main_rank: bool) -> N
     Raises:
         CellsegError: one line naming the folder and the files found.
     """
-    from cellseg.errors import CellsegError
-
     found = [n for n in RUN_FILES if (out / n).exists()]
     if not found or resume:
         return
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellseg.errors import CellsegError
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.io import check_writable
     from cellseg.model.experiment import load_experiment
     from cellseg.training.loop import train

@@ -68,6 +68,7 @@ def _values(kind):
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.io import check_writable
     from cellseg.model.manifest import load_manifest
     from cellseg.tune import plot_curves, tune

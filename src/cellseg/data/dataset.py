@@ -178,19 +178,30 @@ class CellDataset(Dataset):
         if cfg is not None and cfg.enabled and cfg.copy_paste_p > 0 and rec.instances is not None:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
             if rng.random() < cfg.copy_paste_p:
-                pasted = self._copy_paste(rec, image, masks, labels, boxes, rng)
+                pasted = self._copy_paste(cfg, rec, image, masks, labels, boxes, rng)
                 if pasted is not None:
                     image, masks, labels, boxes = pasted
         return self._finish(rec.image_id, image, masks, labels, boxes)
 
-    def _copy_paste(self, rec: Record, image, masks, labels, boxes, rng: np.random.Generator):
-        cfg = self.augment
+    def _copy_paste(
+        self,
+        cfg: AugmentConfig,
+        rec: Record,
+        image: np.ndarray,
+        masks: np.ndarray,
+        labels: np.ndarray,
+        boxes: np.ndarray,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Copy-paste cells of another record of the pool (same cell type when ``cfg`` says so) onto
+        ``rec``'s sample: image (H, W) uint8, masks (N, H, W) bool, labels (N,) int64, boxes (N, 4)
+        float32 xyxy. Returns the new four arrays (N' instances), or None when no other record has cells."""
         pool = self._paste_pool[rec.cell_type] if cfg.copy_paste_same_type else self._paste_pool[None]
         pool = [r for r in pool if r is not rec] or [r for r in self._paste_pool[None] if r is not rec]
         if not pool:
             return None
         src = pool[int(rng.integers(len(pool)))]
-        crops = src.instances
+        crops = src.instances or []  # the pool holds records with instances only
         pick = np.sort(rng.choice(len(crops), size=min(len(crops), cfg.copy_paste_max_cells), replace=False))
         src_crops = [crops[i] for i in pick]
         src_image = read_gray(src.path)
@@ -237,7 +248,7 @@ class CellDataset(Dataset):
 
 def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...]]:
     """Batch for torchvision detection models: (tuple of images, tuple of targets)."""
-    return tuple(zip(*batch))  # type: ignore[return-value]
+    return tuple(zip(*batch))
 
 
 # -------------------------------------------------------------------- building records

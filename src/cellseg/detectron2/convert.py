@@ -1,18 +1,18 @@
 """Detectron2 Mask R-CNN checkpoints as our models, without importing Detectron2.
 
-Three pure steps, used by ``cellseg convert-detectron2``:
+Three pure steps, used by ``cellseg convert-detectron2`` (the first two live in
+:mod:`cellseg.detectron2.config`, which also explains the pixel normalisation):
 
 - :func:`read_d2_config` parses a fully merged Detectron2 config (``cfg.dump()`` output) as plain YAML.
 - :func:`model_fields` checks that the config describes the supported family (standard Mask R-CNN
-  R-50/101-FPN, see :func:`check_supported`) and maps it to :class:`cellseg.model.experiment.ModelConfig`
-  fields; anything else raises a one-line :class:`CellsegError` naming the key and its value.
+  R-50/101-FPN) and maps it to :class:`cellseg.model.experiment.ModelConfig` fields; anything else
+  raises a one-line :class:`CellsegError` naming the key and its value.
 - :func:`convert_state_dict` renames and reshapes Detectron2 weights to torchvision's names:
   background moves from the last classifier row to the first, torchvision's background box/mask
   outputs get zero rows, class-agnostic heads are repeated per class, and BGR models get their
   first conv's input channels reversed so the model takes RGB like ours.
 
-Detectron2 feeds 0-255 pixels normalised by ``PIXEL_MEAN``/``PIXEL_STD``; ours are [0, 1], so
-``image_mean = PIXEL_MEAN / 255`` and ``image_std = PIXEL_STD / 255`` give the same network input.
+:func:`convert_checkpoint` runs the three and writes our checkpoint and a one-model manifest.
 """
 
 from __future__ import annotations
@@ -23,253 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from cellseg.detectron2.config import get_value, head_layout, model_fields, read_d2_config
 from cellseg.errors import CellsegError
-from cellseg.io import read_text_file
+from cellseg.model.build import build_model
+from cellseg.model.checkpoint import git_commit, save_checkpoint
+from cellseg.model.experiment import ModelConfig
+from cellseg.model.manifest import Manifest, ModelEntry, default_classes, sha256_file, write_manifest
+from cellseg.model.provenance import from_checkpoint
 
 #: Detectron2 buffers that hold no weights (the normalisation comes from the config).
 IGNORED_D2_KEYS = {"pixel_mean", "pixel_std"}
 
-
-# ----------------------------------------------------------------------------------------------
-# config
-
-
-def read_d2_config(path: str | Path) -> dict:
-    """Load a Detectron2 ``config.yaml`` (``cfg.dump()``) as a nested dict; no Detectron2 needed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CellsegError(f"{path}: Detectron2 config not found")
-    text = read_text_file(path, "a Detectron2 config.yaml")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CellsegError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or "MODEL" not in data:
-        raise CellsegError(f"{path}: not a Detectron2 config (no MODEL section)")
-    if "_BASE_" in data:
-        raise CellsegError(
-            f"{path}: has _BASE_ (a partial config); give the fully merged config a training run "
-            "writes (cfg.dump(), output/config.yaml)"
-        )
-    return data
-
-
-def _get(cfg: dict, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise CellsegError(f"Detectron2 config lacks {key} (give the fully merged config written by cfg.dump())")
-        node = node[part]
-    return node
-
-
-def _unsupported(key: str, value: Any, supported: str) -> CellsegError:
-    return CellsegError(f"unsupported Detectron2 config: {key} = {value!r} (supported: {supported})")
-
-
-#: (key, allowed values, description of what is supported) for every fixed setting.
-_FIXED: list[tuple[str, tuple, str]] = [
-    ("MODEL.META_ARCHITECTURE", ("GeneralizedRCNN",), "GeneralizedRCNN"),
-    ("MODEL.MASK_ON", (True,), "True (Mask R-CNN)"),
-    ("MODEL.KEYPOINT_ON", (False,), "False"),
-    ("MODEL.LOAD_PROPOSALS", (False,), "False"),
-    ("MODEL.BACKBONE.NAME", ("build_resnet_fpn_backbone",), "build_resnet_fpn_backbone"),
-    ("MODEL.RESNETS.DEPTH", (50, 101), "50, 101"),
-    ("MODEL.RESNETS.NORM", ("FrozenBN",), "FrozenBN"),
-    ("MODEL.RESNETS.NUM_GROUPS", (1,), "1 (no ResNeXt)"),
-    ("MODEL.RESNETS.WIDTH_PER_GROUP", (64,), "64"),
-    ("MODEL.RESNETS.STEM_OUT_CHANNELS", (64,), "64"),
-    ("MODEL.RESNETS.RES2_OUT_CHANNELS", (256,), "256"),
-    ("MODEL.RESNETS.RES5_DILATION", (1,), "1"),
-    ("MODEL.RESNETS.OUT_FEATURES", (["res2", "res3", "res4", "res5"],), "[res2, res3, res4, res5]"),
-    ("MODEL.FPN.IN_FEATURES", (["res2", "res3", "res4", "res5"],), "[res2, res3, res4, res5]"),
-    ("MODEL.FPN.NORM", ("",), "'' (no norm)"),
-    ("MODEL.FPN.FUSE_TYPE", ("sum",), "sum"),
-    ("MODEL.ANCHOR_GENERATOR.NAME", ("DefaultAnchorGenerator",), "DefaultAnchorGenerator"),
-    ("MODEL.ANCHOR_GENERATOR.OFFSET", (0, 0.0), "0.0"),
-    ("MODEL.PROPOSAL_GENERATOR.NAME", ("RPN",), "RPN"),
-    ("MODEL.PROPOSAL_GENERATOR.MIN_SIZE", (0, 0.0), "0"),
-    ("MODEL.RPN.HEAD_NAME", ("StandardRPNHead",), "StandardRPNHead"),
-    ("MODEL.RPN.IN_FEATURES", (["p2", "p3", "p4", "p5", "p6"],), "[p2, p3, p4, p5, p6]"),
-    ("MODEL.RPN.BBOX_REG_WEIGHTS", ([1.0, 1.0, 1.0, 1.0],), "[1, 1, 1, 1]"),
-    ("MODEL.ROI_HEADS.NAME", ("StandardROIHeads",), "StandardROIHeads (no cascade)"),
-    ("MODEL.ROI_HEADS.IN_FEATURES", (["p2", "p3", "p4", "p5"],), "[p2, p3, p4, p5]"),
-    ("MODEL.ROI_BOX_HEAD.NAME", ("FastRCNNConvFCHead",), "FastRCNNConvFCHead"),
-    ("MODEL.ROI_BOX_HEAD.NUM_CONV", (0,), "0"),
-    ("MODEL.ROI_BOX_HEAD.NUM_FC", (2,), "2"),
-    ("MODEL.ROI_BOX_HEAD.NORM", ("",), "''"),
-    ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", (7,), "7"),
-    ("MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", ([10.0, 10.0, 5.0, 5.0],), "[10, 10, 5, 5]"),
-    ("MODEL.ROI_MASK_HEAD.NAME", ("MaskRCNNConvUpsampleHead",), "MaskRCNNConvUpsampleHead"),
-    ("MODEL.ROI_MASK_HEAD.NORM", ("",), "''"),
-    ("INPUT.FORMAT", ("BGR", "RGB"), "BGR, RGB"),
+#: Public names, including the config steps re-exported from :mod:`cellseg.detectron2.config`.
+__all__ = [
+    "IGNORED_D2_KEYS",
+    "build_converted",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "head_layout",
+    "load_d2_weights",
+    "model_fields",
+    "read_d2_config",
+    "torchvision_name",
 ]
-
-#: optional keys (absent in older Detectron2 versions) and the value that is supported.
-_OPTIONAL: list[tuple[str, Any, str]] = [
-    ("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", False, "False (softmax classifier)"),
-    ("MODEL.RPN.CONV_DIMS", [-1], "[-1] (one conv)"),
-    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, False, False, False], "all False (no deformable convs)"),
-]
-
-_POOLERS = {"ROIAlignV2": True, "ROIAlign": False}
-
-
-def _same(a: Any, b: Any) -> bool:
-    """YAML value equality where True != 1 and [1, 2] != (1, 2) matter only for bools."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return (
-            isinstance(a, (list, tuple))
-            and isinstance(b, (list, tuple))
-            and len(a) == len(b)
-            and all(_same(x, y) for x, y in zip(a, b))
-        )
-    return a == b
-
-
-def _num(key: str, value: Any, kind: type = float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _unsupported(key, value, "a number")
-    return kind(value)
-
-
-def check_supported(cfg: dict) -> None:
-    """Raise a one-line CellsegError naming the first unsupported key and its value."""
-    for key, allowed, supported in _FIXED:
-        value = _get(cfg, key)
-        if not any(_same(value, a) for a in allowed):
-            raise _unsupported(key, value, supported)
-    for key, good, supported in _OPTIONAL:
-        try:
-            value = _get(cfg, key)
-        except CellsegError:
-            continue
-        if not _same(value, good):
-            raise _unsupported(key, value, supported)
-    for head in ("ROI_BOX_HEAD", "ROI_MASK_HEAD"):
-        key = f"MODEL.{head}.POOLER_TYPE"
-        if _get(cfg, key) not in _POOLERS:
-            raise _unsupported(key, _get(cfg, key), "ROIAlignV2, ROIAlign")
-    box_type, mask_type = _get(cfg, "MODEL.ROI_BOX_HEAD.POOLER_TYPE"), _get(cfg, "MODEL.ROI_MASK_HEAD.POOLER_TYPE")
-    if box_type != mask_type:
-        raise _unsupported("MODEL.ROI_MASK_HEAD.POOLER_TYPE", mask_type, f"the box head's {box_type}")
-    box_sr = _get(cfg, "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO")
-    mask_sr = _get(cfg, "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO")
-    if mask_sr != box_sr:
-        raise _unsupported("MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", mask_sr, f"the box head's {box_sr}")
-    for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
-        value = _get(cfg, key)
-        if not isinstance(value, list) or len(value) != 3:
-            raise _unsupported(key, value, "3 values")
-        for v in value:
-            _num(key, v)
-    ratios = _get(cfg, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
-    if not isinstance(ratios, list) or not ratios or any(not isinstance(r, list) or r != ratios[0] for r in ratios):
-        raise _unsupported("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", ratios, "the same ratios on every level")
-    sizes = _get(cfg, "MODEL.ANCHOR_GENERATOR.SIZES")
-    if not isinstance(sizes, list) or len(sizes) not in (1, 5) or any(not isinstance(s, list) or not s for s in sizes):
-        raise _unsupported("MODEL.ANCHOR_GENERATOR.SIZES", sizes, "one list of sizes, or one per level p2-p6")
-    num_classes = _get(cfg, "MODEL.ROI_HEADS.NUM_CLASSES")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise _unsupported("MODEL.ROI_HEADS.NUM_CLASSES", num_classes, "an int >= 1")
-    for key in (
-        "MODEL.RESNETS.STRIDE_IN_1X1",
-        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
-        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK",
-    ):
-        if not isinstance(_get(cfg, key), bool):
-            raise _unsupported(key, _get(cfg, key), "true, false")
-    for level in sizes:
-        for s in level:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not float(s).is_integer() or s <= 0:
-                raise _unsupported("MODEL.ANCHOR_GENERATOR.SIZES", sizes, "positive whole-pixel sizes")
-    for key in ("MODEL.ROI_BOX_HEAD.FC_DIM", "MODEL.ROI_MASK_HEAD.NUM_CONV"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _unsupported(key, value, "an int >= 1")
-    conv_dim, fpn_dim = _get(cfg, "MODEL.ROI_MASK_HEAD.CONV_DIM"), _get(cfg, "MODEL.FPN.OUT_CHANNELS")
-    if conv_dim != fpn_dim:
-        raise _unsupported("MODEL.ROI_MASK_HEAD.CONV_DIM", conv_dim, f"MODEL.FPN.OUT_CHANNELS ({fpn_dim})")
-    min_test = _get(cfg, "INPUT.MIN_SIZE_TEST")
-    if isinstance(min_test, list):
-        raise _unsupported("INPUT.MIN_SIZE_TEST", min_test, "one size")
-
-
-def model_fields(cfg: dict, class_names: list[str]) -> dict:
-    """ModelConfig fields (name -> value) reproducing the Detectron2 model ``cfg`` describes.
-
-    ``class_names[i]`` is the name of Detectron2 class ``i`` (our label ``i + 1``).
-    """
-    check_supported(cfg)
-    num_classes = _get(cfg, "MODEL.ROI_HEADS.NUM_CLASSES")
-    if len(class_names) != num_classes:
-        raise CellsegError(
-            f"{len(class_names)} class names given ({','.join(class_names)}) but the Detectron2 model has "
-            f"MODEL.ROI_HEADS.NUM_CLASSES = {num_classes}"
-        )
-    rgb = _get(cfg, "INPUT.FORMAT") == "RGB"
-    mean = [float(v) / 255.0 for v in _get(cfg, "MODEL.PIXEL_MEAN")]
-    std = [float(v) / 255.0 for v in _get(cfg, "MODEL.PIXEL_STD")]
-    if not rgb:  # our model takes RGB: the converter also reverses the first conv's input channels
-        mean, std = mean[::-1], std[::-1]
-    sizes = _get(cfg, "MODEL.ANCHOR_GENERATOR.SIZES")
-    if len(sizes) == 1:
-        sizes = sizes * 5
-    rpn_iou = _get(cfg, "MODEL.RPN.IOU_THRESHOLDS")
-    roi_iou = _get(cfg, "MODEL.ROI_HEADS.IOU_THRESHOLDS")
-    depth = _get(cfg, "MODEL.RESNETS.DEPTH")
-    return {
-        "name": f"detectron2_maskrcnn_r{depth}_fpn",
-        "heads": "v1",
-        "backbone": f"resnet{depth}",
-        "norm": "frozen_bn",
-        "returned_layers": [1, 2, 3, 4],
-        "fpn_channels": int(_get(cfg, "MODEL.FPN.OUT_CHANNELS")),
-        "num_classes": num_classes + 1,
-        "class_names": list(class_names),
-        "min_size": int(_get(cfg, "INPUT.MIN_SIZE_TEST")),
-        "max_size": int(_get(cfg, "INPUT.MAX_SIZE_TEST")),
-        "image_mean": mean,
-        "image_std": std,
-        "anchor_sizes": [[int(s) for s in level] for level in sizes],
-        "aspect_ratios": [float(r) for r in _get(cfg, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")[0]],
-        "rpn_pre_nms_top_n_train": int(_get(cfg, "MODEL.RPN.PRE_NMS_TOPK_TRAIN")),
-        "rpn_post_nms_top_n_train": int(_get(cfg, "MODEL.RPN.POST_NMS_TOPK_TRAIN")),
-        "rpn_pre_nms_top_n_test": int(_get(cfg, "MODEL.RPN.PRE_NMS_TOPK_TEST")),
-        "rpn_post_nms_top_n_test": int(_get(cfg, "MODEL.RPN.POST_NMS_TOPK_TEST")),
-        "rpn_nms_thresh": float(_get(cfg, "MODEL.RPN.NMS_THRESH")),
-        "rpn_batch_size_per_image": int(_get(cfg, "MODEL.RPN.BATCH_SIZE_PER_IMAGE")),
-        "rpn_fg_iou_thresh": float(rpn_iou[-1]),
-        "rpn_bg_iou_thresh": float(rpn_iou[0]),
-        "box_batch_size_per_image": int(_get(cfg, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")),
-        "box_positive_fraction": float(_get(cfg, "MODEL.ROI_HEADS.POSITIVE_FRACTION")),
-        "box_fg_iou_thresh": float(roi_iou[-1]),
-        "box_bg_iou_thresh": float(roi_iou[0]),
-        "box_score_thresh": float(_get(cfg, "MODEL.ROI_HEADS.SCORE_THRESH_TEST")),
-        "box_nms_thresh": float(_get(cfg, "MODEL.ROI_HEADS.NMS_THRESH_TEST")),
-        "box_detections_per_img": int(_get(cfg, "TEST.DETECTIONS_PER_IMAGE")),
-        "roi_sampling_ratio": int(_get(cfg, "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO")),
-        "mask_roi_size": int(_get(cfg, "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION")),
-        "box_head_dim": int(_get(cfg, "MODEL.ROI_BOX_HEAD.FC_DIM")),
-        "mask_head_convs": int(_get(cfg, "MODEL.ROI_MASK_HEAD.NUM_CONV")),
-        "stride_in_1x1": bool(_get(cfg, "MODEL.RESNETS.STRIDE_IN_1X1")),
-        "roi_aligned": _POOLERS[_get(cfg, "MODEL.ROI_BOX_HEAD.POOLER_TYPE")],
-        "detectron2_inference": True,
-    }
-
-
-def head_layout(cfg: dict) -> dict:
-    """What the weight renaming needs to know beyond the names: class count, agnostic heads, BGR."""
-    return {
-        "num_classes": int(_get(cfg, "MODEL.ROI_HEADS.NUM_CLASSES")),
-        "cls_agnostic_box": bool(_get(cfg, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG")),
-        "cls_agnostic_mask": bool(_get(cfg, "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK")),
-        "bgr": _get(cfg, "INPUT.FORMAT") == "BGR",
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,10 +217,6 @@ def build_converted(
     weights: str | Path, config: str | Path, class_names: list[str]
 ) -> tuple[torch.nn.Module, Any, dict]:
     """(model in eval mode with the converted weights, its ModelConfig, provenance dict)."""
-    from cellseg.model.build import build_model
-    from cellseg.model.experiment import ModelConfig
-    from cellseg.model.manifest import sha256_file
-
     cfg_dict = read_d2_config(config)
     model_cfg = ModelConfig(**model_fields(cfg_dict, class_names))
     d2_sd = load_d2_weights(weights)
@@ -457,7 +230,7 @@ def build_converted(
         "detectron2_weights_sha256": sha256_file(weights),
         "detectron2_config": Path(config).name,
         "detectron2_config_sha256": sha256_file(config),
-        "input_format": _get(cfg_dict, "INPUT.FORMAT"),
+        "input_format": get_value(cfg_dict, "INPUT.FORMAT"),
     }
     return model.eval(), model_cfg, provenance
 
@@ -474,10 +247,6 @@ def convert_checkpoint(
     self-describing checkpoint) and ``out_dir/manifest.yaml`` (one model, identity view, the
     public-notebook per-class thresholds, unshifted mask pasting as Detectron2 does). Returns the
     manifest path."""
-    from cellseg.model.checkpoint import git_commit, save_checkpoint
-    from cellseg.model.manifest import Manifest, ModelEntry, default_classes, write_manifest
-    from cellseg.model.provenance import from_checkpoint
-
     out_dir = Path(out_dir)
     model, model_cfg, provenance = build_converted(weights, config, class_names)
     provenance["git_commit"] = git_commit()

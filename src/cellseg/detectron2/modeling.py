@@ -31,6 +31,7 @@ last to first when renaming the weights.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -377,13 +378,14 @@ def apply_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     poolers and anchors ``returned_layers``, ``anchor_sizes``, ``aspect_ratios``,
     ``roi_sampling_ratio``, ``mask_roi_size``.
     """
+    m: Any = model  # torchvision types a model's parts as nn.Module: attribute access on them is dynamic
     if cfg.stride_in_1x1:
-        move_stride_to_1x1(model.backbone.body)
+        move_stride_to_1x1(m.backbone.body)
     d2, aligned = cfg.detectron2_inference, cfg.roi_aligned
     if not (d2 or aligned):
         return model
     strides = level_strides(list(cfg.returned_layers))
-    roi_heads = model.roi_heads
+    roi_heads = m.roi_heads
     box_pool = roi_heads.box_roi_pool
     names = list(box_pool.featmap_names)
     box_size = box_pool.output_size[0] if isinstance(box_pool.output_size, (tuple, list)) else box_pool.output_size
@@ -396,12 +398,12 @@ def apply_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     if not d2:
         return model
     ratios = [list(cfg.aspect_ratios)] * len(cfg.anchor_sizes)
-    model.rpn.anchor_generator = D2AnchorGenerator(
+    m.rpn.anchor_generator = D2AnchorGenerator(
         tuple(tuple(s) for s in cfg.anchor_sizes), tuple(tuple(r) for r in ratios), strides
     )
-    _retype(model.rpn, D2RPN)
-    model.rpn.min_size = 0.0
+    _retype(m.rpn, D2RPN)
+    m.rpn.min_size = 0.0
     _retype(roi_heads, D2RoIHeads)
-    if type(model.transform) is GeneralizedRCNNTransform:  # a fixed-scale transform keeps its own resize
-        _retype(model.transform, D2Transform)
+    if type(m.transform) is GeneralizedRCNNTransform:  # a fixed-scale transform keeps its own resize
+        _retype(m.transform, D2Transform)
     return model

@@ -7,6 +7,8 @@ float32, so an unfolded R50 runs partly in float32; folded, it stays in half pre
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -14,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 _BATCHNORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
-def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> bool:
+def _fold_into(conv: nn.Conv2d, bn: Any) -> bool:
     """Fold ``bn`` (eval-mode BatchNorm2d with running stats, or FrozenBatchNorm2d) into ``conv``'s
     weight and bias, in float64 then back to the weight's dtype. False (nothing changed) when ``bn``
     normalises with batch statistics or the channel counts differ."""
@@ -24,7 +26,7 @@ def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> bool:
     if bn.running_var.shape[0] != n:
         return False
     with torch.no_grad():
-        f64 = dict(dtype=torch.float64, device=conv.weight.device)
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": conv.weight.device}
         gamma = bn.weight.double() if bn.weight is not None else torch.ones(n, **f64)
         beta = bn.bias.double() if bn.bias is not None else torch.zeros(n, **f64)
         scale = gamma * torch.rsqrt(bn.running_var.double() + bn.eps)
@@ -56,11 +58,8 @@ def fold_batchnorm(model: nn.Module) -> int:
         if isinstance(parent, nn.Sequential):
             names = list(children)
             for a, b in zip(names, names[1:]):
-                if (
-                    isinstance(children[a], nn.Conv2d)
-                    and isinstance(children[b], _BATCHNORMS)
-                    and _fold_into(children[a], children[b])
-                ):
+                conv_a, bn_b = children[a], children[b]
+                if isinstance(conv_a, nn.Conv2d) and isinstance(bn_b, _BATCHNORMS) and _fold_into(conv_a, bn_b):
                     setattr(parent, b, nn.Identity())
                     count += 1
             continue

@@ -18,6 +18,7 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,8 +98,14 @@ def resolve_device(device: str = "auto", log: Callable[[str], None] | None = Non
     return torch.device(device)
 
 
-def _postprocess_keep_crops(self, result, image_shapes, original_image_sizes):
-    """Replacement for ``GeneralizedRCNNTransform.postprocess``: rescale boxes, keep 28x28 masks."""
+def _postprocess_keep_crops(
+    self: nn.Module,
+    result: list[dict[str, torch.Tensor]],
+    image_shapes: list[tuple[int, int]],
+    original_image_sizes: list[tuple[int, int]],
+) -> list[dict[str, torch.Tensor]]:
+    """Replacement for ``GeneralizedRCNNTransform.postprocess``: rescale boxes to the original image
+    sizes, keep the masks as the head's (N, 1, 28, 28) float probabilities (pasted later, on crops)."""
     if self.training:
         return result
     for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
@@ -124,13 +131,14 @@ class _Autocast(nn.Module):
         self.device_type = device_type
         self.dtype = dtype
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(self.device_type, dtype=self.dtype):
             out = self.module(*args, **kwargs)
         return out if self.keep_half else _to_float(out)
 
 
-def _to_float(x):
+def _to_float(x: Any) -> Any:
+    """``x`` with every floating tensor (nested in dicts, lists, tuples) cast to float32."""
     if isinstance(x, torch.Tensor):
         return x.float() if x.is_floating_point() else x
     if isinstance(x, dict):
@@ -160,20 +168,22 @@ def prepare_model(
     """
     if not hasattr(model, "roi_heads") or getattr(model.roi_heads, "mask_predictor", None) is None:
         raise CellsegError(f"{type(model).__name__} is not a Mask R-CNN (no roi_heads.mask_predictor)")
-    rh = model.roi_heads
+    # torchvision types a model's parts as nn.Module: attribute access on them is dynamic (Any)
+    m: Any = model
+    rh = m.roi_heads
     rh.score_thresh = float(fusion.model_score_thresh)
     rh.nms_thresh = float(fusion.model_nms_thresh)
     rh.detections_per_img = int(fusion.detections_per_view)
-    model.transform.postprocess = types.MethodType(_postprocess_keep_crops, model.transform)
+    m.transform.postprocess = types.MethodType(_postprocess_keep_crops, m.transform)
     model.eval()
     if fp16 is None:
         fp16 = device.type == "cuda"
     if fold_bn:
         fold_batchnorm(model)
     model.to(device)
-    if fp16 and not isinstance(model.backbone, _Autocast):
-        model.backbone = _Autocast(model.backbone)
-        model.rpn.head = _Autocast(model.rpn.head)
+    if fp16 and not isinstance(m.backbone, _Autocast):
+        m.backbone = _Autocast(m.backbone)
+        m.rpn.head = _Autocast(m.rpn.head)
         rh.box_head = _Autocast(rh.box_head)
         rh.mask_head = _Autocast(rh.mask_head, keep_half=True)
         rh.mask_predictor = _Autocast(rh.mask_predictor)
@@ -333,7 +343,8 @@ def as_loaded(
     ``fusion.paste_shift``. ``name`` is shown in logs.
     """
     prepare_model(model, fusion, device, fp16, fold_bn)
-    num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+    heads: Any = model.roi_heads  # torchvision's RoIHeads, typed nn.Module
+    num_classes = int(heads.box_predictor.cls_score.out_features)
     if paste_shift is None:
         paste_shift = 0.0 if model_config.roi_aligned else fusion.paste_shift
     return LoadedModel(model, float(weight), label_map_for(class_names, num_classes), name, float(paste_shift))

@@ -176,7 +176,9 @@ def average_crops(masks: Sequence[SoftCrop], weights: np.ndarray) -> SoftCrop:
     return SoftCrop(top, left, acc / max(float(np.sum(weights)), 1e-12))
 
 
-def pairwise_iou(dets: Detections, height: int, width: int, iou_type: str = "mask", mask_threshold: float = 0.5):
+def pairwise_iou(
+    dets: Detections, height: int, width: int, iou_type: str = "mask", mask_threshold: float = 0.5
+) -> sparse.csr_matrix:
     """Sparse (N, N) IoU of the detections: mask IoU of the binarised crops, or box IoU."""
     if iou_type == "mask":
         return mask_iou_sparse(dets.masks, mask_threshold, height, width)

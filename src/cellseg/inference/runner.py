@@ -30,13 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from cellseg.config import parse_duration
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import read_sample_submission
 from cellseg.errors import CellsegError
-from cellseg.inference.forward import load_ensemble, predict_views, raw_to_detections, resolve_device
+from cellseg.inference.forward import (
+    LoadedModel,
+    RawView,
+    load_ensemble,
+    predict_views,
+    raw_to_detections,
+    resolve_device,
+)
 from cellseg.inference.pipeline import finish_image, forward_image
 from cellseg.io import check_writable, list_pngs, read_gray
 from cellseg.model.manifest import load_manifest
@@ -161,10 +169,12 @@ class Calibration:
     seconds: float  # warm: the second forward + pasting its masks
     cold_seconds: float  # the first forward (warm-up), not used for planning
     image_id: str
-    raw: list  # the timed forward's RawViews, used for that image
+    raw: list[RawView]  # the timed forward's RawViews, used for that image
 
 
-def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -> Calibration | None:
+def _calibrate(
+    paths: CompetitionPaths, ids: Sequence[str], one_model: Sequence[LoadedModel], device: torch.device
+) -> Calibration | None:
     """Time one model x identity view on the first readable test image, after a warm-up forward on the
     same image (None if none of the first five reads)."""
     for image_id in ids[:5]:
@@ -177,7 +187,8 @@ def _calibrate(paths: CompetitionPaths, ids: Sequence[str], one_model, device) -
         cold = time.monotonic() - t0
         t0 = time.monotonic()
         raw = predict_views(one_model, image, ["identity"], device)
-        raw_to_detections(raw, one_model, *image.shape, min_score=0.5)
+        h, w = image.shape  # read_gray: always (H, W)
+        raw_to_detections(raw, one_model, h, w, min_score=0.5)
         return Calibration(time.monotonic() - t0, cold, image_id, raw)
     return None
 
@@ -229,7 +240,8 @@ def predict_folder(
         f"ensemble: {summarize(manifest)}"
     )
 
-    all_views, all_models = list(manifest.tta), list(range(len(loaded_all)))
+    all_views: list[str] = list(manifest.tta)
+    all_models = list(range(len(loaded_all)))
     views, model_idx = all_views, all_models
     weights = [m.weight for m in loaded_all]
     rows: dict[str, list[str]] = {i: [] for i in ids}

@@ -31,7 +31,6 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cellseg.errors import CellsegError
 from cellseg.io import default_mode
@@ -43,10 +42,9 @@ from cellseg.kaggle.metadata import (
     resolve_username,
     validate_dataset_metadata,
 )
+from cellseg.model.manifest import Manifest, load_manifest, sha256_file
+from cellseg.model.provenance import plan_lines
 from cellseg.paths import git_commit, repo_root
-
-if TYPE_CHECKING:
-    from cellseg.model.manifest import Manifest
 
 MARKER = "cellseg-bundle.json"
 PACKAGE = "sartorius-cellseg"
@@ -119,8 +117,6 @@ def copy_hashed(src: Path, dst: Path, rel: str, chunk: int = 1 << 20) -> BundleF
 
 
 def _hash(path: Path, rel: str) -> BundleFile:
-    from cellseg.model.manifest import sha256_file
-
     return BundleFile(rel, path.stat().st_size, sha256_file(path))
 
 
@@ -194,6 +190,7 @@ def audit_wheel(path: Path) -> None:
 
 def _wheel_project(filename: str) -> str:
     """Normalised project name of a wheel file name (``Foo_Bar-1.0-py3-none-any.whl`` -> ``foo-bar``)."""
+    # lazy: packaging comes with pip/build (bundling tools), not with cellseg's own dependencies
     from packaging.utils import canonicalize_name, parse_wheel_filename
 
     return canonicalize_name(parse_wheel_filename(filename)[0])
@@ -202,7 +199,7 @@ def _wheel_project(filename: str) -> str:
 def fetch_extra_wheels(names: list[str], out_dir: Path, wheel_dir: Path | None) -> list[Path]:
     """Wheels of ``names`` (project names) into ``out_dir``: taken from ``wheel_dir`` when given,
     else ``pip download --no-deps --only-binary=:all:`` (network at bundle time only, never at run time)."""
-    from packaging.utils import canonicalize_name
+    from packaging.utils import canonicalize_name  # lazy: see _wheel_project
 
     got = []
     for name in names:
@@ -244,8 +241,6 @@ def fetch_extra_wheels(names: list[str], out_dir: Path, wheel_dir: Path | None) 
 
 def _weights_plan(manifest_path: Path) -> tuple[str, Path, list[tuple[Path, str, str]]]:
     """(name, manifest file, [(checkpoint path, path relative to its folder, manifest sha256)])."""
-    from cellseg.model.manifest import load_manifest
-
     if manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.yaml"
     m = load_manifest(manifest_path, verify=False)  # checksums are checked while copying (one read)
@@ -357,7 +352,7 @@ def stage_bundle(
 
 
 def _wheel_version(filename: str) -> str:
-    from packaging.utils import parse_wheel_filename
+    from packaging.utils import parse_wheel_filename  # lazy: see _wheel_project
 
     return str(parse_wheel_filename(filename)[1])
 
@@ -397,25 +392,23 @@ def read_bundle(root: str | Path) -> Bundle:
 def bundle_manifest(b: Bundle) -> Manifest:
     """The :class:`cellseg.model.manifest.Manifest` of a staged bundle's ensemble (checksums were
     checked while staging and are not read again)."""
-    from cellseg.model.manifest import load_manifest
-
     return load_manifest(b.root / b.marker["manifest"], verify=False)
 
 
 def format_provenance(b: Bundle) -> str:
     """The plan's provenance block: what each model of the bundle was trained on (one line each),
     the ensemble's one-line summary and the verdict (see :mod:`cellseg.model.provenance`)."""
-    from cellseg.model.provenance import plan_lines
-
     return "\n".join([f"provenance ({b.marker['manifest']}):", *plan_lines(bundle_manifest(b))])
 
 
 def human_size(n: int) -> str:
+    """``n`` bytes as B / KiB / MiB / GiB text, e.g. ``human_size(1536) == "1.5 KiB"``."""
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
 
 
 def format_table(files: list[BundleFile]) -> str:

@@ -20,9 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cellseg.data.synth import generate
+from cellseg.dry_run import dry_run
 from cellseg.errors import CellsegError
+from cellseg.kaggle.bundle import MARKER, build_wheel
 from cellseg.kaggle.metadata import COMPETITION
+from cellseg.model.manifest import load_manifest
 from cellseg.paths import demo_manifest, kernel_entry, repo_root
+from cellseg.submission import validate_submission
 
 
 @dataclass
@@ -39,9 +44,6 @@ def build_fake_kaggle(root: Path, data: Path, manifest: Path, wheel_dir: Path | 
     The wheel comes from ``wheel_dir`` when given, else it is built from the checkout
     (:func:`cellseg.kaggle.bundle.build_wheel`). Returns ``root``.
     """
-    from cellseg.kaggle.bundle import MARKER, build_wheel
-    from cellseg.model.manifest import load_manifest
-
     m = load_manifest(manifest)  # checksums verified before anything is copied
     if root.exists():
         shutil.rmtree(root)
@@ -93,10 +95,6 @@ def run_demo(
 ) -> DemoResult:
     """Run the four steps into ``out``. The kernel and the dry run get time budgets (TTA views, then
     models, are dropped when the machine is too slow), which keeps the demo under 10 minutes."""
-    from cellseg.data.synth import generate
-    from cellseg.dry_run import dry_run
-    from cellseg.submission import validate_submission
-
     t0 = time.monotonic()
     out = Path(out)
     manifest = Path(manifest) if manifest is not None else demo_manifest()

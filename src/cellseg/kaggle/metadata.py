@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.errors import CellsegError
+from cellseg.io import atomic_write_text
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 DATASET_METADATA = "dataset-metadata.json"
@@ -162,7 +163,8 @@ def fill(template: Any, username: str) -> Any:
 
 def slugify(title: str) -> str:
     """The slug Kaggle derives from a kernel title (python-slugify, as the kaggle client uses)."""
-    from slugify import slugify as _slugify  # a dependency of the kaggle package
+    # lazy: python-slugify comes with the kaggle client (a dev extra), not with cellseg's own dependencies
+    from slugify import slugify as _slugify
 
     return _slugify(title)
 
@@ -264,6 +266,4 @@ def check(problems: list[str]) -> None:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write metadata as indented JSON (atomic)."""
-    from cellseg.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -35,13 +35,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from cellseg.errors import CellsegError
 from cellseg.kaggle.bundle import (
     MARKER,
     PACKAGE,
     Bundle,
     BundleFile,
-    _git_commit,
     _hash,
     _replace_dir,
     _wheel_version,
@@ -61,6 +62,7 @@ from cellseg.kaggle.metadata import (
     validate_kernel_metadata,
 )
 from cellseg.model.manifest import sha256_file
+from cellseg.paths import git_commit, repo_root
 
 #: Templates of the training dataset and kernel at the repository root.
 TRAIN_DATASET_METADATA = "dataset-train-metadata.json"
@@ -133,8 +135,6 @@ def stage_train_bundle(
     Returns:
         The :class:`~cellseg.kaggle.bundle.Bundle` (files with size and sha256; ``marker`` as written).
     """
-    from cellseg.paths import repo_root
-
     repo = Path(repo) if repo is not None else repo_root()
     if repo is None:
         raise CellsegError("cellseg runs from an installed wheel: pass the source checkout with --repo")
@@ -175,7 +175,7 @@ def stage_train_bundle(
             "init": init_name,
             "folds": list(folds),
             "dataset": meta["id"],
-            "git_commit": _git_commit(repo),
+            "git_commit": git_commit(repo),
             "bundle_id": bundle_digest(files, config.stem, overrides, init_name, folds),
             "files": [f.__dict__ for f in files],
         }
@@ -286,8 +286,6 @@ def verify_output(folder: str | Path) -> dict:
 def summarize_output(folder: str | Path, out: dict) -> list[str]:
     """Lines describing a verified training output: status, epochs, best hold-out score, the last
     epochs of ``run/metrics.csv``."""
-    import pandas as pd
-
     folder = Path(folder)
     status = out.get("status", "?")
     lines = [

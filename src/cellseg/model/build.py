@@ -51,7 +51,7 @@ def norm_layer(kind: str) -> Callable[[int], nn.Module]:
     raise CellsegError(f"model.norm: unknown norm {kind!r} (frozen_bn, bn, gn)")
 
 
-def build_resnet(cfg: ModelConfig) -> nn.Module:
+def build_resnet(cfg: ModelConfig) -> tv_resnet.ResNet:
     """Randomly initialised torchvision ResNet ``cfg.backbone`` (never downloads)."""
     builder = getattr(tv_resnet, cfg.backbone, None)
     if builder is None or not cfg.backbone.startswith(("resnet", "resnext", "wide_resnet")):

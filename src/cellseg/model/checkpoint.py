@@ -318,7 +318,8 @@ def _load_detector(model: nn.Module, state: dict, path: Path, names: tuple[list[
 
 
 def _load_backbone(model: nn.Module, state: dict, path: Path) -> str:
-    body = model.backbone.body
+    backbone: Any = model.backbone  # torchvision's BackboneWithFPN, typed nn.Module
+    body: nn.Module = backbone.body
     own = body.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # IntermediateLayerGetter drops stages after the last returned one: ignore their weights.

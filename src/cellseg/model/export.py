@@ -21,13 +21,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cellseg import CELL_TYPES
 from cellseg.config import from_dict
 from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import load_model, save_checkpoint
 from cellseg.model.experiment import ExperimentConfig, upgrade_keys
-from cellseg.model.manifest import VIEWS, Manifest, ModelEntry, default_classes, load_manifest, write_manifest
+from cellseg.model.manifest import VIEWS, Manifest, ModelEntry, View, default_classes, load_manifest, write_manifest
 from cellseg.model.provenance import from_checkpoint
 
 
@@ -106,6 +107,8 @@ def export_weights(
                 provenance=from_checkpoint(info.provenance),  # None (unknown) for pre-provenance checkpoints
             )
         )
-    m = dataclasses.replace(base, name=name or out.resolve().name, models=entries, tta=list(tta), base_dir="")
+    m = dataclasses.replace(
+        base, name=name or out.resolve().name, models=entries, tta=cast(list[View], list(tta)), base_dir=""
+    )
     write_manifest(m, manifest_path)
     return ExportResult(manifest_path, files)

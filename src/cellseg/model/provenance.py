@@ -26,15 +26,15 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cellseg.config import from_dict, to_dict
 from cellseg.errors import CellsegError
 
 #: marker file ``cellseg synth`` writes into every dataset folder it generates (seed and counts).
 SYNTH_MARKER = "cellseg-synth.json"
-TRAINED = "cellseg train"
-DETECTRON2 = "detectron2 import"
+TRAINED: Final = "cellseg train"
+DETECTRON2: Final = "detectron2 import"
 UNKNOWN = "provenance unknown"
 
 SourceKind = Literal["train_csv", "pseudo_csv", "coco_json"]
@@ -129,7 +129,8 @@ def _image_marker(image: Path, cache: dict[Path, dict | None]) -> dict | None:
 def _source(kind: SourceKind, path: Path, images: Sequence[Path], cache: dict) -> DataSource:
     markers = [_image_marker(Path(p), cache) for p in images]
     synthetic = bool(markers) and all(m is not None for m in markers)
-    seed = markers[0].get("seed") if synthetic else None
+    first = markers[0] if markers else None
+    seed = first.get("seed") if synthetic and first is not None else None
     return DataSource(
         kind,
         str(path.resolve()),
@@ -155,10 +156,11 @@ def training_sources(cfg: Any, train_csv: Path, base: Iterable[Any], extra: Iter
     cache: dict[Path, dict | None] = {}
     extra = list(extra)
     out = [_source("train_csv", Path(train_csv), [r.path for r in base], cache)]
-    for kind, prefix, files in (
+    extras: list[tuple[SourceKind, str, list[str]]] = [
         ("pseudo_csv", "csv", cfg.data.extra_csv),
         ("coco_json", "coco", cfg.data.coco_json),
-    ):
+    ]
+    for kind, prefix, files in extras:
         for f in files:
             label = f"{prefix}:{Path(f).name}"
             out.append(_source(kind, Path(f), [r.path for r in extra if r.source == label], cache))
@@ -212,7 +214,11 @@ def from_checkpoint(prov: dict | None) -> Provenance | None:
     """The :class:`Provenance` of a checkpoint's ``provenance`` dict; None when it records no
     training data (checkpoints written before provenance existed)."""
     prov = dict(prov or {})
-    common = {"fold": prov.get("fold"), "epoch": prov.get("epoch"), "git_commit": prov.get("git_commit")}
+    common: dict[str, Any] = {
+        "fold": prov.get("fold"),
+        "epoch": prov.get("epoch"),
+        "git_commit": prov.get("git_commit"),
+    }
     if prov.get("source") == "detectron2" or prov.get("origin") == DETECTRON2:
         return Provenance(
             origin=DETECTRON2,

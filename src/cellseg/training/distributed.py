@@ -162,7 +162,7 @@ def fail_fast(fn: F) -> F:
     the error to the waiting ranks before it propagates, so they stop at once."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:

@@ -28,35 +28,32 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from cellseg import CELL_TYPES  # noqa: E402
-from cellseg.config import dump_yaml, parse_duration, to_dict  # noqa: E402
-from cellseg.data import livecell  # noqa: E402
-from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
-from cellseg.data.folds import holdout_split  # noqa: E402
-from cellseg.data.truth import read_train_csv  # noqa: E402
-from cellseg.errors import CellsegError  # noqa: E402
-from cellseg.io import atomic_path  # noqa: E402
-from cellseg.model.build import build_model, count_parameters, unwrap  # noqa: E402
-from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint  # noqa: E402
-from cellseg.model.experiment import ExperimentConfig  # noqa: E402
-from cellseg.model.provenance import init_record, run_provenance, training_sources  # noqa: E402
-from cellseg.paths import CompetitionPaths  # noqa: E402
-from cellseg.training.distributed import (  # noqa: E402
+from cellseg import CELL_TYPES, plot
+from cellseg.config import dump_yaml, parse_duration, to_dict
+from cellseg.data import livecell
+from cellseg.data.dataset import build_train_dataset, collate_fn
+from cellseg.data.folds import holdout_split
+from cellseg.data.truth import read_train_csv
+from cellseg.errors import CellsegError
+from cellseg.io import atomic_path
+from cellseg.model.build import build_model, count_parameters, unwrap
+from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
+from cellseg.model.experiment import ExperimentConfig
+from cellseg.model.provenance import init_record, run_provenance, training_sources
+from cellseg.paths import CompetitionPaths
+from cellseg.training.distributed import (
     broadcast_buffers,
     device_for,
     fail_fast,
@@ -66,12 +63,12 @@ from cellseg.training.distributed import (  # noqa: E402
     main_section,
     reduce_mean,
 )
-from cellseg.training.engine import evaluate, train_one_epoch  # noqa: E402
-from cellseg.training.optim import build_optimizer, lr_factor  # noqa: E402
-from cellseg.training.rng import seed_everything, set_rng_state  # noqa: E402
+from cellseg.training.engine import evaluate, train_one_epoch
+from cellseg.training.optim import build_optimizer, lr_factor
+from cellseg.training.rng import seed_everything, set_rng_state
 
 
-def balanced_subset(truth: dict, n: int) -> list[str]:
+def balanced_subset(truth: Mapping[str, Any], n: int) -> list[str]:
     """``n`` ids taken round-robin over cell types (each type in its original order)."""
     by_type: dict[str, list[str]] = {}
     for image_id, ann in truth.items():
@@ -126,25 +123,11 @@ def next_epoch_fits(
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
-    """``metrics.csv`` (one row per epoch) and ``curves.png`` (losses, validation scores)."""
+    """``metrics.csv`` (one row per epoch) and ``curves.png`` (losses, validation scores; :mod:`cellseg.plot`)."""
     df = pd.DataFrame(history)
     with atomic_path(out / "metrics.csv") as tmp:
         df.to_csv(tmp, index=False)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for col in [c for c in df.columns if c.startswith("loss")]:
-        ax1.plot(df["epoch"], df[col], marker=".", label=col)
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("train loss"), ax1.set_yscale("log"), ax1.legend(fontsize=7)
-    for col in [c for c in df.columns if c.startswith("val_")]:
-        sub = df[["epoch", col]].dropna()
-        if len(sub):
-            ax2.plot(sub["epoch"], sub[col], marker="o", label=col.removeprefix("val_"))
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("competition score (hold-out)")
-    if ax2.lines:  # no hold-out (--fold all): nothing to label
-        ax2.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out / "curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    plot.training_curves(df, out / "curves.png")
 
 
 @fail_fast  # rank 0 failing in its validation stops the other ranks at once (they wait for it)
@@ -189,7 +172,7 @@ def train(
     dataset = build_train_dataset(cfg, data_dir, train_ids)
     if len(dataset) == 0:
         raise CellsegError(f"fold {fold}: no training images")
-    val_truth = {i: truth.images[i] for i in hold_ids}
+    val_truth: Mapping[str, Any] = {i: truth.images[i] for i in hold_ids}
     if tc.val_max_images and len(val_truth) > tc.val_max_images:
         val_truth = {i: val_truth[i] for i in balanced_subset(val_truth, tc.val_max_images)}
     lc_val = livecell.validation_set(cfg, data_dir)  # data.livecell_val: LIVECell replaces the hold-out
@@ -221,7 +204,9 @@ def train(
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=tc.seed
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if tc.num_workers > cores:  # more loader processes than cores only slow loading down (and torch warns)
         log(f"train.num_workers={tc.num_workers} but {cores} core(s) here: using {cores} loader worker(s)")
@@ -378,7 +363,7 @@ def train(
         main_done(info)
 
     if info.distributed:
-        obj = [best_score, best_epoch, history]
+        obj: list[Any] = [best_score, best_epoch, history]
         dist.broadcast_object_list(obj, src=0)
         best_score, best_epoch, history = obj
     if info.main and best_score is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """Python, numpy and torch (CPU, CUDA) generator states, as weights_only-loadable values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    mt19937 = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, gauss = mt19937
     state = {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],

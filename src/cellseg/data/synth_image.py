@@ -1,0 +1,353 @@
+"""One synthetic image: cells placed without overlap, broken astro annotations, phase-contrast look.
+
+How the cells are made (per image, a single cell type; statistics from the real train set):
+
+================  =======  ===========================  ============  ===========================
+type              share    instances / image, mean      mean area     shape
+                           [min, max]                   (px)
+================  =======  ===========================  ============  ===========================
+cort              320      34 [4, 108]                  ~240          small, round
+shsy5y            155      337 [49, 790]                ~225          elongated, bent, neurite
+                                                                      tails, clustered, touching
+astro             131      80 [5, 594]                  ~906          large, irregular, tapering
+                                                                      branches
+================  =======  ===========================  ============  ===========================
+
+Each cell is a star-shaped polar outline ``rho <= r(theta)`` (ellipse x low Fourier wobble + narrow
+Gaussian bumps for neurites/branches, then bent and swirled) rasterised on its own small crop and
+scaled to a log-normal target area. Cells are painted into a label image in order; a placement is
+retried elsewhere when too much of it is already taken, earlier cells win the shared pixels, each
+cell keeps its largest connected piece and pieces below the type's minimum area (30/37/33 px) are
+dropped. The label image therefore has no overlaps, and the annotations are read off it.
+
+Broken astro annotations: like the real ones, 35 % of astro annotations (``BROKEN_ASTRO_P`` of the
+cells >= 120 px, which is nearly all of them; measured 35.4 % over 40 images, reported per run in
+``summary['per_type']['astro']['broken_share']``) are written either as a 1-2 px outline only or as
+that outline with the interior filled by horizontal lines every 2-4 rows, while the image shows the
+whole cell. ``scipy.ndimage.binary_fill_holes`` per instance lifts their IoU with the drawn cell from
+0.41 on average (10th-90th percentile 0.16-0.65) to 1.00 (the outlines are closed), so hole filling
+measurably helps; tests/data/test_synth.py checks it. cort and shsy5y annotations are never broken.
+
+The look (phase-contrast brightfield): a grey background around 128 with uneven illumination (a
+smooth random low-frequency field plus vignetting, roughly +-15 grey levels across the frame) and
+camera noise; every cell has a bright halo just outside its edge, a darker inner rim, a body darkened
+by a per-cell amount and a granular texture; touching cells are separated by a faint bright seam;
+small unannotated debris specks carry halos too. Contrast is modest (cells differ from the
+background by ~10-30 grey levels, the same order as the illumination drift), so a global threshold
+does not segment them: Otsu's threshold (either polarity) vs the union of the cells gives IoU
+0.02-0.09 on cort, 0.14-0.45 on shsy5y and 0.12-0.59 on astro images (8 each); the tests require
+< 0.75.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from cellseg import CELL_TYPES, IMAGE_SHAPE
+from cellseg.data.masks import CropMask
+from cellseg.data.synth_shapes import cell_shapes
+from cellseg.errors import CellsegError
+
+#: Share of eligible astro cells whose annotation is broken (outline only or horizontal lines).
+BROKEN_ASTRO_P = 0.35
+#: Astro cells smaller than this are never broken (too little interior to hollow out).
+BROKEN_MIN_AREA = 120
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    """Generation parameters of one cell type (counts and areas are log-normal, then clipped)."""
+
+    count_median: float
+    count_sigma: float
+    count_min: int
+    count_max: int
+    area_median: float
+    area_sigma: float
+    min_area: int  # annotations left smaller than this are dropped (real minimum area)
+    max_overlap: float  # a placement is retried when more than this share of it is taken
+    cluster_p: float  # share of cells placed around cluster centres (rest uniform)
+    cluster_size: int  # about this many cells per cluster
+    cluster_sd: tuple[float, float]  # spread of a cluster (px), drawn per image
+    depth: tuple[float, float]  # per-cell body darkening (grey levels)
+    halo: tuple[float, float]  # bright halo amplitude (grey levels), drawn per image
+    rim: float  # darker inner rim amplitude
+    texture: float  # granular texture amplitude inside cells
+    debris: tuple[int, int]  # unannotated debris specks per image
+
+
+SPECS: dict[str, TypeSpec] = {
+    "cort": TypeSpec(
+        count_median=29.5,
+        count_sigma=0.55,
+        count_min=4,
+        count_max=108,
+        area_median=222.0,
+        area_sigma=0.42,
+        min_area=33,
+        max_overlap=0.05,
+        cluster_p=0.3,
+        cluster_size=8,
+        cluster_sd=(25.0, 60.0),
+        depth=(6.0, 22.0),
+        halo=(14.0, 24.0),
+        rim=8.0,
+        texture=5.0,
+        debris=(10, 60),
+    ),
+    "shsy5y": TypeSpec(
+        count_median=380.0,
+        count_sigma=0.42,
+        count_min=49,
+        count_max=790,
+        area_median=235.0,
+        area_sigma=0.45,
+        min_area=30,
+        max_overlap=0.2,
+        cluster_p=0.85,
+        cluster_size=40,
+        cluster_sd=(20.0, 50.0),
+        depth=(-6.0, 16.0),
+        halo=(10.0, 20.0),
+        rim=6.0,
+        texture=6.0,
+        debris=(5, 30),
+    ),
+    "astro": TypeSpec(
+        count_median=66.0,
+        count_sigma=0.8,
+        count_min=5,
+        count_max=594,
+        area_median=1320.0,
+        area_sigma=0.55,
+        min_area=37,
+        max_overlap=0.12,
+        cluster_p=0.4,
+        cluster_size=20,
+        cluster_sd=(40.0, 100.0),
+        depth=(2.0, 12.0),
+        halo=(6.0, 14.0),
+        rim=5.0,
+        texture=7.0,
+        debris=(5, 40),
+    ),
+}
+
+#: At most this share of the frame is covered by cells on average (caps areas of crowded images).
+_MAX_FILL = 0.55
+_TRIES = 4
+
+
+@dataclass
+class SynthImage:
+    """One generated image with its ground truth.
+
+    ``image`` (H, W) uint8; ``cells`` the drawn cells as the image shows them (non-overlapping
+    CropMasks); ``annotations`` what train.csv records (equal to ``cells`` except the broken astro
+    ones); ``broken`` (N,) bool marks them.
+    """
+
+    image: np.ndarray
+    cell_type: str
+    cells: list[CropMask]
+    annotations: list[CropMask]
+    broken: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# one image
+
+
+def _centres(rng: np.random.Generator, spec: TypeSpec, n: int, height: int, width: int) -> np.ndarray:
+    """(n, 2) int (row, col) candidate centres: a mix of clusters and uniform placement."""
+    pts = rng.uniform((0, 0), (height, width), (n, 2))
+    k = max(1, round(n / (spec.cluster_size * _TRIES)))
+    clustered = rng.random(n) < spec.cluster_p
+    centres = rng.uniform((0, 0), (height, width), (k, 2))
+    sd = rng.uniform(*spec.cluster_sd)
+    near = centres[rng.integers(0, k, n)] + rng.normal(0, sd, (n, 2))
+    pts[clustered] = near[clustered]
+    pts = np.clip(pts, 0, (height - 1, width - 1))
+    return pts.astype(np.int64)
+
+
+def _place_cells(rng: np.random.Generator, cell_type: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paint cells into a (height, width) int32 label image (0 = background, ids 1..N).
+
+    Returns ``(labels, partial)``: ``partial`` (N + 1,) bool marks cells painted around earlier
+    ones (only those can have been split into pieces).
+    """
+    spec = SPECS[cell_type]
+    n = int(
+        np.clip(round(rng.lognormal(math.log(spec.count_median), spec.count_sigma)), spec.count_min, spec.count_max)
+    )
+    mean_area = spec.area_median * math.exp(spec.area_sigma**2 / 2)
+    scale = min(1.0, _MAX_FILL * height * width / (n * mean_area))
+    areas = scale * rng.lognormal(math.log(spec.area_median), spec.area_sigma, n)
+    areas = np.maximum(areas, spec.min_area * 1.3)
+    shapes = cell_shapes(rng, cell_type, areas)
+    centres = _centres(rng, spec, n * _TRIES, height, width).reshape(n, _TRIES, 2).tolist()
+    labels = np.zeros((height, width), dtype=np.int32)
+    partial = np.zeros(n + 1, dtype=bool)
+    next_id = 1
+    for crop, tries in zip(shapes, centres):
+        h, w = crop.mask.shape
+        for cy, cx in tries:
+            top, left = cy + crop.top, cx + crop.left
+            y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
+            m = crop.mask[y0 - top : y1 - top, x0 - left : x1 - left]
+            area = int(np.count_nonzero(m))
+            if area < spec.min_area:
+                continue
+            view = labels[y0:y1, x0:x1]
+            m_free = m & (view == 0)
+            taken = area - int(np.count_nonzero(m_free))
+            if taken > spec.max_overlap * area:
+                continue
+            view[m_free] = next_id
+            partial[next_id] = taken > 0
+            next_id += 1
+            break
+    return labels, partial[:next_id]
+
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _read_cells(labels: np.ndarray, partial: np.ndarray, min_area: int) -> list[CropMask]:
+    """Largest connected piece of every label >= ``min_area``; ``labels`` is rewritten to match
+    (dropped pixels -> 0, ids renumbered 1..N in order). ``partial`` as from :func:`_place_cells`."""
+    cells: list[CropMask] = []
+    new_ids = np.zeros(int(labels.max()) + 1, dtype=np.int32)
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        m = labels[sl] == i
+        if partial[i]:
+            pieces, n = ndimage.label(m, _CROSS)
+            if n > 1:
+                keep = pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1)
+                labels[sl][m & ~keep] = 0
+                m = keep
+        if np.count_nonzero(m) < min_area:
+            labels[sl][m] = 0
+            continue
+        cells.append(
+            CropMask(sl[0].start, sl[1].start, m).tight() if partial[i] else CropMask(sl[0].start, sl[1].start, m)
+        )
+        new_ids[i] = len(cells)
+    labels[...] = new_ids[labels]
+    return cells
+
+
+def _break(rng: np.random.Generator, cell: CropMask) -> CropMask | None:
+    """A broken annotation of ``cell`` like the real astro ones, or None when it has no interior:
+    a 1-2 px outline, or that outline with the interior filled by horizontal lines every 2-4 rows."""
+    m = cell.mask
+    inner = ndimage.binary_erosion(m, iterations=int(rng.integers(1, 3)), border_value=0)
+    if np.count_nonzero(inner) < 8:
+        return None
+    broken = m & ~inner
+    if rng.random() < 0.5:
+        step = int(rng.integers(2, 5))
+        rows = (np.arange(m.shape[0]) % step == rng.integers(0, step))[:, None]
+        broken = broken | (inner & rows)
+    return CropMask(cell.top, cell.left, broken)
+
+
+def _illumination(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(height, width) float32 background: ~128 with a smooth random field and vignetting.
+
+    The field is a sum of three separable low-frequency cosine products (<= 1.5 periods across)."""
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    f = rng.uniform(0.2, 1.5, (3, 2)) * 2 * np.pi
+    ph = rng.uniform(0, 2 * np.pi, (3, 2))
+    amp = rng.normal(0, 1, 3)
+    field_ = sum(np.float32(amp[i]) * np.cos(f[i, 0] * y + ph[i, 0]) * np.cos(f[i, 1] * x + ph[i, 1]) for i in range(3))
+    yy = (y * 2 - 1) - np.float32(rng.uniform(-0.4, 0.4))
+    xx = (x * 2 - 1) - np.float32(rng.uniform(-0.4, 0.4))
+    base = np.float32(rng.uniform(118, 138))
+    return (base + np.float32(rng.uniform(3.0, 6.0)) * field_) - (xx * xx + yy * yy) * np.float32(rng.uniform(3.0, 9.0))
+
+
+_DISC1 = np.argwhere(ndimage.generate_binary_structure(2, 1)) - 1
+_DISC2 = np.argwhere(ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), 2)) - 2
+
+
+def _render(rng: np.random.Generator, labels: np.ndarray, cell_type: str) -> np.ndarray:
+    """(H, W) uint8 phase-contrast-like image of the cells in ``labels`` (see the module docstring)."""
+    spec = SPECS[cell_type]
+    height, width = labels.shape
+    fg = labels > 0
+    # unannotated debris: small specks away from cells
+    nd = int(rng.integers(*spec.debris))
+    pts = np.column_stack([rng.integers(2, height - 2, nd), rng.integers(2, width - 2, nd)])
+    pts = pts[~fg[pts[:, 0], pts[:, 1]]]
+    disc = _DISC2 if rng.random() < 0.5 else _DISC1
+    sp = (pts[:, None, :] + disc[None]).reshape(-1, 2)
+    sp = sp[~fg[sp[:, 0], sp[:, 1]]]
+    vis = fg.astype(np.float32)
+    vis[sp[:, 0], sp[:, 1]] = 1.0
+    soft = ndimage.gaussian_filter(vis, 2.0, truncate=2.5)
+    edge = soft * (1.0 - vis)  # halo: ~0.5 just outside every object, fading over ~3 px
+    edge -= np.float32(spec.rim / rng.uniform(*spec.halo)) * vis * (1.0 - soft)  # darker inner rim
+    depth = rng.uniform(*spec.depth, int(labels.max()) + 1).astype(np.float32)
+    depth[0] = 0.0
+    body = depth[labels]
+    body[sp[:, 0], sp[:, 1]] = np.float32(rng.uniform(*spec.depth))
+    # granular texture: uniform noise on a half-resolution grid, upsampled (std 1)
+    tex = rng.random(((height + 1) // 2, (width + 1) // 2), dtype=np.float32)
+    tex = tex.repeat(2, 0).repeat(2, 1)[:height, :width] - np.float32(0.5)
+    seam = np.zeros((height, width), dtype=bool)  # faint bright line where two cells touch
+    d = (labels[:, 1:] != labels[:, :-1]) & fg[:, 1:] & fg[:, :-1]
+    seam[:, 1:] |= d
+    d = (labels[1:] != labels[:-1]) & fg[1:] & fg[:-1]
+    seam[1:] |= d
+    signal = np.float32(3.0 * rng.uniform(*spec.halo)) * edge
+    signal -= body
+    signal += np.float32(spec.texture * 3.46) * tex * vis
+    signal += np.float32(4.0) * seam
+    illum = _illumination(rng, height, width)
+    img = illum + signal * (illum * np.float32(1 / 128))
+    img = ndimage.gaussian_filter(img, 0.7, truncate=2.5)  # optics: soft edges
+    # camera noise: triangular (sum of two uniforms), std 3.5-4.5 grey levels
+    noise = rng.random((height, width), dtype=np.float32)
+    noise += rng.random((height, width), dtype=np.float32)
+    img += (noise - np.float32(1.0)) * np.float32(2.45 * rng.uniform(3.5, 4.5))
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def make_image(
+    rng: np.random.Generator, cell_type: str, height: int = IMAGE_SHAPE[0], width: int = IMAGE_SHAPE[1]
+) -> SynthImage:
+    """Generate one image of ``cell_type`` with its cells and (possibly broken) annotations.
+
+    Args:
+        rng: the image's own generator (everything about the image is drawn from it, in a fixed order,
+            so one seed gives one image byte for byte).
+        cell_type: "shsy5y", "astro" or "cort" (anything else raises CellsegError).
+        height, width: frame size in pixels (the competition's 520 x 704 by default).
+
+    Returns:
+        A :class:`SynthImage`: ``image`` (height, width) uint8, ``cells`` and ``annotations`` (N
+        non-overlapping CropMasks each), ``broken`` (N,) bool.
+    """
+    if cell_type not in SPECS:
+        raise CellsegError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
+    labels, partial = _place_cells(rng, cell_type, height, width)
+    cells = _read_cells(labels, partial, SPECS[cell_type].min_area)
+    annotations = list(cells)
+    broken = np.zeros(len(cells), dtype=bool)
+    if cell_type == "astro":
+        for i in np.flatnonzero(rng.random(len(cells)) < BROKEN_ASTRO_P):
+            if cells[i].area >= BROKEN_MIN_AREA:
+                b = _break(rng, cells[i])
+                if b is not None:
+                    annotations[i], broken[i] = b, True
+    image = _render(rng, labels, cell_type)
+    return SynthImage(image, cell_type, cells, annotations, broken)
