@@ -764,8 +764,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return push_train.main(argv)
     args = build_parser(argv[0] if argv and argv[0] in (*STEPS, "all") else None).parse_args(argv)
+    return report_errors(lambda: run(args))
+
+
+def report_errors(step: Callable[[], int]) -> int:
+    """Run ``step`` and turn the failures push.py reports itself into lines and an exit status:
+    2 for bad input, credentials or metadata; 1 for a remote failure (with the next step); 130 on ^C."""
     try:
-        return run(args)
+        return step()
     except UsageError as e:
         for line in e.lines:
             print(f"push.py: error: {line}", file=sys.stderr)

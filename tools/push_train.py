@@ -435,27 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run_train(args) if args.step == "train" else run_fetch(args)
-    except UsageError as e:
-        for line in e.lines:
-            print(f"push.py: error: {line}", file=sys.stderr)
-        return 2
-    except km.MetadataError as e:
-        for line in e.problems:
-            print(f"push.py: error: {line}", file=sys.stderr)
-        return 2
-    except CellsegError as e:
-        print(f"push.py: error: {e}", file=sys.stderr)
-        return 2
-    except RemoteError as e:
-        print(f"push.py: failed: {e}", file=sys.stderr)
-        if e.hint:
-            print(f"push.py: next: {e.hint}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("push.py: interrupted (run the same command again)", file=sys.stderr)
-        return 130
+    return push.report_errors(lambda: run_train(args) if args.step == "train" else run_fetch(args))
 
 
 if __name__ == "__main__":

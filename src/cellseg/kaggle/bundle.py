@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +280,41 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to stage a bundle in (the umask's mode, not mkdtemp's 0700: the bundle
+    is shared and uploaded); removed when the block fails, so nothing half-staged is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def seal(tmp: Path, out: Path, meta: dict, marker: dict, files: list[BundleFile]) -> Bundle:
+    """Finish a staged bundle: write its marker and dataset metadata, check that nothing else is in
+    ``tmp`` (:func:`audit_bundle`), then move it to ``out`` (replacing an earlier bundle).
+
+    Args:
+        tmp: the staging folder (:func:`staging`), holding exactly ``files``.
+        out: the bundle folder to create or replace.
+        meta: the filled dataset metadata; marker: the kernel's marker (``cellseg-bundle.json``).
+        files: the staged files, hashed; the marker is appended.
+
+    Returns:
+        The :class:`Bundle` at ``out`` with every uploaded file, sorted by path.
+    """
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    files.append(_hash(tmp / MARKER, MARKER))
+    (tmp / DATASET_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    audit_bundle(tmp, {f.path for f in files} | {DATASET_METADATA})
+    _replace_dir(tmp, out)
+    return Bundle(out, meta, marker, sorted(files, key=lambda f: f.path))
+
+
 def stage_bundle(
     manifest: str | Path,
     out: str | Path,
@@ -310,10 +347,7 @@ def stage_bundle(
     check(validate_dataset_metadata(meta))
     name, manifest_file, weights = _weights_plan(Path(manifest))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700; the bundle is shared and uploaded
-    try:
+    with staging(out) as tmp:
         files: list[BundleFile] = []
         wdir = f"weights/{name}"
         for src, rel, want in weights:  # first: a bad checkpoint fails before the slow wheel build
@@ -340,15 +374,7 @@ def stage_bundle(
             "git_commit": git_commit(repo),
             "files": [f.__dict__ for f in files],
         }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        files.append(_hash(tmp / MARKER, MARKER))
-        (tmp / DATASET_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-        audit_bundle(tmp, {f.path for f in files} | {DATASET_METADATA})
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle(out, meta, marker, sorted(files, key=lambda f: f.path))
+        return seal(tmp, out, meta, marker, files)
 
 
 def _wheel_version(filename: str) -> str:

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +43,12 @@ from cellseg.kaggle.bundle import (
     Bundle,
     BundleFile,
     _hash,
-    _replace_dir,
     _wheel_version,
-    audit_bundle,
     build_wheel,
     copy_hashed,
     denied,
+    seal,
+    staging,
 )
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
@@ -154,9 +153,7 @@ def stage_train_bundle(
     if len(set(names)) != len(names):
         raise CellsegError(f"--config and --init have the same file name {names[0]!r}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         files = [copy_hashed(p, tmp / p.name, p.name) for p in shipped]
         wheel = build_wheel(repo, tmp / "wheels")
         files.append(_hash(wheel, f"wheels/{wheel.name}"))
@@ -179,15 +176,7 @@ def stage_train_bundle(
             "bundle_id": bundle_digest(files, config.stem, overrides, init_name, folds),
             "files": [f.__dict__ for f in files],
         }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        files.append(_hash(tmp / MARKER, MARKER))
-        (tmp / DATASET_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-        audit_bundle(tmp, {f.path for f in files} | {DATASET_METADATA})
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle(out, meta, marker, sorted(files, key=lambda f: f.path))
+        return seal(tmp, out, meta, marker, files)
 
 
 # ----------------------------------------------------------------------------------------------
