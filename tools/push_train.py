@@ -41,6 +41,7 @@ from push import REPO, Kaggle, RemoteError, UsageError, describe, say, warn
 
 from cellseg.config import parse_duration
 from cellseg.errors import CellsegError
+from cellseg.io import replace_dir
 from cellseg.kaggle import bundle as bundle_mod
 from cellseg.kaggle import kernel_code
 from cellseg.kaggle import metadata as km
@@ -289,7 +290,7 @@ def fetch_one(k: Kaggle, ref: str, version: int | None, out: Path) -> dict:
                 f"kernel {label}: {e}; nothing was written to {out}",
                 "run the same command again; if it persists, the kernel's output is incomplete (see its log)",
             ) from None
-        kt.replace_folder(tmp, out)
+        replace_dir(tmp, out, kt.OUTPUT_MARKER, "an earlier fetch")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -215,3 +216,26 @@ def write_gray(path: str | Path, image: np.ndarray) -> None:
     """Write a (H, W) uint8 array as an 8-bit grey PNG, atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(tmp, format="PNG")
+
+
+def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
+    """Move the finished folder ``tmp`` to ``out`` (same filesystem: renames, so ``out`` is never half there).
+
+    An existing ``out`` is replaced only when it is empty or holds ``marker`` (an earlier folder of the
+    same kind): nothing here deletes a folder it did not make.
+
+    Args:
+        tmp: the complete new folder, beside ``out``.
+        out: where it goes.
+        marker: file name that marks an earlier folder of this kind (e.g. the bundle's marker).
+        what: that kind in words, for the error (e.g. "a bundle").
+    """
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
+            raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

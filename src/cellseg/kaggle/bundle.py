@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellseg.errors import CellsegError
-from cellseg.io import default_mode
+from cellseg.io import default_mode, replace_dir
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
     check,
@@ -266,20 +266,6 @@ def _weights_plan(manifest_path: Path) -> tuple[str, Path, list[tuple[Path, str,
     return name, manifest_path, plan
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``. An existing ``out`` is replaced only if it is an earlier
-    bundle (holds the marker) or empty: staging never deletes a folder it did not make."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file()):
-            raise CellsegError(f"{out} exists and is not a bundle: choose an empty or new --out")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A fresh folder beside ``out`` to stage a bundle in (the umask's mode, not mkdtemp's 0700: the bundle
@@ -311,7 +297,7 @@ def seal(tmp: Path, out: Path, meta: dict, marker: dict, files: list[BundleFile]
     files.append(_hash(tmp / MARKER, MARKER))
     (tmp / DATASET_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     audit_bundle(tmp, {f.path for f in files} | {DATASET_METADATA})
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out, MARKER, "a bundle")
     return Bundle(out, meta, marker, sorted(files, key=lambda f: f.path))
 
 

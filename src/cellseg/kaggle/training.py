@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,17 +291,3 @@ def summarize_output(folder: str | Path, out: dict) -> list[str]:
     elif status == "failed":
         lines.append("the training failed (see the kernel log); last.pth holds the last finished epoch")
     return lines
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move the verified download ``tmp`` to ``out``. An existing ``out`` is replaced only when it is
-    an earlier fetch (holds the output marker) or empty."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file()):
-            raise CellsegError(f"{out} exists and is not an earlier fetch: choose an empty or new --out")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
