@@ -165,12 +165,28 @@ def test_chunked_anchor_matching_equals_matcher():
     for low_quality in (True, False):
         matcher = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
         want = matcher(box_iou(gt, anchors))
-        for chunk in (512, 1 << 16):
-            got = targets.match_anchors(matcher, gt, anchors, chunk=chunk)
-            assert torch.equal(got, want), (low_quality, chunk)
+        for chunk, tiled in ((512, True), (None, True), (700, False)):
+            got = targets.match_anchors(matcher, gt, anchors, chunk=chunk, tiled=tiled)
+            assert torch.equal(got, want), (low_quality, chunk, tiled)
     gt7_free = torch.cat([gt[:7], gt[8:]])
     matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
     assert torch.equal(targets.match_anchors(matcher, gt7_free, anchors, 700), matcher(box_iou(gt7_free, anchors)))
+
+
+def test_anchor_matching_with_the_models_anchors(synth_items):
+    """The RPN's own anchors (location-major grids, 3 levels) and real cells: same labels and boxes as
+    torchvision's assign_targets_to_anchors."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "input_scale": 2.0})).train()
+    image, target = synth_items[0]
+    images, tgts = model.transform([image], [{k: v for k, v in target.items() if torch.is_tensor(v)}])
+    features = list(model.backbone(images.tensors).values())
+    anchors = model.rpn.anchor_generator(images, features)
+    assert anchors[0].shape[0] > 10000 and tgts[0]["boxes"].shape[0] > 20
+    got = model.rpn.assign_targets_to_anchors(anchors, tgts)
+    want = RegionProposalNetwork.assign_targets_to_anchors(model.rpn, anchors, tgts)
+    assert torch.equal(got[0][0], want[0][0]) and torch.equal(got[1][0], want[1][0])
+    assert int((want[0][0] == 1).sum()) > 20  # positives exist
 
 
 def test_install_covers_detectron2_options_and_keeps_inference(synth_items):
