@@ -82,6 +82,15 @@ def time_steps(model, loader, device, steps: int, warmup: int, amp: bool) -> dic
     return {"s_per_step": s, "img_per_s": n_img / s, "data_wait": sum(waits) / sum(totals)}
 
 
+def next_batch(loader, it: list):
+    """Next batch of ``loader``, restarting it when exhausted (``it`` holds the live iterator)."""
+    try:
+        return next(it[0])
+    except StopIteration:
+        it[0] = iter(loader)
+        return next(it[0])
+
+
 def one_step(model, opt, images, targets, device, amp: bool) -> float:
     """Forward, backward and SGD step of ``model`` on one batch; seconds (synchronised on CUDA)."""
     t0 = time.perf_counter()
@@ -105,9 +114,9 @@ def compare_targets(cfg, loader, device, steps: int, warmup: int, amp: bool) -> 
     models = {"new": new, "old": old}
     opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     times: dict[str, list[float]] = {"new": [], "old": []}
-    it = iter(loader)
+    it = [iter(loader)]
     for i in range(warmup + steps):
-        images, targets = next(it)
+        images, targets = next_batch(loader, it)
         cells = sum(len(t["labels"]) for t in targets)
         order = ["new", "old"] if i % 2 == 0 else ["old", "new"]
         got = {k: one_step(models[k], opts[k], images, targets, device, amp) for k in order}
@@ -132,10 +141,10 @@ def profile_step(cfg, loader, device, warmup: int, amp: bool, top: int = 20) -> 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    it = iter(loader)
+    it = [iter(loader)]
     for _ in range(warmup):
-        one_step(model, opt, *next(it), device, amp)
-    images, targets = next(it)
+        one_step(model, opt, *next_batch(loader, it), device, amp)
+    images, targets = next_batch(loader, it)
     prof = cProfile.Profile()
     prof.enable()
     total = one_step(model, opt, images, targets, device, amp)
