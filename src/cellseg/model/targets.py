@@ -214,6 +214,7 @@ def _tile_order(anchors: Tensor, chunk: int) -> Tensor:
     """A permutation of ``anchors`` that groups them into square tiles of ~``chunk`` anchors of one size
     (size class = round(log2(area))), so that a block of ``chunk`` consecutive anchors covers a small
     region. (A, 4) -> (A,) int64."""
+    anchors = anchors.float()  # anchors come in the features' dtype: fp16 areas overflow under autocast
     wh = anchors[:, 2:] - anchors[:, :2]
     size_class = torch.log2((wh[:, 0] * wh[:, 1]).clamp(min=1e-6)).round().to(torch.int64)
     _, inverse, counts = torch.unique(size_class, return_inverse=True, return_counts=True)
