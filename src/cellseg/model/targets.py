@@ -28,6 +28,8 @@ unchanged. Only public torchvision pieces are used (``RoIHeads`` methods, ``fast
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,15 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_area, roi_align
 
 from cellseg.detectron2.modeling import D2RPN, D2RoIHeads, D2Transform
+
+if TYPE_CHECKING:  # the mixins below extend these torchvision classes (at run time they sit beside them)
+    from torchvision.models.detection.roi_heads import RoIHeads as _RoIHeadsBase
+    from torchvision.models.detection.rpn import RegionProposalNetwork as _RPNBase
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform as _TransformBase
+else:
+    _RoIHeadsBase = object
+    _RPNBase = object
+    _TransformBase = object
 
 #: Float elements of the mask windows RoIAlign reads at once (64 MiB); larger sets go in groups.
 MAX_WINDOW_ELEMENTS = 1 << 24
@@ -70,7 +81,9 @@ def _groups(spans: Tensor, budget: int) -> list[Tensor]:
     if spans.shape[0] * hmax * wmax <= budget:
         return [torch.arange(spans.shape[0])]
     order = torch.argsort(spans[:, 0] * spans[:, 1], descending=True).tolist()
-    groups, current, gh, gw = [], [], 0, 0
+    groups: list[Tensor] = []
+    current: list[int] = []
+    gh = gw = 0
     for i in order:
         h, w = int(spans[i, 0]), int(spans[i, 1])
         nh, nw = max(gh, h), max(gw, w)
@@ -172,7 +185,7 @@ def mask_rcnn_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), targets)  # fp32 as autocast would
 
 
-class SourceMaskRoIHeads:
+class SourceMaskRoIHeads(_RoIHeadsBase):
     """Mixin for torchvision ``RoIHeads``: in training, the mask loss comes from :func:`mask_rcnn_loss`
     (ground-truth masks at any resolution, no full-stack float copy). Everything else, and inference,
     is the base class's."""
@@ -262,13 +275,13 @@ def match_anchors(matcher, gt_boxes: Tensor, anchors: Tensor, chunk: int | None 
     padded = torch.cat([anchors, anchors[-1:].expand(len(starts) * chunk - num, 4)]).view(len(starts), chunk, 4)
     lo, hi = padded[:, :, :2].amin(dim=1), padded[:, :, 2:].amax(dim=1)  # (blocks, 2) each
     near = (gt_boxes[None, :, 2:] > lo[:, None]).all(dim=2) & (gt_boxes[None, :, :2] < hi[:, None]).all(dim=2)
-    near = [torch.nonzero(row)[:, 0].to(device) for row in near.cpu()]  # one host sync
+    near_idx = [torch.nonzero(row)[:, 0].to(device) for row in near.cpu()]  # one host sync
     # no overlap at all: IoU 0 with every ground truth, whose argmax is the first one
     best = torch.zeros(num, dtype=gt_boxes.dtype, device=device)
     matches = torch.zeros(num, dtype=torch.int64, device=device)
     block_best = torch.zeros((len(starts), gt_boxes.shape[0]), dtype=gt_boxes.dtype, device=device)
     for b, s in enumerate(starts):
-        g = near[b]
+        g = near_idx[b]
         if g.numel() == 0:
             continue
         iou = _iou_block(gt_boxes[g], gt_area[g], anchors[s : s + chunk], anchor_area[s : s + chunk])
@@ -299,7 +312,7 @@ def match_anchors(matcher, gt_boxes: Tensor, anchors: Tensor, chunk: int | None 
     return torch.empty_like(matches).index_copy_(0, order, matches)
 
 
-class ChunkedAnchorMatching:
+class ChunkedAnchorMatching(_RPNBase):
     """Mixin for torchvision's ``RegionProposalNetwork``: ``assign_targets_to_anchors`` with
     :func:`match_anchors` instead of the full (G, A) IoU matrix. Same labels and boxes."""
 
@@ -322,7 +335,7 @@ class ChunkedAnchorMatching:
         return labels, matched_gt_boxes
 
 
-class KeepSourceMasks:
+class KeepSourceMasks(_TransformBase):
     """Mixin for torchvision's transforms: resize images and boxes, leave ``target["masks"]`` as it is
     (the mask targets are projected from the source resolution by :func:`project_masks`)."""
 
