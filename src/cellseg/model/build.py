@@ -28,6 +28,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cellseg.detectron2 import modeling as d2compat
 from cellseg.errors import CellsegError
+from cellseg.model import targets
 from cellseg.model.experiment import ModelConfig
 
 #: ResNet stage names from the top, as torchvision counts trainable layers.
@@ -132,10 +133,16 @@ def build_mask_head(cfg: ModelConfig) -> tuple[nn.Module, MaskRCNNPredictor]:
 class ScaledRCNNTransform(GeneralizedRCNNTransform):
     """torchvision's transform with a fixed resize factor instead of a target short side.
 
-    Every image (train and test) is scaled by ``scale`` (bilinear; masks nearest), so the data
-    pipeline's multi-scale jitter and crops survive (Detectron2 style) while a 520 x 704 test image is
-    still upscaled, e.g. 2x. Normalisation, batching and ``postprocess`` are torchvision's.
+    Every image (train and test) is scaled by ``scale`` (bilinear) and target boxes with it, so the
+    data pipeline's multi-scale jitter and crops survive (Detectron2 style) while a 520 x 704 test
+    image is still upscaled, e.g. 2x. Ground-truth masks are NOT resized: they stay uint8 at the
+    pipeline's resolution and :func:`cellseg.model.targets.project_masks` builds the mask targets
+    from them (a float full-frame copy of ~900 masks at 2x would be GBs). Normalisation, batching
+    and ``postprocess`` are torchvision's.
     """
+
+    #: tells :func:`cellseg.model.targets.install` that this transform leaves the masks alone
+    keeps_source_masks = True
 
     def __init__(self, scale: float, image_mean: list[float], image_std: list[float], size_divisible: int = 32) -> None:
         super().__init__(
@@ -143,20 +150,17 @@ class ScaledRCNNTransform(GeneralizedRCNNTransform):
         )
         self.scale = float(scale)
 
-    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(3, h, w) image -> (3, round(h * scale), round(w * scale)); ``target["boxes"]`` scaled alike."""
         if self.scale == 1.0:
             return image, target
         h, w = image.shape[-2:]
         size = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        if target is None:
-            return image, target
-        if "masks" in target and target["masks"].numel():
-            m = target["masks"]
-            target["masks"] = F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].to(m.dtype)
-        elif "masks" in target:
-            target["masks"] = target["masks"].new_zeros((0, *size))
-        target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
         return image, target
 
     def __repr__(self) -> str:
@@ -208,7 +212,9 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         mask_predictor=mask_predictor,
     )
     model.transform = build_transform(cfg)
-    return d2compat.apply_options(model, cfg)  # Detectron2-faithful options; all off by default
+    d2compat.apply_options(model, cfg)  # Detectron2-faithful options; all off by default
+    targets.install(model)  # training targets without full-frame copies of the ground truth
+    return model
 
 
 def class_specific(key: str) -> bool:

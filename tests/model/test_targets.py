@@ -1,0 +1,210 @@
+"""Training targets without full-frame copies: same targets as torchvision's path, less memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import box_iou
+
+from cellseg.data.dataset import CellDataset, train_records
+from cellseg.data.synth import generate
+from cellseg.data.transforms import AugmentConfig
+from cellseg.data.truth import read_train_csv
+from cellseg.detectron2.modeling import D2RoIHeads
+from cellseg.model import targets
+from cellseg.model.build import ScaledRCNNTransform, build_model
+from cellseg.model.experiment import ModelConfig
+from helpers import TINY
+
+
+class OldScaledRCNNTransform(ScaledRCNNTransform):
+    """``ScaledRCNNTransform.resize`` before cellseg.model.targets (main at 6d67266): float32 upsampling."""
+
+    def resize(self, image, target=None):
+        if self.scale == 1.0:
+            return image, target
+        h, w = image.shape[-2:]
+        size = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        if target is None:
+            return image, target
+        if "masks" in target and target["masks"].numel():
+            m = target["masks"]
+            target["masks"] = F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].to(m.dtype)
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
+        return image, target
+
+
+def old_path(model) -> None:
+    targets.uninstall(model)
+    if isinstance(model.transform, ScaledRCNNTransform):
+        model.transform.__class__ = OldScaledRCNNTransform
+
+
+@pytest.fixture(scope="module")
+def synth_items(tmp_path_factory):
+    """Two real synthetic items (the densest of 6 images first), scale jitter at 1.25, 256 x 320 crops
+    (small enough for torchvision's full-stack float path to run in a test)."""
+    data = tmp_path_factory.mktemp("synth") / "data"
+    generate(data, train_images=6, test_images=0, semi_images=0, seed=11, progress=False, workers=1)
+    ts = read_train_csv(data / "train.csv", fill_holes=True)
+    ids = sorted(ts.images, key=lambda i: -len(ts.images[i].instances))[:2]
+    aug = AugmentConfig(
+        scale_range=(1.25, 1.25), crop_size=(256, 320), brightness=(1.0, 1.0), contrast=(1.0, 1.0), rot90=0.0
+    )
+    torch.manual_seed(0)
+    ds = CellDataset(train_records(ts, data / "train", ids), aug)
+    return [ds[0], ds[1]]
+
+
+def jittered_proposals(boxes: torch.Tensor, per_box: int, size: tuple[int, int], seed: int) -> torch.Tensor:
+    """Proposals around each box (as matched RoIs look): shifted and rescaled, a few tiny, clipped."""
+    g = torch.Generator().manual_seed(seed)
+    b = boxes.repeat_interleave(per_box, 0)
+    wh = (b[:, 2:] - b[:, :2]).clamp(min=1)
+    centre = (b[:, :2] + b[:, 2:]) / 2 + (torch.rand(b.shape[0], 2, generator=g) - 0.5) * 0.6 * wh
+    wh = wh * (0.6 + 0.8 * torch.rand(b.shape[0], 2, generator=g))
+    wh[::17] = torch.rand(len(wh[::17]), 2, generator=g) * 1.5  # degenerate boxes (< 1 px)
+    out = torch.cat([centre - wh / 2, centre + wh / 2], 1)
+    out[:, 0::2] = out[:, 0::2].clamp(0, size[1])
+    out[:, 1::2] = out[:, 1::2].clamp(0, size[0])
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 1.37])
+def test_mask_targets_equal_torchvisions_on_a_synthetic_image(synth_items, scale):
+    """project_masks on uint8 source masks == project_masks_on_boxes on the float-upsampled stack.
+
+    Tolerance: max abs difference < 1e-3 and mean < 1e-5 (RoIAlign's sample positions round
+    differently for the box shifted into its window: a float32 ulp at x ~ 1000 is 6e-5), and the
+    0.5-thresholded targets identical on >= 99.99 % of pixels."""
+    _, target = synth_items[0]
+    masks = target["masks"]
+    h, w = masks.shape[-2:]
+    size = (round(h * scale), round(w * scale))
+    assert masks.dtype == torch.uint8 and masks.shape[0] > 20
+    boxes = resize_boxes(target["boxes"], (h, w), size)
+    proposals = jittered_proposals(boxes, 3, size, seed=int(scale * 100))
+    matched = torch.arange(masks.shape[0]).repeat_interleave(3)
+    upsampled = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
+    old = project_masks_on_boxes(upsampled, proposals, matched, 28)
+    new = targets.project_masks(masks, proposals, matched, size, 28)
+    assert new.shape == old.shape == (len(matched), 28, 28)
+    diff = (new - old).abs()
+    assert diff.max() < 1e-3 and diff.mean() < 1e-5
+    assert ((new > 0.5) == (old > 0.5)).float().mean() >= 0.9999
+    assert old.sum() > 1000  # the targets hold the cells, not just empty windows
+    # windows processed in small groups give the same targets
+    grouped = targets.project_masks(masks, proposals, matched, size, 28, max_elements=4096)
+    assert torch.equal(grouped, new)
+    # bool masks work too, and nothing is projected for no proposals
+    assert torch.equal(targets.project_masks(masks.bool(), proposals, matched, size, 28), new)
+    assert targets.project_masks(masks, proposals[:0], matched[:0], size, 28).shape == (0, 28, 28)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_training_losses_equal_torchvisions_path(synth_items, scale):
+    """A training forward of the built model gives the old path's losses (same sampled RoIs)."""
+    cfg = ModelConfig(**{**TINY, "input_scale": scale, "box_batch_size_per_image": 128})
+    torch.manual_seed(0)
+    new = build_model(cfg).train()
+    old = build_model(cfg).train()
+    old.load_state_dict(new.state_dict())
+    old_path(old)
+    assert type(old.roi_heads) is RoIHeads and type(old.rpn) is RegionProposalNetwork
+    images = [im for im, _ in synth_items]
+
+    def losses(model):
+        tgts = [{k: v.clone() for k, v in t.items() if torch.is_tensor(v)} for _, t in synth_items]
+        torch.manual_seed(1)
+        return {k: float(v.detach()) for k, v in model(images, tgts).items()}
+
+    got, want = losses(new), losses(old)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+    assert want["loss_mask"] > 0.1
+
+
+def test_no_full_frame_float_copy_of_the_masks(synth_items):
+    """Largest single CPU allocation of a training step: the old path allocates the float mask stack
+    (N x H x W x 4 bytes at the input scale); the new path allocates nothing half that size."""
+    cfg = ModelConfig(**{**TINY, "input_scale": 2.0, "box_batch_size_per_image": 64})
+    image, target = synth_items[0]
+    n, h, w = target["masks"].shape
+    stack_bytes = n * (2 * h) * (2 * w) * 4
+
+    def largest_allocation(model) -> int:
+        tgt = {k: v.clone() for k, v in target.items() if torch.is_tensor(v)}
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            sum(model([image], [tgt]).values()).backward()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert largest_allocation(model) < stack_bytes / 2
+    old_path(model)
+    assert largest_allocation(model) >= stack_bytes  # the check can see the copy
+
+
+def test_chunked_anchor_matching_equals_matcher():
+    """match_anchors == Matcher(box_iou(...)) with blocks, ties across blocks, no-overlap ground truth."""
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(40, 2, generator=g) * 300
+    gt = torch.cat([gt, gt + 4 + torch.rand(40, 2, generator=g) * 50], 1)
+    gt[7] = torch.tensor([1000.0, 1000.0, 1010.0, 1010.0])  # overlaps no anchor: best IoU 0 ties everywhere
+    anchors = torch.rand(5000, 2, generator=g) * 350
+    anchors = torch.cat([anchors, anchors + 1 + torch.rand(5000, 2, generator=g) * 60], 1)
+    anchors[10] = anchors[4000] = gt[3]  # a ground truth's best IoU (1.0) in two blocks
+    for low_quality in (True, False):
+        matcher = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+        want = matcher(box_iou(gt, anchors))
+        for chunk, tiled in ((512, True), (None, True), (700, False)):
+            got = targets.match_anchors(matcher, gt, anchors, chunk=chunk, tiled=tiled)
+            assert torch.equal(got, want), (low_quality, chunk, tiled)
+    gt7_free = torch.cat([gt[:7], gt[8:]])
+    matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
+    assert torch.equal(targets.match_anchors(matcher, gt7_free, anchors, 700), matcher(box_iou(gt7_free, anchors)))
+
+
+def test_anchor_matching_with_the_models_anchors(synth_items):
+    """The RPN's own anchors (location-major grids, 3 levels) and real cells: same labels and boxes as
+    torchvision's assign_targets_to_anchors."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "input_scale": 2.0})).train()
+    image, target = synth_items[0]
+    images, tgts = model.transform([image], [{k: v for k, v in target.items() if torch.is_tensor(v)}])
+    features = list(model.backbone(images.tensors).values())
+    anchors = model.rpn.anchor_generator(images, features)
+    assert anchors[0].shape[0] > 10000 and tgts[0]["boxes"].shape[0] > 20
+    got = model.rpn.assign_targets_to_anchors(anchors, tgts)
+    want = RegionProposalNetwork.assign_targets_to_anchors(model.rpn, anchors, tgts)
+    assert torch.equal(got[0][0], want[0][0]) and torch.equal(got[1][0], want[1][0])
+    assert int((want[0][0] == 1).sum()) > 20  # positives exist
+
+
+def test_install_covers_detectron2_options_and_keeps_inference(synth_items):
+    cfg = ModelConfig(**{**TINY, "input_scale": 0.0, "min_size": 300, "max_size": 500, "detectron2_inference": True})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model.roi_heads, D2RoIHeads) and isinstance(model.roi_heads, targets.SourceMaskRoIHeads)
+    image, target = synth_items[1]
+    tgt = {k: v for k, v in target.items() if torch.is_tensor(v)}
+    model.train()
+    losses = model([image], [tgt])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    batch, out_targets = model.transform([image], [dict(tgt)])
+    assert batch.image_sizes[0] != tuple(image.shape[-2:])  # resized to min_size 300 ...
+    assert out_targets[0]["masks"] is tgt["masks"]  # ... but the masks are left at the source resolution
+    model.eval()
+    with torch.no_grad():
+        out = model([image])[0]
+    assert out["masks"].shape[-2:] == image.shape[-2:]
+    with pytest.raises(TypeError, match="no lean training targets"):
+        targets._lean(torch.nn.Identity())
