@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -102,10 +103,16 @@ def train_one_epoch(
         with torch.autocast(device_type=device.type, enabled=use_amp):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
+        # One device-to-host copy per step: the loss terms and their sum together. The finiteness check,
+        # the progress bar and the logs read that copy (a float() per term would each wait for the GPU).
+        names = list(loss_dict)
+        terms = torch.stack([loss_dict[k].detach().float() for k in names] + [loss.detach().float()]).tolist()
+        values = dict(zip(names, terms[:-1]))
+        values["loss"] = terms[-1]
+        if not math.isfinite(values["loss"]):
             raise CellsegError(
-                f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): "
-                + ", ".join(f"{k}={v.item():.3g}" for k, v in loss_dict.items())
+                f"loss is {values['loss']} at step {step} (epoch {epoch + 1}): "
+                + ", ".join(f"{k}={values[k]:.3g}" for k in names)
                 + "; lower train.lr or raise warmup_iters"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -118,8 +125,6 @@ def train_one_epoch(
         scheduler.step()
         step += 1
         n_steps += 1
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        values["loss"] = float(loss.detach())
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
