@@ -7,16 +7,18 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from cellseg.cli import main
 from cellseg.config import from_dict
 from cellseg.data.folds import holdout_split
 from cellseg.data.truth import read_train_csv
+from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import read_checkpoint_info
-from cellseg.model.experiment import ExperimentConfig, upgrade_keys
+from cellseg.model.experiment import ExperimentConfig, TrainConfig, upgrade_keys
 from cellseg.model.manifest import ClassThresholds, ModelEntry, write_manifest
 from cellseg.paths import demo_manifest
-from cellseg.training.engine import validation_manifest
+from cellseg.training.engine import train_one_epoch, validation_manifest
 from cellseg.training.loop import train
 
 DEMO_MODEL = demo_manifest().parent / "model.pth"
@@ -80,3 +82,35 @@ def test_validation_manifest_is_val_thresholds_for_every_type():
     assert m.fusion.detections_per_view == 2000  # the model's own cap (dense LIVECell images)
     m.classes["astro"].score = 0.9  # each type gets its own copy
     assert m.thresholds("cort").score == 0.3 and th.score == 0.3
+
+
+class _LossModel(torch.nn.Module):
+    """Returns fixed loss terms (the second one non-finite at step ``bad_at``) through a real parameter."""
+
+    def __init__(self, bad_at: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls, self.bad_at = 0, bad_at
+
+    def forward(self, images, targets):
+        self.calls += 1
+        second = float("nan") if self.calls == self.bad_at else 0.25
+        return {"loss_a": self.w * 0.5, "loss_b": self.w * second}
+
+
+def test_train_one_epoch_means_and_a_non_finite_loss_named_by_term():
+    def run(model: torch.nn.Module, steps: int):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        loader = [([torch.zeros(3, 4, 4)], [{}])] * steps
+        return train_one_epoch(
+            model, loader, opt, sched, torch.amp.GradScaler("cuda", enabled=False), torch.device("cpu"),
+            TrainConfig(), epoch=0, step=0, total_steps=steps, steps_per_epoch=steps, use_amp=False,
+            log=lambda m: None, progress=False,
+        )  # fmt: skip
+
+    stats = run(_LossModel(bad_at=0), 3)
+    assert stats.steps == 3 and stats.step == 3 and not stats.stopped
+    assert stats.means == pytest.approx({"loss_a": 0.5, "loss_b": 0.25, "loss": 0.75})
+    with pytest.raises(CellsegError, match=r"loss is nan at step 1 \(epoch 1\): loss_a=0\.5, loss_b=nan"):
+        run(_LossModel(bad_at=2), 3)
