@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 import push  # tools/push.py: the client wrapper, the dataset step; it puts src/ on sys.path if needed
-from push import REPO, Kaggle, RemoteError, UsageError, describe, say, warn
+from kaggle_client import Kaggle, RemoteError, UsageError, describe, report_errors, say, warn
+from push import REPO
 
 from cellseg.config import parse_duration
 from cellseg.errors import CellsegError
@@ -436,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return push.report_errors(lambda: run_train(args) if args.step == "train" else run_fetch(args))
+    return report_errors(lambda: run_train(args) if args.step == "train" else run_fetch(args))
 
 
 if __name__ == "__main__":
