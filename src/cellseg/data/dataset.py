@@ -350,21 +350,6 @@ def store_records(store: CocoStore, exclude: Iterable[str] = ()) -> list[Record]
     return out
 
 
-def coco_records(
-    path: str | Path,
-    images_dir: str | Path | None = None,
-    default_type: str = "shsy5y",
-    exclude: Iterable[str] = (),
-    class_map: dict[str, str] | None = None,
-    class_names: Sequence[str] = CELL_TYPES,
-) -> list[Record]:
-    """Records of a COCO instance json (see :func:`cellseg.data.coco.load_coco`; iscrowd skipped).
-
-    An image's class (``cell_type``) is the most common class of its annotations.
-    """
-    return store_records(load_coco(path, images_dir, class_map, class_names, default_type), exclude)
-
-
 def coco_sources(
     data: DataConfig, data_dir: str | Path, class_names: Sequence[str], exclude: Iterable[str] = ()
 ) -> list[Record]:
