@@ -45,33 +45,12 @@ from cellseg.data.truth import read_train_csv  # noqa: E402
 
 
 def old_path(model) -> None:
-    """Give a built model torchvision's training targets again (the path before cellseg.model.targets):
-    ``ScaledRCNNTransform.resize`` as on main at 6d67266 (masks upsampled in float32),
-    ``project_masks_on_boxes`` over the whole stack, the full (G, A) anchor IoU matrix."""
-    import torch.nn.functional as F
-    from torchvision.models.detection.transform import resize_boxes
+    """Give a built model torchvision's training targets again (the path before cellseg.model.targets),
+    from tests/reference_targets.py, the same reference the equivalence tests use."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference_targets import old_path as reference
 
-    from cellseg.model import targets
-    from cellseg.model.build import ScaledRCNNTransform
-
-    class OldScaledRCNNTransform(ScaledRCNNTransform):
-        def resize(self, image, target=None):
-            if self.scale == 1.0:
-                return image, target
-            h, w = image.shape[-2:]
-            size = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-            if target is None:
-                return image, target
-            if "masks" in target and target["masks"].numel():
-                m = target["masks"]
-                target["masks"] = F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].to(m.dtype)
-            target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
-            return image, target
-
-    targets.uninstall(model)
-    if isinstance(model.transform, ScaledRCNNTransform):
-        model.transform.__class__ = OldScaledRCNNTransform
+    reference(model)
 
 
 def peak_rss_mb() -> float:

@@ -18,33 +18,10 @@ from cellseg.data.transforms import AugmentConfig
 from cellseg.data.truth import read_train_csv
 from cellseg.detectron2.modeling import D2RoIHeads
 from cellseg.model import targets
-from cellseg.model.build import ScaledRCNNTransform, build_model
+from cellseg.model.build import build_model
 from cellseg.model.experiment import ModelConfig
 from helpers import TINY
-
-
-class OldScaledRCNNTransform(ScaledRCNNTransform):
-    """``ScaledRCNNTransform.resize`` before cellseg.model.targets (main at 6d67266): float32 upsampling."""
-
-    def resize(self, image, target=None):
-        if self.scale == 1.0:
-            return image, target
-        h, w = image.shape[-2:]
-        size = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        if target is None:
-            return image, target
-        if "masks" in target and target["masks"].numel():
-            m = target["masks"]
-            target["masks"] = F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0].to(m.dtype)
-        target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
-        return image, target
-
-
-def old_path(model) -> None:
-    targets.uninstall(model)
-    if isinstance(model.transform, ScaledRCNNTransform):
-        model.transform.__class__ = OldScaledRCNNTransform
+from reference_targets import old_path
 
 
 @pytest.fixture(scope="module")
