@@ -251,11 +251,12 @@ def on_device(fn):
 dist.all_reduce, dist.broadcast = on_device(dist.all_reduce), on_device(dist.broadcast)
 cfg = load_experiment(sys.argv[1], sys.argv[4:])
 res = train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
-rank = dist.get_rank()
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 torch.save({k: v for k, v in res.model.state_dict().items()}, f"{sys.argv[3]}/rank{rank}.pt")
 # one file per rank: two processes printing to one pipe can interleave their lines
-open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(f"rank {rank} world {dist.get_world_size()} steps {res.steps_done}")
-dist.destroy_process_group()
+# train() destroyed the group it created (else gloo may SIGABRT at interpreter exit)
+text = f"rank {rank} world {world} steps {res.steps_done} group left {dist.is_initialized()}"
+open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(text)
 """
 
 
@@ -292,7 +293,9 @@ def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     # 6 train images / 2 ranks = 3 each, batch 2 -> 2 steps per epoch on each rank
-    assert [(out / f"rank{k}.txt").read_text() for k in (0, 1)] == ["rank 0 world 2 steps 4", "rank 1 world 2 steps 4"]
+    assert [(out / f"rank{k}.txt").read_text() for k in (0, 1)] == [
+        f"rank {k} world 2 steps 4 group left False" for k in (0, 1)
+    ]
     w0, w1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
     init = read_checkpoint(out / "last.pth")["model"]
@@ -328,6 +331,7 @@ def test_collectives_get_tensors_on_the_training_device(monkeypatch):
 
 FAILING_VALIDATION_SCRIPT = """
 import os, sys, time
+import torch.distributed as dist
 import cellseg.training.loop as loop
 from cellseg.model.experiment import load_experiment
 rank = int(os.environ["RANK"])
@@ -340,7 +344,7 @@ try:
     loop.train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
 except Exception as e:
     with open(f"{sys.argv[3]}/rank{rank}.err", "w") as f:
-        f.write(f"{time.time()} {type(e).__name__}: {e}")
+        f.write(f"{time.time()} group left {dist.is_initialized()} {type(e).__name__}: {e}")
     if rank == 0:
         time.sleep(90)  # alive but gone (as a process stuck in NCCL teardown): the others must not need it to exit
     sys.exit(1)
@@ -379,6 +383,8 @@ def test_rank0_failing_in_validation_stops_the_other_ranks_at_once(tiny_data, tm
         assert done - float(failed_at) < 20
         err1 = (out / "rank1.err").read_text()
         assert "CellsegError" in err1 and "rank 0 failed" in err1 and "validation blew up" in err1, err1
+        # the failing ranks destroyed their gloo group: no SIGABRT at interpreter exit instead of exit 1
+        assert "group left False" in err1 and "group left False" in (out / "rank0.err").read_text()
     finally:
         for p in procs:
             if p.poll() is None:

@@ -7,13 +7,19 @@ writes the run folder wait on a separate gloo group (CPU, long timeout, and a de
 socket is noticed at once), and rank 0 tells them whether it succeeded: a rank 0 that raises there
 (:func:`main_section`) makes every other rank stop with one clear line instead of hanging in an NCCL
 barrier until NCCL's timeout.
+
+:func:`process_group` owns the group's lifetime: a process that leaves without
+``destroy_process_group`` can die at interpreter exit with SIGABRT ("terminate called without an
+active exception": gloo's worker threads still hold work objects while Python tears down), which
+turns a clean ``exit 1`` into a signal (pytorch/pytorch#190489).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -67,6 +73,30 @@ def init_distributed() -> DistInfo:
     if dist.get_backend() != "gloo":
         control = dist.new_group(backend="gloo", timeout=MAIN_SECTION_TIMEOUT)
     return DistInfo(rank, world, local, device, control)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the duration of a ``with`` block, then the groups it created are
+    destroyed (a group the caller initialised before stays the caller's).
+
+    On the way out after an exception an NCCL group is left as it is: a graceful NCCL shutdown waits
+    for this rank's pending collectives, which a failed peer may never join (``torchrun`` stops the
+    survivors). gloo groups are always destroyed: that is local, and it is what keeps a failing rank's
+    exit code from being replaced by SIGABRT at interpreter exit.
+
+    Yields:
+        this process's :class:`DistInfo`.
+    """
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    info = init_distributed()
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        if created and dist.is_initialized() and (ok or dist.get_backend() == "gloo"):
+            dist.destroy_process_group()
 
 
 def _default_device(local_rank: int) -> torch.device:

@@ -54,13 +54,14 @@ from cellseg.model.experiment import ExperimentConfig
 from cellseg.model.provenance import init_record, run_provenance, training_sources
 from cellseg.paths import CompetitionPaths
 from cellseg.training.distributed import (
+    DistInfo,
     broadcast_buffers,
     device_for,
     fail_fast,
     gather_rng,
-    init_distributed,
     main_done,
     main_section,
+    process_group,
     reduce_mean,
 )
 from cellseg.training.engine import evaluate, train_one_epoch
@@ -130,7 +131,6 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     plot.training_curves(df, out / "curves.png")
 
 
-@fail_fast  # rank 0 failing in its validation stops the other ranks at once (they wait for it)
 def train(
     cfg: ExperimentConfig,
     data_dir: str | Path,
@@ -150,14 +150,32 @@ def train(
         resume: continue from ``out/last.pth`` when it exists (identical continuation on CPU).
 
     Returns a :class:`TrainResult` on every rank (``model`` is the trained, unwrapped model).
+
+    Under torchrun the process group is created here and destroyed before returning (one made by the
+    caller beforehand is left to the caller).
     """
-    info = init_distributed()
+    with process_group() as info:
+        return _train(info, cfg, Path(data_dir), fold, init, Path(out), resume, progress, config_name)
+
+
+@fail_fast  # rank 0 failing in its validation stops the other ranks at once (they wait for it)
+def _train(
+    info: DistInfo,
+    cfg: ExperimentConfig,
+    data_dir: Path,
+    fold: int | None,
+    init: str | Path | None,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    config_name: str | None,
+) -> TrainResult:
+    """:func:`train`'s body, inside the process group (``info``)."""
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     device = device_for(info)
     use_amp = tc.amp and device.type == "cuda"
-    data_dir, out = Path(data_dir), Path(out)
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
 
     t_start = time.monotonic()
