@@ -82,8 +82,9 @@ def process_group() -> Iterator[DistInfo]:
 
     On the way out after an exception an NCCL group is left as it is: a graceful NCCL shutdown waits
     for this rank's pending collectives, which a failed peer may never join (``torchrun`` stops the
-    survivors). gloo groups are always destroyed: that is local, and it is what keeps a failing rank's
-    exit code from being replaced by SIGABRT at interpreter exit.
+    survivors); its gloo control group is still destroyed. gloo groups are always destroyed: that is
+    local, and it is what keeps a failing rank's exit code from being replaced by SIGABRT at
+    interpreter exit.
 
     Yields:
         this process's :class:`DistInfo`.
@@ -95,8 +96,11 @@ def process_group() -> Iterator[DistInfo]:
         yield info
         ok = True
     finally:
-        if created and dist.is_initialized() and (ok or dist.get_backend() == "gloo"):
-            dist.destroy_process_group()
+        if created and dist.is_initialized():
+            if ok or dist.get_backend() == "gloo":
+                dist.destroy_process_group()
+            elif info.control is not None:
+                dist.destroy_process_group(info.control)
 
 
 def _default_device(local_rank: int) -> torch.device:
