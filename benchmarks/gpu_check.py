@@ -91,7 +91,7 @@ def stage_env(args) -> dict:
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         info["cudnn"] = torch.backends.cudnn.version()
         info["memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        from cellseg.inference.forward import resolve_device
+        from cellseg.inference.device import resolve_device
 
         info["resolve_device_auto"] = str(resolve_device("auto"))
     return info

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename
 from cellseg.errors import CellsegError
-from cellseg.inference.forward import load_ensemble, resolve_device
+from cellseg.inference.device import resolve_device
+from cellseg.inference.forward import load_ensemble
 from cellseg.inference.pipeline import predict_image
 from cellseg.io import atomic_path, list_pngs, read_gray
 from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest

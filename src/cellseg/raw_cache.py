@@ -151,7 +151,8 @@ def predict_raw(
         CellsegError: ``out_dir`` holds a cache of another ensemble or split, or unindexed files.
     """
     # lazy: the model side imports torch; reading a cache (tune) stays torch-free
-    from cellseg.inference.forward import load_ensemble, resolve_device
+    from cellseg.inference.device import resolve_device
+    from cellseg.inference.forward import load_ensemble
     from cellseg.inference.pipeline import forward_image, image_detections
 
     manifest = load_manifest(manifest_path, verify=True)

@@ -389,44 +389,6 @@ def test_out_of_memory_retry_runs_after_the_exception_is_released(ensemble):
     assert calls[1]["held"] == [False]  # the failed forward's tensors were freed before the retry
 
 
-def test_unusable_gpu_falls_back_to_cpu_loudly(small_manifest, tmp_path, monkeypatch):
-    """CUDA 'available' but its first kernel fails (a torch without this card's architecture): auto ->
-    the CPU with a loud log line, and the submission is still written; an explicit --device cuda is a
-    one-line error."""
-    import cellseg.inference.forward as fw
-
-    def no_kernel_image(device):
-        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(fw, "_tiny_kernel", no_kernel_image)
-    logs = []
-    assert fw.resolve_device("auto", log=logs.append) == CPU
-    assert len(logs) == 1 and "no kernel image" in logs[0] and "FALLING BACK TO THE CPU" in logs[0]
-    with pytest.raises(CellsegError, match="cannot run a kernel"):
-        fw.resolve_device("cuda")
-    comp = make_competition(tmp_path / "comp", n_test=2)
-    logs.clear()
-    res = predict_folder(comp, small_manifest, tmp_path / "sub.csv", progress=False, log=logs.append)
-    assert res.device == "cpu" and any("FALLING BACK TO THE CPU" in line for line in logs)
-    assert validate_submission(tmp_path / "sub.csv", comp / "test") == []
-    assert sum(map(len, read_submission(tmp_path / "sub.csv").values())) > 0
-
-
-def test_working_device_is_kept(monkeypatch):
-    """Control for the test above: the probe is what decides (a kernel that runs keeps CUDA)."""
-    import cellseg.inference.forward as fw
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(fw, "_tiny_kernel", lambda device: None)
-    logs = []
-    assert fw.resolve_device("auto", log=logs.append) == torch.device("cuda", 0) and logs == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert fw.resolve_device("auto", log=logs.append) == CPU and logs == []
-
-
 class _ColdStartModel(torch.nn.Module):
     """A stand-in detector whose first call is 50x slower than the others (cuDNN start-up and lazy
     kernel loading on a real GPU): ``warm`` seconds per image, 50 x that once. It returns three

@@ -37,13 +37,13 @@ from cellseg.config import parse_duration
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import read_sample_submission
 from cellseg.errors import CellsegError
+from cellseg.inference.device import resolve_device
 from cellseg.inference.forward import (
     LoadedModel,
     RawView,
     load_ensemble,
     predict_views,
     raw_to_detections,
-    resolve_device,
 )
 from cellseg.inference.pipeline import finish_image, forward_image
 from cellseg.io import check_writable, list_pngs, read_gray
