@@ -44,6 +44,21 @@ def write_test_dir(folder: Path, ids, shape=(20, 30)) -> Path:
     return folder
 
 
+#: config overrides that shrink any shipped model to a toy: 2 returned levels, 16 FPN channels, tiny
+#: heads, 100 proposals (backbone and data sections stay the config's own).
+TOY_MODEL_OVERRIDES = [
+    "model.returned_layers=[1, 2]",
+    "model.anchor_sizes=[[8], [16], [32]]",
+    "model.fpn_channels=16",
+    "model.box_head_dim=32",
+    "model.mask_head_convs=1",
+    "model.rpn_post_nms_top_n_train=100",
+    "model.rpn_post_nms_top_n_test=100",
+    "model.box_batch_size_per_image=32",
+    "model.box_detections_per_img=30",
+]
+
+
 #: A tiny Mask R-CNN (ResNet-18 with one block per stage) for fast CPU tests.
 TINY = dict(
     backbone="resnet18",

@@ -22,20 +22,12 @@ from cellseg.paths import configs_dir
 from cellseg.training.loop import balanced_subset
 from cellseg.training.optim import build_optimizer, lr_factor
 from cellseg.training.rng import rng_state, set_rng_state
-from helpers import train_rows, write_train_csv
+from helpers import TOY_MODEL_OVERRIDES, train_rows, write_train_csv
 
 H, W = 64, 80
 #: the demo config shrunk to a toy: 2-level slim backbone, 16 FPN channels, tiny heads, no crops.
 TINY_OVERRIDES = [
-    "model.returned_layers=[1, 2]",
-    "model.anchor_sizes=[[8], [16], [32]]",
-    "model.fpn_channels=16",
-    "model.box_head_dim=32",
-    "model.mask_head_convs=1",
-    "model.rpn_post_nms_top_n_train=100",
-    "model.rpn_post_nms_top_n_test=100",
-    "model.box_batch_size_per_image=32",
-    "model.box_detections_per_img=30",
+    *TOY_MODEL_OVERRIDES,
     "train.epochs=3",
     "train.batch_size=2",
     "train.num_workers=0",

@@ -27,6 +27,7 @@ from cellseg.model.build import build_model, class_specific
 from cellseg.model.checkpoint import load_init, read_checkpoint_info, save_checkpoint
 from cellseg.model.experiment import ModelConfig, load_experiment
 from cellseg.paths import configs_dir
+from helpers import TOY_MODEL_OVERRIDES
 
 H, W = 64, 80
 LINES = ("SHSY5Y", "A172", "BV2")
@@ -36,16 +37,8 @@ TINY_MODEL = [
     "model.backbone_blocks=[1, 1, 1, 1]",
     "model.norm=bn",
     "model.trainable_backbone_layers=5",
-    "model.returned_layers=[1, 2]",
-    "model.anchor_sizes=[[8], [16], [32]]",
-    "model.fpn_channels=16",
-    "model.box_head_dim=32",
-    "model.mask_head_convs=1",
     "model.input_scale=1.0",
-    "model.rpn_post_nms_top_n_train=100",
-    "model.rpn_post_nms_top_n_test=100",
-    "model.box_batch_size_per_image=32",
-    "model.box_detections_per_img=30",
+    *TOY_MODEL_OVERRIDES,
 ]
 TINY_TRAIN = [
     "train.epochs=1",

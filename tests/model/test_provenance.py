@@ -28,17 +28,10 @@ from cellseg.model.provenance import SYNTH_MARKER, from_checkpoint, summarize, s
 from cellseg.paths import configs_dir, demo_manifest
 from cellseg.training.loop import train
 from fake_kaggle import REPO, FakeKaggle, make_checkout
+from helpers import TOY_MODEL_OVERRIDES
 
 OVERRIDES = [
-    "model.returned_layers=[1, 2]",
-    "model.anchor_sizes=[[8], [16], [32]]",
-    "model.fpn_channels=16",
-    "model.box_head_dim=32",
-    "model.mask_head_convs=1",
-    "model.rpn_post_nms_top_n_train=100",
-    "model.rpn_post_nms_top_n_test=100",
-    "model.box_batch_size_per_image=32",
-    "model.box_detections_per_img=30",
+    *TOY_MODEL_OVERRIDES,
     "train.epochs=1",
     "train.max_steps=1",
     "train.batch_size=1",
