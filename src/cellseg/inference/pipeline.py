@@ -63,14 +63,12 @@ class ImageResult:
         crops: K non-overlapping instances (tight :class:`~cellseg.data.masks.CropMask`), descending score.
         scores: (K,) float32 fused scores.
         cell_type: the image's cell type (voted, or given by the caller).
-        forward_s: seconds in the models (0 when only the CPU half ran).
         rest_s: seconds of vote, paste, fusion and post-processing.
     """
 
     crops: list[CropMask]
     scores: np.ndarray
     cell_type: str
-    forward_s: float
     rest_s: float
 
 
@@ -197,7 +195,7 @@ def finish_image(
     )
     fused = fuse(dets, th, fu, height, width, total_weight=total)
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
-    return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
+    return ImageResult(crops, scores, cell_type, time.perf_counter() - t1)
 
 
 def predict_image(
@@ -213,10 +211,8 @@ def predict_image(
 
     Exactly :func:`forward_image` then :func:`finish_image` (see there for ``cell_type`` and ``strictness``).
     """
-    raw, forward_s = forward_image(image, loaded, views, device)
-    res = finish_image(image.shape, raw, loaded, views, manifest, cell_type, strictness)
-    res.forward_s = forward_s
-    return res
+    raw, _ = forward_image(image, loaded, views, device)
+    return finish_image(image.shape, raw, loaded, views, manifest, cell_type, strictness)
 
 
 def in_memory_ensemble(
