@@ -140,7 +140,8 @@ def image_detections(
     views: Sequence[str],
     manifest: Manifest,
     cell_type: str | None = None,
-    min_score: float | None = None,
+    *,
+    min_score: float,
 ) -> tuple[Detections, str, float]:
     """Pre-fusion detections of one image from its raw views (CPU only).
 
@@ -148,17 +149,13 @@ def image_detections(
         image_shape: (height, width).
         cell_type: the image's type when known (e.g. from an unlabeled image's file name); else the
             score-weighted vote. Every detection is relabelled to it, so its thresholds apply.
-        min_score: masks scoring under it are not pasted. Default: the type's score threshold in
-            ``max`` score mode (lower scores cannot change which detections above it survive greedy
-            NMS), else 0.
+        min_score: masks scoring under it are not pasted.
 
     Returns:
         (Detections with soft masks on their crops, cell type, total weight of all model x view runs).
     """
     if cell_type is None:
         cell_type = vote_image_type(raw, loaded, manifest)
-    if min_score is None:
-        min_score = manifest.thresholds(cell_type).score if manifest.fusion.score_mode == "max" else 0.0
     raw = relabel(raw, CLASS_IDS[cell_type])
     dets = raw_to_detections(raw, loaded, *image_shape, min_score=min_score)
     return dets, cell_type, float(sum(m.weight for m in loaded) * len(views))
@@ -190,8 +187,10 @@ def finish_image(
     if strictness is not None:
         th = strictness(th)
     fu = manifest.fusion
+    # in ``max`` score mode a detection under the score threshold cannot change which ones above it
+    # survive greedy NMS, so it is not pasted; ``mean`` scores a keeper from its whole cluster, so all are
     dets, cell_type, total = image_detections(
-        image_shape, raw, loaded, views, manifest, cell_type, th.score if fu.score_mode == "max" else 0.0
+        image_shape, raw, loaded, views, manifest, cell_type, min_score=th.score if fu.score_mode == "max" else 0.0
     )
     fused = fuse(dets, th, fu, height, width, total_weight=total)
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
