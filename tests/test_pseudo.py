@@ -152,7 +152,7 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
     from cellseg.paths import configs_dir
     from cellseg.training.loop import train
-    from test_train import TINY_OVERRIDES
+    from test_train import TINY_OVERRIDES, train_args
 
     data = _tiny_competition(tmp_path / "data")
     cfg = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, "train.epochs=2", "train.val_every=0"])
@@ -180,24 +180,7 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     from cellseg.cli import main
 
     assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(configs_dir() / "demo.yaml"),
-                "--data",
-                str(data),
-                "--out",
-                str(tmp_path / "run2"),
-                "--quiet",
-                "--pseudo",
-                str(res.path),
-                *TINY_OVERRIDES,
-                "train.epochs=1",
-                "train.val_every=0",
-            ]
-        )
-        == 0
+        main(train_args(data, tmp_path / "run2", "train.epochs=1", "train.val_every=0", "--pseudo", str(res.path))) == 0
     )
     out = capsys.readouterr()
     n1 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
@@ -207,17 +190,4 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     n0 = int(re.search(r"(\d+) train / ", out.out + out.err).group(1))
     assert n1 == n0 + len(pseudo_ids)
     assert str(res.path) in (tmp_path / "run2" / "config.yaml").read_text()
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(configs_dir() / "demo.yaml"),
-                "--data",
-                str(data),
-                "--pseudo",
-                str(tmp_path / "nope.csv"),
-            ]
-        )
-        == 2
-    )
+    assert main(train_args(data, tmp_path / "run4", "--pseudo", str(tmp_path / "nope.csv"))) == 2

@@ -13,7 +13,7 @@ from cellseg.data.masks import label_image
 from cellseg.errors import CellsegError
 from cellseg.inference.forward import load_ensemble, paste_soft, predict_views
 from cellseg.inference.pipeline import predict_image
-from cellseg.inference.runner import parse_duration, plan_within_budget, predict_folder
+from cellseg.inference.runner import plan_within_budget, predict_folder
 from cellseg.metric import iou_matrix
 from cellseg.model.manifest import FusionConfig, load_manifest
 from cellseg.submission import read_submission, validate_submission
@@ -176,13 +176,6 @@ def test_plan_within_budget_drops_views_then_models():
     assert p.views == ["identity"] and p.models == [0, 2] and "model #1" in p.decisions[-1]
     p = plan_within_budget(views, [0, 1, 2], [1.0, 0.5, 2.0], 1.0, images_left=10, seconds_left=1)
     assert p.views == ["identity"] and p.models == [2]
-
-
-def test_parse_duration():
-    assert parse_duration("8h30m") == 30600 and parse_duration("90s") == 90 and parse_duration("2.5h") == 9000
-    assert parse_duration("120") == 120 and parse_duration(None) is None
-    with pytest.raises(CellsegError, match="not understood"):
-        parse_duration("soon")
 
 
 def test_time_budget_is_never_overrun(small_manifest, tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def test_greedy_nms_matches_torchvision_nms():
     xy = rng.uniform(0, 60, (200, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(4, 20, (200, 2))], 1).astype(np.float32)
     scores = rng.random(200).astype(np.float32)
-    keep, owner = greedy_nms(box_iou_sparse(boxes), scores, np.full(200, 0.4, np.float32))
+    keep, owner = greedy_nms(box_iou_sparse(boxes), scores, 0.4)
     ref = nms(torch.tensor(boxes), torch.tensor(scores), 0.4).numpy()
     assert keep.tolist() == ref.tolist()
     assert set(owner.tolist()) == set(keep.tolist())

@@ -10,7 +10,7 @@ import torch
 
 from cellseg.data.masks import label_image
 from cellseg.inference.forward import LoadedModel, RawView, label_map_for, load_ensemble
-from cellseg.inference.pipeline import finish_image, forward_image, in_memory_ensemble, predict_image
+from cellseg.inference.pipeline import finish_image, in_memory_ensemble, predict_image
 from cellseg.model.build import build_model
 from cellseg.model.experiment import ModelConfig
 from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, load_manifest
@@ -88,17 +88,19 @@ def test_in_memory_model_runs_the_pipeline_on_a_copy():
     assert loaded[0].model is not model and loaded[0].paste_shift == manifest.fusion.paste_shift
 
 
-def test_predict_image_is_forward_then_finish(tmp_path):
-    """The one-call path and the runner's two halves give the same instances."""
+def test_predict_image_applies_the_given_cell_type_and_strictness(tmp_path):
+    """Pseudo-labelling's call: the caller's cell type replaces the vote, and the strictness callback's
+    higher score bar is the one applied (the normal bar keeps detections under it)."""
     path = make_manifest(tmp_path / "w", n_models=2, tta=("identity", "hflip"), detections_per_view=40)
     m = load_manifest(path)
     loaded = load_ensemble(m, torch.device("cpu"))
     image = blob_image(1)
-    whole = predict_image(image, loaded, m.tta, m, torch.device("cpu"))
-    raw, _ = forward_image(image, loaded, m.tta, torch.device("cpu"))
-    halves = finish_image(image.shape, raw, loaded, m.tta, m)
-    assert len(whole.crops) > 0 and whole.cell_type == halves.cell_type
-    assert np.array_equal(whole.scores, halves.scores)
-    assert all(
-        np.array_equal(a.to_full(*image.shape), b.to_full(*image.shape)) for a, b in zip(whole.crops, halves.crops)
+    normal = predict_image(image, loaded, m.tta, m, torch.device("cpu"))
+    bar = float(normal.scores.min() + normal.scores.max()) / 2
+    assert len(normal.crops) > 0 and (normal.scores < bar).any()  # the raised bar has something to drop
+    forced = next(t for t in ("cort", "astro") if t != normal.cell_type)
+    strict = predict_image(
+        image, loaded, m.tta, m, torch.device("cpu"), forced, strictness=lambda th: dataclasses.replace(th, score=bar)
     )
+    assert strict.cell_type == forced
+    assert len(strict.crops) > 0 and len(strict.scores) == len(strict.crops) and (strict.scores >= bar).all()

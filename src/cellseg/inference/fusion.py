@@ -137,13 +137,19 @@ def box_iou_sparse(boxes: np.ndarray, chunk: int = 1024) -> sparse.csr_matrix:
     )
 
 
-def greedy_nms(iou: sparse.csr_matrix, scores: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def greedy_nms(iou: sparse.csr_matrix, scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy NMS on a sparse IoU matrix.
 
-    ``thresholds`` (N,): the IoU above which detection i suppresses a lower-scored neighbour (the
-    keeper's class threshold). Returns ``(keep, owner)``: kept indices in descending score order and
-    (N,) int64 the keeper index each detection was merged into (itself for keepers).
+    Args:
+        iou: (N, N) CSR pairwise IoU (pairs absent from it never suppress each other).
+        scores: (N,) detection scores.
+        threshold: the IoU above which a keeper suppresses a lower-scored neighbour (compared in float32).
+
+    Returns:
+        ``(keep, owner)``: kept indices in descending score order and (N,) int64 the keeper index each
+        detection was merged into (itself for keepers).
     """
+    thr = np.float32(threshold)
     n = len(scores)
     order = np.argsort(-scores, kind="stable")
     owner = np.full(n, -1, dtype=np.int64)
@@ -156,7 +162,7 @@ def greedy_nms(iou: sparse.csr_matrix, scores: np.ndarray, thresholds: np.ndarra
         keep.append(i)
         nb = indices[indptr[i] : indptr[i + 1]]
         v = data[indptr[i] : indptr[i + 1]]
-        nb = nb[(v > thresholds[i]) & (owner[nb] < 0)]
+        nb = nb[(v > thr) & (owner[nb] < 0)]
         owner[nb] = i
     return np.asarray(keep, dtype=np.int64), owner
 
@@ -222,8 +228,7 @@ def fuse(
     coo = iou.tocoo()
     same = dets.labels[coo.row] == dets.labels[coo.col]
     iou = sparse.csr_matrix((coo.data[same], (coo.row[same], coo.col[same])), shape=iou.shape)
-    thr = np.full(n, float(thresholds.nms_iou), dtype=np.float32)
-    keep, owner = greedy_nms(iou, dets.scores, thr)
+    keep, owner = greedy_nms(iou, dets.scores, thresholds.nms_iou)
     if not average_masks and score_mode == "max":
         return dets.take(keep)
     members = np.argsort(owner, kind="stable")

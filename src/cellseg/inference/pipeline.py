@@ -63,14 +63,12 @@ class ImageResult:
         crops: K non-overlapping instances (tight :class:`~cellseg.data.masks.CropMask`), descending score.
         scores: (K,) float32 fused scores.
         cell_type: the image's cell type (voted, or given by the caller).
-        forward_s: seconds in the models (0 when only the CPU half ran).
         rest_s: seconds of vote, paste, fusion and post-processing.
     """
 
     crops: list[CropMask]
     scores: np.ndarray
     cell_type: str
-    forward_s: float
     rest_s: float
 
 
@@ -142,7 +140,8 @@ def image_detections(
     views: Sequence[str],
     manifest: Manifest,
     cell_type: str | None = None,
-    min_score: float | None = None,
+    *,
+    min_score: float,
 ) -> tuple[Detections, str, float]:
     """Pre-fusion detections of one image from its raw views (CPU only).
 
@@ -150,17 +149,13 @@ def image_detections(
         image_shape: (height, width).
         cell_type: the image's type when known (e.g. from an unlabeled image's file name); else the
             score-weighted vote. Every detection is relabelled to it, so its thresholds apply.
-        min_score: masks scoring under it are not pasted. Default: the type's score threshold in
-            ``max`` score mode (lower scores cannot change which detections above it survive greedy
-            NMS), else 0.
+        min_score: masks scoring under it are not pasted.
 
     Returns:
         (Detections with soft masks on their crops, cell type, total weight of all model x view runs).
     """
     if cell_type is None:
         cell_type = vote_image_type(raw, loaded, manifest)
-    if min_score is None:
-        min_score = manifest.thresholds(cell_type).score if manifest.fusion.score_mode == "max" else 0.0
     raw = relabel(raw, CLASS_IDS[cell_type])
     dets = raw_to_detections(raw, loaded, *image_shape, min_score=min_score)
     return dets, cell_type, float(sum(m.weight for m in loaded) * len(views))
@@ -192,12 +187,14 @@ def finish_image(
     if strictness is not None:
         th = strictness(th)
     fu = manifest.fusion
+    # in ``max`` score mode a detection under the score threshold cannot change which ones above it
+    # survive greedy NMS, so it is not pasted; ``mean`` scores a keeper from its whole cluster, so all are
     dets, cell_type, total = image_detections(
-        image_shape, raw, loaded, views, manifest, cell_type, th.score if fu.score_mode == "max" else 0.0
+        image_shape, raw, loaded, views, manifest, cell_type, min_score=th.score if fu.score_mode == "max" else 0.0
     )
     fused = fuse(dets, th, fu, height, width, total_weight=total)
     crops, scores = postprocess(fused, th, manifest.postprocess, height, width)
-    return ImageResult(crops, scores, cell_type, 0.0, time.perf_counter() - t1)
+    return ImageResult(crops, scores, cell_type, time.perf_counter() - t1)
 
 
 def predict_image(
@@ -213,10 +210,8 @@ def predict_image(
 
     Exactly :func:`forward_image` then :func:`finish_image` (see there for ``cell_type`` and ``strictness``).
     """
-    raw, forward_s = forward_image(image, loaded, views, device)
-    res = finish_image(image.shape, raw, loaded, views, manifest, cell_type, strictness)
-    res.forward_s = forward_s
-    return res
+    raw, _ = forward_image(image, loaded, views, device)
+    return finish_image(image.shape, raw, loaded, views, manifest, cell_type, strictness)
 
 
 def in_memory_ensemble(
