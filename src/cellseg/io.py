@@ -1,5 +1,5 @@
 """Image and file IO: grey PNG reading with odd-input handling, PNG listing, atomic writes with the
-user's umask, and an up-front check that an output can be written.
+user's umask, an up-front check that an output can be written, and file checksums.
 
     check_writable(args.out, "file")        # CellsegError in milliseconds, before any model loads
     with atomic_path("submission.csv") as tmp: ...   # replaces the target only when the block succeeds
@@ -9,6 +9,7 @@ user's umask, and an up-front check that an output can be written.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import stat
@@ -93,6 +94,15 @@ def check_writable(path: str | Path, kind: Literal["file", "dir"] = "file") -> P
     os.close(fd)
     os.unlink(tmp)
     return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_text_file(path: str | Path, what: str) -> str:
