@@ -250,12 +250,13 @@ def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> Non
 
 
 def kernel_log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
-    """The last ``lines`` lines of the kernel's log (Kaggle's JSON log flattened), or '' if unavailable."""
+    """The last ``lines`` lines of kernel ``ref``'s log (Kaggle's JSON log flattened), or '' if unavailable.
+    Only the log comes down: a training kernel's output holds checkpoints of hundreds of MB."""
     with tempfile.TemporaryDirectory(prefix="cellseg-kernel-log-") as tmp:
-        try:
-            files, _ = k.retrying("kernel output", k.api.kernels_output, ref, tmp, quiet=True)
+        try:  # a file pattern no output name matches: the client then writes only the log
+            files, _ = k.retrying("kernel log", k.api.kernels_output, ref, tmp, file_pattern="^$", quiet=True)
         except Exception as e:  # the log is a courtesy; the ERROR itself is reported anyway
-            warn(f"could not fetch the kernel log: {describe(e)}")
+            warn(f"could not fetch the log of {ref}: {describe(e)}")
             return ""
         logs = [Path(f) for f in files if str(f).endswith(".log")]
         if not logs:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import push  # tools/push.py: the client wrapper, the dataset step; it puts src/ on sys.path if needed
-from kaggle_client import Kaggle, RemoteError, UsageError, describe, report_errors, say, warn
+from kaggle_client import Kaggle, RemoteError, UsageError, report_errors, say, warn
 from push import REPO
 
 from cellseg.config import parse_duration
@@ -118,26 +118,6 @@ def output_marker(k: Kaggle, ref: str) -> dict | None:
             return None
 
 
-def log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
-    """The last ``lines`` lines of kernel ``ref``'s log, '' if unavailable. Only the log comes down:
-    a training kernel's output holds checkpoints of hundreds of MB."""
-    import json
-
-    with tempfile.TemporaryDirectory(prefix="cellseg-kernel-log-") as tmp:
-        try:  # a file pattern no output name matches: the client then writes only the log
-            files, _ = k.retrying("kernel log", k.api.kernels_output, ref, tmp, file_pattern="^$", quiet=True)
-        except Exception as e:  # the log is a courtesy; the ERROR itself is reported anyway
-            warn(f"could not fetch the log of {ref}: {describe(e)}")
-            return ""
-        logs = [Path(f) for f in files if str(f).endswith(".log")]
-        text = logs[0].read_text(errors="replace") if logs else ""
-    try:
-        text = "".join(ev.get("data", "") for ev in json.loads(text) if isinstance(ev, dict))
-    except ValueError:
-        pass
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-
 def check_resume_source(k: Kaggle, fk: kt.FoldKernel) -> None:
     out = output_marker(k, fk.resume_ref)
     if out is None:
@@ -207,7 +187,7 @@ def poll_kernels(k: Kaggle, pushed: dict[str, int]) -> dict[str, str]:
                     if out.get("status") == "stopped":
                         ended[ref] = "STOPPED"
             else:
-                tail = log_tail(k, ref)
+                tail = push.kernel_log_tail(k, ref)
                 if tail:
                     say(f"--- last lines of the log of {ref} ---\n{tail}\n---")
                 warn(f"kernel {ref} v{version} ended in {name}: {st.failure_message or 'no message'}")

@@ -305,11 +305,13 @@ def test_kernel_push_sends_internet_off_and_polls_to_complete(tmp_path, site, fa
 def test_kernel_error_prints_the_log_tail(tmp_path, site, fake):
     fake.add_dataset(DATASET)
     fake.kernel_statuses = ["RUNNING", "ERROR"]
+    fake.set_output(KERNEL, {"submission.csv": b"id,predicted\n" * 1000}, log=fake.kernel_log)
     p = push(tmp_path, site, fake.url, "kernel")
     assert p.returncode == 1
     assert "Traceback: boom" in p.stdout and "loading weights" in p.stdout
     assert "ended in ERROR: Your notebook hit an error" in p.stderr
     assert fake.methods()[-1] == "ListKernelSessionOutput"
+    assert "GET" not in fake.methods()  # only the log comes down, not the kernel's output files
 
 
 def test_invalid_sources_reported_by_kaggle_are_an_error(tmp_path, site, fake):
