@@ -36,7 +36,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import push  # tools/push.py: the client wrapper, the dataset step; it puts src/ on sys.path if needed
+import push  # tools/push.py: the dataset step, the kernel push, the log tail; it puts src/ on sys.path if needed
 from kaggle_client import Kaggle, RemoteError, UsageError, report_errors, say, warn
 from push import REPO
 
@@ -140,20 +140,12 @@ def push_fold(k: Kaggle, repo: Path, fk: kt.FoldKernel) -> int:
         kernel_code.write_staged(repo / code, Path(tmp) / code, code, fk.staged)
         km.write_json(Path(tmp) / km.KERNEL_METADATA, fk.meta)
         say(f"kernel {fk.ref}: pushing {code} for fold {fk.fold} (GPU on, internet off)")
-        resp = k.call(
-            "kernel push", k.api.kernels_push, tmp, idempotent=False, hint="fix what Kaggle says, then push again"
-        )
-    if getattr(resp, "error", None):
-        raise RemoteError(f"kernel {fk.ref}: Kaggle answered: {resp.error}")
-    invalid = {
-        kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
-        for kind in ("dataset", "competition", "kernel", "model")
-    }
-    invalid = {kind: v for kind, v in invalid.items() if v}
-    if invalid:
-        raise RemoteError(
-            f"kernel {fk.ref}: Kaggle rejected " + ", ".join(f"{kind}_sources {v}" for kind, v in invalid.items()),
-            "check that the sources exist and are yours, and that you accepted the competition rules",
+        resp = push.push_staged_kernel(
+            k,
+            Path(tmp),
+            fk.ref,
+            hint="fix what Kaggle says, then push again",
+            rejected_hint="check that the sources exist and are yours, and that you accepted the competition rules",
         )
     say(f"kernel {fk.ref}: version {resp.version_number} pushed ({resp.url or ''})")
     return resp.version_number
