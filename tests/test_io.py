@@ -21,6 +21,8 @@ from cellseg.io import (
     list_pngs,
     read_gray,
     read_text_file,
+    replace_dir,
+    staging,
 )
 from cellseg.paths import CompetitionPaths
 
@@ -144,6 +146,20 @@ def test_atomic_writes_respect_the_umask_and_keep_an_existing_mode(tmp_path, uma
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o600
     assert (tmp_path / "a.txt").read_text() == "y"
     assert _leftovers(tmp_path) == ["a.txt", "b.txt"]
+
+
+def test_a_staged_folder_gets_the_umask_mode_and_a_failure_leaves_nothing(tmp_path, umask):
+    umask(0o022)
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(RuntimeError), staging(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert _leftovers(tmp_path / "sub") == []
+    with staging(out) as tmp:
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o755  # not mkdtemp's 0700
+        (tmp / "done.txt").write_text("ok")
+        replace_dir(tmp, out, "done.txt", "an earlier output")
+    assert _leftovers(tmp_path / "sub") == ["out"] and (out / "done.txt").read_text() == "ok"
 
 
 def test_read_text_file_names_binary_input(tmp_path):

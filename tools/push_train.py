@@ -29,7 +29,6 @@ or failed, or a kernel did not complete. The same retry and credential rules as 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import textwrap
@@ -42,7 +41,7 @@ from push import REPO
 
 from cellseg.config import parse_duration
 from cellseg.errors import CellsegError
-from cellseg.io import replace_dir
+from cellseg.io import replace_dir, staging
 from cellseg.kaggle import bundle as bundle_mod
 from cellseg.kaggle import kernel_code
 from cellseg.kaggle import metadata as km
@@ -242,9 +241,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def fetch_one(k: Kaggle, ref: str, version: int | None, out: Path) -> dict:
     """Download ``ref``'s output into a temporary folder beside ``out``, verify it, rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging(out) as tmp:  # removed if anything below fails
         label = f"{ref}/{version}" if version else ref
         say(f"kernel {label}: downloading its output")
         k.call(
@@ -264,9 +261,6 @@ def fetch_one(k: Kaggle, ref: str, version: int | None, out: Path) -> dict:
                 "run the same command again; if it persists, the kernel's output is incomplete (see its log)",
             ) from None
         replace_dir(tmp, out, kt.OUTPUT_MARKER, "an earlier fetch")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return marker
 
 

@@ -1,5 +1,6 @@
 """Image and file IO: grey PNG reading with odd-input handling, PNG listing, atomic writes with the
-user's umask, an up-front check that an output can be written, and file checksums.
+user's umask (files, and folders staged beside their target), an up-front check that an output can
+be written, and file checksums.
 
     check_writable(args.out, "file")        # CellsegError in milliseconds, before any model loads
     with atomic_path("submission.csv") as tmp: ...   # replaces the target only when the block succeeds
@@ -226,6 +227,23 @@ def write_gray(path: str | Path, image: np.ndarray) -> None:
     """Write a (H, W) uint8 array as an 8-bit grey PNG, atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(tmp, format="PNG")
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to build it in, for :func:`replace_dir` to move into place.
+
+    It gets the umask's mode, not mkdtemp's 0700 (a bundle is shared and uploaded, a fetched output
+    is read by others), and is removed when the block fails, so nothing half-made is left.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:

@@ -29,13 +29,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellseg.errors import CellsegError
-from cellseg.io import default_mode, replace_dir
+from cellseg.io import replace_dir, staging  # training.py imports staging from here
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
     check,
@@ -266,26 +264,12 @@ def _weights_plan(manifest_path: Path) -> tuple[str, Path, list[tuple[Path, str,
     return name, manifest_path, plan
 
 
-@contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out`` to stage a bundle in (the umask's mode, not mkdtemp's 0700: the bundle
-    is shared and uploaded); removed when the block fails, so nothing half-staged is left."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, default_mode(directory=True))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def seal(tmp: Path, out: Path, meta: dict, marker: dict, files: list[BundleFile]) -> Bundle:
     """Finish a staged bundle: write its marker and dataset metadata, check that nothing else is in
     ``tmp`` (:func:`audit_bundle`), then move it to ``out`` (replacing an earlier bundle).
 
     Args:
-        tmp: the staging folder (:func:`staging`), holding exactly ``files``.
+        tmp: the staging folder (:func:`cellseg.io.staging`), holding exactly ``files``.
         out: the bundle folder to create or replace.
         meta: the filled dataset metadata; marker: the kernel's marker (``cellseg-bundle.json``).
         files: the staged files, hashed; the marker is appended.
