@@ -41,7 +41,7 @@ from push import REPO
 
 from cellseg.config import parse_duration
 from cellseg.errors import CellsegError
-from cellseg.io import replace_dir, staging
+from cellseg.io import check_replaceable, replace_dir, staging
 from cellseg.kaggle import bundle as bundle_mod
 from cellseg.kaggle import kernel_code
 from cellseg.kaggle import metadata as km
@@ -89,11 +89,6 @@ def prepare_train(
         for f in folds
     ]
     return b, kernels
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / kt.OUTPUT_MARKER).is_file())):
-        raise UsageError(f"--out {out} exists and is not an earlier fetch: choose an empty or new folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,8 +269,8 @@ def run_fetch(args: argparse.Namespace) -> int:
         jobs = [(f"{args.kernel}{kt.fold_suffix(f)}", out_root / kt.fold_suffix(f)[1:]) for f in folds]
     else:
         jobs = [(args.kernel, out_root)]
-    for _, out in jobs:
-        check_out_dir(out)
+    for _, out in jobs:  # before any download; exit 2 like every bad input
+        check_replaceable(out, kt.OUTPUT_MARKER, "an earlier fetch")
     k = Kaggle(args.retry_budget, args.poll_interval, args.wait_timeout)
     done, failed = [], []
     for ref, out in jobs:

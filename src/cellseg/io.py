@@ -229,6 +229,20 @@ def write_gray(path: str | Path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(tmp, format="PNG")
 
 
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """CellsegError unless ``out`` is absent, an empty folder, or a folder holding ``marker`` (an earlier
+    folder of the kind :func:`replace_dir` would replace it with). Call it before slow work, so that a
+    wrong ``--out`` fails first; :func:`replace_dir` checks again.
+
+    Args:
+        out: the folder to create or replace.
+        marker: file name that marks an earlier folder of this kind.
+        what: that kind in words, for the error (e.g. "a bundle").
+    """
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out")
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A fresh folder beside ``out`` to build it in, for :func:`replace_dir` to move into place.
@@ -259,8 +273,7 @@ def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
         what: that kind in words, for the error (e.g. "a bundle").
     """
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
-            raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out")
+        check_replaceable(out, marker, what)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)

@@ -224,3 +224,4 @@ def test_fetch_a_version_then_refetch_replaces_the_earlier_fetch(tmp_path, site,
     n = len(fake.calls)
     p = push(tmp_path, site, fake.url, "fetch", "--kernel", BASE, "--out", str(other))
     assert p.returncode == 2 and len(fake.calls) == n and (other / "notes.txt").read_text() == "mine"
+    assert "not-a-fetch exists and is not an earlier fetch: choose an empty or new --out" in p.stderr

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellseg.errors import CellsegError
-from cellseg.io import replace_dir, staging  # training.py imports staging from here
+from cellseg.io import check_replaceable, replace_dir, staging  # training.py imports staging from here
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
     check,
@@ -297,7 +297,8 @@ def stage_bundle(
 
     Args:
         manifest: ``weights/<name>/manifest.yaml``; its checkpoints' sha256 must match.
-        out: the bundle folder to create or replace (an earlier bundle or an empty folder).
+        out: the bundle folder to create or replace (an earlier bundle or an empty folder; anything else
+            is refused before any file is copied or built).
         username: Kaggle owner of the dataset (else KAGGLE_USERNAME / kaggle.json).
         repo: checkout the wheel and ``dataset-metadata.json`` come from (default: this package's).
         extra_wheels: project names of inference dependencies the Kaggle image lacks.
@@ -313,6 +314,7 @@ def stage_bundle(
     if out == repo or (repo in out.parents and out.relative_to(repo).parts[0] in ("src", "weights", "kernel", "tools")):
         raise CellsegError(f"--out {out} would write into the checkout's sources: pick another folder")
     # Everything that can be checked locally is checked before the slow work.
+    check_replaceable(out, MARKER, "a bundle")
     meta = fill(load_template(repo / DATASET_METADATA), resolve_username(username))
     check(validate_dataset_metadata(meta))
     name, manifest_file, weights = _weights_plan(Path(manifest))
