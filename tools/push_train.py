@@ -71,23 +71,17 @@ def prepare_train(
     resumes = {f: kt.resume_ref_for(args.resume_from, f, len(folds)) for f in folds}
     if args.init and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init}: file not found")
-    # Kernel metadata first (cheap), with a placeholder id; then the bundle (builds the wheel).
+    # Kernel metadata first (cheap), with the bundle id left empty; then the bundle (builds the wheel).
     dataset_ref = km.fill(km.load_template(args.repo / kt.TRAIN_DATASET_METADATA), username).get("id", "")
-    for f in folds:
-        kt.fold_kernel(args.repo, username, dataset_ref, f, args.slug, "", resumes[f])
+    kernels = [kt.fold_kernel(args.repo, username, dataset_ref, f, args.slug, "", resumes[f]) for f in folds]
     if args.bundle_out:
         out = Path(args.bundle_out)
     else:  # a dry run stages into a scratch folder, removed afterwards
         out = scratch / "train-bundle" if args.dry_run else args.repo / "dist" / "kaggle-train-bundle"
     say(f"staging the training bundle ({args.config.name}, folds {','.join(folds)}) into {out}")
     b = kt.stage_train_bundle(args.config, out, folds, overrides, args.init, username=username, repo=args.repo)
-    problems = km.validate_dataset_metadata(b.metadata)
-    if problems:
-        raise UsageError(*problems)
-    kernels = [
-        kt.fold_kernel(args.repo, username, b.metadata["id"], f, args.slug, b.marker["bundle_id"], resumes[f])
-        for f in folds
-    ]
+    for fk in kernels:  # same template, same dataset id; stage_train_bundle validated its metadata
+        fk.staged["bundle_id"] = b.marker["bundle_id"]
     return b, kernels
 
 
