@@ -15,12 +15,15 @@ from bad_input_helpers import grey_picture, save_as
 from cellseg.errors import CellsegError
 from cellseg.io import (
     atomic_write_text,
+    check_replaceable,
     check_writable,
     default_mode,
     find_png,
     list_pngs,
     read_gray,
     read_text_file,
+    replace_dir,
+    staging,
 )
 from cellseg.paths import CompetitionPaths
 
@@ -144,6 +147,35 @@ def test_atomic_writes_respect_the_umask_and_keep_an_existing_mode(tmp_path, uma
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o600
     assert (tmp_path / "a.txt").read_text() == "y"
     assert _leftovers(tmp_path) == ["a.txt", "b.txt"]
+
+
+def test_a_staged_folder_gets_the_umask_mode_and_a_failure_leaves_nothing(tmp_path, umask):
+    umask(0o022)
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(RuntimeError), staging(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert _leftovers(tmp_path / "sub") == []
+    with staging(out) as tmp:
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o755  # not mkdtemp's 0700
+        (tmp / "done.txt").write_text("ok")
+        replace_dir(tmp, out, "done.txt", "an earlier output")
+    assert _leftovers(tmp_path / "sub") == ["out"] and (out / "done.txt").read_text() == "ok"
+
+
+def test_check_replaceable_accepts_new_empty_or_marked_folders_only(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "mark.json").write_text("{}")
+    (tmp_path / "earlier" / "data.bin").write_bytes(b"x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    (tmp_path / "file").write_text("x")
+    for name in ("new", "empty", "earlier"):
+        check_replaceable(tmp_path / name, "mark.json", "an earlier output")
+    for name in ("mine", "file"):
+        with pytest.raises(CellsegError, match=f"{name} exists and is not an earlier output: choose an empty or new"):
+            check_replaceable(tmp_path / name, "mark.json", "an earlier output")
 
 
 def test_read_text_file_names_binary_input(tmp_path):

@@ -250,12 +250,13 @@ def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> Non
 
 
 def kernel_log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
-    """The last ``lines`` lines of the kernel's log (Kaggle's JSON log flattened), or '' if unavailable."""
+    """The last ``lines`` lines of kernel ``ref``'s log (Kaggle's JSON log flattened), or '' if unavailable.
+    Only the log comes down: a training kernel's output holds checkpoints of hundreds of MB."""
     with tempfile.TemporaryDirectory(prefix="cellseg-kernel-log-") as tmp:
-        try:
-            files, _ = k.retrying("kernel output", k.api.kernels_output, ref, tmp, quiet=True)
+        try:  # a file pattern no output name matches: the client then writes only the log
+            files, _ = k.retrying("kernel log", k.api.kernels_output, ref, tmp, file_pattern="^$", quiet=True)
         except Exception as e:  # the log is a courtesy; the ERROR itself is reported anyway
-            warn(f"could not fetch the kernel log: {describe(e)}")
+            warn(f"could not fetch the log of {ref}: {describe(e)}")
             return ""
         logs = [Path(f) for f in files if str(f).endswith(".log")]
         if not logs:
@@ -267,6 +268,40 @@ def kernel_log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
     except ValueError:
         pass
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def push_staged_kernel(
+    k: Kaggle, folder: Path, ref: str, *, hint: str, rejected_hint: str, answered_hint: str = ""
+) -> Any:
+    """Push the kernel staged in ``folder`` (entry file + kernel-metadata.json) and check Kaggle's answer.
+    Used by ``push.py kernel`` and by ``push.py train`` (once per fold); each stages its own folder.
+
+    Args:
+        k: the client.
+        folder: the staged kernel folder.
+        ref: the kernel's ``owner/slug``, for the messages.
+        hint: what to do next when the push call itself fails.
+        rejected_hint: what to do next when Kaggle rejects some of the kernel's sources (``invalid_*_sources``).
+        answered_hint: what to do next when Kaggle answers the push with an error.
+
+    Returns:
+        Kaggle's answer (``version_number``, ``url``).
+
+    Raises:
+        RemoteError: the push failed, Kaggle answered an error, or it rejected a source.
+    """
+    resp = k.call("kernel push", k.api.kernels_push, str(folder), idempotent=False, hint=hint)
+    if getattr(resp, "error", None):
+        raise RemoteError(f"kernel {ref}: Kaggle answered: {resp.error}", answered_hint)
+    invalid = {
+        kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
+        for kind in ("dataset", "competition", "kernel", "model")
+    }
+    invalid = {kind: v for kind, v in invalid.items() if v}
+    if invalid:
+        what = ", ".join(f"{kind}_sources {v}" for kind, v in invalid.items())
+        raise RemoteError(f"kernel {ref}: Kaggle rejected {what}", rejected_hint)
+    return resp
 
 
 def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
@@ -283,27 +318,13 @@ def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
     with tempfile.TemporaryDirectory(prefix="cellseg-kernel-") as tmp:
         stage_kernel(repo, meta, Path(tmp))
         say(f"kernel {ref}: pushing {meta['code_file']} (internet off, GPU on)")
-        resp = k.call(
-            "kernel push",
-            k.api.kernels_push,
-            tmp,
-            idempotent=False,
+        resp = push_staged_kernel(
+            k,
+            Path(tmp),
+            ref,
             hint="fix what Kaggle says, then run: python tools/push.py kernel",
-        )
-    if getattr(resp, "error", None):
-        raise RemoteError(
-            f"kernel {ref}: Kaggle answered: {resp.error}", "fix it, then run: python tools/push.py kernel"
-        )
-    invalid = {
-        kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
-        for kind in ("dataset", "competition", "kernel", "model")
-    }
-    invalid = {kind: v for kind, v in invalid.items() if v}
-    if invalid:
-        what = ", ".join(f"{kind}_sources {v}" for kind, v in invalid.items())
-        raise RemoteError(
-            f"kernel {ref}: Kaggle rejected {what}",
-            "check that the dataset exists and is yours, and that you accepted the competition rules",
+            answered_hint="fix it, then run: python tools/push.py kernel",
+            rejected_hint="check that the dataset exists and is yours, and that you accepted the competition rules",
         )
     version = resp.version_number
     say(f"kernel {ref}: version {version} pushed ({resp.url or ''}); waiting for it to run")

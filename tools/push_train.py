@@ -29,20 +29,19 @@ or failed, or a kernel did not complete. The same retry and credential rules as 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-import push  # tools/push.py: the client wrapper, the dataset step; it puts src/ on sys.path if needed
-from kaggle_client import Kaggle, RemoteError, UsageError, describe, report_errors, say, warn
+import push  # tools/push.py: the dataset step, the kernel push, the log tail; it puts src/ on sys.path if needed
+from kaggle_client import Kaggle, RemoteError, UsageError, report_errors, say, warn
 from push import REPO
 
 from cellseg.config import parse_duration
 from cellseg.errors import CellsegError
-from cellseg.io import replace_dir
+from cellseg.io import check_replaceable, replace_dir, staging
 from cellseg.kaggle import bundle as bundle_mod
 from cellseg.kaggle import kernel_code
 from cellseg.kaggle import metadata as km
@@ -72,29 +71,18 @@ def prepare_train(
     resumes = {f: kt.resume_ref_for(args.resume_from, f, len(folds)) for f in folds}
     if args.init and not Path(args.init).is_file():
         raise UsageError(f"--init {args.init}: file not found")
-    # Kernel metadata first (cheap), with a placeholder id; then the bundle (builds the wheel).
+    # Kernel metadata first (cheap), with the bundle id left empty; then the bundle (builds the wheel).
     dataset_ref = km.fill(km.load_template(args.repo / kt.TRAIN_DATASET_METADATA), username).get("id", "")
-    for f in folds:
-        kt.fold_kernel(args.repo, username, dataset_ref, f, args.slug, "", resumes[f])
+    kernels = [kt.fold_kernel(args.repo, username, dataset_ref, f, args.slug, "", resumes[f]) for f in folds]
     if args.bundle_out:
         out = Path(args.bundle_out)
     else:  # a dry run stages into a scratch folder, removed afterwards
         out = scratch / "train-bundle" if args.dry_run else args.repo / "dist" / "kaggle-train-bundle"
     say(f"staging the training bundle ({args.config.name}, folds {','.join(folds)}) into {out}")
     b = kt.stage_train_bundle(args.config, out, folds, overrides, args.init, username=username, repo=args.repo)
-    problems = km.validate_dataset_metadata(b.metadata)
-    if problems:
-        raise UsageError(*problems)
-    kernels = [
-        kt.fold_kernel(args.repo, username, b.metadata["id"], f, args.slug, b.marker["bundle_id"], resumes[f])
-        for f in folds
-    ]
+    for fk in kernels:  # same template, same dataset id; stage_train_bundle validated its metadata
+        fk.staged["bundle_id"] = b.marker["bundle_id"]
     return b, kernels
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / kt.OUTPUT_MARKER).is_file())):
-        raise UsageError(f"--out {out} exists and is not an earlier fetch: choose an empty or new folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,26 +104,6 @@ def output_marker(k: Kaggle, ref: str) -> dict | None:
             return json.loads(path.read_text())
         except ValueError:
             return None
-
-
-def log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
-    """The last ``lines`` lines of kernel ``ref``'s log, '' if unavailable. Only the log comes down:
-    a training kernel's output holds checkpoints of hundreds of MB."""
-    import json
-
-    with tempfile.TemporaryDirectory(prefix="cellseg-kernel-log-") as tmp:
-        try:  # a file pattern no output name matches: the client then writes only the log
-            files, _ = k.retrying("kernel log", k.api.kernels_output, ref, tmp, file_pattern="^$", quiet=True)
-        except Exception as e:  # the log is a courtesy; the ERROR itself is reported anyway
-            warn(f"could not fetch the log of {ref}: {describe(e)}")
-            return ""
-        logs = [Path(f) for f in files if str(f).endswith(".log")]
-        text = logs[0].read_text(errors="replace") if logs else ""
-    try:
-        text = "".join(ev.get("data", "") for ev in json.loads(text) if isinstance(ev, dict))
-    except ValueError:
-        pass
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
 def check_resume_source(k: Kaggle, fk: kt.FoldKernel) -> None:
@@ -160,20 +128,12 @@ def push_fold(k: Kaggle, repo: Path, fk: kt.FoldKernel) -> int:
         kernel_code.write_staged(repo / code, Path(tmp) / code, code, fk.staged)
         km.write_json(Path(tmp) / km.KERNEL_METADATA, fk.meta)
         say(f"kernel {fk.ref}: pushing {code} for fold {fk.fold} (GPU on, internet off)")
-        resp = k.call(
-            "kernel push", k.api.kernels_push, tmp, idempotent=False, hint="fix what Kaggle says, then push again"
-        )
-    if getattr(resp, "error", None):
-        raise RemoteError(f"kernel {fk.ref}: Kaggle answered: {resp.error}")
-    invalid = {
-        kind: list(getattr(resp, f"invalid_{kind}_sources", None) or [])
-        for kind in ("dataset", "competition", "kernel", "model")
-    }
-    invalid = {kind: v for kind, v in invalid.items() if v}
-    if invalid:
-        raise RemoteError(
-            f"kernel {fk.ref}: Kaggle rejected " + ", ".join(f"{kind}_sources {v}" for kind, v in invalid.items()),
-            "check that the sources exist and are yours, and that you accepted the competition rules",
+        resp = push.push_staged_kernel(
+            k,
+            Path(tmp),
+            fk.ref,
+            hint="fix what Kaggle says, then push again",
+            rejected_hint="check that the sources exist and are yours, and that you accepted the competition rules",
         )
     say(f"kernel {fk.ref}: version {resp.version_number} pushed ({resp.url or ''})")
     return resp.version_number
@@ -207,7 +167,7 @@ def poll_kernels(k: Kaggle, pushed: dict[str, int]) -> dict[str, str]:
                     if out.get("status") == "stopped":
                         ended[ref] = "STOPPED"
             else:
-                tail = log_tail(k, ref)
+                tail = push.kernel_log_tail(k, ref)
                 if tail:
                     say(f"--- last lines of the log of {ref} ---\n{tail}\n---")
                 warn(f"kernel {ref} v{version} ended in {name}: {st.failure_message or 'no message'}")
@@ -270,9 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def fetch_one(k: Kaggle, ref: str, version: int | None, out: Path) -> dict:
     """Download ``ref``'s output into a temporary folder beside ``out``, verify it, rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging(out) as tmp:  # removed if anything below fails
         label = f"{ref}/{version}" if version else ref
         say(f"kernel {label}: downloading its output")
         k.call(
@@ -292,9 +250,6 @@ def fetch_one(k: Kaggle, ref: str, version: int | None, out: Path) -> dict:
                 "run the same command again; if it persists, the kernel's output is incomplete (see its log)",
             ) from None
         replace_dir(tmp, out, kt.OUTPUT_MARKER, "an earlier fetch")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return marker
 
 
@@ -308,8 +263,8 @@ def run_fetch(args: argparse.Namespace) -> int:
         jobs = [(f"{args.kernel}{kt.fold_suffix(f)}", out_root / kt.fold_suffix(f)[1:]) for f in folds]
     else:
         jobs = [(args.kernel, out_root)]
-    for _, out in jobs:
-        check_out_dir(out)
+    for _, out in jobs:  # before any download; exit 2 like every bad input
+        check_replaceable(out, kt.OUTPUT_MARKER, "an earlier fetch")
     k = Kaggle(args.retry_budget, args.poll_interval, args.wait_timeout)
     done, failed = [], []
     for ref, out in jobs:

@@ -1,5 +1,6 @@
 """Image and file IO: grey PNG reading with odd-input handling, PNG listing, atomic writes with the
-user's umask, and an up-front check that an output can be written.
+user's umask (files, and folders staged beside their target), an up-front check that an output can
+be written, and file checksums.
 
     check_writable(args.out, "file")        # CellsegError in milliseconds, before any model loads
     with atomic_path("submission.csv") as tmp: ...   # replaces the target only when the block succeeds
@@ -9,6 +10,7 @@ user's umask, and an up-front check that an output can be written.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import stat
@@ -93,6 +95,15 @@ def check_writable(path: str | Path, kind: Literal["file", "dir"] = "file") -> P
     os.close(fd)
     os.unlink(tmp)
     return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_text_file(path: str | Path, what: str) -> str:
@@ -218,6 +229,37 @@ def write_gray(path: str | Path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(tmp, format="PNG")
 
 
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """CellsegError unless ``out`` is absent, an empty folder, or a folder holding ``marker`` (an earlier
+    folder of the kind :func:`replace_dir` would replace it with). Call it before slow work, so that a
+    wrong ``--out`` fails first; :func:`replace_dir` checks again.
+
+    Args:
+        out: the folder to create or replace.
+        marker: file name that marks an earlier folder of this kind.
+        what: that kind in words, for the error (e.g. "a bundle").
+    """
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out")
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to build it in, for :func:`replace_dir` to move into place.
+
+    It gets the umask's mode, not mkdtemp's 0700 (a bundle is shared and uploaded, a fetched output
+    is read by others), and is removed when the block fails, so nothing half-made is left.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
     """Move the finished folder ``tmp`` to ``out`` (same filesystem: renames, so ``out`` is never half there).
 
@@ -231,8 +273,7 @@ def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
         what: that kind in words, for the error (e.g. "a bundle").
     """
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
-            raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out")
+        check_replaceable(out, marker, what)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)

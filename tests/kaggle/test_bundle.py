@@ -208,6 +208,26 @@ def test_restaging_replaces_a_bundle_but_never_a_foreign_folder(tmp_path):
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
+def test_a_foreign_out_is_refused_before_anything_is_copied_or_built(tmp_path, monkeypatch):
+    checkout = make_checkout(tmp_path / "checkout")
+    manifest = make_weights(tmp_path / "weights" / "demo")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    built = []
+
+    def build_wheel(repo, out_dir):
+        built.append(repo)
+        raise CellsegError("the wheel was built")
+
+    monkeypatch.setattr(bundle, "build_wheel", build_wheel)
+    with pytest.raises(CellsegError, match="mine exists and is not a bundle"):
+        bundle.stage_bundle(manifest, foreign, username="alice", repo=checkout)
+    assert built == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "mine", "weights"]  # no staging folder
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
 def test_bad_owner_or_metadata_fails_before_building(tmp_path):
     checkout = make_checkout(tmp_path / "checkout")
     manifest = make_weights(tmp_path / "weights" / "demo")

@@ -264,14 +264,23 @@ def test_transient_5xx_and_429_are_retried(tmp_path, site, fake):
     assert [c.status for c in fake.calls if c.method == "CreateDatasetVersion"] == [200]
 
 
-def test_failed_upload_creates_nothing_and_the_next_run_completes(tmp_path, site, fake):
+def test_failed_upload_creates_nothing_and_the_next_run_completes(tmp_path, site, fake, monkeypatch):
     fake.add_dataset(DATASET)
-    fake.fail("PUT", 500, "upload backend error", after=1)  # the second file's upload fails
+    # The upload of the top-level file fails (chosen by name: the client uploads in listdir order).
+    failed: list[str] = []
+
+    def put(token, data, content_range, real=fake.put):
+        if fake.uploads[token].name == bundle.MARKER and not failed:
+            failed.append(token)
+            return 500, {}
+        return real(token, data, content_range)
+
+    monkeypatch.setattr(fake, "put", put)
     p = push(tmp_path, site, fake.url, "dataset", "--bundle", str(site["bundle"]))
     assert p.returncode == 1
     assert "Upload unsuccessful" in p.stderr and "push.py: next:" in p.stderr
     assert "CreateDatasetVersion" not in fake.methods() and len(fake.datasets[DATASET].versions) == 1
-    first = fake.uploaded("tok1")[0]
+    assert len(failed) == 1
     n = len(fake.calls)
     p = push(tmp_path, site, fake.url, "dataset", "--bundle", str(site["bundle"]))  # same TMPDIR: resumes
     assert p.returncode == 0, p.stderr
@@ -281,8 +290,9 @@ def test_failed_upload_creates_nothing_and_the_next_run_completes(tmp_path, site
         "wheels.zip",
     ]
     started = [c.body["name"] for c in fake.calls[n:] if c.method == "StartBlobUpload"]
-    if not first.endswith(".zip"):  # a top-level file resumes; zipped folders are archived anew each run
-        assert first not in started
+    # The top-level file resumes its upload session; zipped folders are archived anew each run.
+    assert sorted(started) == ["weights.zip", "wheels.zip"]
+    assert fake.uploaded(failed[0])[0] == bundle.MARKER
 
 
 def test_kernel_push_sends_internet_off_and_polls_to_complete(tmp_path, site, fake):
@@ -305,11 +315,13 @@ def test_kernel_push_sends_internet_off_and_polls_to_complete(tmp_path, site, fa
 def test_kernel_error_prints_the_log_tail(tmp_path, site, fake):
     fake.add_dataset(DATASET)
     fake.kernel_statuses = ["RUNNING", "ERROR"]
+    fake.set_output(KERNEL, {"submission.csv": b"id,predicted\n" * 1000}, log=fake.kernel_log)
     p = push(tmp_path, site, fake.url, "kernel")
     assert p.returncode == 1
     assert "Traceback: boom" in p.stdout and "loading weights" in p.stdout
     assert "ended in ERROR: Your notebook hit an error" in p.stderr
     assert fake.methods()[-1] == "ListKernelSessionOutput"
+    assert "GET" not in fake.methods()  # only the log comes down, not the kernel's output files
 
 
 def test_invalid_sources_reported_by_kaggle_are_an_error(tmp_path, site, fake):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import stat
 import zipfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from test_push import KEY, USER, error_lines, push
 
+from cellseg.io import default_mode
 from cellseg.kaggle.training import OUTPUT_MARKER, verify_output
 from cellseg.paths import configs_dir
 from fake_kaggle import PLANTED, FakeKaggle, make_checkout, plant_secrets
@@ -197,6 +199,7 @@ def test_fetch_verifies_every_file_and_never_leaves_a_partial_download(tmp_path,
     got = verify_output(out / "fold0")
     assert got["fold"] == "0" and (out / "fold0" / "run" / "last.pth").read_bytes() == train_output("0")["run/last.pth"]
     assert sorted(p.name for p in out.iterdir()) == ["fold0"]  # no fold1/fold2, no temporary folders left
+    assert stat.S_IMODE((out / "fold0").stat().st_mode) == default_mode(directory=True)  # not mkdtemp's 0700
     assert "run/last.pth: 19900 bytes, but the kernel wrote 20000 (truncated or changed)" in p.stderr
     assert f"no {OUTPUT_MARKER} in the kernel's output" in p.stderr and "nothing was written to" in p.stderr
     assert "best hold-out score 0.2000 at epoch 2" in p.stdout and "val_score" in p.stdout
@@ -221,3 +224,4 @@ def test_fetch_a_version_then_refetch_replaces_the_earlier_fetch(tmp_path, site,
     n = len(fake.calls)
     p = push(tmp_path, site, fake.url, "fetch", "--kernel", BASE, "--out", str(other))
     assert p.returncode == 2 and len(fake.calls) == n and (other / "notes.txt").read_text() == "mine"
+    assert "not-a-fetch exists and is not an earlier fetch: choose an empty or new --out" in p.stderr

@@ -29,13 +29,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellseg.errors import CellsegError
-from cellseg.io import default_mode, replace_dir
+from cellseg.io import check_replaceable, replace_dir, staging  # training.py imports staging from here
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
     check,
@@ -266,26 +264,12 @@ def _weights_plan(manifest_path: Path) -> tuple[str, Path, list[tuple[Path, str,
     return name, manifest_path, plan
 
 
-@contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out`` to stage a bundle in (the umask's mode, not mkdtemp's 0700: the bundle
-    is shared and uploaded); removed when the block fails, so nothing half-staged is left."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, default_mode(directory=True))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def seal(tmp: Path, out: Path, meta: dict, marker: dict, files: list[BundleFile]) -> Bundle:
     """Finish a staged bundle: write its marker and dataset metadata, check that nothing else is in
     ``tmp`` (:func:`audit_bundle`), then move it to ``out`` (replacing an earlier bundle).
 
     Args:
-        tmp: the staging folder (:func:`staging`), holding exactly ``files``.
+        tmp: the staging folder (:func:`cellseg.io.staging`), holding exactly ``files``.
         out: the bundle folder to create or replace.
         meta: the filled dataset metadata; marker: the kernel's marker (``cellseg-bundle.json``).
         files: the staged files, hashed; the marker is appended.
@@ -313,7 +297,8 @@ def stage_bundle(
 
     Args:
         manifest: ``weights/<name>/manifest.yaml``; its checkpoints' sha256 must match.
-        out: the bundle folder to create or replace (an earlier bundle or an empty folder).
+        out: the bundle folder to create or replace (an earlier bundle or an empty folder; anything else
+            is refused before any file is copied or built).
         username: Kaggle owner of the dataset (else KAGGLE_USERNAME / kaggle.json).
         repo: checkout the wheel and ``dataset-metadata.json`` come from (default: this package's).
         extra_wheels: project names of inference dependencies the Kaggle image lacks.
@@ -329,6 +314,7 @@ def stage_bundle(
     if out == repo or (repo in out.parents and out.relative_to(repo).parts[0] in ("src", "weights", "kernel", "tools")):
         raise CellsegError(f"--out {out} would write into the checkout's sources: pick another folder")
     # Everything that can be checked locally is checked before the slow work.
+    check_replaceable(out, MARKER, "a bundle")
     meta = fill(load_template(repo / DATASET_METADATA), resolve_username(username))
     check(validate_dataset_metadata(meta))
     name, manifest_file, weights = _weights_plan(Path(manifest))

@@ -11,7 +11,6 @@ per-cell-type post-processing thresholds. Every threshold reaches post-processin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +20,7 @@ import yaml
 from cellseg import CELL_TYPES
 from cellseg.config import load_yaml, to_dict
 from cellseg.errors import CellsegError
-from cellseg.io import atomic_write_text
+from cellseg.io import atomic_write_text, sha256_file  # bundle, training and convert import sha256_file from here
 from cellseg.model.provenance import Provenance
 
 View = Literal["identity", "hflip", "vflip", "hvflip"]
@@ -103,15 +102,6 @@ class Manifest:
 
     def thresholds(self, cell_type: str) -> ClassThresholds:
         return self.classes[cell_type]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_manifest(m: Manifest, where: str = "manifest") -> None:

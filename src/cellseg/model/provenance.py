@@ -21,7 +21,6 @@ as before and never triggers the refusal. Example summary::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any, Final, Literal
 
 from cellseg.config import from_dict, to_dict
 from cellseg.errors import CellsegError
+from cellseg.io import sha256_file
 
 #: marker file ``cellseg synth`` writes into every dataset folder it generates (seed and counts).
 SYNTH_MARKER = "cellseg-synth.json"
@@ -87,15 +87,6 @@ class Provenance:
 # ----------------------------------------------------------------------------------- recording
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def synth_marker(folder: str | Path) -> dict | None:
     """The ``cellseg synth`` marker of ``folder`` (its JSON; ``{}`` when unreadable), or None if unmarked."""
     p = Path(folder) / SYNTH_MARKER
@@ -134,7 +125,7 @@ def _source(kind: SourceKind, path: Path, images: Sequence[Path], cache: dict) -
     return DataSource(
         kind,
         str(path.resolve()),
-        sha256_of(path),
+        sha256_file(path),
         len({str(p) for p in images}),
         synthetic,
         seed if isinstance(seed, int) else None,
@@ -179,7 +170,7 @@ def init_record(init: str | Path | None) -> tuple[str | None, dict]:
         inherited = read_checkpoint_info(init).provenance
     except CellsegError:  # torchvision / ImageNet weights: no provenance of ours
         inherited = {}
-    return sha256_of(init), inherited
+    return sha256_file(init), inherited
 
 
 def run_provenance(sources: list[DataSource], init_sha256: str | None, inherited: dict) -> dict:
@@ -345,7 +336,6 @@ __all__ = [
     "init_record",
     "plan_lines",
     "run_provenance",
-    "sha256_of",
     "summarize",
     "synth_marker",
     "synthetic_only",
