@@ -149,7 +149,7 @@ def select_ids(
     if fold is not None and images is not None:
         raise CellsegError("give either a fold or a number of images, not both")
     if fold is not None:
-        return split(load_folds(train_set, k=k, seed=seed, csv=folds_csv), fold)[1]
+        return holdout_split(train_set, fold, k=k, seed=seed, folds_csv=folds_csv)[1]
     if images is not None:
         if images < 1:
             raise CellsegError(f"--images must be >= 1, got {images}")
