@@ -115,10 +115,6 @@ class CocoStore:
         """Class name of image ``i`` (see ``image_label``; the first class when it has none)."""
         return self.class_names[max(int(self.image_label[i]), 1) - 1]
 
-    def labels(self, i: int) -> np.ndarray:
-        """(N,) int64 classes of image ``i``'s annotations (1-based, in ``class_names``)."""
-        return self.label[self.order[self.ann_start[i] : self.ann_start[i + 1]]].astype(np.int64)
-
     def polygons(self, a: int) -> list[np.ndarray]:
         """Polygons of annotation ``a``: (V, 2) float64 x, y arrays (empty for an RLE annotation)."""
         p0, p1 = self.seg_start[a], self.seg_start[a + 1]
