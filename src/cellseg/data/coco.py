@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data.jsonstream import JsonStream
 from cellseg.data.masks import CropMask
+from cellseg.data.truth import cell_type_from_filename
 from cellseg.errors import CellsegError
 
 # ----------------------------------------------------------------------------- classes
@@ -61,8 +62,7 @@ def resolve_class(category: str, file_name: str, class_map: Mapping[str, str], d
     name = category.lower()
     if name in CLASS_IDS:
         return name
-    stem = Path(file_name).name.lower()
-    return next((t for t in CELL_TYPES if stem.startswith(t)), default_type)
+    return cell_type_from_filename(file_name) or default_type
 
 
 # ----------------------------------------------------------------------------- the store
