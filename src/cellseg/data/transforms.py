@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 from cellseg.data.copy_paste import copy_paste, copy_paste_indexed
 from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, SanitizeBoundingBoxes, TightBoxes
-from cellseg.data.mask_stack import masks_to_boxes, resized_crop_masks, tight_boxes_near
+from cellseg.data.mask_stack import resized_crop_masks, tight_boxes_near
 from cellseg.model.experiment import AugmentConfig
 
 #: Public names: this module's own plus those of the augmentation parts it assembles (re-exported so
@@ -53,7 +53,6 @@ __all__ = [
     "build_transform",
     "copy_paste",
     "copy_paste_indexed",
-    "masks_to_boxes",
     "resized_crop_masks",
     "tight_boxes_near",
 ]
