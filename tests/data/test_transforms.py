@@ -11,17 +11,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cellseg.config import load_yaml
-from cellseg.data.geometric import rot90
-from cellseg.data.transforms import (
-    AugmentConfig,
-    RandomFlipRot90,
-    RandomScaleCrop,
-    TightBoxes,
-    build_transform,
-    copy_paste,
-    resized_crop_masks,
-    tight_boxes_near,
-)
+from cellseg.data.copy_paste import copy_paste
+from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, TightBoxes, rot90
+from cellseg.data.mask_stack import resized_crop_masks, tight_boxes_near
+from cellseg.data.transforms import AugmentConfig, build_transform
 from cellseg.errors import CellsegError
 
 H, W = 36, 50
