@@ -57,12 +57,6 @@ def test_group_folds_keeps_groups_together_and_makes_fewer_folds_for_few_groups(
     assert group_folds(["a", "a"], k=3).tolist() == [0, 0]  # one group: everything in fold 0
 
 
-def test_make_folds_is_group_folds_of_the_samples_stratified_by_type(tmp_path):
-    ts = make_set(tmp_path)
-    df = make_folds(ts, k=3, seed=4)
-    assert np.array_equal(df["fold"].to_numpy(), group_folds(df["sample_id"], 3, 4, strata=df["cell_type"]))
-
-
 def test_holdout_split_from_folds_or_a_folds_file(tmp_path):
     ts = make_set(tmp_path)
     assert holdout_split(ts, None) == (list(ts.images), [])

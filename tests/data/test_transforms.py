@@ -11,18 +11,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cellseg.config import load_yaml
-from cellseg.data.geometric import rot90
-from cellseg.data.transforms import (
-    AugmentConfig,
-    RandomFlipRot90,
-    RandomScaleCrop,
-    TightBoxes,
-    build_transform,
-    copy_paste,
-    masks_to_boxes,
-    resized_crop_masks,
-    tight_boxes_near,
-)
+from cellseg.data.copy_paste import copy_paste
+from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, TightBoxes, rot90
+from cellseg.data.mask_stack import resized_crop_masks, tight_boxes_near
+from cellseg.data.transforms import AugmentConfig, build_transform
 from cellseg.errors import CellsegError
 
 H, W = 36, 50
@@ -83,15 +75,13 @@ def masks() -> np.ndarray:
 # ------------------------------------------------------------------ boxes
 
 
-def test_masks_to_boxes_and_windowed_boxes_match_brute_force():
+def test_windowed_boxes_match_brute_force():
     rng = np.random.default_rng(1)
     m = random_masks(rng, 20)
     m[3] = False  # an empty mask
     want = ref_boxes(m[[i for i in range(20) if i != 3]])
-    got = masks_to_boxes(torch.from_numpy(m)).numpy()
-    assert np.array_equal(np.delete(got, 3, axis=0), want) and not got[3].any()
-    # windowed version, with hints that are right, shifted, and plain wrong (full scan fallback)
-    hints = got.copy()
+    # hints that are right, shifted, and plain wrong (full scan fallback); (0, 0, 0, 0) for the empty mask
+    hints = np.insert(want, 3, 0, axis=0)
     hints[:5] += 2
     hints[5:8] = [0, 0, 1, 1]
     boxes, area = tight_boxes_near(m, hints)

@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data.jsonstream import JsonStream
 from cellseg.data.masks import CropMask
+from cellseg.data.truth import cell_type_from_filename
 from cellseg.errors import CellsegError
 
 # ----------------------------------------------------------------------------- classes
@@ -61,8 +62,7 @@ def resolve_class(category: str, file_name: str, class_map: Mapping[str, str], d
     name = category.lower()
     if name in CLASS_IDS:
         return name
-    stem = Path(file_name).name.lower()
-    return next((t for t in CELL_TYPES if stem.startswith(t)), default_type)
+    return cell_type_from_filename(file_name) or default_type
 
 
 # ----------------------------------------------------------------------------- the store
@@ -114,10 +114,6 @@ class CocoStore:
     def image_class(self, i: int) -> str:
         """Class name of image ``i`` (see ``image_label``; the first class when it has none)."""
         return self.class_names[max(int(self.image_label[i]), 1) - 1]
-
-    def labels(self, i: int) -> np.ndarray:
-        """(N,) int64 classes of image ``i``'s annotations (1-based, in ``class_names``)."""
-        return self.label[self.order[self.ann_start[i] : self.ann_start[i + 1]]].astype(np.int64)
 
     def polygons(self, a: int) -> list[np.ndarray]:
         """Polygons of annotation ``a``: (V, 2) float64 x, y arrays (empty for an RLE annotation)."""

@@ -14,7 +14,7 @@ Entry points::
              "image_id": str}
 
 N may be 0 (e.g. every cell cropped away). Augmentation (``augment``; hold-out items never are)
-runs copy-paste (:func:`cellseg.data.transforms.copy_paste`, sources from this dataset's own images of
+runs copy-paste (:func:`cellseg.data.copy_paste.copy_paste`, sources from this dataset's own images of
 the same cell type) and then :func:`cellseg.data.transforms.build_transform`. Randomness is drawn from
 torch's generator, so DataLoader worker seeding covers the numpy side too.
 
@@ -55,10 +55,11 @@ from torchvision import tv_tensors
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.data import livecell
 from cellseg.data.coco import CocoRef, CocoStore, load_coco
+from cellseg.data.copy_paste import copy_paste_indexed
 from cellseg.data.folds import holdout_split
 from cellseg.data.masks import CropMask, stack
 from cellseg.data.masks import boxes as crop_boxes
-from cellseg.data.transforms import build_transform, copy_paste_indexed
+from cellseg.data.transforms import build_transform
 from cellseg.data.truth import TrainSet, read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import read_gray

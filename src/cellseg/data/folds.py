@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from cellseg.errors import CellsegError
 
@@ -36,7 +35,8 @@ def group_folds(groups: Sequence[str], k: int, seed: int = 0, strata: Sequence[s
     Returns:
         (N,) int64 fold of each item, 0..min(k, number of groups)-1.
     """
-    # scikit-learn only here: importing sklearn.model_selection takes seconds, and most commands make no folds
+    # scikit-learn only here: importing sklearn.model_selection takes ~0.5 s, and most commands make no folds
+    from sklearn.model_selection import StratifiedGroupKFold
 
     groups = list(groups)
     k = max(1, min(k, len(set(groups))))
@@ -149,7 +149,7 @@ def select_ids(
     if fold is not None and images is not None:
         raise CellsegError("give either a fold or a number of images, not both")
     if fold is not None:
-        return split(load_folds(train_set, k=k, seed=seed, csv=folds_csv), fold)[1]
+        return holdout_split(train_set, fold, k=k, seed=seed, folds_csv=folds_csv)[1]
     if images is not None:
         if images < 1:
             raise CellsegError(f"--images must be >= 1, got {images}")

@@ -10,29 +10,6 @@ box-sized copies. Used by the augmentation transforms (:mod:`cellseg.data.geomet
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight boxes of a (N, H, W) mask stack: (N, 4) float32 x0, y0, x1, y1, exclusive max corner.
-
-    Empty masks get (0, 0, 0, 0). Vectorised (row/column ``any`` + argmax), unlike
-    ``torchvision.ops.masks_to_boxes`` which loops over masks and uses an inclusive max corner.
-    """
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    m = masks.bool()
-    rows = m.any(dim=2)  # (N, H)
-    cols = m.any(dim=1)  # (N, W)
-    nonempty = rows.any(dim=1)
-    y0 = rows.int().argmax(dim=1)
-    y1 = h - rows.flip(1).int().argmax(dim=1)
-    x0 = cols.int().argmax(dim=1)
-    x1 = w - cols.flip(1).int().argmax(dim=1)
-    out = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
-    out[~nonempty] = 0
-    return out
 
 
 def take_rows(a: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

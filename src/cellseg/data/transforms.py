@@ -17,14 +17,15 @@ recomputed from the masks (tight, exclusive max corner), instances under ``min_a
 dropped, and ``v2.SanitizeBoundingBoxes`` removes anything degenerate; zero instances is fine.
 Randomness comes from torch's global generator (seeded per DataLoader worker by torch).
 
-Where the parts live (all importable from here, the augmentation module callers know):
+Where the parts live (import them from there):
 
-- :mod:`cellseg.data.geometric`: the geometric v2 transforms (:class:`RandomFlipRot90`,
-  :class:`RandomScaleCrop`, :class:`TightBoxes`, :class:`SanitizeBoundingBoxes`);
+- :mod:`cellseg.data.geometric`: the geometric v2 transforms (:class:`~cellseg.data.geometric.RandomFlipRot90`,
+  :class:`~cellseg.data.geometric.RandomScaleCrop`, :class:`~cellseg.data.geometric.TightBoxes`,
+  :class:`~cellseg.data.geometric.SanitizeBoundingBoxes`);
 - :mod:`cellseg.data.mask_stack`: the box-by-box operations on (N, H, W) mask stacks behind them
   (a 340-cell image carries a ~124 MB stack; benchmarks/bench_dataset.py has the figures);
-- :mod:`cellseg.data.copy_paste`: :func:`copy_paste`, the pure numpy copy-paste step (Ghiasi et
-  al. 2021), run by the dataset before the transforms.
+- :mod:`cellseg.data.copy_paste`: :func:`~cellseg.data.copy_paste.copy_paste`, the pure numpy
+  copy-paste step (Ghiasi et al. 2021), run by the dataset before the transforms.
 """
 
 from __future__ import annotations
@@ -36,27 +37,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cellseg.data.copy_paste import copy_paste, copy_paste_indexed
 from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, SanitizeBoundingBoxes, TightBoxes
-from cellseg.data.mask_stack import masks_to_boxes, resized_crop_masks, tight_boxes_near
 from cellseg.model.experiment import AugmentConfig
 
-#: Public names: this module's own plus those of the augmentation parts it assembles (re-exported so
-#: ``from cellseg.data.transforms import copy_paste_indexed`` and the like keep working).
-__all__ = [
-    "AugmentConfig",
-    "RandomFlipRot90",
-    "RandomGamma",
-    "RandomScaleCrop",
-    "SanitizeBoundingBoxes",
-    "TightBoxes",
-    "build_transform",
-    "copy_paste",
-    "copy_paste_indexed",
-    "masks_to_boxes",
-    "resized_crop_masks",
-    "tight_boxes_near",
-]
+#: Public names: this module's own, plus :class:`AugmentConfig`, :func:`build_transform`'s argument
+#: (defined in :mod:`cellseg.model.experiment`).
+__all__ = ["AugmentConfig", "RandomGamma", "build_transform"]
 
 
 class RandomGamma(v2.Transform):
