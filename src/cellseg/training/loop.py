@@ -56,7 +56,6 @@ from cellseg.paths import CompetitionPaths
 from cellseg.training.distributed import (
     DistInfo,
     broadcast_buffers,
-    device_for,
     fail_fast,
     gather_rng,
     main_done,
@@ -174,7 +173,7 @@ def _train(
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
-    device = device_for(info)
+    device = info.device
     use_amp = tc.amp and device.type == "cuda"
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
 
