@@ -49,10 +49,10 @@ from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, count_parameters, unwrap
-from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
+from cellseg.model.checkpoint import load_init, read_checkpoint, save_checkpoint
 from cellseg.model.experiment import ExperimentConfig
 from cellseg.model.provenance import init_record, run_provenance, training_sources
-from cellseg.paths import CompetitionPaths
+from cellseg.paths import CompetitionPaths, git_commit
 from cellseg.training.distributed import (
     DistInfo,
     broadcast_buffers,
