@@ -63,7 +63,7 @@ from cellseg.training.distributed import (
     process_group,
     reduce_mean,
 )
-from cellseg.training.engine import evaluate, train_one_epoch
+from cellseg.training.engine import evaluate, evaluate_livecell, train_one_epoch
 from cellseg.training.optim import build_optimizer, lr_factor
 from cellseg.training.rng import seed_everything, set_rng_state
 
@@ -341,7 +341,7 @@ def _train(
         if info.main:
             if validate:
                 if lc_val is not None:  # LIVECell images, scored per cell line
-                    report = lc_val.evaluate(unwrap(model), device, cfg, progress)
+                    report = evaluate_livecell(unwrap(model), lc_val, device, cfg, progress)
                 else:
                     report = evaluate(
                         unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, cfg, progress
