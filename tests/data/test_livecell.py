@@ -209,6 +209,19 @@ def test_validation_split_grouped_per_cell_line(competition):
     assert len(truth) == 3 and {a.cell_type for a in truth.values()} == set(LINES)
     for image_id, ann in truth.items():
         assert len(ann.instances) == counts[f"{image_id}.tif"] and ann.height == H
+    assert set(val.paths) == set(truth) and all(p.is_file() for p in val.paths.values())
+
+
+def test_data_package_does_not_import_training_or_inference():
+    """The LIVECell validation is scored on the training side (training.engine.evaluate_livecell): reading
+    data pulls in neither the training loop, the inference pipeline nor the metric."""
+    code = (
+        "import sys, cellseg.data.dataset, cellseg.data.livecell; "
+        "print(sorted(m for m in sys.modules if m.startswith(('cellseg.training', 'cellseg.inference', 'cellseg.metric'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
 
 
 def test_bad_input_is_one_line(tmp_path, competition):

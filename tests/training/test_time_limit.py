@@ -23,8 +23,11 @@ def run(data, out, *overrides: str, resume: bool = False):
 
 def test_parse_duration_units():
     assert parse_duration("11h30m") == 41400 and parse_duration("0.001s") == 0.001 and parse_duration(90) == 90.0
-    with pytest.raises(CellsegError, match="'11 hours' not understood"):
-        parse_duration("11 hours")
+    assert parse_duration("8h30m") == 30600 and parse_duration("90s") == 90 and parse_duration("2.5h") == 9000
+    assert parse_duration("120") == 120 and parse_duration(None) is None
+    for bad in ("11 hours", "soon"):
+        with pytest.raises(CellsegError, match=f"'{bad}' not understood"):
+            parse_duration(bad)
 
 
 def test_stop_at_time_limit_then_resume_equals_uninterrupted(tiny_data, tmp_path):  # noqa: F811

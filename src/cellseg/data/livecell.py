@@ -20,14 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cellseg.data.coco import CocoStore, load_coco
 from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
-from cellseg.metric import ScoreReport
-from cellseg.model.experiment import ExperimentConfig
-from cellseg.training.engine import score_with_pipeline
 
 LIVECELL_DIR = "LIVECell_dataset_2021"
 SPLITS = ("train", "val", "test")
@@ -113,7 +109,8 @@ def round_robin(groups: np.ndarray, n: int) -> list[int]:
 
 @dataclass
 class LivecellValidation:
-    """A LIVECell split as the training hold-out: competition metric per image, mean per cell line."""
+    """A LIVECell split as the training hold-out: competition metric per image, mean per cell line
+    (scored by :func:`cellseg.training.engine.evaluate_livecell`)."""
 
     store: CocoStore
     indices: list[int]
@@ -127,14 +124,10 @@ class LivecellValidation:
         """The cell lines scored (the report's ``per_class`` keys)."""
         return sorted({self.store.lines[int(self.store.line[i])] for i in self.indices})
 
-    def evaluate(
-        self, model: torch.nn.Module, device: torch.device, cfg: ExperimentConfig, progress: bool = True
-    ) -> ScoreReport:
-        """Score ``model`` on the images with the inference pipeline and ``train.val_thresholds``, as
-        :func:`cellseg.training.engine.evaluate` does, but class-agnostic (LIVECell's lines are not the
-        competition's classes: every instance counts); ``per_class`` holds one score per cell line."""
-        paths = {self.store.image_id(i): self.store.path(i) for i in self.indices}
-        return score_with_pipeline(model, self.truth, paths, device, cfg, progress, class_agnostic=True)
+    @property
+    def paths(self) -> dict[str, Path]:
+        """image id -> its image file."""
+        return {self.store.image_id(i): self.store.path(i) for i in self.indices}
 
 
 def validation_set(cfg, data_dir: str | Path) -> LivecellValidation | None:

@@ -27,10 +27,11 @@ import torch
 from cellseg.detectron2.config import get_value, head_layout, model_fields, read_d2_config
 from cellseg.errors import CellsegError
 from cellseg.model.build import build_model
-from cellseg.model.checkpoint import git_commit, save_checkpoint
+from cellseg.model.checkpoint import save_checkpoint
 from cellseg.model.experiment import ModelConfig
 from cellseg.model.manifest import Manifest, ModelEntry, default_classes, sha256_file, write_manifest
-from cellseg.model.provenance import from_checkpoint
+from cellseg.model.provenance import DETECTRON2, from_checkpoint
+from cellseg.paths import git_commit
 
 #: Detectron2 buffers that hold no weights (the normalisation comes from the config).
 IGNORED_D2_KEYS = {"pixel_mean", "pixel_std"}
@@ -225,7 +226,7 @@ def build_converted(
     model.load_state_dict(state)
     provenance = {
         "source": "detectron2",
-        "origin": "detectron2 import",  # cellseg.model.provenance.DETECTRON2
+        "origin": DETECTRON2,
         "detectron2_weights": Path(weights).name,
         "detectron2_weights_sha256": sha256_file(weights),
         "detectron2_config": Path(config).name,

@@ -33,7 +33,6 @@ from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, class_specific, unwrap
 from cellseg.model.experiment import ExperimentConfig, ModelConfig
-from cellseg.paths import git_commit  # re-exported: checkpoints record it in their provenance
 
 FORMAT = "cellseg-checkpoint"
 VERSION = 1
@@ -342,5 +341,4 @@ __all__ = [
     "read_checkpoint",
     "read_checkpoint_info",
     "load_init",
-    "git_commit",
 ]

@@ -295,18 +295,17 @@ def match_anchors(matcher, gt_boxes: Tensor, anchors: Tensor, chunk: int | None 
     matches[(best >= matcher.low_threshold) & (best < matcher.high_threshold)] = matcher.BETWEEN_THRESHOLDS
     if all_matches is not None:
         gt_best = block_best.max(dim=0).values
-        holds = (block_best == gt_best[None]).cpu()  # one host sync
-        untouched = bool((gt_best == 0).any())  # a box no anchor overlaps ties with every anchor
-        for b, s in enumerate(starts):
-            if untouched:
-                matches[s : s + chunk] = all_matches[s : s + chunk]
-                continue
-            g = torch.nonzero(holds[b])[:, 0].to(device)
-            if g.numel() == 0:
-                continue
-            iou = _iou_block(gt_boxes[g], gt_area[g], anchors[s : s + chunk], anchor_area[s : s + chunk])
-            restore = torch.nonzero((iou == gt_best[g, None]).any(dim=0))[:, 0] + s
-            matches[restore] = all_matches[restore]
+        if bool((gt_best == 0).any()):  # a box no anchor overlaps ties with every anchor: all keep their match
+            matches = all_matches
+        else:
+            holds = (block_best == gt_best[None]).cpu()  # one host sync
+            for b, s in enumerate(starts):
+                g = torch.nonzero(holds[b])[:, 0].to(device)
+                if g.numel() == 0:
+                    continue
+                iou = _iou_block(gt_boxes[g], gt_area[g], anchors[s : s + chunk], anchor_area[s : s + chunk])
+                restore = torch.nonzero((iou == gt_best[g, None]).any(dim=0))[:, 0] + s
+                matches[restore] = all_matches[restore]
     if order is None:
         return matches
     return torch.empty_like(matches).index_copy_(0, order, matches)

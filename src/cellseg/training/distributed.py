@@ -40,7 +40,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device | None = None  # the training device (None: see device_for)
+    device: torch.device = torch.device("cpu")  # the training device: this rank's GPU, else the CPU
     control: Any = field(default=None, compare=False, repr=False)  # gloo group for rank 0's "done"
 
     @property
@@ -107,17 +107,6 @@ def _default_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def device_for(info: DistInfo) -> torch.device:
-    """This rank's training device: its local GPU, else the CPU."""
-    return info.device if info.device is not None else _default_device(info.local_rank)
-
-
-def barrier(info: DistInfo) -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if info.distributed:
-        dist.barrier()
-
-
 def gather_rng(info: DistInfo) -> list[dict]:
     """Every rank's generator states (rank order), for a resume that continues each rank exactly.
 
@@ -137,7 +126,7 @@ def reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     if not info.distributed or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device_for(info))
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(keys, t.cpu().tolist())}
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cellseg import CELL_TYPES
+from cellseg.data.livecell import LivecellValidation
 from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
 from cellseg.inference.pipeline import in_memory_ensemble, predict_image
@@ -192,6 +193,18 @@ def evaluate(
     """
     paths = {i: Path(images_dir) / f"{i}.png" for i in truth}
     return score_with_pipeline(model, truth, paths, device, cfg, progress)
+
+
+def evaluate_livecell(
+    model: nn.Module, val: LivecellValidation, device: torch.device, cfg: ExperimentConfig, progress: bool = True
+) -> ScoreReport:
+    """Score ``model`` on a LIVECell validation split (``data.livecell_val``) as :func:`evaluate` does,
+    but class-agnostic (LIVECell's lines are not the competition's classes: every instance counts).
+
+    Returns:
+        :class:`cellseg.metric.ScoreReport` whose ``per_class`` holds one score per cell line.
+    """
+    return score_with_pipeline(model, val.truth, val.paths, device, cfg, progress, class_agnostic=True)
 
 
 @torch.no_grad()

@@ -49,14 +49,13 @@ from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, count_parameters, unwrap
-from cellseg.model.checkpoint import git_commit, load_init, read_checkpoint, save_checkpoint
+from cellseg.model.checkpoint import load_init, read_checkpoint, save_checkpoint
 from cellseg.model.experiment import ExperimentConfig
 from cellseg.model.provenance import init_record, run_provenance, training_sources
-from cellseg.paths import CompetitionPaths
+from cellseg.paths import CompetitionPaths, git_commit
 from cellseg.training.distributed import (
     DistInfo,
     broadcast_buffers,
-    device_for,
     fail_fast,
     gather_rng,
     main_done,
@@ -64,7 +63,7 @@ from cellseg.training.distributed import (
     process_group,
     reduce_mean,
 )
-from cellseg.training.engine import evaluate, train_one_epoch
+from cellseg.training.engine import evaluate, evaluate_livecell, train_one_epoch
 from cellseg.training.optim import build_optimizer, lr_factor
 from cellseg.training.rng import seed_everything, set_rng_state
 
@@ -174,7 +173,7 @@ def _train(
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
-    device = device_for(info)
+    device = info.device
     use_amp = tc.amp and device.type == "cuda"
     log = (lambda msg: tqdm.write(msg)) if info.main else (lambda msg: None)
 
@@ -199,7 +198,7 @@ def _train(
 
     model = build_model(cfg.model)
     last_path, best_path = out / "last.pth", out / "best.pth"
-    resume_state = None
+    resume_state, resumed_provenance = None, None
     if resume and last_path.is_file():
         ckpt = read_checkpoint(last_path)
         if ckpt.get("model_config") != to_dict(cfg.model):
@@ -208,6 +207,7 @@ def _train(
             )
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
         resume_state = ckpt.get("train_state")
+        resumed_provenance = ckpt.get("provenance") or {}
         if resume_state is None:
             raise CellsegError(f"{last_path}: no resume state in this checkpoint")
         log(f"resuming {out} after epoch {resume_state['epoch']} (step {resume_state['step']})")
@@ -272,17 +272,24 @@ def _train(
             f"{info.world_size} process(es) on {device}, {steps_per_epoch} steps/epoch, "
             f"{n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M parameters trained, amp={'on' if use_amp else 'off'}"
         )
+    # The run's init is the one it started from: on resume, the one last.pth records (--init is ignored
+    # there, and the init file need not be at hand any more), never this call's --init.
+    init_name = resumed_provenance.get("init") if resumed_provenance is not None else (str(init) if init else None)
     provenance_base = {
         "fold": fold,
         "git_commit": git_commit(),
         "config": config_name,
         "data": str(data_dir),
-        "init": str(init) if init else None,
+        "init": init_name,
         "world_size": info.world_size,
     }
     if info.main:  # what the weights are trained on (data_sources, init_sha256): cellseg.model.provenance
         sources = training_sources(cfg, CompetitionPaths(data_dir).train_csv, dataset.records, dataset.extra)
-        provenance_base.update(run_provenance(sources, *init_record(init)))
+        if resumed_provenance is not None:  # the weights descend from last.pth: its sources, init and import
+            init_sha256, inherited = resumed_provenance.get("init_sha256"), resumed_provenance
+        else:
+            init_sha256, inherited = init_record(init)
+        provenance_base.update(run_provenance(sources, init_sha256, inherited))
 
     has_val = bool(val_truth) and tc.val_every > 0
     epoch = start_epoch
@@ -334,7 +341,7 @@ def _train(
         if info.main:
             if validate:
                 if lc_val is not None:  # LIVECell images, scored per cell line
-                    report = lc_val.evaluate(unwrap(model), device, cfg, progress)
+                    report = evaluate_livecell(unwrap(model), lc_val, device, cfg, progress)
                 else:
                     report = evaluate(
                         unwrap(model), val_truth, CompetitionPaths(data_dir).train_dir, device, cfg, progress
