@@ -45,7 +45,7 @@ LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.txt
 : > "$LOG"
 : > "$SUMMARY"
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ "$MODE" = gpu ] && compgen -G ".whl/*.whl" > /dev/null; then  # the GPU machine only: never in --cpu-smoke
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
