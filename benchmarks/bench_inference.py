@@ -40,11 +40,11 @@ from cellseg.inference.forward import (
     label_map_for,
     prepare_model,
     raw_to_detections,
-    raw_vote_inputs,
     relabel,
 )
 from cellseg.inference.fusion import fuse, mask_iou_sparse
-from cellseg.inference.postprocess import postprocess, vote_cell_type
+from cellseg.inference.pipeline import vote_image_type
+from cellseg.inference.postprocess import postprocess
 from cellseg.io import read_gray
 from cellseg.model.build import build_model
 from cellseg.model.experiment import ModelConfig
@@ -97,7 +97,7 @@ def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) 
     H, W = image.shape
     t["decode png"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cell_type = vote_cell_type(*raw_vote_inputs(raw, loaded))
+    cell_type = vote_image_type(raw, loaded, manifest)
     th, fu = manifest.thresholds(cell_type), manifest.fusion
     raw = relabel(raw, CLASS_IDS[cell_type])
     t["vote"] = time.perf_counter() - t0

@@ -27,12 +27,17 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+if TYPE_CHECKING:
+    from cellseg.data.truth import ImageAnnotation
 
 #: a toy model for --smoke (the demo config shrunk as in tests/test_train.py)
 SMOKE_OVERRIDES = [
@@ -97,13 +102,10 @@ def stage_env(args) -> dict:
     return info
 
 
-def densest_first(data: Path, ids: list[str]) -> tuple[list[str], list[int]]:
-    """``ids`` with the two images holding most cells first; also their cell counts."""
-    import pandas as pd
-
-    counts = pd.read_csv(data / "train.csv", usecols=["id"]).groupby("id").size()
-    order = sorted(ids, key=lambda i: -int(counts.get(i, 0)))
-    return order[:2] + sorted(order[2:]), [int(counts[i]) for i in order[:2]]
+def densest_first(images: Mapping[str, ImageAnnotation]) -> tuple[list[str], list[int]]:
+    """The ids of ``images`` (``read_train_csv(...).images``), the two with most cells first; also their cell counts."""
+    order = sorted(images, key=lambda i: -len(images[i].instances))
+    return order[:2] + sorted(order[2:]), [len(images[i].instances) for i in order[:2]]
 
 
 def train_steps(cfg, ds, pairs: list[list[int]], warmup: int, workers: int, dev: torch.device, amp: bool) -> dict:
@@ -172,7 +174,7 @@ def stage_train(args) -> dict:
         overrides += SMOKE_OVERRIDES
     cfg = load_experiment(config, overrides)
     data = Path(args.data)
-    ids, dense = densest_first(data, list(read_train_csv(data / "train.csv").images))
+    ids, dense = densest_first(read_train_csv(data / "train.csv").images)
     ds = build_train_dataset(cfg, data, ids)
     warmup, steps = (1, 1) if args.smoke else (args.warmup, args.steps)
     pairs = [[0, 1]] + [[(2 * k + 2) % len(ds), (2 * k + 3) % len(ds)] for k in range(warmup + steps - 1)]

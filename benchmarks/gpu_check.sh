@@ -11,7 +11,7 @@
 #   synth    `cellseg synth --seed 11 --train-images 40 --test-images 20` (its densest pair: 937 cells)
 #   train    R50-FPN (configs/maskrcnn_r50_fpn.yaml) at batch 2, AMP on and off: s/step, img/s, peak
 #            torch.cuda.max_memory_allocated, the densest pair included (benchmarks/gpu_check.py train)
-#   memory   benchmarks/bench_train_memory.py --device cuda (dense / sparse peak), when present
+#   memory   benchmarks/bench_train_memory.py --device cuda (dense / sparse peak)
 #   nccl     the training collectives through a real NCCL group (benchmarks/gpu_check.py nccl)
 #   ddp      `cellseg train` through one epoch end + one validation: 2 processes (torchrun) when two GPUs
 #            are visible, else 1 process (the nccl stage covers the collectives then)
@@ -45,7 +45,7 @@ LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.txt
 : > "$LOG"
 : > "$SUMMARY"
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ "$MODE" = gpu ] && compgen -G ".whl/*.whl" > /dev/null; then  # the GPU machine only: never in --cpu-smoke
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -103,13 +103,6 @@ env_stage() {
   timeout "$LIMIT" "$PY" benchmarks/gpu_check.py env --out "$WORK" || return
   if command -v nvidia-smi > /dev/null; then nvidia-smi || return; fi
 }
-memory_stage() {
-  if [ -f benchmarks/bench_train_memory.py ]; then
-    timeout "$LIMIT" "$PY" benchmarks/bench_train_memory.py "${MEMORY[@]}" || return
-  else
-    echo "benchmarks/bench_train_memory.py is not in this checkout: skipped"
-  fi
-}
 ddp_stage() {
   if [ "$GPUS" -ge 2 ] || [ "$MODE" = smoke ]; then  # smoke: 2 CPU processes on gloo
     timeout "$LIMIT" "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m cellseg "${TRAIN[@]}" || return
@@ -124,7 +117,7 @@ ddp_stage() {
 stage env 60 env_stage
 stage synth 90 "$PY" -m cellseg synth --out "$DATA" --seed 11 "${SYNTH[@]}"
 stage train 150 "$PY" benchmarks/gpu_check.py train --out "$WORK" --data "$DATA" $SMOKE
-stage memory 120 memory_stage
+stage memory 120 "$PY" benchmarks/bench_train_memory.py "${MEMORY[@]}"
 stage nccl 60 "$PY" benchmarks/gpu_check.py nccl --out "$WORK"
 stage ddp 150 ddp_stage
 stage predict 120 "$PY" benchmarks/gpu_check.py predict --out "$WORK" --data "$DATA" --images "$N_IMAGES" $SMOKE

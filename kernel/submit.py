@@ -90,14 +90,8 @@ def main(argv=None) -> int:
     except KernelError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 2
-    predicted = [i for i in result.seconds if i not in result.failed]
-    if not predicted and not result.skipped:
-        why = (
-            f"every one of the {len(result.failed)} test image(s) is unreadable; first: "
-            + next(iter(result.failed.values()))
-            if result.failed
-            else f"{comp / 'test'} holds no PNG image"
-        )
+    why = result.nothing_predicted(comp / "test")
+    if why is not None:
         banner = "!" * 72
         for line in (
             banner,

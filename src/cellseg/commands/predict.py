@@ -55,13 +55,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     n = sum(len(r) for r in res.rows.values())
-    predicted = [i for i in res.seconds if i not in res.failed]
-    if not predicted and not res.skipped:
-        why = (
-            f"every one of the {len(res.failed)} test image(s) is unreadable (first: {next(iter(res.failed.values()))})"
-            if res.failed
-            else f"{args.data / 'test'} holds no PNG image"
-        )
+    why = res.nothing_predicted(args.data / "test")
+    if why is not None:
         print(
             f"cellseg predict: no image predicted: {why}; wrote a valid {res.out} with an empty row for each "
             f"of {len(res.rows)} id(s)",

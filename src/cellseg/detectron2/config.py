@@ -16,26 +16,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cellseg.config import read_yaml
 from cellseg.errors import CellsegError
-from cellseg.io import read_text_file
 
 # ----------------------------------------------------------------------------------------------
 # config
 
 
 def read_d2_config(path: str | Path) -> dict:
-    """Load a Detectron2 ``config.yaml`` (``cfg.dump()``) as a nested dict; no Detectron2 needed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CellsegError(f"{path}: Detectron2 config not found")
-    text = read_text_file(path, "a Detectron2 config.yaml")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CellsegError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or "MODEL" not in data:
+    """Load a Detectron2 ``config.yaml`` (``cfg.dump()``) as a nested dict; no Detectron2 needed.
+    CellsegError when it is missing, not YAML, not a mapping, has no MODEL section or has ``_BASE_``."""
+    data = read_yaml(path, "a Detectron2 config.yaml")
+    if "MODEL" not in data:
         raise CellsegError(f"{path}: not a Detectron2 config (no MODEL section)")
     if "_BASE_" in data:
         raise CellsegError(

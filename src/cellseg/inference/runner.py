@@ -125,6 +125,16 @@ class RunResult:
     views: list[str] = field(default_factory=list)
     models: int = 0
 
+    def nothing_predicted(self, test_dir: Path) -> str | None:
+        """Why no image was predicted (every test PNG unreadable, or ``test_dir`` holds none), or None when
+        one was or the time budget left images out: the reason ``cellseg predict`` and the kernel report."""
+        if any(i not in self.failed for i in self.seconds) or self.skipped:
+            return None
+        if self.failed:
+            first = next(iter(self.failed.values()))
+            return f"every one of the {len(self.failed)} test image(s) is unreadable (first: {first})"
+        return f"{test_dir} holds no PNG image"
+
 
 def list_test_ids(paths: CompetitionPaths, log: Log) -> list[str]:
     """Ids of ``test/*.png`` (any letter case of ``.png``, sorted). An empty ``test/`` is logged."""
