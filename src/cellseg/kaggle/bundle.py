@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cellseg.errors import CellsegError
-from cellseg.io import check_replaceable, replace_dir, staging  # training.py imports staging from here
+from cellseg.io import check_replaceable, replace_dir, staging
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
     check,

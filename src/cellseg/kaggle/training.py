@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellseg.errors import CellsegError
+from cellseg.io import check_replaceable, staging
 from cellseg.kaggle.bundle import (
     MARKER,
     PACKAGE,
@@ -46,7 +47,6 @@ from cellseg.kaggle.bundle import (
     copy_hashed,
     denied,
     seal,
-    staging,
 )
 from cellseg.kaggle.metadata import (
     DATASET_METADATA,
@@ -136,6 +136,7 @@ def stage_train_bundle(
     if repo is None:
         raise CellsegError("cellseg runs from an installed wheel: pass the source checkout with --repo")
     repo, out, config = repo.resolve(), Path(out).resolve(), Path(config)
+    check_replaceable(out, MARKER, "a bundle")  # before the copies and the wheel build, as stage_bundle
     overrides = list(overrides or [])
     meta = fill(load_template(repo / TRAIN_DATASET_METADATA), resolve_username(username))
     check(validate_dataset_metadata(meta))
