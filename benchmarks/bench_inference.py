@@ -15,11 +15,22 @@ Baselines measured in the same run:
 * a dense mask IoU (N x H*W float matrix product) vs our sparse one, on one view's detections.
 
     .venv/bin/python benchmarks/bench_inference.py [--models 3] [--views 4] [--dets 800] [--min-size 1040]
+
+``--fold-bn``: the committed demo model (weights/demo) with its BatchNorms as trained vs folded into the
+convolutions (:func:`cellseg.inference.fold.fold_batchnorm`, which ``prepare_model`` applies by default),
+on a deep copy of the same prepared model. Times the backbone + FPN only (the part folding changes) on
+one batch of ``--batch`` synthetic train images after the model's own transform (the demo model
+upscales 520 x 704 by 1.5 to 780 x 1056), ``--repeat`` rounds alternating which runs first; prints
+the median and min of each, unfolded / folded (also per round, which shares the machine's load), and the
+max abs difference of the FPN outputs.
+
+    .venv/bin/python benchmarks/bench_inference.py --fold-bn [--batch 2] [--repeat 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import tempfile
 import time
@@ -117,6 +128,62 @@ def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) 
     return len(crops), t
 
 
+def fold_bn_bench(batch: int, repeat: int, device: torch.device) -> None:
+    """Backbone + FPN of the demo model, BatchNorm unfolded vs folded: same weights, same input."""
+    from cellseg.inference.fold import fold_batchnorm
+    from cellseg.inference.forward import image_tensor
+    from cellseg.model.checkpoint import load_model
+    from cellseg.model.manifest import load_manifest
+    from cellseg.paths import demo_manifest
+
+    manifest = load_manifest(demo_manifest())
+    path = manifest.checkpoint_path(manifest.models[0])
+    unfolded = prepare_model(load_model(path)[0], manifest.fusion, device, fp16=False, fold_bn=False)
+    folded = copy.deepcopy(unfolded)
+    n_folded = fold_batchnorm(folded)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "d"
+        generate(data, train_images=batch, test_images=0, semi_images=0, seed=11, progress=False, workers=1)
+        images = [image_tensor(read_gray(png), device) for png in sorted((data / "train").glob("*.png"))]
+    with torch.inference_mode():
+        batched = unfolded.transform(images)[0]
+        x = batched.tensors  # the padded batch the backbone sees
+        print(
+            f"{cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
+            f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}"
+        )
+        print(
+            f"demo model ({path.name}): {n_folded} BatchNorms folded; backbone + FPN on a batch of "
+            f"{tuple(x.shape)} (float32; images {sorted(set(batched.image_sizes))} padded)"
+        )
+        models = {"unfolded": unfolded, "folded": folded}
+        outs = {k: m.backbone(x) for k, m in models.items()}  # warm-up, and the outputs compared
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for r in range(repeat):
+            order = list(models) if r % 2 == 0 else list(models)[::-1]
+            for k in order:
+                t0 = time.perf_counter()
+                models[k].backbone(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in order), flush=True)
+    diff = max(float((outs["folded"][k] - outs["unfolded"][k]).abs().max()) for k in outs["unfolded"])
+    scale = max(float(v.abs().max()) for v in outs["unfolded"].values())
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k}: median {med[k]:.3f} s, min {min(v):.3f} s ({len(v)} rounds)")
+    ratios = [u / f for u, f in zip(times["unfolded"], times["folded"])]  # per round: same machine load
+    print(
+        f"unfolded / folded: {med['unfolded'] / med['folded']:.2f}x (medians), "
+        f"{min(times['unfolded']) / min(times['folded']):.2f}x (mins), per round median {np.median(ratios):.2f}x "
+        f"({min(ratios):.2f}-{max(ratios):.2f}); "
+        f"FPN outputs max abs diff {diff:.2e} (largest output magnitude {scale:.1f})"
+    )
+    if diff > 1e-3 * max(scale, 1.0):
+        raise SystemExit(f"folded outputs differ from unfolded by {diff:.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=3)
@@ -126,8 +193,13 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--fold-bn", action="store_true", help="demo model backbone, BatchNorm unfolded vs folded")
+    ap.add_argument("--batch", type=int, default=2, help="--fold-bn: images per batch")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if args.fold_bn:
+        fold_bn_bench(args.batch, args.repeat, dev)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "d"

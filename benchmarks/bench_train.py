@@ -1,7 +1,7 @@
 """Training step time of the R50-FPN config vs torchvision's default Mask R-CNN, same batches.
 
     .venv/bin/python benchmarks/bench_train.py [--config configs/maskrcnn_r50_fpn.yaml] [--steps 2]
-        [--mode baseline|ours|targets|profile] [--set model.input_scale=1 ...] [--amp config|on|off]
+        [--mode baseline|ours|targets|matching|profile] [--set model.input_scale=1 ...] [--amp config|on|off]
 
 Both models train on the same real DataLoader batches (``cellseg.data.dataset`` over a synthetic
 competition folder, augmentation of the config, batch 2 of 704 x 520 images):
@@ -17,7 +17,15 @@ DataLoader (target < 10 %), and ours / baseline.
 ``--mode targets``: ours as built (``cellseg.model.targets``) against ours with torchvision's training
 targets (the path before it: masks upsampled in float32, ``project_masks_on_boxes`` over the whole
 stack, the full anchor IoU matrix), same weights and batch, alternating which runs first; prints
-each step and the mean, min and max of the ratio. ``--mode profile``: cProfile of one step of ours,
+each step and the mean, min and max of the ratio. ``--mode matching``: the two training targets alone,
+on the densest image of ``cellseg synth --seed 11 --train-images 40`` (529 cells; ``--data`` to use
+another folder) at the augmentation's scale fixed at ``--jitter`` (1.25: 650 x 880) and
+``model.input_scale=1`` unless ``--set`` says otherwise: RPN anchor matching (torchvision's
+``assign_targets_to_anchors``, ``box_iou`` + ``Matcher`` over all anchors, vs ours, same anchors) and the mask
+targets of ``--proposals`` proposals (torchvision's ``project_masks_on_boxes`` on the full-frame mask stack vs
+ours on the source masks), ``--steps`` rounds alternating which runs first; asserts identical labels and
+matched boxes and mask targets within 1e-3, prints min and median times and old / new.
+``--mode profile``: cProfile of one step of ours,
 the functions with the most own time and the target-preparation calls. Device: CUDA when available (AMP as configured),
 else CPU with ``--threads`` threads. A few steps only: on 2 CPU cores an R50 step at 1408 x 1040
 takes tens of seconds.
@@ -29,6 +37,7 @@ import argparse
 import copy
 import cProfile
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -135,6 +144,101 @@ def compare_targets(cfg, loader, device, steps: int, warmup: int, amp: bool) -> 
     print(f"new / old step time: mean {sum(ratios) / len(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
+def jittered_proposals(boxes: torch.Tensor, n: int, size: tuple[int, int], seed: int = 0):
+    """``n`` proposals around randomly chosen ground-truth boxes (shifted and rescaled as matched RoIs
+    look), clipped to ``size`` (H, W); returns (proposals (n, 4), matched ground-truth index (n,))."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(boxes.shape[0], (n,), generator=g)
+    b = boxes[idx]
+    wh = (b[:, 2:] - b[:, :2]).clamp(min=1)
+    centre = (b[:, :2] + b[:, 2:]) / 2 + (torch.rand(n, 2, generator=g) - 0.5) * 0.4 * wh
+    wh = wh * (0.7 + 0.6 * torch.rand(n, 2, generator=g))
+    out = torch.cat([centre - wh / 2, centre + wh / 2], 1)
+    out[:, 0::2] = out[:, 0::2].clamp(0, size[1])
+    out[:, 1::2] = out[:, 1::2].clamp(0, size[0])
+    return out, idx
+
+
+def compare_matching(cfg, data: Path, device, rounds: int, n_proposals: int) -> None:
+    """Per image: torchvision's RPN anchor matching and mask targets vs ours (cellseg.model.targets),
+    same inputs, alternating order; asserts the same targets."""
+    import torch.nn.functional as F
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from cellseg.data.truth import read_train_csv
+    from cellseg.model import targets as lean
+
+    ts = read_train_csv(data / "train.csv", cfg.data.fill_holes)
+    densest = max(ts.images, key=lambda i: len(ts.images[i].instances))
+    torch.manual_seed(0)
+    image, target = build_train_dataset(cfg, data, [densest], train_set=ts)[0]
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).eval()
+    tgt = {k: v.to(device) for k, v in target.items() if torch.is_tensor(v)}
+    with torch.no_grad():
+        batched, tgts = model.transform([image.to(device)], [tgt])
+        features = list(model.backbone(batched.tensors).values())
+        anchors = model.rpn.anchor_generator(batched, features)
+    size = tuple(batched.image_sizes[0])
+    masks = tgts[0]["masks"]  # ours: the source masks, uint8 at the data pipeline's resolution
+    full = (
+        masks if tuple(masks.shape[-2:]) == size else F.interpolate(masks[:, None].float(), size, mode="nearest")[:, 0]
+    )
+    proposals, matched = jittered_proposals(tgts[0]["boxes"].cpu(), n_proposals, size)
+    proposals, matched = proposals.to(device), matched.to(device)
+    print(
+        f"image {densest}: {len(tgts[0]['boxes'])} cells after augmentation, input {size[0]} x {size[1]} "
+        f"(masks {masks.shape[-2]} x {masks.shape[-1]}), {anchors[0].shape[0]} anchors, {n_proposals} proposals"
+    )
+
+    def sync(x):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x
+
+    runs = {
+        "matching": {
+            "old": lambda: sync(RegionProposalNetwork.assign_targets_to_anchors(model.rpn, anchors, tgts)),
+            "new": lambda: sync(model.rpn.assign_targets_to_anchors(anchors, tgts)),
+        },
+        "masks": {
+            "old": lambda: sync(project_masks_on_boxes(full, proposals, matched, 28)),
+            "new": lambda: sync(lean.project_masks(masks, proposals, matched, size, 28)),
+        },
+    }
+    assert type(model.rpn) is not RegionProposalNetwork  # ours is installed on the built model
+    times = {what: {k: [] for k in fns} for what, fns in runs.items()}
+    results = {}
+    for r in range(rounds):
+        for what, fns in runs.items():
+            for k in ["new", "old"] if r % 2 == 0 else ["old", "new"]:
+                t0 = time.perf_counter()
+                results[what, k] = fns[k]()
+                times[what][k].append(time.perf_counter() - t0)
+        print(
+            f"  round {r + 1}: "
+            + "; ".join(f"{w} old {t['old'][-1]:.3f} s new {t['new'][-1]:.3f} s" for w, t in times.items()),
+            flush=True,
+        )
+    (old_labels, old_boxes), (new_labels, new_boxes) = results["matching", "old"], results["matching", "new"]
+    assert torch.equal(old_labels[0], new_labels[0]) and torch.equal(old_boxes[0], new_boxes[0]), "matching differs"
+    mask_diff = float((results["masks", "new"] - results["masks", "old"]).abs().max())
+    assert mask_diff < 1e-3, f"mask targets differ by {mask_diff}"
+    labels = old_labels[0]
+    print(
+        f"anchor labels identical ({int((labels == 1).sum())} positive, {int((labels == -1).sum())} ignored); "
+        f"mask targets max abs diff {mask_diff:.1e}"
+    )
+    for what, t in times.items():
+        old, new = min(t["old"]), min(t["new"])
+        mo, mn = statistics.median(t["old"]), statistics.median(t["new"])
+        print(
+            f"{what}: old {old:.3f} s, new {new:.3f} s (min of {rounds}) -> {old / new:.1f}x; "
+            f"medians {mo:.3f} s vs {mn:.3f} s -> {mo / mn:.1f}x"
+        )
+
+
 def profile_step(cfg, loader, device, warmup: int, amp: bool, top: int = 20) -> None:
     """cProfile one training step of ours (after ``warmup`` steps): own time per function and the
     cumulative time of the target-preparation calls."""
@@ -176,7 +280,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "maskrcnn_r50_fpn.yaml"))
     ap.add_argument("--data", default=None, help="competition-layout folder (default: a fresh 8-image synthetic one)")
-    ap.add_argument("--mode", default="baseline", choices=["baseline", "ours", "targets", "profile"])
+    ap.add_argument("--mode", default="baseline", choices=["baseline", "ours", "targets", "matching", "profile"])
     ap.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. model.input_scale=1"
     )
@@ -185,10 +289,27 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jitter", type=float, default=1.25, help="--mode matching: augmentation scale, fixed")
+    ap.add_argument("--proposals", type=int, default=128, help="--mode matching: proposals with mask targets")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.mode == "matching":
+        fixed = ["model.input_scale=1", f"augment.scale_range=[{args.jitter},{args.jitter}]"]
+        cfg = load_experiment(args.config, [*fixed, *args.set])
+        data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="bench-matching-")) / "data"
+        if not args.data:
+            from cellseg.data.synth import generate
+
+            generate(data, train_images=40, test_images=0, semi_images=0, seed=11, progress=False, workers=1)
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        name = (
+            torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} torch threads"
+        )
+        print(f"device: {name}; {Path(args.config).name}, input_scale {cfg.model.input_scale}, jitter {args.jitter}")
+        compare_matching(cfg, data, device, args.steps, args.proposals)
+        return 0
     cfg = load_experiment(args.config, ["train.batch_size=2", *args.set])
     amp = device.type == "cuda" and (cfg.train.amp if args.amp == "config" else args.amp == "on")
     data = Path(args.data) if args.data else None
