@@ -226,7 +226,26 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
     pd.testing.assert_frame_equal(la.drop(columns=["seconds", "data_wait"]), lb.drop(columns=["seconds", "data_wait"]))
 
 
-DDP_SCRIPT = """
+#: prepended to the two-process scripts: ``ddp_alive()`` counts the DistributedDataParallel wrappers
+#: still alive. One that outlives train() keeps the process group alive through its reducer (after
+#: destroy_process_group too); freed at interpreter exit, gloo's threads can then end the process
+#: with SIGABRT ("terminate called without an active exception") instead of its exit status.
+TRACK_DDP = """
+import weakref
+from torch.nn.parallel import DistributedDataParallel
+_ddp = []
+_init = DistributedDataParallel.__init__
+def _track(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    _ddp.append(weakref.ref(self))
+DistributedDataParallel.__init__ = _track
+def ddp_alive():
+    return sum(r() is not None for r in _ddp)
+"""
+
+DDP_SCRIPT = (
+    TRACK_DDP
+    + """
 import os, sys, torch
 from cellseg.model.experiment import load_experiment
 from cellseg.training.loop import train
@@ -247,9 +266,10 @@ rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 torch.save({k: v for k, v in res.model.state_dict().items()}, f"{sys.argv[3]}/rank{rank}.pt")
 # one file per rank: two processes printing to one pipe can interleave their lines
 # train() destroyed the group it created (else gloo may SIGABRT at interpreter exit)
-text = f"rank {rank} world {world} steps {res.steps_done} group left {dist.is_initialized()}"
+text = f"rank {rank} world {world} steps {res.steps_done} group left {dist.is_initialized()} ddp alive {ddp_alive()}"
 open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(text)
 """
+)
 
 
 def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
@@ -286,7 +306,7 @@ def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     # 6 train images / 2 ranks = 3 each, batch 2 -> 2 steps per epoch on each rank
     assert [(out / f"rank{k}.txt").read_text() for k in (0, 1)] == [
-        f"rank {k} world 2 steps 4 group left False" for k in (0, 1)
+        f"rank {k} world 2 steps 4 group left False ddp alive 0" for k in (0, 1)
     ]
     w0, w1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
@@ -321,7 +341,9 @@ def test_collectives_get_tensors_on_the_training_device(monkeypatch):
     assert {d for _, d in seen} == {torch.device("meta")}
 
 
-FAILING_VALIDATION_SCRIPT = """
+FAILING_VALIDATION_SCRIPT = (
+    TRACK_DDP
+    + """
 import os, sys, time
 import torch.distributed as dist
 import cellseg.training.loop as loop
@@ -336,11 +358,12 @@ try:
     loop.train(cfg, sys.argv[2], fold=0, out=sys.argv[3], progress=False)
 except Exception as e:
     with open(f"{sys.argv[3]}/rank{rank}.err", "w") as f:
-        f.write(f"{time.time()} group left {dist.is_initialized()} {type(e).__name__}: {e}")
+        f.write(f"{time.time()} group left {dist.is_initialized()} ddp alive {ddp_alive()} {type(e).__name__}: {e}")
     if rank == 0:
         time.sleep(90)  # alive but gone (as a process stuck in NCCL teardown): the others must not need it to exit
     sys.exit(1)
 """
+)
 
 
 def test_rank0_failing_in_validation_stops_the_other_ranks_at_once(tiny_data, tmp_path):
@@ -376,7 +399,8 @@ def test_rank0_failing_in_validation_stops_the_other_ranks_at_once(tiny_data, tm
         err1 = (out / "rank1.err").read_text()
         assert "CellsegError" in err1 and "rank 0 failed" in err1 and "validation blew up" in err1, err1
         # the failing ranks destroyed their gloo group: no SIGABRT at interpreter exit instead of exit 1
-        assert "group left False" in err1 and "group left False" in (out / "rank0.err").read_text()
+        for err in (err1, (out / "rank0.err").read_text()):
+            assert "group left False ddp alive 0" in err, err
     finally:
         for p in procs:
             if p.poll() is None:

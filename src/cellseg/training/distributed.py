@@ -8,17 +8,21 @@ socket is noticed at once), and rank 0 tells them whether it succeeded: a rank 0
 (:func:`main_section`) makes every other rank stop with one clear line instead of hanging in an NCCL
 barrier until NCCL's timeout.
 
-:func:`process_group` owns the group's lifetime: a process that leaves without
-``destroy_process_group`` can die at interpreter exit with SIGABRT ("terminate called without an
-active exception": gloo's worker threads still hold work objects while Python tears down), which
-turns a clean ``exit 1`` into a signal (pytorch/pytorch#190489).
+:func:`process_group` owns the group's lifetime: a process whose group is still alive when Python
+exits can die with SIGABRT ("terminate called without an active exception": gloo's worker threads
+still hold work objects while Python tears down), which turns a clean exit status into a signal
+(pytorch/pytorch#190489). ``destroy_process_group`` alone is not enough: the DDP wrapper's reducer
+holds the group too, and the wrapper sits in reference cycles (or in the frames of a failed run's
+traceback), so it is freed only at exit unless it is collected first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -84,7 +88,8 @@ def process_group() -> Iterator[DistInfo]:
     for this rank's pending collectives, which a failed peer may never join (``torchrun`` stops the
     survivors); its gloo control group is still destroyed. gloo groups are always destroyed: that is
     local, and it is what keeps a failing rank's exit code from being replaced by SIGABRT at
-    interpreter exit.
+    interpreter exit. Before that, the DDP wrapper is collected (after a failure, the locals of the
+    traceback's finished frames are cleared first: they hold it), so nothing holds the group any more.
 
     Yields:
         this process's :class:`DistInfo`.
@@ -95,8 +100,13 @@ def process_group() -> Iterator[DistInfo]:
     try:
         yield info
         ok = True
+    except BaseException as e:
+        if created:  # the failed run's finished frames hold its DDP wrapper: drop their locals
+            traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if created and dist.is_initialized():
+            gc.collect()  # free the DDP wrapper (reference cycles) and with it its hold on the group
             if ok or dist.get_backend() == "gloo":
                 dist.destroy_process_group()
             elif info.control is not None:
