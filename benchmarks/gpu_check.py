@@ -40,20 +40,6 @@ sys.path.insert(1, str(ROOT / "tests"))  # --smoke: the tests' toy model and man
 if TYPE_CHECKING:
     from cellseg.data.truth import ImageAnnotation
 
-#: a toy model for --smoke (the demo config shrunk as in tests/test_train.py)
-SMOKE_OVERRIDES = [
-    "model.returned_layers=[1, 2]",
-    "model.anchor_sizes=[[8], [16], [32]]",
-    "model.fpn_channels=16",
-    "model.box_head_dim=32",
-    "model.mask_head_convs=1",
-    "model.input_scale=0.5",
-    "model.rpn_post_nms_top_n_train=100",
-    "model.box_batch_size_per_image=32",
-    "train.num_workers=0",
-    "augment.crop_size=[128, 128]",
-]
-
 
 def write(out: Path, stage: str, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +157,15 @@ def stage_train(args) -> dict:
     dev = device()
     config = ROOT / "configs" / ("demo.yaml" if args.smoke else "maskrcnn_r50_fpn.yaml")
     overrides = ["train.batch_size=2", "train.log_every=0", "train.max_steps=0"]
-    if args.smoke:
-        overrides += SMOKE_OVERRIDES
+    if args.smoke:  # the tests' toy model (its *_test / detections_per_img sizes unused: training only) at half scale
+        from helpers import TOY_MODEL_OVERRIDES
+
+        overrides += [
+            *TOY_MODEL_OVERRIDES,
+            "model.input_scale=0.5",
+            "train.num_workers=0",
+            "augment.crop_size=[128, 128]",
+        ]
     cfg = load_experiment(config, overrides)
     data = Path(args.data)
     ids, dense = densest_first(read_train_csv(data / "train.csv").images)
