@@ -35,23 +35,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(1, str(ROOT / "tests"))  # --smoke: the tests' toy model and manifest builders
 
 if TYPE_CHECKING:
     from cellseg.data.truth import ImageAnnotation
-
-#: a toy model for --smoke (the demo config shrunk as in tests/test_train.py)
-SMOKE_OVERRIDES = [
-    "model.returned_layers=[1, 2]",
-    "model.anchor_sizes=[[8], [16], [32]]",
-    "model.fpn_channels=16",
-    "model.box_head_dim=32",
-    "model.mask_head_convs=1",
-    "model.input_scale=0.5",
-    "model.rpn_post_nms_top_n_train=100",
-    "model.box_batch_size_per_image=32",
-    "train.num_workers=0",
-    "augment.crop_size=[128, 128]",
-]
 
 
 def write(out: Path, stage: str, result: dict) -> None:
@@ -170,8 +157,15 @@ def stage_train(args) -> dict:
     dev = device()
     config = ROOT / "configs" / ("demo.yaml" if args.smoke else "maskrcnn_r50_fpn.yaml")
     overrides = ["train.batch_size=2", "train.log_every=0", "train.max_steps=0"]
-    if args.smoke:
-        overrides += SMOKE_OVERRIDES
+    if args.smoke:  # the tests' toy model (its *_test / detections_per_img sizes unused: training only) at half scale
+        from helpers import TOY_MODEL_OVERRIDES
+
+        overrides += [
+            *TOY_MODEL_OVERRIDES,
+            "model.input_scale=0.5",
+            "train.num_workers=0",
+            "augment.crop_size=[128, 128]",
+        ]
     cfg = load_experiment(config, overrides)
     data = Path(args.data)
     ids, dense = densest_first(read_train_csv(data / "train.csv").images)
@@ -231,50 +225,12 @@ def stage_nccl(args) -> dict:
 
 
 def stage_tiny_manifest(args) -> dict:
-    """A random tiny Mask R-CNN + manifest (for --cpu-smoke: the demo model is slow on 2 CPU cores)."""
-    from cellseg.model.build import build_model
-    from cellseg.model.checkpoint import save_checkpoint
-    from cellseg.model.experiment import ModelConfig
-    from cellseg.model.manifest import (
-        ClassThresholds,
-        FusionConfig,
-        Manifest,
-        ModelEntry,
-        PostprocessConfig,
-        write_manifest,
-    )
+    """A random tiny Mask R-CNN + manifest (for --cpu-smoke: the demo model is slow on 2 CPU cores), built by
+    the inference tests' ``make_manifest`` at this check's sizes (frozen BN, 128-176 px input, one view)."""
+    from inference_helpers import make_manifest
 
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig(
-        backbone="resnet18",
-        norm="frozen_bn",
-        fpn_channels=16,
-        returned_layers=[2, 3],
-        anchor_sizes=[[8], [16], [32]],
-        aspect_ratios=[1.0],
-        min_size=128,
-        max_size=176,
-        rpn_pre_nms_top_n_test=300,
-        rpn_post_nms_top_n_test=150,
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.weight.mul_(0.01)
-        model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([-2.0, 0.4, 0.0, -0.2]))
-        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(1.0)
-    save_checkpoint(folder / "model.pth", model.eval(), cfg, ["shsy5y", "astro", "cort"], {"gpu_check": "tiny"})
-    loose = ClassThresholds(score=0.05, mask_threshold=0.5, nms_iou=0.5, min_pixels=2)
-    m = Manifest(
-        name="tiny",
-        models=[ModelEntry(checkpoint="model.pth", weight=1.0)],
-        tta=["identity"],
-        fusion=FusionConfig(detections_per_view=60, model_score_thresh=0.01),
-        classes={"shsy5y": loose, "astro": loose, "cort": loose},
-        postprocess=PostprocessConfig(),
-    )
-    return {"manifest": str(write_manifest(m, folder / "manifest.yaml"))}
+    cfg = dict(norm="frozen_bn", trainable_backbone_layers=3, min_size=128, max_size=176)  # 3: ModelConfig's default
+    return {"manifest": str(make_manifest(Path(args.out), n_models=1, tta=("identity",), model_cfg=cfg))}
 
 
 def stage_predict(args) -> dict:

@@ -55,12 +55,21 @@ def make_checkpoint(path: Path, seed: int = 0, **cfg) -> Path:
     return save_checkpoint(path, model, tiny_model_config(**cfg), ["shsy5y", "astro", "cort"], {"test": True})
 
 
-def make_manifest(folder: Path, n_models: int = 1, tta=("identity", "hflip", "vflip", "hvflip"), **fusion) -> Path:
-    """Checkpoints + manifest.yaml (loose thresholds so random models still keep detections)."""
+def make_manifest(
+    folder: Path,
+    n_models: int = 1,
+    tta=("identity", "hflip", "vflip", "hvflip"),
+    model_cfg: dict | None = None,
+    **fusion,
+) -> Path:
+    """Checkpoints + manifest.yaml (loose thresholds so random models still keep detections).
+
+    ``model_cfg``: ModelConfig fields over :func:`tiny_model_config`'s (e.g. benchmarks/gpu_check.py's sizes);
+    the other keywords are FusionConfig fields."""
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(n_models):
-        make_checkpoint(folder / f"model{i}.pth", seed=i)
+        make_checkpoint(folder / f"model{i}.pth", seed=i, **(model_cfg or {}))
         entries.append(ModelEntry(checkpoint=f"model{i}.pth", weight=1.0 + i))
     loose = ClassThresholds(score=0.05, mask_threshold=0.5, nms_iou=0.5, min_pixels=2)
     m = Manifest(
