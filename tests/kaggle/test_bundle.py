@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cellseg.errors import CellsegError
-from cellseg.kaggle import bundle
+from cellseg.kaggle import bundle, training
+from cellseg.paths import configs_dir
 from fake_kaggle import PLANTED, make_checkout, make_weights, plant_secrets
 from kernel_helpers import bare_env
 
@@ -208,7 +209,8 @@ def test_restaging_replaces_a_bundle_but_never_a_foreign_folder(tmp_path):
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
-def test_a_foreign_out_is_refused_before_anything_is_copied_or_built(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["predict", "train"])
+def test_a_foreign_out_is_refused_before_anything_is_copied_or_built(tmp_path, monkeypatch, kind):
     checkout = make_checkout(tmp_path / "checkout")
     manifest = make_weights(tmp_path / "weights" / "demo")
     foreign = tmp_path / "mine"
@@ -221,8 +223,12 @@ def test_a_foreign_out_is_refused_before_anything_is_copied_or_built(tmp_path, m
         raise CellsegError("the wheel was built")
 
     monkeypatch.setattr(bundle, "build_wheel", build_wheel)
+    monkeypatch.setattr(training, "build_wheel", build_wheel)
     with pytest.raises(CellsegError, match="mine exists and is not a bundle"):
-        bundle.stage_bundle(manifest, foreign, username="alice", repo=checkout)
+        if kind == "predict":
+            bundle.stage_bundle(manifest, foreign, username="alice", repo=checkout)
+        else:  # the training bundle comes from this checkout (its template and configs)
+            training.stage_train_bundle(configs_dir() / "demo.yaml", foreign, ["0"], username="alice")
     assert built == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "mine", "weights"]  # no staging folder
     assert (foreign / "thesis.tex").read_text() == "precious"

@@ -14,8 +14,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellseg.errors import CellsegError
-from cellseg.kaggle import training
 from cellseg.kaggle.kernel_code import write_staged
 from cellseg.kaggle.training import OUTPUT_MARKER, stage_train_bundle, verify_output
 from cellseg.paths import configs_dir, repo_root
@@ -135,22 +133,3 @@ def test_no_training_bundle_is_a_one_line_error(tmp_path, capsys):
     assert kernel.main(["--kaggle-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert 'no cellseg-bundle.json of kind "train" under' in err and "\n" not in err
-
-
-def test_a_foreign_out_is_refused_before_the_wheel_is_built(tmp_path, monkeypatch):
-    """As for the predict bundle: a --out that is not an earlier bundle fails first, not after the copies
-    and the wheel build, and is left as it was."""
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "thesis.tex").write_text("precious")
-    built = []
-
-    def build_wheel(repo, out_dir):
-        built.append(repo)
-        raise CellsegError("the wheel was built")
-
-    monkeypatch.setattr(training, "build_wheel", build_wheel)
-    with pytest.raises(CellsegError, match="mine exists and is not a bundle"):
-        stage_train_bundle(configs_dir() / "demo.yaml", foreign, ["0"], username="alice")
-    assert built == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging folder
-    assert (foreign / "thesis.tex").read_text() == "precious"
