@@ -88,10 +88,10 @@ def main() -> None:
     from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
     from torchvision.transforms import v2
 
+    from cellseg.config.experiment import AugmentConfig, ExperimentConfig
     from cellseg.data import rle
     from cellseg.data.dataset import build_datasets
     from cellseg.io import read_gray
-    from cellseg.model.experiment import AugmentConfig, ExperimentConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "data", args.cells)

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from cellseg import metric
 from cellseg.data import rle
 from cellseg.data.masks import CropMask
 from cellseg.data.truth import read_train_csv, read_train_records
+from cellseg.evaluation import metric
 
 H, W = 520, 704
 
@@ -106,7 +106,7 @@ def bench_metric(rng, n_images):
     print(f"(b) metric on {n_images} images, {mean_n:.0f} instances each")
     print(f"    histogram2d reference {t_ref:7.2f} s  ({t_ref / n_images * 1e3:6.1f} ms/image)  (baseline)")
     print(
-        f"    cellseg.metric        {t_ours:7.2f} s  ({t_ours / n_images * 1e3:6.1f} ms/image)  speed-up {t_ref / t_ours:5.1f}x"
+        f"    cellseg.evaluation.metric        {t_ours:7.2f} s  ({t_ours / n_images * 1e3:6.1f} ms/image)  speed-up {t_ref / t_ours:5.1f}x"
     )
 
 

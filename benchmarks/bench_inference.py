@@ -41,6 +41,8 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
 from cellseg import CLASS_IDS
+from cellseg.config.experiment import ModelConfig
+from cellseg.config.manifest import FusionConfig, Manifest, ModelEntry, default_classes
 from cellseg.data.masks import stack
 from cellseg.data.rle import encode_crop
 from cellseg.data.synth import generate
@@ -58,8 +60,6 @@ from cellseg.inference.pipeline import vote_image_type
 from cellseg.inference.postprocess import postprocess
 from cellseg.io import read_gray
 from cellseg.model.build import build_model
-from cellseg.model.experiment import ModelConfig
-from cellseg.model.manifest import FusionConfig, Manifest, ModelEntry, default_classes
 
 VIEWS = ["identity", "hflip", "vflip", "hvflip"]
 
@@ -130,10 +130,10 @@ def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) 
 
 def fold_bn_bench(batch: int, repeat: int, device: torch.device) -> None:
     """Backbone + FPN of the demo model, BatchNorm unfolded vs folded: same weights, same input."""
+    from cellseg.config.manifest import load_manifest
     from cellseg.inference.fold import fold_batchnorm
     from cellseg.inference.forward import image_tensor
     from cellseg.model.checkpoint import load_model
-    from cellseg.model.manifest import load_manifest
     from cellseg.paths import demo_manifest
 
     manifest = load_manifest(demo_manifest())

@@ -48,9 +48,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from cellseg.config.experiment import load_experiment  # noqa: E402
 from cellseg.data.dataset import build_train_dataset, collate_fn  # noqa: E402
 from cellseg.model.build import build_model  # noqa: E402
-from cellseg.model.experiment import load_experiment  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_memory import old_path  # noqa: E402  (torchvision's training targets, for --mode targets)

@@ -61,9 +61,9 @@ def child(args: argparse.Namespace) -> None:
     """One measurement: build, load the pair, one training step; print a JSON line."""
     import torch
 
+    from cellseg.config.experiment import load_experiment
     from cellseg.data.dataset import build_train_dataset
     from cellseg.model.build import build_model
-    from cellseg.model.experiment import load_experiment
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")

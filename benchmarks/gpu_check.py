@@ -150,9 +150,9 @@ def train_steps(cfg, ds, pairs: list[list[int]], warmup: int, workers: int, dev:
 
 
 def stage_train(args) -> dict:
+    from cellseg.config.experiment import load_experiment
     from cellseg.data.dataset import build_train_dataset
     from cellseg.data.truth import read_train_csv
-    from cellseg.model.experiment import load_experiment
 
     dev = device()
     config = ROOT / "configs" / ("demo.yaml" if args.smoke else "maskrcnn_r50_fpn.yaml")
@@ -236,8 +236,8 @@ def stage_tiny_manifest(args) -> dict:
 def stage_predict(args) -> dict:
     import dataclasses
 
+    from cellseg.config.manifest import load_manifest, write_manifest
     from cellseg.inference.runner import predict_folder
-    from cellseg.model.manifest import load_manifest, write_manifest
 
     if args.smoke:  # the demo model takes ~20 s an image on 2 CPU cores: a tiny random one instead
         args.weights = Path(stage_tiny_manifest(argparse.Namespace(out=Path(args.out) / "tiny"))["manifest"])

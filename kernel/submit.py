@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         log(f"competition data {comp}")
         cellseg = import_cellseg(bundle, root / "temp", log)
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {Path(cellseg.__file__).parent}")
-        from cellseg.config import parse_duration
+        from cellseg.config.loader import parse_duration
         from cellseg.errors import CellsegError
         from cellseg.io import check_writable
 

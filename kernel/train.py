@@ -133,7 +133,7 @@ def train_command(
 
 def run_state(run_dir: Path) -> dict:
     """Epochs, step and best score of the run folder (from metrics.csv and config.yaml)."""
-    from cellseg.model.experiment import load_experiment
+    from cellseg.config.experiment import load_experiment
 
     state: dict = {"epochs_done": 0, "step": 0, "best_score": None, "best_epoch": None}
     if (run_dir / "config.yaml").is_file():

@@ -449,7 +449,7 @@ def make_weights(folder: Path, size: int = 50_000, name: str = "demo") -> Path:
     """A weights folder with one random 'checkpoint' and a manifest holding its real sha256."""
     import numpy as np
 
-    from cellseg.model.manifest import Manifest, ModelEntry, default_classes, write_manifest
+    from cellseg.config.manifest import Manifest, ModelEntry, default_classes, write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pth").write_bytes(np.random.default_rng(0).bytes(size))

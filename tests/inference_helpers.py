@@ -9,11 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellseg.io import write_gray
-from cellseg.model.build import build_model
-from cellseg.model.checkpoint import save_checkpoint
-from cellseg.model.experiment import ModelConfig
-from cellseg.model.manifest import (
+from cellseg.config.experiment import ModelConfig
+from cellseg.config.manifest import (
     ClassThresholds,
     FusionConfig,
     Manifest,
@@ -21,6 +18,9 @@ from cellseg.model.manifest import (
     PostprocessConfig,
     write_manifest,
 )
+from cellseg.io import write_gray
+from cellseg.model.build import build_model
+from cellseg.model.checkpoint import save_checkpoint
 
 
 def tiny_model_config(**kw) -> ModelConfig:

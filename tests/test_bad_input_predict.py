@@ -23,10 +23,10 @@ from bad_input_helpers import (
     read_only_mount_prefix,
     save_as,
 )
+from cellseg.config.manifest import load_manifest, write_manifest
+from cellseg.data.submission import read_submission, validate_submission
 from cellseg.data.truth import read_sample_submission
 from cellseg.io import default_mode
-from cellseg.model.manifest import load_manifest, write_manifest
-from cellseg.submission import read_submission, validate_submission
 from inference_helpers import blob_image, make_competition, make_manifest
 from test_io import unwritable_folder
 

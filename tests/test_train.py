@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+from cellseg.config.experiment import TrainConfig, load_experiment
 from cellseg.io import write_gray
 from cellseg.model.checkpoint import load_model, read_checkpoint, read_checkpoint_info
-from cellseg.model.experiment import TrainConfig, load_experiment
 from cellseg.paths import configs_dir
 from cellseg.training.loop import balanced_subset
 from cellseg.training.optim import build_optimizer, lr_factor
@@ -247,7 +247,7 @@ DDP_SCRIPT = (
     TRACK_DDP
     + """
 import os, sys, torch
-from cellseg.model.experiment import load_experiment
+from cellseg.config.experiment import load_experiment
 from cellseg.training.loop import train
 import torch.distributed as dist
 
@@ -347,7 +347,7 @@ FAILING_VALIDATION_SCRIPT = (
 import os, sys, time
 import torch.distributed as dist
 import cellseg.training.loop as loop
-from cellseg.model.experiment import load_experiment
+from cellseg.config.experiment import load_experiment
 rank = int(os.environ["RANK"])
 if rank == 0:
     def broken(*args, **kwargs):

@@ -68,11 +68,11 @@ from kaggle_client import (  # noqa: E402  (tools/kaggle_client.py)
     warn,
 )
 
+from cellseg.config.manifest import load_manifest  # noqa: E402
 from cellseg.kaggle import bundle as bundle_mod  # noqa: E402
 from cellseg.kaggle import kernel_code  # noqa: E402
 from cellseg.kaggle import metadata as km  # noqa: E402
 from cellseg.model import provenance as prov  # noqa: E402
-from cellseg.model.manifest import load_manifest  # noqa: E402
 
 SUBMISSION_FILE = "submission.csv"
 STEPS = ("dataset", "kernel", "submit")

@@ -39,7 +39,7 @@ import push  # tools/push.py: the dataset step, the kernel push, the log tail; i
 from kaggle_client import Kaggle, RemoteError, UsageError, report_errors, say, warn
 from push import REPO
 
-from cellseg.config import parse_duration
+from cellseg.config.loader import parse_duration
 from cellseg.errors import CellsegError
 from cellseg.io import check_replaceable, replace_dir, staging
 from cellseg.kaggle import bundle as bundle_mod
@@ -59,7 +59,7 @@ def prepare_train(
     args: argparse.Namespace, username: str, scratch: Path
 ) -> tuple[bundle_mod.Bundle, list[kt.FoldKernel]]:
     """Everything before the network: config + overrides, folds, the staged bundle, each fold's kernel."""
-    from cellseg.model.experiment import load_experiment  # imports torch (seconds): train only, not fetch
+    from cellseg.config.experiment import load_experiment  # imports torch (seconds): train only, not fetch
 
     overrides = list(args.overrides)
     cfg = load_experiment(args.config, overrides)

@@ -37,8 +37,8 @@ from matplotlib.patches import Patch
 from PIL import Image
 from scipy import ndimage
 
+from cellseg.evaluation.metric import matched_pairs
 from cellseg.io import atomic_path
-from cellseg.metric import matched_pairs
 
 #: Overlay colours (RGB uint8): ground-truth and predicted contours / hatching.
 TRUTH_RGB = (0, 230, 0)
@@ -380,7 +380,7 @@ def tune_curves(classes: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """One PNG per cell type: the score against each threshold, the others held at the chosen values.
 
     Args:
-        classes: cell type -> a :class:`cellseg.tune.ClassResult`-like object with ``curves`` (name ->
+        classes: cell type -> a :class:`cellseg.tuning.tune.ClassResult`-like object with ``curves`` (name ->
             (xs, ys) sequences), ``tuned`` / ``default`` thresholds (attributes named like the curves),
             ``images``, ``tuned_score``, ``default_score``.
         out_dir: folder of the PNGs (created), one ``tune_<type>.png`` (1260 x 288 px) per type.

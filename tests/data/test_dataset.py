@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from cellseg import CLASS_IDS
+from cellseg.config.experiment import AugmentConfig, DataConfig, ExperimentConfig
 from cellseg.data.dataset import build_datasets, build_train_dataset, collate_fn
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
-from cellseg.model.experiment import AugmentConfig, DataConfig, ExperimentConfig
 from helpers import train_rows, write_train_csv
 
 H, W = 30, 40
@@ -318,8 +318,8 @@ def test_type_repeat_oversamples_per_cell_type(comp):
     out keep their count; the trainer's dataset gets it from the config (KEY=VALUE override)."""
     from collections import Counter
 
+    from cellseg.config.experiment import load_experiment
     from cellseg.data.dataset import Record, repeat_by_type
-    from cellseg.model.experiment import load_experiment
 
     recs = [
         Record(f"{t}{i}", comp["root"], t, H, W, [])

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from cellseg.config.experiment import ModelConfig, load_experiment
 from cellseg.data import jsonstream
 from cellseg.data.coco import load_coco
 from cellseg.data.dataset import build_train_dataset
@@ -25,7 +26,6 @@ from cellseg.data.livecell import LIVECELL_DIR, find_livecell, validation_set
 from cellseg.errors import CellsegError
 from cellseg.model.build import build_model, class_specific
 from cellseg.model.checkpoint import load_init, read_checkpoint_info, save_checkpoint
-from cellseg.model.experiment import ModelConfig, load_experiment
 from cellseg.paths import configs_dir
 from helpers import TOY_MODEL_OVERRIDES
 
@@ -217,7 +217,7 @@ def test_data_package_does_not_import_training_or_inference():
     data pulls in neither the training loop, the inference pipeline nor the metric."""
     code = (
         "import sys, cellseg.data.dataset, cellseg.data.livecell; "
-        "print(sorted(m for m in sys.modules if m.startswith(('cellseg.training', 'cellseg.inference', 'cellseg.metric'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('cellseg.training', 'cellseg.inference', 'cellseg.evaluation.metric'))))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -316,9 +316,9 @@ def test_init_keeps_matching_class_rows_and_reinitialises_the_others(tmp_path):
 
 
 def test_pretrain_then_finetune_then_predict(tmp_path, competition, capsys):
+    from cellseg.data.submission import read_submission, validate_submission
     from cellseg.inference.runner import predict_folder
     from cellseg.model.export import export_weights
-    from cellseg.submission import read_submission, validate_submission
     from cellseg.training.loop import train
 
     data, _ = competition

@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cellseg.config import load_yaml
+from cellseg.config.loader import load_yaml
 from cellseg.data.copy_paste import copy_paste
 from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, TightBoxes, rot90
 from cellseg.data.mask_stack import resized_crop_masks, tight_boxes_near

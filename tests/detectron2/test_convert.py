@@ -29,11 +29,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
+from cellseg.config.manifest import load_manifest
 from cellseg.detectron2 import convert as d2
 from cellseg.detectron2 import modeling as d2compat
 from cellseg.errors import CellsegError
 from cellseg.model.export import export_weights
-from cellseg.model.manifest import load_manifest
 from cellseg.model.provenance import summarize, synthetic_only
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "detectron2"
@@ -206,8 +206,8 @@ def test_final_detections_and_masks_match_detectron2(model, image, expected):
 
 def test_kernel_inference_path_matches_detectron2(converted, image, expected):
     """The converted manifest through the kernel's own loading, raw inference and crop pasting."""
+    from cellseg.config.manifest import load_manifest
     from cellseg.inference.forward import load_ensemble, predict_views, raw_to_detections
-    from cellseg.model.manifest import load_manifest
 
     manifest = load_manifest(converted / "manifest.yaml")
     loaded = load_ensemble(manifest, torch.device("cpu"), fp16=False)
@@ -249,8 +249,8 @@ def test_converted_manifest_records_a_detectron2_import_with_the_source_sha256(c
 def test_plain_torchvision_behaviour_does_not_match(d2_state, d2_cfg, features, expected):
     """Negative control: the same weights without the Detectron2 options (stride on the 3x3 conv,
     rounded anchors at torchvision's derived strides) miss the reference, so the tests above can fail."""
+    from cellseg.config.experiment import ModelConfig
     from cellseg.model.build import build_model
-    from cellseg.model.experiment import ModelConfig
 
     fields = d2.model_fields(d2_cfg, CLASSES)
     fields.update(stride_in_1x1=False, roi_aligned=False, detectron2_inference=False)
@@ -367,8 +367,8 @@ def test_config_maps_to_model_fields(d2_cfg):
 
 def test_r101_checkpoint_converts_and_runs(d2_state, d2_cfg):
     """ResNet-101: res4 has 23 blocks (Detectron2 res4.0-22 -> torchvision layer3.0-22)."""
+    from cellseg.config.experiment import ModelConfig
     from cellseg.model.build import build_model
-    from cellseg.model.experiment import ModelConfig
 
     state = dict(d2_state)
     for b in range(6, 23):
@@ -480,8 +480,8 @@ def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path
     for MIN_SIZE_TEST 64 (the 96 x 128 test images are downscaled) and 100 proposals per image to
     keep the CPU time small."""
     from cellseg.cli import main
-    from cellseg.model.manifest import ModelEntry, load_manifest, write_manifest
-    from cellseg.submission import read_submission, validate_submission
+    from cellseg.config.manifest import ModelEntry, load_manifest, write_manifest
+    from cellseg.data.submission import read_submission, validate_submission
     from inference_helpers import make_checkpoint, make_competition
 
     out = tmp_path / "weights" / "d2_r50"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from cellseg.data.submission import read_submission, validate_submission
 from cellseg.errors import CellsegError
 from cellseg.inference import device as inference_device
 from cellseg.inference.runner import predict_folder
-from cellseg.submission import read_submission, validate_submission
 from inference_helpers import make_competition, make_manifest
 
 CPU = torch.device("cpu")

@@ -9,14 +9,14 @@ from PIL import Image
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import FrozenBatchNorm2d
 
+from cellseg.config.manifest import FusionConfig, load_manifest
 from cellseg.data.masks import label_image
+from cellseg.data.submission import read_submission, validate_submission
 from cellseg.errors import CellsegError
+from cellseg.evaluation.metric import iou_matrix
 from cellseg.inference.forward import load_ensemble, paste_soft, predict_views
 from cellseg.inference.pipeline import predict_image
 from cellseg.inference.runner import plan_within_budget, predict_folder
-from cellseg.metric import iou_matrix
-from cellseg.model.manifest import FusionConfig, load_manifest
-from cellseg.submission import read_submission, validate_submission
 from inference_helpers import blob_image, make_competition, make_manifest
 
 CPU = torch.device("cpu")

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
+from cellseg.config.manifest import ClassThresholds, FusionConfig
 from cellseg.inference.fusion import (
     Detections,
     SoftCrop,
@@ -12,7 +13,6 @@ from cellseg.inference.fusion import (
     greedy_nms,
     mask_iou_sparse,
 )
-from cellseg.model.manifest import ClassThresholds, FusionConfig
 
 
 def th(nms_iou: float, mask_threshold: float = 0.5) -> ClassThresholds:

@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import torch
 
+from cellseg.config.experiment import ModelConfig
+from cellseg.config.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, load_manifest
 from cellseg.data.masks import label_image
 from cellseg.inference.forward import LoadedModel, RawView, label_map_for, load_ensemble
 from cellseg.inference.pipeline import finish_image, in_memory_ensemble, predict_image
 from cellseg.model.build import build_model
-from cellseg.model.experiment import ModelConfig
-from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, load_manifest
 from helpers import TINY
 from inference_helpers import blob_image, make_manifest
 

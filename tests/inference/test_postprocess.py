@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from cellseg.config.manifest import ClassThresholds, PostprocessConfig
 from cellseg.data.masks import CropMask, label_image
 from cellseg.data.rle import decode, encode_crop
 from cellseg.inference.fusion import Detections, SoftCrop
@@ -12,7 +13,6 @@ from cellseg.inference.postprocess import (
     score_filter,
     vote_cell_type,
 )
-from cellseg.model.manifest import ClassThresholds, PostprocessConfig
 
 
 def disk(cy, cx, r, size=40):

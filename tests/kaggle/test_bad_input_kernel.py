@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bad_input_helpers import Result, assert_one_line_error, child_env
+from cellseg.data.submission import read_submission, validate_submission
 from cellseg.data.truth import read_sample_submission
 from cellseg.paths import kernel_entry
-from cellseg.submission import read_submission, validate_submission
 from inference_helpers import make_competition, make_manifest
 
 SLUG = "sartorius-cell-instance-segmentation"

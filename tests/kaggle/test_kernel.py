@@ -9,9 +9,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from cellseg.data.submission import validate_submission
 from cellseg.kaggle.kernel_code import write_staged
 from cellseg.paths import kernel_entry
-from cellseg.submission import validate_submission
 from inference_helpers import make_competition, make_manifest
 from kernel_helpers import bare_env
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from cellseg.config import from_dict
+from cellseg.config.experiment import ExperimentConfig, ModelConfig, load_experiment
+from cellseg.config.loader import from_dict
 from cellseg.errors import CellsegError
 from cellseg.model.build import build_model, class_specific, count_parameters
-from cellseg.model.experiment import ExperimentConfig, ModelConfig, load_experiment
 from helpers import TINY
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torchvision
 
+from cellseg.config.experiment import ExperimentConfig, ModelConfig
 from cellseg.errors import CellsegError
 from cellseg.model.build import build_model, class_specific
 from cellseg.model.checkpoint import load_init, load_model, read_checkpoint_info, save_checkpoint
-from cellseg.model.experiment import ExperimentConfig, ModelConfig
 from helpers import TINY
 
 

@@ -7,11 +7,11 @@ import torch
 import yaml
 
 from cellseg.cli import main
+from cellseg.config.manifest import ClassThresholds, load_manifest, write_manifest
 from cellseg.errors import CellsegError
 from cellseg.model.build import build_model
 from cellseg.model.checkpoint import load_model, read_checkpoint, save_checkpoint
 from cellseg.model.export import export_weights
-from cellseg.model.manifest import ClassThresholds, load_manifest, write_manifest
 from inference_helpers import make_checkpoint, make_competition, tiny_model_config
 
 

@@ -12,6 +12,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 
+from cellseg.config.experiment import ModelConfig
 from cellseg.data.dataset import CellDataset, train_records
 from cellseg.data.synth import generate
 from cellseg.data.transforms import AugmentConfig
@@ -19,7 +20,6 @@ from cellseg.data.truth import read_train_csv
 from cellseg.detectron2.modeling import D2RoIHeads
 from cellseg.model import targets
 from cellseg.model.build import build_model
-from cellseg.model.experiment import ModelConfig
 from helpers import TINY
 from reference_targets import old_path
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cellseg.cli import main
-from cellseg.config import from_dict
+from cellseg.config.experiment import ExperimentConfig, TrainConfig, upgrade_keys
+from cellseg.config.loader import from_dict
+from cellseg.config.manifest import ClassThresholds, ModelEntry, write_manifest
 from cellseg.data.folds import holdout_split
 from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import read_checkpoint_info
-from cellseg.model.experiment import ExperimentConfig, TrainConfig, upgrade_keys
-from cellseg.model.manifest import ClassThresholds, ModelEntry, write_manifest
 from cellseg.paths import demo_manifest
 from cellseg.training.engine import train_one_epoch, validation_manifest
 from cellseg.training.loop import train

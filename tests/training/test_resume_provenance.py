@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from cellseg.config.experiment import load_experiment
 from cellseg.model.build import build_model
 from cellseg.model.checkpoint import read_checkpoint_info, save_checkpoint
-from cellseg.model.experiment import load_experiment
 from cellseg.model.provenance import from_checkpoint, synthetic_only
 from cellseg.paths import configs_dir
 from cellseg.training.loop import train

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cellseg.config import parse_duration
+from cellseg.config.experiment import load_experiment
+from cellseg.config.loader import parse_duration
 from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import read_checkpoint
-from cellseg.model.experiment import load_experiment
 from cellseg.paths import configs_dir
 from cellseg.training.loop import train
 from test_train import TINY_OVERRIDES, tiny_data  # noqa: F401  (tiny_data is a fixture)

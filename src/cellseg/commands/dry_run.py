@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
-    from cellseg.dry_run import HIDDEN_TEST_IMAGES, dry_run
+    from cellseg.evaluation.dry_run import HIDDEN_TEST_IMAGES, dry_run
     from cellseg.io import check_writable
 
     check_writable(args.report, "dir")  # before the models load

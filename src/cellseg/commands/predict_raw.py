@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.io import check_writable
-    from cellseg.raw_cache import predict_raw
+    from cellseg.tuning.raw_cache import predict_raw
 
     check_writable(args.out, "dir")  # before the models load
     comp = CompetitionPaths(args.data).require("train_csv", "train_dir")

@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
+    from cellseg.inference.pseudo import pseudo_label
     from cellseg.io import check_writable
-    from cellseg.pseudo import pseudo_label
 
     check_writable(args.out, "file")  # before the models load
     res = pseudo_label(

@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from cellseg.data.submission import decode_submission
 from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
+from cellseg.evaluation.metric import score_images
 from cellseg.io import list_pngs
-from cellseg.metric import score_images
-from cellseg.submission import decode_submission
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_augment(path: Path | None, overrides: list[str]):
     """AugmentConfig from a YAML file (experiment config or bare section) plus ``KEY=VALUE`` overrides."""
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
-    from cellseg.config import apply_overrides, from_dict, read_yaml
+    from cellseg.config.experiment import AugmentConfig
+    from cellseg.config.loader import apply_overrides, from_dict, read_yaml
     from cellseg.errors import CellsegError
-    from cellseg.model.experiment import AugmentConfig
 
     data = read_yaml(path) if path is not None else {}
     if "augment" in data or {"model", "train", "data"} & set(data):  # an experiment config
@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cellseg import CELL_TYPES, plot
+    from cellseg.config.experiment import DataConfig, ExperimentConfig
     from cellseg.data.dataset import build_datasets
     from cellseg.errors import CellsegError
     from cellseg.io import check_writable
-    from cellseg.model.experiment import DataConfig, ExperimentConfig
 
     check_writable(args.out, "file")
     if args.num < 1:

@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
+    from cellseg.config.experiment import load_experiment
     from cellseg.io import check_writable
-    from cellseg.model.experiment import load_experiment
     from cellseg.training.loop import train
 
     fold = None

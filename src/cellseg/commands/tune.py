@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from cellseg.data.truth import read_train_csv
-from cellseg.tune import TuneGrid
-from cellseg.tune_report import MIN_GAIN
+from cellseg.tuning.report import MIN_GAIN
+from cellseg.tuning.tune import TuneGrid
 
 DESCRIPTION = """\
 Choose per-class post-processing thresholds (score, mask binarisation, NMS IoU, minimum pixels) on
@@ -69,10 +69,10 @@ def _values(kind):
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
+    from cellseg.config.manifest import load_manifest
     from cellseg.io import check_writable
-    from cellseg.model.manifest import load_manifest
-    from cellseg.tune import plot_curves, tune
-    from cellseg.tune_report import decide, report, write_tuned_manifest
+    from cellseg.tuning.report import decide, report, write_tuned_manifest
+    from cellseg.tuning.tune import plot_curves, tune
 
     check_writable(args.plots or args.cache / "plots", "dir")
     if not args.no_write:

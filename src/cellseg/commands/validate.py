@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cellseg.data.submission import validate_submission
 from cellseg.data.truth import read_sample_submission
-from cellseg.submission import validate_submission
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from cellseg import CELL_TYPES, CLASS_IDS
+from cellseg.config.experiment import AugmentConfig, DataConfig, ExperimentConfig
 from cellseg.data import livecell
 from cellseg.data.coco import CocoRef, CocoStore, load_coco
 from cellseg.data.copy_paste import copy_paste_indexed
@@ -63,7 +64,6 @@ from cellseg.data.transforms import build_transform
 from cellseg.data.truth import TrainSet, read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.io import read_gray
-from cellseg.model.experiment import AugmentConfig, DataConfig, ExperimentConfig
 from cellseg.paths import CompetitionPaths
 
 

@@ -65,7 +65,7 @@ def find_livecell(spec: str | Path, data_dir: str | Path) -> LivecellLayout:
 
 
 def load_split(data, data_dir: str | Path, split: str, class_names: Sequence[str]) -> CocoStore:
-    """One LIVECell split of ``data`` (a :class:`cellseg.model.experiment.DataConfig`) as a CocoStore."""
+    """One LIVECell split of ``data`` (a :class:`cellseg.config.experiment.DataConfig`) as a CocoStore."""
     layout = find_livecell(data.livecell, data_dir)
     json_path = layout.annotations(split)
     if not json_path.is_file():

@@ -1,8 +1,8 @@
 """Training augmentation: geometric + photometric transforms and copy-paste.
 
-:class:`~cellseg.model.experiment.AugmentConfig` (defined with the rest of the experiment config, so the
+:class:`~cellseg.config.experiment.AugmentConfig` (defined with the rest of the experiment config, so the
 inference path never imports this module) is the ``augment`` section of an experiment config (plain typed fields with
-defaults, loaded by :func:`cellseg.config.from_dict`). Every field's "off" value is documented; the
+defaults, loaded by :func:`cellseg.config.loader.from_dict`). Every field's "off" value is documented; the
 defaults are a mild, always-safe policy (flips, rot90, small brightness/contrast changes).
 
 :func:`build_transform` turns it into a ``torchvision.transforms.v2`` pipeline that maps one sample
@@ -37,11 +37,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from cellseg.config.experiment import AugmentConfig
 from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, SanitizeBoundingBoxes, TightBoxes
-from cellseg.model.experiment import AugmentConfig
 
 #: Public names: this module's own, plus :class:`AugmentConfig`, :func:`build_transform`'s argument
-#: (defined in :mod:`cellseg.model.experiment`).
+#: (defined in :mod:`cellseg.config.experiment`).
 __all__ = ["AugmentConfig", "RandomGamma", "build_transform"]
 
 

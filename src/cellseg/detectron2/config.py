@@ -2,7 +2,7 @@
 
 - :func:`read_d2_config` parses a fully merged Detectron2 config (``cfg.dump()`` output) as plain YAML.
 - :func:`model_fields` checks that the config describes the supported family (standard Mask R-CNN
-  R-50/101-FPN, see :func:`check_supported`) and maps it to :class:`cellseg.model.experiment.ModelConfig`
+  R-50/101-FPN, see :func:`check_supported`) and maps it to :class:`cellseg.config.experiment.ModelConfig`
   fields; anything else raises a one-line :class:`CellsegError` naming the key and its value.
 - :func:`head_layout` says what the weight renaming (:mod:`cellseg.detectron2.convert`) needs beyond
   the names: class count, class-agnostic heads, BGR input.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cellseg.config import read_yaml
+from cellseg.config.loader import read_yaml
 from cellseg.errors import CellsegError
 
 # ----------------------------------------------------------------------------------------------

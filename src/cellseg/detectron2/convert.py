@@ -5,7 +5,7 @@ Three pure steps, used by ``cellseg convert-detectron2`` (the first two live in
 
 - :func:`read_d2_config` parses a fully merged Detectron2 config (``cfg.dump()`` output) as plain YAML.
 - :func:`model_fields` checks that the config describes the supported family (standard Mask R-CNN
-  R-50/101-FPN) and maps it to :class:`cellseg.model.experiment.ModelConfig` fields; anything else
+  R-50/101-FPN) and maps it to :class:`cellseg.config.experiment.ModelConfig` fields; anything else
   raises a one-line :class:`CellsegError` naming the key and its value.
 - :func:`convert_state_dict` renames and reshapes Detectron2 weights to torchvision's names:
   background moves from the last classifier row to the first, torchvision's background box/mask
@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
+from cellseg.config.experiment import ModelConfig
+from cellseg.config.manifest import Manifest, ModelEntry, default_classes, sha256_file, write_manifest
 from cellseg.detectron2.config import get_value, head_layout, model_fields, read_d2_config
 from cellseg.errors import CellsegError
 from cellseg.model.build import build_model
 from cellseg.model.checkpoint import save_checkpoint
-from cellseg.model.experiment import ModelConfig
-from cellseg.model.manifest import Manifest, ModelEntry, default_classes, sha256_file, write_manifest
 from cellseg.model.provenance import DETECTRON2, from_checkpoint
 from cellseg.paths import git_commit
 

@@ -3,7 +3,7 @@
 A Detectron2 Mask R-CNN R-50/101-FPN and torchvision's ``maskrcnn_resnet50_fpn`` have the same
 layers, but inference differs in details that move boxes and masks. Each block here reproduces
 Detectron2 (v0.6) where torchvision differs; :func:`apply_options` switches them on in a built model
-according to three :class:`cellseg.model.experiment.ModelConfig` fields (all off = plain torchvision):
+according to three :class:`cellseg.config.experiment.ModelConfig` fields (all off = plain torchvision):
 
 - ``stride_in_1x1``: the stride of each stage's first bottleneck sits on the 1x1 conv (MSRA ResNet,
   Detectron2 ``RESNETS.STRIDE_IN_1X1: True``), not the 3x3 conv (torchvision, ResNet v1.5).
@@ -44,7 +44,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
-from cellseg.model.experiment import ModelConfig
+from cellseg.config.experiment import ModelConfig
 
 __all__ = [
     "apply_options",

@@ -25,12 +25,12 @@ from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
 from cellseg import CELL_TYPES, CLASS_IDS
+from cellseg.config.experiment import ModelConfig
+from cellseg.config.manifest import FusionConfig, Manifest
 from cellseg.errors import CellsegError
 from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.model.checkpoint import load_model
-from cellseg.model.experiment import ModelConfig
-from cellseg.model.manifest import FusionConfig, Manifest
 
 VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "identity": (False, False),

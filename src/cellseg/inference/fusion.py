@@ -5,7 +5,7 @@ crop (:class:`SoftCrop`). Duplicates are found with NMS on mask IoU (sparse: a C
 binarised crops times its transpose, never a dense N x H*W array) or box IoU, between detections of
 the same label only; optionally the suppressed duplicates' soft masks are averaged into their keeper.
 :func:`fuse` takes its settings as config objects, like post-processing: the image's cell-type
-:class:`~cellseg.model.manifest.ClassThresholds` and the manifest's :class:`~cellseg.model.manifest.FusionConfig`.
+:class:`~cellseg.config.manifest.ClassThresholds` and the manifest's :class:`~cellseg.config.manifest.FusionConfig`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from scipy import sparse
 from torchvision.ops import box_iou
 
-from cellseg.model.manifest import ClassThresholds, FusionConfig
+from cellseg.config.manifest import ClassThresholds, FusionConfig
 
 
 @dataclass(frozen=True)

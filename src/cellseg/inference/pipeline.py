@@ -20,7 +20,7 @@ Who calls what:
 * ``cellseg predict-raw``: :func:`forward_image` + :func:`image_detections` (the pre-fusion detections
   are cached), then ``cellseg tune`` runs fusion and post-processing over a grid of thresholds.
 
-Every threshold comes from a :class:`~cellseg.model.manifest.Manifest` (its ``models`` list is not
+Every threshold comes from a :class:`~cellseg.config.manifest.Manifest` (its ``models`` list is not
 read here: the models come as :class:`~cellseg.inference.forward.LoadedModel`).
 """
 
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from cellseg import CELL_TYPES, CLASS_IDS
+from cellseg.config.experiment import ModelConfig
+from cellseg.config.manifest import ClassThresholds, Manifest
 from cellseg.data.masks import CropMask
 from cellseg.inference.forward import (
     LoadedModel,
@@ -48,8 +50,6 @@ from cellseg.inference.forward import (
 )
 from cellseg.inference.fusion import Detections, fuse
 from cellseg.inference.postprocess import postprocess, vote_cell_type
-from cellseg.model.experiment import ModelConfig
-from cellseg.model.manifest import ClassThresholds, Manifest
 
 #: adjusts a cell type's thresholds before they are applied (pseudo-labels use stricter ones)
 Strictness = Callable[[ClassThresholds], ClassThresholds]

@@ -4,8 +4,8 @@ cell-type vote -> score threshold -> mask binarisation -> hole filling -> minimu
 overlap removal (higher score keeps contested pixels). The caller encodes the surviving crops
 (:func:`cellseg.data.rle.encode_crop`: the folder runner for submission.csv, pseudo-labels for their csv).
 
-Every threshold comes from the weights manifest (:class:`cellseg.model.manifest.ClassThresholds` of the
-image's voted cell type, :class:`cellseg.model.manifest.PostprocessConfig`).
+Every threshold comes from the weights manifest (:class:`cellseg.config.manifest.ClassThresholds` of the
+image's voted cell type, :class:`cellseg.config.manifest.PostprocessConfig`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from cellseg import CELL_TYPES
+from cellseg.config.manifest import ClassThresholds, PostprocessConfig
 from cellseg.data.masks import CropMask, fill_holes
 from cellseg.inference.fusion import Detections, SoftCrop
-from cellseg.model.manifest import ClassThresholds, PostprocessConfig
 
 
 def vote_cell_type(

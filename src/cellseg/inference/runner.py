@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cellseg.config import parse_duration
+from cellseg.config.loader import parse_duration
+from cellseg.config.manifest import load_manifest
 from cellseg.data.rle import encode_crop
+from cellseg.data.submission import validate_submission, write_submission
 from cellseg.data.truth import read_sample_submission
 from cellseg.errors import CellsegError
 from cellseg.inference.device import resolve_device
@@ -47,10 +49,8 @@ from cellseg.inference.forward import (
 )
 from cellseg.inference.pipeline import finish_image, forward_image
 from cellseg.io import check_writable, list_pngs, read_gray
-from cellseg.model.manifest import load_manifest
 from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
-from cellseg.submission import validate_submission, write_submission
 
 Log = Callable[[str], None]
 

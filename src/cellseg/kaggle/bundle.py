@@ -32,6 +32,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cellseg.config.manifest import Manifest, load_manifest, sha256_file
 from cellseg.errors import CellsegError
 from cellseg.io import check_replaceable, replace_dir, staging
 from cellseg.kaggle.metadata import (
@@ -42,7 +43,6 @@ from cellseg.kaggle.metadata import (
     resolve_username,
     validate_dataset_metadata,
 )
-from cellseg.model.manifest import Manifest, load_manifest, sha256_file
 from cellseg.model.provenance import plan_lines
 from cellseg.paths import git_commit, repo_root
 
@@ -388,7 +388,7 @@ def read_bundle(root: str | Path) -> Bundle:
 
 
 def bundle_manifest(b: Bundle) -> Manifest:
-    """The :class:`cellseg.model.manifest.Manifest` of a staged bundle's ensemble (checksums were
+    """The :class:`cellseg.config.manifest.Manifest` of a staged bundle's ensemble (checksums were
     checked while staging and are not read again)."""
     return load_manifest(b.root / b.marker["manifest"], verify=False)
 

@@ -7,7 +7,7 @@ submission.csv -> dry-run score.
    ``cellseg-bundle.json``, a wheel built from this checkout and the ensemble's weights + manifest.
 3. ``kernel/submit.py --kaggle-root <tree>`` runs in a subprocess (as Kaggle would run it) and writes
    ``<tree>/working/submission.csv``, which is validated and copied to ``<out>/submission.csv``.
-4. ``cellseg.dry_run`` runs the same path on a few train images and prints the competition score.
+4. ``cellseg.evaluation.dry_run`` runs the same path on a few train images and prints the competition score.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cellseg.config.manifest import load_manifest
+from cellseg.data.submission import validate_submission
 from cellseg.data.synth import generate
-from cellseg.dry_run import dry_run
 from cellseg.errors import CellsegError
+from cellseg.evaluation.dry_run import dry_run
 from cellseg.kaggle.bundle import MARKER, build_wheel
 from cellseg.kaggle.metadata import COMPETITION
-from cellseg.model.manifest import load_manifest
 from cellseg.paths import demo_manifest, kernel_entry, repo_root
-from cellseg.submission import validate_submission
 
 
 @dataclass

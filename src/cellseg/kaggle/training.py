@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellseg.config.manifest import sha256_file
 from cellseg.errors import CellsegError
 from cellseg.io import check_replaceable, staging
 from cellseg.kaggle.bundle import (
@@ -58,7 +59,6 @@ from cellseg.kaggle.metadata import (
     validate_dataset_metadata,
     validate_kernel_metadata,
 )
-from cellseg.model.manifest import sha256_file
 from cellseg.paths import git_commit, repo_root
 
 #: Templates of the training dataset and kernel at the repository root.

@@ -26,10 +26,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from cellseg.config.experiment import ModelConfig
 from cellseg.detectron2 import modeling as d2compat
 from cellseg.errors import CellsegError
 from cellseg.model import targets
-from cellseg.model.experiment import ModelConfig
 
 #: ResNet stage names from the top, as torchvision counts trainable layers.
 _STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]

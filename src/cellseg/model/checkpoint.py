@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cellseg.config import from_dict, to_dict
+from cellseg.config.experiment import ExperimentConfig, ModelConfig
+from cellseg.config.loader import from_dict, to_dict
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, class_specific, unwrap
-from cellseg.model.experiment import ExperimentConfig, ModelConfig
 
 FORMAT = "cellseg-checkpoint"
 VERSION = 1

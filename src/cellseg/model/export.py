@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import cast
 
 from cellseg import CELL_TYPES
-from cellseg.config import from_dict
+from cellseg.config.experiment import ExperimentConfig, upgrade_keys
+from cellseg.config.loader import from_dict
+from cellseg.config.manifest import VIEWS, Manifest, ModelEntry, View, default_classes, load_manifest, write_manifest
 from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import load_model, save_checkpoint
-from cellseg.model.experiment import ExperimentConfig, upgrade_keys
-from cellseg.model.manifest import VIEWS, Manifest, ModelEntry, View, default_classes, load_manifest, write_manifest
 from cellseg.model.provenance import from_checkpoint
 
 

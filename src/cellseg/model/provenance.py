@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from cellseg.config import from_dict, to_dict
+from cellseg.config.loader import from_dict, to_dict
 from cellseg.errors import CellsegError
 from cellseg.io import sha256_file
 

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from cellseg import CELL_TYPES
+from cellseg.config.experiment import ExperimentConfig, TrainConfig
+from cellseg.config.manifest import FusionConfig, Manifest, PostprocessConfig
 from cellseg.data.livecell import LivecellValidation
 from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
+from cellseg.evaluation.metric import ScoreReport, score_images
 from cellseg.inference.pipeline import in_memory_ensemble, predict_image
 from cellseg.io import read_gray
-from cellseg.metric import ScoreReport, score_images
-from cellseg.model.experiment import ExperimentConfig, TrainConfig
-from cellseg.model.manifest import FusionConfig, Manifest, PostprocessConfig
 from cellseg.progress import progress as progress_bar
 
 
@@ -152,9 +152,9 @@ def validation_manifest(cfg: ExperimentConfig) -> Manifest:
     """The thresholds validation predicts with, as a manifest without models.
 
     ``train.val_thresholds`` for every cell type, the identity view, the manifest defaults for
-    fusion (:class:`~cellseg.model.manifest.FusionConfig`) except ``detections_per_view`` = the model's
+    fusion (:class:`~cellseg.config.manifest.FusionConfig`) except ``detections_per_view`` = the model's
     own ``box_detections_per_img`` (LIVECell models keep up to 2000), and the default post-processing
-    (:class:`~cellseg.model.manifest.PostprocessConfig`). Add the checkpoint as its one model and
+    (:class:`~cellseg.config.manifest.PostprocessConfig`). Add the checkpoint as its one model and
     ``cellseg dry-run`` scores that checkpoint exactly as validation did.
     """
     th = cfg.train.val_thresholds
@@ -189,7 +189,7 @@ def evaluate(
         progress: show progress (a tqdm bar on a terminal, else plain lines).
 
     Returns:
-        :class:`cellseg.metric.ScoreReport` (overall and per cell type).
+        :class:`cellseg.evaluation.metric.ScoreReport` (overall and per cell type).
     """
     paths = {i: Path(images_dir) / f"{i}.png" for i in truth}
     return score_with_pipeline(model, truth, paths, device, cfg, progress)
@@ -202,7 +202,7 @@ def evaluate_livecell(
     but class-agnostic (LIVECell's lines are not the competition's classes: every instance counts).
 
     Returns:
-        :class:`cellseg.metric.ScoreReport` whose ``per_class`` holds one score per cell line.
+        :class:`cellseg.evaluation.metric.ScoreReport` whose ``per_class`` holds one score per cell line.
     """
     return score_with_pipeline(model, val.truth, val.paths, device, cfg, progress, class_agnostic=True)
 

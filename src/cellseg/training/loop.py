@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from cellseg import CELL_TYPES, plot
-from cellseg.config import dump_yaml, parse_duration, to_dict
+from cellseg.config.experiment import ExperimentConfig
+from cellseg.config.loader import dump_yaml, parse_duration, to_dict
 from cellseg.data import livecell
 from cellseg.data.dataset import build_train_dataset, collate_fn
 from cellseg.data.folds import holdout_split
@@ -50,7 +51,6 @@ from cellseg.errors import CellsegError
 from cellseg.io import atomic_path
 from cellseg.model.build import build_model, count_parameters, unwrap
 from cellseg.model.checkpoint import load_init, read_checkpoint, save_checkpoint
-from cellseg.model.experiment import ExperimentConfig
 from cellseg.model.provenance import init_record, run_provenance, training_sources
 from cellseg.paths import CompetitionPaths, git_commit
 from cellseg.training.distributed import (

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
+from cellseg.config.experiment import TrainConfig
 from cellseg.errors import CellsegError
-from cellseg.model.experiment import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from cellseg.data import rle
+from cellseg.data.submission import decode_submission, read_submission, validate_submission, write_submission
 from cellseg.errors import CellsegError
-from cellseg.submission import decode_submission, read_submission, validate_submission, write_submission
 from helpers import write_test_dir
 
 

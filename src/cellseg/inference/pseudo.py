@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cellseg.config.manifest import ClassThresholds, Manifest, load_manifest
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename
 from cellseg.errors import CellsegError
@@ -27,7 +28,6 @@ from cellseg.inference.device import resolve_device
 from cellseg.inference.forward import load_ensemble
 from cellseg.inference.pipeline import predict_image
 from cellseg.io import atomic_path, list_pngs, read_gray
-from cellseg.model.manifest import ClassThresholds, Manifest, load_manifest
 
 
 def stricter(th: ClassThresholds, score_margin: float, min_pixels_factor: float) -> ClassThresholds:

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from cellseg.config.experiment import load_experiment
+from cellseg.config.manifest import ClassThresholds
 from cellseg.errors import CellsegError
-from cellseg.model.experiment import load_experiment
-from cellseg.model.manifest import ClassThresholds
 from cellseg.paths import configs_dir
 
 
@@ -58,7 +58,7 @@ def test_inference_path_does_not_import_augmentation():
     cellseg.data.transforms (torchvision.transforms.v2 and the augmentation code)."""
     code = (
         "import sys\n"
-        "import cellseg.inference.runner, cellseg.model.checkpoint, cellseg.model.experiment\n"
+        "import cellseg.inference.runner, cellseg.model.checkpoint, cellseg.config.experiment\n"
         "print(sorted(m for m in sys.modules if m in ('cellseg.data.transforms', 'cellseg.data.dataset')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from cellseg.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from cellseg.config.loader import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from cellseg.errors import CellsegError
 
 

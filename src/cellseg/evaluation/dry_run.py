@@ -28,17 +28,17 @@ import numpy as np
 import pandas as pd
 
 from cellseg import plot
+from cellseg.config.manifest import load_manifest
 from cellseg.data.folds import select_ids
 from cellseg.data.masks import label_image
+from cellseg.data.submission import decode_submission
 from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
+from cellseg.evaluation.metric import score_images
 from cellseg.inference.runner import predict_folder
 from cellseg.io import read_gray
-from cellseg.metric import score_images
-from cellseg.model.manifest import load_manifest
 from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
-from cellseg.submission import decode_submission
 
 #: hidden test size the runtime is projected to
 HIDDEN_TEST_IMAGES = 240

@@ -1,7 +1,7 @@
 """What ``cellseg tune`` writes back, and why: the write rule, grid-edge warnings, the report.
 
 The write rule. A class's thresholds change only when the out-of-fold score of the tuned choice
-(thresholds chosen without the image's sample-group fold, :func:`cellseg.tune.tune`) beats the
+(thresholds chosen without the image's sample-group fold, :func:`cellseg.tuning.tune.tune`) beats the
 current manifest's score on the same images by at least ``min_gain``. The in-sample tuned score
 never decides: it is the maximum of a search over thousands of combinations and rises above the
 current score by chance alone. A class whose images all come from one sample group has no
@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellseg.model.manifest import ClassThresholds, Manifest, write_manifest
-from cellseg.tune import TuneResult
+from cellseg.config.manifest import ClassThresholds, Manifest, write_manifest
+from cellseg.tuning.tune import TuneResult
 
 #: default margin by which the out-of-fold score must beat the current thresholds (`tune --min-gain`)
 MIN_GAIN = 0.003

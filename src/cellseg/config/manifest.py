@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 
 from cellseg import CELL_TYPES
-from cellseg.config import load_yaml, to_dict
+from cellseg.config.loader import load_yaml, to_dict
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_write_text, sha256_file  # bundle, training and convert import sha256_file from here
 from cellseg.model.provenance import Provenance

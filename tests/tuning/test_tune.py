@@ -5,27 +5,18 @@ import numpy as np
 import pytest
 import yaml
 
-from cellseg import raw_cache
 from cellseg.cli import main
+from cellseg.config.manifest import ClassThresholds, Manifest, ModelEntry, load_manifest, write_manifest
 from cellseg.data.masks import CropMask, label_image
 from cellseg.data.truth import ImageAnnotation
+from cellseg.evaluation.metric import image_score
 from cellseg.inference.fusion import Detections, SoftCrop, fuse
 from cellseg.inference.postprocess import postprocess
 from cellseg.io import write_gray
-from cellseg.metric import image_score
-from cellseg.model.manifest import ClassThresholds, Manifest, ModelEntry, load_manifest, write_manifest
-from cellseg.raw_cache import cache_fingerprint, predict_raw
-from cellseg.tune import (
-    CachedImage,
-    TuneGrid,
-    choose,
-    image_grid_scores,
-    load_cached,
-    plot_curves,
-    save_cached,
-    tune,
-)
-from cellseg.tune_report import decide, grid_edge_warnings, report, report_table, write_tuned_manifest
+from cellseg.tuning import raw_cache
+from cellseg.tuning.raw_cache import CachedImage, cache_fingerprint, load_cached, predict_raw, save_cached
+from cellseg.tuning.report import decide, grid_edge_warnings, report, report_table, write_tuned_manifest
+from cellseg.tuning.tune import TuneGrid, choose, image_grid_scores, plot_curves, tune
 from helpers import train_rows, write_train_csv
 from inference_helpers import make_manifest
 

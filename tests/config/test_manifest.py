@@ -3,8 +3,7 @@ import hashlib
 import pytest
 import yaml
 
-from cellseg.errors import CellsegError
-from cellseg.model.manifest import (
+from cellseg.config.manifest import (
     Manifest,
     ModelEntry,
     default_classes,
@@ -12,6 +11,7 @@ from cellseg.model.manifest import (
     sha256_file,
     write_manifest,
 )
+from cellseg.errors import CellsegError
 
 
 def _ensemble(tmp_path, names=("a.pth", "b.pth")):
@@ -96,8 +96,8 @@ def test_committed_demo_weights_verify_and_rebuild():
     """weights/demo as committed: checksums match, every threshold is present, the checkpoint
     rebuilds its model from the file alone, and it stays within the 25 MB the repo allows."""
     from cellseg import CELL_TYPES
+    from cellseg.config.manifest import load_manifest
     from cellseg.model.checkpoint import load_model
-    from cellseg.model.manifest import load_manifest
     from cellseg.paths import demo_manifest
 
     m = load_manifest(demo_manifest())  # raises on a checksum mismatch

@@ -3,13 +3,13 @@
 ``cellseg predict-raw`` runs the ensemble once over hold-out train images and caches, per image, the
 detections of every model x TTA view (after the cell-type vote) in one compressed ``<id>.npz``: boxes,
 scores, labels, sources, model weights and the soft masks quantised to uint8 on their crops
-(:func:`save_cached` / :func:`load_cached`). ``cellseg tune`` (:mod:`cellseg.tune`) reads it.
+(:func:`save_cached` / :func:`load_cached`). ``cellseg tune`` (:mod:`cellseg.tuning.tune`) reads it.
 
 A cache belongs to one ensemble: :func:`cache_fingerprint` (sha256 over the models' checksums and
 weights, the TTA views and the settings applied before fusion, never the class thresholds tuning
 changes) is written to ``index.json`` before the first image and into every ``<id>.npz``, so a killed
 run is still recognised; :func:`predict_raw` refuses to add another ensemble's images to the folder
-and :func:`cellseg.tune.tune` refuses a cache of another ensemble than the manifest it tunes.
+and :func:`cellseg.tuning.tune.tune` refuses a cache of another ensemble than the manifest it tunes.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.config.manifest import Manifest, load_manifest
 from cellseg.errors import CellsegError
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.io import atomic_path, atomic_write_text, read_gray
-from cellseg.model.manifest import Manifest, load_manifest
 from cellseg.paths import CompetitionPaths
 from cellseg.progress import progress as progress_bar
 

@@ -6,8 +6,8 @@ PRE-fusion detections of every model x TTA view (after the cell-type vote) in on
 their crops. Caching before fusion lets the tuner search the NMS IoU too; caching soft masks lets it
 search the mask binarisation threshold. Tuning never re-runs the models.
 
-The cache (``<id>.npz`` + ``index.json``, one ensemble per folder) is :mod:`cellseg.raw_cache`;
-deciding what to write back and reporting it is :mod:`cellseg.tune_report`.
+The cache (``<id>.npz`` + ``index.json``, one ensemble per folder) is :mod:`cellseg.tuning.raw_cache`;
+deciding what to write back and reporting it is :mod:`cellseg.tuning.report`.
 
 ``cellseg tune`` evaluates, for every cached image, the competition score of every combination of
 (NMS IoU, mask threshold, minimum pixels, score threshold) in a grid. The score threshold is free:
@@ -29,20 +29,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cellseg import CELL_TYPES, plot
+from cellseg.config.manifest import ClassThresholds, Manifest
 from cellseg.data.folds import group_folds
 from cellseg.data.masks import fill_holes, label_image
 from cellseg.errors import CellsegError
+from cellseg.evaluation.metric import THRESHOLDS, matched_pairs
 from cellseg.inference.fusion import fuse, pairwise_iou
 from cellseg.inference.postprocess import binarize, min_pixels_filter, remove_overlaps
-from cellseg.metric import THRESHOLDS, matched_pairs
-from cellseg.model.manifest import ClassThresholds, Manifest
-from cellseg.raw_cache import (  # noqa: F401  (predict_raw, save_cached re-exported: `from cellseg.tune import ...`)
-    CachedImage,
-    cache_fingerprint,
-    load_cached,
-    predict_raw,
-    save_cached,
-)
+from cellseg.tuning.raw_cache import CachedImage, cache_fingerprint, load_cached
 
 # ----------------------------------------------------------------------------- scoring a grid
 

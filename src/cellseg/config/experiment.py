@@ -9,7 +9,7 @@ the experiment config, never imports the augmentation code).
 
     cfg = load_experiment("configs/demo.yaml", ["train.epochs=3", "model.min_size=800"])
 
-Validation thresholds (``train.val_thresholds``) are a :class:`cellseg.model.manifest.ClassThresholds`,
+Validation thresholds (``train.val_thresholds``) are a :class:`cellseg.config.manifest.ClassThresholds`,
 with the weights manifest's field names; the former ``train.val_score_thresh`` / ``val_mask_thresh`` /
 ``val_min_pixels`` keys still load, with a one-line deprecation notice on stderr.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 from cellseg import CELL_TYPES
-from cellseg.config import load_yaml
+from cellseg.config.loader import load_yaml
+from cellseg.config.manifest import ClassThresholds
 from cellseg.errors import CellsegError
-from cellseg.model.manifest import ClassThresholds
 
 
 @dataclass

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from cellseg import metric
 from cellseg.data.masks import CropMask
 from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
+from cellseg.evaluation import metric
 
 
 def dense_reference(gt_masks, pred_masks):

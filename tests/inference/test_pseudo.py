@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
+from cellseg.config.manifest import ClassThresholds, load_manifest
 from cellseg.data.truth import cell_type_from_filename, read_train_records
 from cellseg.errors import CellsegError
-from cellseg.model.manifest import ClassThresholds, load_manifest
-from cellseg.pseudo import pseudo_label, sample_id_from_filename, stricter
-from cellseg.tune import predict_raw
+from cellseg.inference.pseudo import pseudo_label, sample_id_from_filename, stricter
+from cellseg.tuning.raw_cache import predict_raw
 from inference_helpers import make_manifest
 
 
@@ -148,8 +148,8 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     """train -> pseudo-label the unlabelled images -> retrain with them next to train.csv."""
     import re
 
-    from cellseg.model.experiment import load_experiment
-    from cellseg.model.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
+    from cellseg.config.experiment import load_experiment
+    from cellseg.config.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
     from cellseg.paths import configs_dir
     from cellseg.training.loop import train
     from test_train import TINY_OVERRIDES, train_args

@@ -1,0 +1,1 @@
+"""One config system: the YAML loader and the typed schemas (experiment sections, weights manifest)."""
