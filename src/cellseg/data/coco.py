@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,120 @@ def _need(obj: Any, keys: Sequence[str], where: str, path: Path) -> None:
         raise CellsegError(f"{path}: {where} has no {missing[0]!r}")
 
 
+@dataclass
+class _Parsed:
+    """What :func:`load_coco` keeps of a COCO json while streaming it: typed arrays (``array``
+    offsets start with 0: element k spans ``end[k]:end[k + 1]``), the categories and counters."""
+
+    img_ids: array = field(default_factory=lambda: array("q"))
+    heights: array = field(default_factory=lambda: array("i"))
+    widths: array = field(default_factory=lambda: array("i"))
+    names: list[str] = field(default_factory=list)
+    ann_img: array = field(default_factory=lambda: array("q"))
+    ann_cat: array = field(default_factory=lambda: array("q"))
+    seg_end: array = field(default_factory=lambda: array("q", [0]))
+    poly_end: array = field(default_factory=lambda: array("q", [0]))
+    coords: array = field(default_factory=lambda: array("f"))
+    rle_index: array = field(default_factory=lambda: array("i"))
+    rle_end: array = field(default_factory=lambda: array("q", [0]))
+    rle_size: array = field(default_factory=lambda: array("i"))
+    rle_buf: bytearray = field(default_factory=bytearray)
+    categories: list = field(default_factory=list)
+    crowd: int = 0
+    seen: set[str] = field(default_factory=set)
+
+    def add_image(self, im: Any, k: int, path: Path) -> None:
+        _need(im, ("id", "file_name", "height", "width"), f"images[{k}]", path)
+        self.img_ids.append(int(im["id"]))
+        self.heights.append(int(im["height"]))
+        self.widths.append(int(im["width"]))
+        self.names.append(str(im["file_name"]))
+
+    def add_annotation(self, a: Any, k: int, path: Path) -> None:
+        if not isinstance(a, dict) or "image_id" not in a or "segmentation" not in a:
+            _need(a, ("image_id", "segmentation"), f"annotations[{k}]", path)
+        if a.get("iscrowd"):
+            self.crowd += 1
+            return
+        self.ann_img.append(int(a["image_id"]))
+        self.ann_cat.append(int(a.get("category_id", 0) or 0))
+        seg = a["segmentation"]
+        if isinstance(seg, list):
+            for poly in seg:
+                if len(poly) >= 6:  # < 3 vertices has no area (and pycocotools reads 4 as a box)
+                    self.coords.extend(poly[: len(poly) // 2 * 2])
+                    self.poly_end.append(len(self.coords))
+            self.rle_index.append(-1)
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            self.rle_index.append(len(self.rle_end) - 1)
+            self.rle_buf += _compressed(seg, path, k)
+            self.rle_end.append(len(self.rle_buf))
+            self.rle_size.extend(int(v) for v in seg["size"])
+        else:
+            raise CellsegError(f"{path}: annotations[{k}].segmentation is neither polygons nor RLE")
+        self.seg_end.append(len(self.poly_end) - 1)
+
+
+def _check_class_map(class_map: Mapping[str, str], class_names: Sequence[str], default_type: str) -> None:
+    if not class_map and default_type not in class_names:
+        raise CellsegError(f"unknown cell type {default_type!r} (known: {', '.join(class_names)})")
+    bad = sorted({v for v in class_map.values() if v not in class_names})
+    if bad:
+        raise CellsegError(
+            f"data.coco_class_map maps to {bad[0]!r}, which is not one of model.class_names ({', '.join(class_names)})"
+        )
+
+
+def _parse_top_level(s: JsonStream, path: Path) -> _Parsed:
+    """Stream the top-level object: ``images`` and ``annotations`` one element at a time,
+    ``categories`` whole, anything else skipped."""
+    out = _Parsed()
+    if s.peek() != "{":
+        raise CellsegError(f"{path}: not a COCO instances file (expected a JSON object with 'images')")
+    s.take("{")
+    while s.peek() != "}":
+        key = s.value()
+        s.take(":")
+        out.seen.add(key)
+        if key == "images":
+            for k, im in enumerate(s.elements()):
+                out.add_image(im, k, path)
+        elif key == "annotations":
+            for k, a in enumerate(s.elements()):
+                out.add_annotation(a, k, path)
+        elif key == "categories":
+            out.categories = s.value()
+        else:
+            s.value()
+        if s.take(",}") == "}":
+            break
+    else:
+        s.take("}")
+    if s.peek():
+        s.fail("extra data after the top-level object")
+    return out
+
+
+def _parse_file(path: Path) -> _Parsed:
+    """:func:`_parse_top_level` of the file at ``path``, every failure a one-line CellsegError."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise CellsegError(f"{path}: COCO json not found") from None
+    except OSError as e:
+        raise CellsegError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        with f:
+            parsed = _parse_top_level(JsonStream(f, path), path)
+    except UnicodeDecodeError as e:
+        raise CellsegError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except (TypeError, ValueError) as e:
+        raise CellsegError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+    if "images" not in parsed.seen or "annotations" not in parsed.seen:
+        raise CellsegError(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
+    return parsed
+
+
 def load_coco(
     path: str | Path,
     images_dir: str | Path | None = None,
@@ -216,94 +330,9 @@ def load_coco(
     """
     path = Path(path)
     class_map = dict(class_map or {})
-    if not class_map and default_type not in class_names:
-        raise CellsegError(f"unknown cell type {default_type!r} (known: {', '.join(class_names)})")
-    bad = sorted({v for v in class_map.values() if v not in class_names})
-    if bad:
-        raise CellsegError(
-            f"data.coco_class_map maps to {bad[0]!r}, which is not one of model.class_names ({', '.join(class_names)})"
-        )
-    img_ids, heights, widths, names = array("q"), array("i"), array("i"), []
-    ann_img, ann_cat = array("q"), array("q")
-    seg_end, poly_end, coords = array("q", [0]), array("q", [0]), array("f")
-    rle_index, rle_end, rle_size, rle_buf = array("i"), array("q", [0]), array("i"), bytearray()
-    categories: list = []
-    crowd, seen = 0, set()
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise CellsegError(f"{path}: COCO json not found") from None
-    except OSError as e:
-        raise CellsegError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        with f:
-            s = JsonStream(f, path)
-            if s.peek() != "{":
-                raise CellsegError(f"{path}: not a COCO instances file (expected a JSON object with 'images')")
-            s.take("{")
-            while s.peek() != "}":
-                key = s.value()
-                s.take(":")
-                seen.add(key)
-                if key == "images":
-                    for k, im in enumerate(s.elements()):
-                        _need(im, ("id", "file_name", "height", "width"), f"images[{k}]", path)
-                        img_ids.append(int(im["id"]))
-                        heights.append(int(im["height"]))
-                        widths.append(int(im["width"]))
-                        names.append(str(im["file_name"]))
-                elif key == "annotations":
-                    for k, a in enumerate(s.elements()):
-                        if not isinstance(a, dict) or "image_id" not in a or "segmentation" not in a:
-                            _need(a, ("image_id", "segmentation"), f"annotations[{k}]", path)
-                        if a.get("iscrowd"):
-                            crowd += 1
-                            continue
-                        ann_img.append(int(a["image_id"]))
-                        ann_cat.append(int(a.get("category_id", 0) or 0))
-                        seg = a["segmentation"]
-                        if isinstance(seg, list):
-                            for poly in seg:
-                                if len(poly) >= 6:  # < 3 vertices has no area (and pycocotools reads 4 as a box)
-                                    coords.extend(poly[: len(poly) // 2 * 2])
-                                    poly_end.append(len(coords))
-                            rle_index.append(-1)
-                        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-                            rle_index.append(len(rle_end) - 1)
-                            rle_buf += _compressed(seg, path, k)
-                            rle_end.append(len(rle_buf))
-                            rle_size.extend(int(v) for v in seg["size"])
-                        else:
-                            raise CellsegError(f"{path}: annotations[{k}].segmentation is neither polygons nor RLE")
-                        seg_end.append(len(poly_end) - 1)
-                elif key == "categories":
-                    categories = s.value()
-                else:
-                    s.value()
-                if s.take(",}") == "}":
-                    break
-            else:
-                s.take("}")
-            if s.peek():
-                s.fail("extra data after the top-level object")
-    except UnicodeDecodeError as e:
-        raise CellsegError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (TypeError, ValueError) as e:
-        raise CellsegError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
-    if "images" not in seen or "annotations" not in seen:
-        raise CellsegError(f"{path}: not a COCO instances file (needs 'images' and 'annotations')")
-    return _finish(
-        path,
-        images_dir,
-        class_map,
-        class_names,
-        default_type,
-        categories,
-        (img_ids, heights, widths, names),
-        (ann_img, ann_cat, seg_end, poly_end, coords),
-        (rle_index, rle_end, rle_size, rle_buf),
-        crowd,
-    )
+    _check_class_map(class_map, class_names, default_type)
+    parsed = _parse_file(path)
+    return _finish(path, parsed, images_dir, _Classes(class_map, tuple(class_names), default_type))
 
 
 def _compressed(seg: dict, path: Path, k: int) -> bytes:
@@ -349,16 +378,21 @@ def _arr(a: array, dtype: Any) -> np.ndarray:
     return np.frombuffer(a, dtype=a.typecode).astype(dtype) if len(a) else np.zeros(0, dtype=dtype)
 
 
-def _finish(path, images_dir, class_map, class_names, default_type, categories, imgs, anns, rles, crowd) -> CocoStore:
-    img_ids, heights, widths, names = imgs
-    ann_img, ann_cat, seg_end, poly_end, coords = anns
-    rle_index, rle_end, rle_size, rle_buf = rles
-    ids = _arr(img_ids, np.int64)
+@dataclass(frozen=True)
+class _Classes:
+    """How annotations get their class (see :func:`resolve_class`) and the model's class names."""
+
+    class_map: Mapping[str, str]
+    names: tuple[str, ...]
+    default_type: str
+
+
+def _image_of(path: Path, ids: np.ndarray, a_ids: np.ndarray) -> np.ndarray:
+    """(A,) index into ``ids`` (unique image ids, file order) of each annotation's ``a_ids`` image."""
     uniq, first = np.unique(ids, return_index=True)
     if len(uniq) != len(ids):
         raise CellsegError(f"{path}: image id {int(ids[np.setdiff1d(np.arange(len(ids)), first)[0]])} appears twice")
     sorter = np.argsort(ids, kind="stable")
-    a_ids = _arr(ann_img, np.int64)
     pos = np.searchsorted(ids, a_ids, sorter=sorter) if len(ids) else np.zeros(len(a_ids), dtype=np.int64)
     pos = np.minimum(pos, max(len(ids) - 1, 0))
     image_of = sorter[pos] if len(ids) else pos
@@ -367,44 +401,68 @@ def _finish(path, images_dir, class_map, class_names, default_type, categories, 
         raise CellsegError(
             f"{path}: an annotation refers to image_id {int(a_ids[unknown[0]])}, which is not in 'images'"
         )
-    # classes: one resolution per (category, cell line) pair that occurs
-    cat_name = {int(c["id"]): str(c.get("name", "")) for c in categories if isinstance(c, dict) and "id" in c}
-    lines = sorted({cell_line(n) for n in names})
+    return image_of
+
+
+def _annotation_labels(
+    path: Path, p: _Parsed, image_of: np.ndarray, classes: _Classes
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(A,) int8 label of each annotation (one :func:`resolve_class` per (category, cell line) pair
+    that occurs), (I,) int16 cell line of each image, and the sorted cell lines."""
+    cat_name = {int(c["id"]): str(c.get("name", "")) for c in p.categories if isinstance(c, dict) and "id" in c}
+    lines = sorted({cell_line(n) for n in p.names})
     line_of = {n: i for i, n in enumerate(lines)}
-    img_line = np.array([line_of[cell_line(n)] for n in names], dtype=np.int16)
-    cats = _arr(ann_cat, np.int64)
+    img_line = np.array([line_of[cell_line(n)] for n in p.names], dtype=np.int16)
+    cats = _arr(p.ann_cat, np.int64)
     cat_ids, cat_idx = np.unique(cats, return_inverse=True)
     pair = cat_idx.astype(np.int64) * len(lines) + img_line[image_of]
     label = np.zeros(len(cats), dtype=np.int8)
     example: dict[int, str] = {}
-    for i, n in enumerate(names):
+    for i, n in enumerate(p.names):
         example.setdefault(int(img_line[i]), n)
-    for p in np.unique(pair).tolist():
-        cat = cat_name.get(int(cat_ids[p // len(lines)]), "")
-        fname = example[p % len(lines)]
-        name = resolve_class(cat, fname, class_map, default_type)
+    for q in np.unique(pair).tolist():
+        cat = cat_name.get(int(cat_ids[q // len(lines)]), "")
+        fname = example[q % len(lines)]
+        name = resolve_class(cat, fname, classes.class_map, classes.default_type)
         if name is None:
             raise CellsegError(
                 f"{path}: no data.coco_class_map entry covers category {cat!r} or cell line "
-                f"{cell_line(fname)!r} (e.g. {Path(fname).name}); known: {', '.join(class_map)}"
+                f"{cell_line(fname)!r} (e.g. {Path(fname).name}); known: {', '.join(classes.class_map)}"
             )
-        if name not in class_names:
+        if name not in classes.names:
             raise CellsegError(
                 f"{path}: class {name!r} (of {Path(fname).name}) is not one of model.class_names "
-                f"({', '.join(class_names)}); map it with data.coco_class_map"
+                f"({', '.join(classes.names)}); map it with data.coco_class_map"
             )
-        label[pair == p] = class_names.index(name) + 1
-    order = np.argsort(image_of, kind="stable")
-    counts = np.bincount(image_of, minlength=len(names)) if len(names) else np.zeros(0, dtype=np.int64)
-    votes = np.zeros((len(names), len(class_names) + 1), dtype=np.int64)
+        label[pair == q] = classes.names.index(name) + 1
+    return label, img_line, lines
+
+
+def _image_labels(
+    names: list[str], image_of: np.ndarray, label: np.ndarray, counts: np.ndarray, classes: _Classes
+) -> np.ndarray:
+    """(I,) int8 class of each image: its annotations' most common, else its cell line's (0 = none)."""
+    votes = np.zeros((len(names), len(classes.names) + 1), dtype=np.int64)
     np.add.at(votes, (image_of, label), 1)
     image_label = votes.argmax(axis=1).astype(np.int8)
     for i in np.flatnonzero(counts == 0).tolist():
-        name = resolve_class("", names[i], class_map, default_type)
-        image_label[i] = class_names.index(name) + 1 if name in class_names else 0
-    size = _arr(rle_size, np.int32).reshape(-1, 2)
-    r_idx = _arr(rle_index, np.int32)
-    h_arr, w_arr = _arr(heights, np.int32), _arr(widths, np.int32)
+        name = resolve_class("", names[i], classes.class_map, classes.default_type)
+        image_label[i] = classes.names.index(name) + 1 if name in classes.names else 0
+    return image_label
+
+
+def _finish(path: Path, p: _Parsed, images_dir: str | Path | None, classes: _Classes) -> CocoStore:
+    """The :class:`CocoStore` of a parsed json: annotations tied to their images, classes resolved,
+    RLE sizes checked against their images', image files found."""
+    image_of = _image_of(path, _arr(p.img_ids, np.int64), _arr(p.ann_img, np.int64))
+    label, img_line, lines = _annotation_labels(path, p, image_of, classes)
+    names = p.names
+    order = np.argsort(image_of, kind="stable")
+    counts = np.bincount(image_of, minlength=len(names)) if len(names) else np.zeros(0, dtype=np.int64)
+    image_label = _image_labels(names, image_of, label, counts, classes)
+    size = _arr(p.rle_size, np.int32).reshape(-1, 2)
+    r_idx = _arr(p.rle_index, np.int32)
+    h_arr, w_arr = _arr(p.heights, np.int32), _arr(p.widths, np.int32)
     rle_ann = np.flatnonzero(r_idx >= 0)
     bad_size = rle_ann[(size[r_idx[rle_ann]] != np.stack([h_arr, w_arr], 1)[image_of[rle_ann]]).any(axis=1)]
     if len(bad_size):
@@ -422,16 +480,16 @@ def _finish(path, images_dir, class_map, class_names, default_type, categories, 
         ann_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         order=order.astype(np.int32 if len(order) < 2**31 else np.int64),
         label=label,
-        seg_start=_arr(seg_end, np.int64),
-        poly_start=_arr(poly_end, np.int64),
-        coords=np.frombuffer(coords, dtype=np.float32) if len(coords) else np.zeros(0, dtype=np.float32),
+        seg_start=_arr(p.seg_end, np.int64),
+        poly_start=_arr(p.poly_end, np.int64),
+        coords=np.frombuffer(p.coords, dtype=np.float32) if len(p.coords) else np.zeros(0, dtype=np.float32),
         rle_index=r_idx,
-        rle_start=_arr(rle_end, np.int64),
-        rle_bytes=np.frombuffer(bytes(rle_buf), dtype=np.uint8),
+        rle_start=_arr(p.rle_end, np.int64),
+        rle_bytes=np.frombuffer(bytes(p.rle_buf), dtype=np.uint8),
         rle_size=size,
-        class_names=tuple(class_names),
+        class_names=classes.names,
         image_label=image_label,
-        crowd=crowd,
+        crowd=p.crowd,
     )
 
 
