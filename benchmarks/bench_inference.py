@@ -35,6 +35,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image, project
 
 from cellseg import CLASS_IDS
 from cellseg.config.experiment import ModelConfig
-from cellseg.config.manifest import FusionConfig, Manifest, ModelEntry, default_classes
+from cellseg.config.manifest import FusionConfig, Manifest, ModelEntry, View, default_classes
 from cellseg.data.masks import stack
 from cellseg.data.rle import encode_crop
 from cellseg.data.synth import generate
@@ -61,7 +62,7 @@ from cellseg.inference.postprocess import postprocess
 from cellseg.io import read_gray
 from cellseg.model.build import build_model
 
-VIEWS = ["identity", "hflip", "vflip", "hvflip"]
+VIEWS: list[View] = ["identity", "hflip", "vflip", "hvflip"]
 
 
 def cpu_name() -> str:
@@ -138,7 +139,8 @@ def fold_bn_bench(batch: int, repeat: int, device: torch.device) -> None:
 
     manifest = load_manifest(demo_manifest())
     path = manifest.checkpoint_path(manifest.models[0])
-    unfolded = prepare_model(load_model(path)[0], manifest.fusion, device, fp16=False, fold_bn=False)
+    # a MaskRCNN, typed nn.Module: its parts (transform, backbone) are dynamic attributes
+    unfolded: Any = prepare_model(load_model(path)[0], manifest.fusion, device, fp16=False, fold_bn=False)
     folded = copy.deepcopy(unfolded)
     n_folded = fold_batchnorm(folded)
     with tempfile.TemporaryDirectory() as tmp:

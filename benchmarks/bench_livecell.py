@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -181,6 +182,9 @@ def child(approach: str, path: Path, images: Path, workers: int) -> dict:
     before = _status()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is the load's
     t0 = time.perf_counter()
+    items: Any
+    touch: Any
+    collate: Any
     if approach == "ours":
         store = load_coco(path, images, {"*": "shsy5y"})
         items = CellDataset(store_records(store))
@@ -192,7 +196,12 @@ def child(approach: str, path: Path, images: Path, workers: int) -> dict:
     load_s = time.perf_counter() - t0
     gc.collect()
     st = _status()
-    res = {"load_s": load_s, "peak": st["VmHWM"] - before, "kept": st["VmRSS"] - before, "rss": st["VmRSS"]}
+    res: dict[str, Any] = {
+        "load_s": load_s,
+        "peak": st["VmHWM"] - before,
+        "kept": st["VmRSS"] - before,
+        "rss": st["VmRSS"],
+    }
     loader = DataLoader(items, batch_size=2, num_workers=workers, collate_fn=collate or (lambda b: b))
     it = iter(loader)
     next(it)
@@ -204,7 +213,8 @@ def child(approach: str, path: Path, images: Path, workers: int) -> dict:
     for _ in it:
         pass
     res["pass_s"] = time.perf_counter() - t1
-    pids = [w.pid for w in it._workers]  # noqa: SLF001 - the worker processes of this iterator
+    # the worker processes of this iterator (a private attribute: untyped)
+    pids = [w.pid for w in it._workers]  # type: ignore[attr-defined]  # noqa: SLF001
     res["worker_private"] = [_private(p) for p in pids]
     res["worker_rss"] = [_status(p)["VmRSS"] for p in pids]
     res["parent_rss"] = _status()["VmRSS"]

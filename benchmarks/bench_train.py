@@ -208,7 +208,7 @@ def compare_matching(cfg, data: Path, device, rounds: int, n_proposals: int) -> 
         },
     }
     assert type(model.rpn) is not RegionProposalNetwork  # ours is installed on the built model
-    times = {what: {k: [] for k in fns} for what, fns in runs.items()}
+    times: dict[str, dict[str, list[float]]] = {what: {k: [] for k in fns} for what, fns in runs.items()}
     results = {}
     for r in range(rounds):
         for what, fns in runs.items():
@@ -247,7 +247,8 @@ def profile_step(cfg, loader, device, warmup: int, amp: bool, top: int = 20) -> 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     it = [iter(loader)]
     for _ in range(warmup):
-        one_step(model, opt, *next_batch(loader, it), device, amp)
+        images, targets = next_batch(loader, it)
+        one_step(model, opt, images, targets, device, amp)
     images, targets = next_batch(loader, it)
     prof = cProfile.Profile()
     prof.enable()
@@ -255,7 +256,8 @@ def profile_step(cfg, loader, device, warmup: int, amp: bool, top: int = 20) -> 
     prof.disable()
     stats = pstats.Stats(prof)
     print(f"one step: {total:.2f} s ({sum(len(t['labels']) for t in targets)} cells); own time per function:")
-    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    table = stats.stats  # type: ignore[attr-defined]  # pstats.Stats keeps its table here (untyped)
+    rows = sorted(table.items(), key=lambda kv: -kv[1][2])[:top]
     for (file, line, func), (_, ncalls, tottime, cumtime, _) in rows:
         where = f"{Path(file).name}:{line}" if file != "~" else "built-in"
         print(f"  {tottime:8.2f} s own {cumtime:8.2f} s cum {ncalls:>7} calls  {func} ({where})")
@@ -271,7 +273,7 @@ def profile_step(cfg, loader, device, warmup: int, amp: bool, top: int = 20) -> 
         "fastrcnn_loss",
         "compute_loss",
     }
-    for (file, line, func), (_, ncalls, _, cumtime, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][3]):
+    for (file, line, func), (_, ncalls, _, cumtime, _) in sorted(table.items(), key=lambda kv: -kv[1][3]):
         if func in wanted and ("cellseg" in file or "torchvision" in file):
             print(f"  {cumtime:8.2f} s ({cumtime / total:5.1%}) {ncalls:>4} calls  {func} ({Path(file).name}:{line})")
 
@@ -312,8 +314,9 @@ def main() -> int:
         return 0
     cfg = load_experiment(args.config, ["train.batch_size=2", *args.set])
     amp = device.type == "cuda" and (cfg.train.amp if args.amp == "config" else args.amp == "on")
-    data = Path(args.data) if args.data else None
-    if data is None:
+    if args.data:
+        data = Path(args.data)
+    else:
         from cellseg.data.synth import generate
 
         data = Path(tempfile.mkdtemp(prefix="bench-train-")) / "data"
