@@ -93,8 +93,7 @@ stage() {  # stage NAME TIME_LIMIT_S MIN_S COMMAND...: run (if MIN_S fits the ti
   if [ "$left" -lt "$min" ]; then
     SKIPPED=$((SKIPPED + 1))
     printf '%-13s %-28s %7s s\n' "$name" "SKIPPED (${left}s left < ${min}s)" "0.0" | tee -a "$SUMMARY"
-    merge
-    return
+    return  # no merge: nothing new was measured, and the final merge records the skip
   fi
   if [ "$left" -lt "$limit" ]; then limit=$left; fi
   echo "===== $name (limit ${limit}s): $*" >> "$LOG"
