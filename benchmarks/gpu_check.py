@@ -91,6 +91,10 @@ class Record(dict):
         super().__setitem__(key, value)
         self.flush()
 
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self.flush()
+
     def flush(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self, indent=1, default=str))
@@ -156,7 +160,6 @@ def stage_env(args: argparse.Namespace, rec: Record) -> None:
         )
         rec["probe_error"] = probe_cuda("cuda")[1]
         rec["resolve_device_auto"] = str(resolve_device("auto"))
-    rec.flush()
 
 
 # ----------------------------------------------------------------------------- training

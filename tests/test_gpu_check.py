@@ -199,3 +199,20 @@ def test_a_failing_stage_is_recorded_and_the_next_still_run(tmp_path):
     assert list(stages) == STAGES
     assert all("FAILED (exit" in stages[s] for s in STAGES), stages
     assert re.search(rf"\b{len(STAGES)} stage\(s\) failed", r.stdout), r.stdout
+
+
+def test_a_stage_record_is_on_disk_after_every_key(tmp_path):
+    """What a stage killed at its time limit leaves: every figure set before the kill, in valid JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.with_suffix(".py"))
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rec = gpu_check.Record(tmp_path, "predict")
+    assert json.loads((tmp_path / "predict.json").read_text()) == {}
+    rec["views_1"] = {"s_per_image": 0.5}
+    assert json.loads((tmp_path / "predict.json").read_text()) == {"views_1": {"s_per_image": 0.5}}
+    rec.update(images=2)
+    assert json.loads((tmp_path / "predict.json").read_text())["images"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predict.json"]  # no temporary file left
