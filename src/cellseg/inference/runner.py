@@ -120,12 +120,28 @@ def plan_within_budget(
 
 @dataclass
 class RunResult:
+    """What :func:`predict_folder` did, image by image.
+
+    Attributes:
+        out: the submission written.
+        rows: id -> its RLEs (empty for a failed or skipped image).
+        cell_types: id -> voted cell type, for each predicted image.
+        seconds: id -> seconds per image (throughput, on the run's clock), for each processed image.
+        failed: id -> one-line reason, for each image that got an empty row because something failed.
+        skipped: ids left empty for the time budget.
+        decisions: the time budget's log lines (views / models dropped or back, the stop).
+        load_s, total_s: seconds to load the models, and for the whole run.
+        device: where the models ran at the end ("cpu" after a CUDA failure).
+        forward_s, rest_s: summed seconds of the forwards and of the CPU halves.
+        views, models: the views and the number of models of the last plan.
+    """
+
     out: Path
     rows: dict[str, list[str]]
     cell_types: dict[str, str]
-    seconds: dict[str, float]  # per processed image
-    failed: dict[str, str]  # id -> reason
-    skipped: list[str]  # ids left empty for the time budget
+    seconds: dict[str, float]
+    failed: dict[str, str]
+    skipped: list[str]
     decisions: list[str]
     load_s: float
     total_s: float
