@@ -387,3 +387,25 @@ def test_cuda_errors_are_told_from_other_failures():
     assert is_cuda_error(OutOfMemoryError("CUDA out of memory"))
     assert not is_cuda_error(RuntimeError("shape '[2, 3]' is invalid for input of size 5"))
     assert not is_cuda_error(ValueError("CUDA"))  # only a RuntimeError's message is read
+
+
+def test_budget_controller_plans_on_its_clock_alone():
+    """The controller reads time only from its clock: views drop when the measured pace cannot fit,
+    come back only with a margin, and the run stops before the time left is spent."""
+    from cellseg.inference.runner import SAFETY, BudgetController
+
+    clock, logs = FakeClock(), []
+    views = ["identity", "hflip", "vflip", "hvflip"]
+    b = BudgetController(100.0, views, [1.0], clock(), clock, logs.append)
+    assert b.reserve == 2.0 + 1.0 and b.wants_calibration() and b.admit(10, 0)  # no measurement: no plan yet
+    b.measured(4 * 1.0)  # one image, 4 units, 1 s each
+    assert b.admit(10, 0) and b.views == views  # 10 x 4 x 1.3 s = 52 s fit 97 s
+    clock.advance(60.0)  # 37 s left: 10 x 4 x 1.3 = 52 s does not fit, 10 x 2 x 1.3 = 26 s does
+    assert b.admit(10, 0) and b.views == ["identity", "hflip"] and len(logs) == 2
+    b.forget()
+    b.measured(2 * 0.5)  # faster now: 4 views fit 0.85 x 37 s (10 x 4 x 0.65 = 26 s)
+    assert b.admit(10, 0) and b.views == views and "back to views" in logs[-1]
+    clock.advance(36.0)  # 1 s left: not even one unit of 0.65 s x (1 + 1 in flight)
+    assert b.per_unit() == SAFETY * 0.5 and not b.admit(3, 1)
+    assert "nearly spent" in b.decisions[-1] and "3 image(s) left" in b.decisions[-1]
+    assert not BudgetController(None, views, [1.0], clock(), clock, logs.append).wants_calibration()
