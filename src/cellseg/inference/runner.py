@@ -55,7 +55,7 @@ from cellseg.data.truth import read_sample_submission
 from cellseg.errors import CellsegError
 from cellseg.inference.device import resolve_device
 from cellseg.inference.ensemble import Ensemble, ImageResult, OutOfMemoryError
-from cellseg.inference.forward import RawView, raw_to_detections
+from cellseg.inference.forward import RawView
 from cellseg.io import check_writable, list_pngs, read_gray
 from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
@@ -204,7 +204,7 @@ REGROW_MARGIN = 0.85
 class Calibration:
     """The time budget's first measurement: one model x the identity view of one test image."""
 
-    seconds: float  # warm: the second forward + pasting its masks
+    seconds: float  # warm: the second forward + its vote and pasting its masks
     cold_seconds: float  # the first forward (warm-up), not used for planning
     image_id: str
     raw: list[RawView]  # the timed forward's RawViews, used for that image
@@ -472,8 +472,7 @@ class FolderRun:
         cold = self.clock() - t0
         t0 = self.clock()
         raw = one.forward(image)
-        height, width = image.shape  # read_gray: always (H, W)
-        raw_to_detections(raw, one.models, height, width, min_score=0.5)
+        one.detections(image.shape, raw, min_score=0.5)  # the vote and the pasting of its masks
         return Calibration(self.clock() - t0, cold, image_id, raw)
 
     # ---- the images
