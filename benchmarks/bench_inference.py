@@ -48,16 +48,15 @@ from cellseg.data.masks import stack
 from cellseg.data.rle import encode_crop
 from cellseg.data.synth import generate
 from cellseg.data.truth import read_train_csv
+from cellseg.inference.ensemble import Ensemble, relabel
 from cellseg.inference.forward import (
     LoadedModel,
     RawView,
     label_map_for,
     prepare_model,
     raw_to_detections,
-    relabel,
 )
 from cellseg.inference.fusion import fuse, mask_iou_sparse
-from cellseg.inference.pipeline import vote_image_type
 from cellseg.inference.postprocess import postprocess
 from cellseg.io import read_gray
 from cellseg.model.build import build_model
@@ -102,14 +101,14 @@ def synthetic_views(ann, n_views: int, n_models: int, dets: int, seed: int = 0) 
 
 
 def rest_of_pipeline(png: Path, raw: list[RawView], loaded, manifest: Manifest) -> tuple[int, dict]:
-    """Everything but the forward passes, stage by stage as :func:`cellseg.inference.pipeline.finish_image` runs them."""
+    """Everything but the forward passes, stage by stage as :meth:`cellseg.inference.ensemble.Ensemble.finish` runs them."""
     t = {}
     t0 = time.perf_counter()
     image = read_gray(png)
     H, W = image.shape
     t["decode png"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cell_type = vote_image_type(raw, loaded, manifest)
+    cell_type = Ensemble(manifest, loaded, torch.device("cpu")).vote(raw)
     th, fu = manifest.thresholds(cell_type), manifest.fusion
     raw = relabel(raw, CLASS_IDS[cell_type])
     t["vote"] = time.perf_counter() - t0

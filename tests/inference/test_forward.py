@@ -1,23 +1,18 @@
-"""Raw prediction (crop pasting, flip TTA) and the predict-a-folder pipeline, on real tiny models."""
-
-import time
+"""Raw prediction (crop pasting, flip TTA, fp16 wrappers, folded BatchNorm, the out-of-memory retry),
+on real tiny models."""
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import FrozenBatchNorm2d
 
 from cellseg.config.manifest import FusionConfig, load_manifest
 from cellseg.data.masks import label_image
-from cellseg.data.submission import read_submission, validate_submission
-from cellseg.errors import CellsegError
 from cellseg.evaluation.metric import iou_matrix
+from cellseg.inference.ensemble import Ensemble
 from cellseg.inference.forward import load_ensemble, paste_soft, predict_views
-from cellseg.inference.pipeline import predict_image
-from cellseg.inference.runner import plan_within_budget, predict_folder
-from inference_helpers import blob_image, make_competition, make_manifest
+from inference_helpers import blob_image, make_manifest
 
 CPU = torch.device("cpu")
 
@@ -98,8 +93,8 @@ def test_flipped_input_gives_flipped_output(ensemble, flip):
     _, m, loaded = ensemble
     img = blob_image(2)
     flipped = np.ascontiguousarray(img[:, ::-1] if flip == "h" else img[::-1])
-    a = predict_image(img, loaded, m.tta, m, CPU)
-    b = predict_image(flipped, loaded, m.tta, m, CPU)
+    ens = Ensemble(m, loaded, CPU)
+    a, b = ens.predict(img), ens.predict(flipped)
     assert len(a.crops) > 10 and len(a.crops) == len(b.crops)
     la, _ = label_image(a.crops, *img.shape)
     lb, _ = label_image(b.crops, *img.shape)
@@ -113,23 +108,12 @@ def test_identity_view_alone_is_not_flip_equivariant(ensemble):
     """Control for the test above: without TTA a random model is not symmetric, so it can fail."""
     _, m, loaded = ensemble
     img = blob_image(2)
-    a = predict_image(img, loaded, ["identity"], m, CPU)
-    b = predict_image(np.ascontiguousarray(img[:, ::-1]), loaded, ["identity"], m, CPU)
+    ens = Ensemble(m, loaded, CPU, ["identity"])
+    a, b = ens.predict(img), ens.predict(np.ascontiguousarray(img[:, ::-1]))
     la, _ = label_image(a.crops, *img.shape)
     lb, _ = label_image(b.crops, *img.shape)
     iou = iou_matrix(la, np.ascontiguousarray(lb[:, ::-1]))
     assert not np.all(iou.max(axis=1) > 0.99)
-
-
-def _odd_images(comp):
-    test = comp / "test"
-    ids = sorted(p.stem for p in test.glob("*.png"))
-    rgb = np.stack([blob_image(5)] * 3, -1)
-    Image.fromarray(rgb, "RGB").save(test / f"{ids[0]}.png")
-    Image.fromarray(blob_image(6).astype(np.uint16) * 200).save(test / f"{ids[1]}.png")
-    (test / f"{ids[2]}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    Image.fromarray(blob_image(7, 80, 100), "L").save(test / "00000000ffff.png")  # another size
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -137,89 +121,6 @@ def small_manifest(tmp_path_factory):
     return make_manifest(
         tmp_path_factory.mktemp("small"), n_models=1, tta=("identity", "hflip"), detections_per_view=30
     )
-
-
-def test_predict_folder_handles_odd_images(small_manifest, tmp_path):
-    path = small_manifest
-    comp = make_competition(tmp_path / "comp", n_test=4)
-    ids = _odd_images(comp)
-    logs = []
-    res = predict_folder(comp, path, tmp_path / "sub.csv", progress=False, log=logs.append)  # validates
-    sub = read_submission(tmp_path / "sub.csv")
-    assert set(sub) == set(ids) | {"00000000ffff"}
-    assert list(res.failed) == [ids[2]] and sub[ids[2]] == []
-    assert any(ids[2] in line and "empty row" in line for line in logs)
-    for i in (ids[0], ids[1], ids[3], "00000000ffff"):
-        assert len(sub[i]) > 0  # RGB and 16-bit converted, other size handled
-
-
-def test_missing_test_folder_and_bad_manifest_stop_early(ensemble, tmp_path):
-    path, _, _ = ensemble
-    with pytest.raises(CellsegError, match="test folder not found"):
-        predict_folder(tmp_path / "nowhere", path, tmp_path / "s.csv", progress=False)
-    comp = make_competition(tmp_path / "comp", n_test=1)
-    bad = tmp_path / "empty.yaml"
-    bad.write_text("name: x\nmodels: []\n")
-    with pytest.raises(CellsegError, match="no models listed"):
-        predict_folder(comp, bad, tmp_path / "s.csv", progress=False)
-    assert not (tmp_path / "s.csv").exists()
-
-
-def test_plan_within_budget_drops_views_then_models():
-    views = ["identity", "hflip", "vflip", "hvflip"]
-    p = plan_within_budget(views, [0, 1, 2], [1.0, 0.5, 2.0], 1.0, images_left=10, seconds_left=1000)
-    assert p.views == views and p.models == [0, 1, 2] and p.decisions == []
-    p = plan_within_budget(views, [0, 1, 2], [1.0, 0.5, 2.0], 1.0, images_left=10, seconds_left=65)
-    assert p.views == ["identity", "hflip"] and p.models == [0, 1, 2] and len(p.decisions) == 2
-    assert "hvflip" in p.decisions[0] and "vflip" in p.decisions[1]
-    p = plan_within_budget(views, [0, 1, 2], [1.0, 0.5, 2.0], 1.0, images_left=10, seconds_left=25)
-    assert p.views == ["identity"] and p.models == [0, 2] and "model #1" in p.decisions[-1]
-    p = plan_within_budget(views, [0, 1, 2], [1.0, 0.5, 2.0], 1.0, images_left=10, seconds_left=1)
-    assert p.views == ["identity"] and p.models == [2]
-
-
-def test_time_budget_is_never_overrun(small_manifest, tmp_path, monkeypatch):
-    """Every view costs at least 0.25 s here (a sleep patched into the forward), so 10 images x 2 views
-    cannot fit 3 s on any machine: the hflip view must go first, and the run must still end in time."""
-    from cellseg.inference import forward
-
-    flip = forward.flip_image
-    monkeypatch.setattr(forward, "flip_image", lambda t, v: (time.sleep(0.25), flip(t, v))[1])
-    comp = make_competition(tmp_path / "comp", n_test=10)
-    logs = []
-    t0 = time.monotonic()
-    res = predict_folder(
-        comp,
-        small_manifest,
-        tmp_path / "sub.csv",
-        time_budget=3.0,
-        progress=False,
-        log=lambda s: logs.append(s) or print(f"{time.monotonic() - t0:.2f}s {s}"),
-    )
-    took = time.monotonic() - t0
-    assert took < 3.0 + 1.0  # the budget plus scheduling slack of this shared machine
-    assert validate_submission(tmp_path / "sub.csv", comp / "test") == []
-    assert res.decisions and all(line in logs for line in res.decisions)
-    assert "dropping TTA view hflip" in res.decisions[0]  # views go before anything else; identity stays
-    assert res.views == ["identity"]
-    assert len(res.seconds) + len(res.skipped) == 10 and res.skipped  # 10 x 0.25 s cannot fit either
-
-
-def test_exhausted_budget_writes_all_empty_rows(small_manifest, tmp_path):
-    comp = make_competition(tmp_path / "comp", n_test=2)
-    res = predict_folder(
-        comp, small_manifest, tmp_path / "sub.csv", time_budget=0.01, progress=False, log=lambda s: None
-    )
-    assert res.skipped == sorted(res.rows) and not res.seconds
-    assert read_submission(tmp_path / "sub.csv") == {i: [] for i in res.rows}
-
-
-def test_pipelined_run_matches_sequential(small_manifest, tmp_path):
-    comp = make_competition(tmp_path / "comp", n_test=3)
-    a = predict_folder(comp, small_manifest, tmp_path / "a.csv", progress=False, log=lambda s: None, pipeline=False)
-    b = predict_folder(comp, small_manifest, tmp_path / "b.csv", progress=False, log=lambda s: None, pipeline=True)
-    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
-    assert a.cell_types == b.cell_types and len(b.seconds) == 3 and sum(map(len, b.rows.values())) > 0
 
 
 def test_autocast_wrapper_returns_float32_through_nested_outputs():
@@ -265,7 +166,7 @@ def test_fp16_wrappers_keep_the_detections_on_gpu(small_manifest):
     assert torch.allclose(a.masks[:top], b.masks[:top], atol=0.02)
 
 
-# ----------------------------------------------------------------------------- the GPU path (issue 11), on CPU
+# ----------------------------------------------------------------------------- the GPU path, on CPU
 
 
 def _tiny_prepared(norm: str, heads: str = "v1", seed: int = 0, **prep):
@@ -355,10 +256,10 @@ def test_out_of_memory_retry_runs_after_the_exception_is_released(ensemble):
     import sys
     import weakref
 
+    from cellseg.inference.ensemble import OutOfMemoryError
     from cellseg.inference.forward import LoadedModel
-    from cellseg.inference.pipeline import OutOfMemoryError, forward_image
 
-    _, _, loaded = ensemble
+    _, m, loaded = ensemble
     real = loaded[0].model
     calls: list[dict] = []
     held: list[weakref.ref] = []
@@ -375,93 +276,8 @@ def test_out_of_memory_retry_runs_after_the_exception_is_released(ensemble):
             return real(images)
 
     lm = LoadedModel(OomOnce(), 1.0, loaded[0].label_map)
-    raw, _ = forward_image(blob_image(1), [lm], ["identity", "hflip"], CPU)
+    raw = Ensemble(m, [lm], CPU, ["identity", "hflip"]).forward(blob_image(1))
     assert [r.view for r in raw] == ["identity", "hflip"] and len(raw[0].scores) > 0
     assert [c["n"] for c in calls] == [2, 1, 1]  # the batched forward, then one view at a time
     assert [c["in_except"] for c in calls[1:]] == [False, False]
     assert calls[1]["held"] == [False]  # the failed forward's tensors were freed before the retry
-
-
-class _ColdStartModel(torch.nn.Module):
-    """A stand-in detector whose first call is 50x slower than the others (cuDNN start-up and lazy
-    kernel loading on a real GPU): ``warm`` seconds per image, 50 x that once. It returns three
-    fixed detections per image (flipped with the image, so every view agrees) and records the
-    number of images of each call."""
-
-    def __init__(self, warm: float = 0.02):
-        super().__init__()
-        self.warm, self.calls = warm, []
-
-    def forward(self, images):
-        time.sleep(self.warm * (50 if not self.calls else len(images)))
-        self.calls.append(len(images))
-        out = []
-        for img in images:
-            h, w = img.shape[-2:]
-            col = img[0].mean(0)  # a dark blob's column profile locates it in any flip
-            x = float(col.argmin())
-            boxes = torch.tensor([[x - 6, 10, x + 6, 22], [5, 40, 19, 52], [w - 30, h - 30, w - 14, h - 16]])
-            out.append(
-                {
-                    "boxes": boxes.float(),
-                    "scores": torch.tensor([0.9, 0.8, 0.7]),
-                    "labels": torch.tensor([1, 1, 1]),
-                    "masks": torch.full((3, 1, 28, 28), 0.9),
-                }
-            )
-        return out
-
-
-def test_cold_first_forward_does_not_cost_the_tta(small_manifest, tmp_path, monkeypatch):
-    """Issue 11 item 3: a 50x slower first forward must not make the time budget drop TTA views the warm
-    timing fits; the calibration forward's output is used for its image, not run again."""
-    import cellseg.inference.runner as runner
-    from cellseg.inference.forward import LoadedModel, label_map_for
-
-    views = ["identity", "hflip", "vflip", "hvflip"]
-    manifest = make_manifest(tmp_path / "w", n_models=1, tta=views, detections_per_view=30)
-    fake = _ColdStartModel()
-    monkeypatch.setattr(runner, "load_ensemble", lambda m, dev: [LoadedModel(fake, 1.0, label_map_for(None, 4))])
-    comp = make_competition(tmp_path / "comp", n_test=10)
-    logs = []
-    # warm: 10 images x 4 views x 0.02 s = 0.8 s (+ post-processing) fits 6 s; the cold 1 s per unit does not
-    res = runner.predict_folder(comp, manifest, tmp_path / "sub.csv", time_budget=6.0, progress=False, log=logs.append)
-    assert not res.skipped and len(res.seconds) == 10
-    assert res.views == views and not [d for d in res.decisions if "dropping" in d], res.decisions
-    # warm-up and timed calibration (1 view each), the calibration image's 3 other views, then 9 x 4
-    assert fake.calls == [1, 1, 3] + [4] * 9
-    # the reused calibration output gives the same submission as a run without a budget
-    fake.calls.clear()
-    runner.predict_folder(comp, manifest, tmp_path / "plain.csv", progress=False, log=lambda s: None)
-    assert fake.calls == [4] * 10
-    assert (tmp_path / "sub.csv").read_text() == (tmp_path / "plain.csv").read_text()
-
-
-def test_dropped_views_come_back_when_time_allows(small_manifest, tmp_path, monkeypatch):
-    """A transiently slow stretch drops TTA; once the time per unit recovers, every view comes back."""
-    import cellseg.inference.runner as runner
-    from cellseg.inference.forward import LoadedModel, label_map_for
-
-    views = ["identity", "hflip", "vflip", "hvflip"]
-    manifest = make_manifest(tmp_path / "w", n_models=1, tta=views, detections_per_view=30)
-    fake = _ColdStartModel(warm=0.01)
-    fake.calls = [0]  # no cold start here: the slow stretch comes in the middle
-    slow = {3, 4}  # calls 3 and 4 (images 1 and 2) take 0.6 s per image
-
-    base = fake.forward
-
-    def forward(images):
-        if len(fake.calls) in slow:
-            time.sleep(0.6 * len(images))
-        return base(images)
-
-    fake.forward = forward
-    monkeypatch.setattr(runner, "load_ensemble", lambda m, dev: [LoadedModel(fake, 1.0, label_map_for(None, 4))])
-    comp = make_competition(tmp_path / "comp", n_test=12)
-    res = runner.predict_folder(
-        comp, manifest, tmp_path / "sub.csv", time_budget=12.0, progress=False, log=lambda s: None
-    )
-    per_call = fake.calls[4:]  # after the placeholder, the calibration's two calls and image 0's 3 views
-    assert any(n < 4 for n in per_call), per_call  # the slow stretch dropped views...
-    assert per_call[-1] == 4 and res.views == views, per_call  # ...and they came back
-    assert any("back to views" in d for d in res.decisions)

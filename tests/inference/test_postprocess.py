@@ -11,33 +11,12 @@ from cellseg.inference.postprocess import (
     postprocess,
     remove_overlaps,
     score_filter,
-    vote_cell_type,
 )
 
 
 def disk(cy, cx, r, size=40):
     yy, xx = np.mgrid[:size, :size]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-
-
-def test_vote_is_score_weighted():
-    labels = np.array([1, 1, 1, 2])
-    scores = np.array([0.1, 0.1, 0.1, 0.9])
-    assert vote_cell_type(labels, scores) == "astro"  # one confident astro beats three weak shsy5y
-    assert vote_cell_type(labels, scores, weights=np.array([5, 5, 5, 1.0])) == "shsy5y"
-    assert vote_cell_type(np.array([3]), np.array([0.2])) == "cort"
-    assert vote_cell_type(np.zeros(0, int), np.zeros(0)) == "shsy5y"
-
-
-def test_vote_min_score_ignores_a_swarm_of_weak_fragments():
-    """An astro image as the small demo model sees it: 40 confident astro cells, 400 weak shsy5y-
-    labelled fragments whose summed score is larger. Only confident detections vote."""
-    labels = np.array([2] * 40 + [1] * 400)
-    scores = np.array([0.8] * 40 + [0.1] * 400)
-    assert vote_cell_type(labels, scores) == "shsy5y"
-    assert vote_cell_type(labels, scores, min_score=0.5) == "astro"
-    # nothing clears min_score: every detection votes (no silent default type)
-    assert vote_cell_type(np.array([1, 3, 3]), np.array([0.2, 0.3, 0.3]), min_score=0.5) == "cort"
 
 
 def test_score_filter_and_binarize():

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +28,14 @@ import numpy as np
 import pandas as pd
 
 from cellseg import plot
-from cellseg.config.manifest import load_manifest
+from cellseg.config.manifest import Manifest, load_manifest
 from cellseg.data.folds import select_ids
-from cellseg.data.masks import label_image
+from cellseg.data.masks import CropMask, label_image
 from cellseg.data.submission import decode_submission
-from cellseg.data.truth import read_train_csv
+from cellseg.data.truth import ImageAnnotation, read_train_csv
 from cellseg.errors import CellsegError
-from cellseg.evaluation.metric import score_images
-from cellseg.inference.runner import predict_folder
+from cellseg.evaluation.metric import ScoreReport, score_images
+from cellseg.inference.runner import RunResult, predict_folder
 from cellseg.io import read_gray
 from cellseg.model.provenance import summarize
 from cellseg.paths import CompetitionPaths
@@ -83,7 +83,7 @@ def dry_run(
     time_budget: str | float | None = None,
     overlays: int = 12,
     progress: bool = True,
-    log=None,
+    log: Callable[[str], None] | None = None,
     folds_csv: str | Path | None = None,
 ) -> DryRunResult:
     """Run the kernel path on train images and write the report folder (see the module docstring).
@@ -102,62 +102,75 @@ def dry_run(
     with tempfile.TemporaryDirectory(prefix="cellseg-dryrun-") as tmp:
         comp = stage_test_folder(paths, ids, Path(tmp) / "comp")
         run = predict_folder(
-            comp,
-            manifest,
-            report / "submission.csv",
-            time_budget=time_budget,
-            device=device,
-            progress=progress,
-            log=log,
-            kind="train",
+            comp, manifest, report / "submission.csv", time_budget, device, progress, log, kind="train"
         )
     skipped = set(run.skipped)
     if len(skipped) == len(ids):
         raise CellsegError(f"the time budget ({time_budget}) left no time to predict any image")
     truth = {i: train.images[i] for i in ids if i not in skipped}  # images never predicted are not scored
-    sizes = {i: (train.images[i].height, train.images[i].width) for i in ids}
-    preds = decode_submission(report / "submission.csv", sizes)
+    preds = decode_submission(
+        report / "submission.csv", {i: (train.images[i].height, train.images[i].width) for i in ids}
+    )
     preds = {i: p for i, p in preds.items() if i in truth}
     scores = score_images(truth, preds)
+    per_image = per_image_table(scores, run)
+    per_image.to_csv(report / "per_image.csv", index=False, float_format="%.5f")
+    write_overlays(report / "overlays", paths, per_image.head(overlays), truth, preds)
+    plot.score_by_class(
+        scores.per_class, per_image["cell_type"].value_counts().to_dict(), report / "score_by_class.png"
+    )
+    summary = run_summary(load_manifest(manifest, verify=False), scores, run, per_image)
+    (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = f"{scores.table()}\nensemble: {summary['provenance']}"
+    projected = summary[f"projected_seconds_{HIDDEN_TEST_IMAGES}_images"]
+    return DryRunResult(scores.score, scores.per_class, per_image, table, projected, report, summary)
+
+
+def per_image_table(scores: ScoreReport, run: RunResult) -> pd.DataFrame:
+    """The metric's per-image rows plus the voted type and seconds of each, worst score first."""
     per_image = scores.per_image.copy()
     per_image["voted_type"] = per_image["id"].map(run.cell_types).fillna("")
     per_image["seconds"] = per_image["id"].map(run.seconds)
-    per_image = per_image.sort_values(["score", "id"]).reset_index(drop=True)
-    per_image.to_csv(report / "per_image.csv", index=False, float_format="%.5f")
+    return per_image.sort_values(["score", "id"]).reset_index(drop=True)
 
-    ov = report / "overlays"
-    if ov.exists():
-        shutil.rmtree(ov)
-    ov.mkdir()
-    for rank, row in enumerate(per_image.head(overlays).itertuples()):
+
+def write_overlays(
+    folder: Path,
+    paths: CompetitionPaths,
+    rows: pd.DataFrame,
+    truth: dict[str, ImageAnnotation],
+    preds: dict[str, list[CropMask]],
+) -> None:
+    """One overlay PNG per row of ``rows`` (per-image table rows, in rank order) into a fresh ``folder``."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    for rank, row in enumerate(rows.itertuples()):
         ann = truth[row.id]
         img = read_gray(paths.image("train", row.id))
         gt, _ = label_image(ann.instances, ann.height, ann.width)
         pr, _ = label_image(preds.get(row.id, []), ann.height, ann.width)
         title = f"{row.id}  {row.cell_type}  score {row.score:.3f}"
-        plot.save_overlay(ov / f"{rank:02d}_{row.id}_{row.score:.3f}.png", img, gt, pr, title)
-    counts = per_image["cell_type"].value_counts().to_dict()
-    plot.score_by_class(scores.per_class, counts, report / "score_by_class.png")
+        plot.save_overlay(folder / f"{rank:02d}_{row.id}_{row.score:.3f}.png", img, gt, pr, title)
 
+
+def run_summary(manifest: Manifest, scores: ScoreReport, run: RunResult, per_image: pd.DataFrame) -> dict:
+    """summary.json's content (see the module docstring)."""
     per_img_s = float(np.mean(list(run.seconds.values()))) if run.seconds else float("nan")
-    projected = run.load_s + HIDDEN_TEST_IMAGES * per_img_s
-    summary = {
-        "provenance": summarize(load_manifest(manifest, verify=False)),  # what the ensemble was trained on
+    return {
+        "provenance": summarize(manifest),  # what the ensemble was trained on
         "score": scores.score,
         "per_class": scores.per_class,
-        "images": len(truth),
+        "images": len(per_image),
         "device": run.device,
         "views": run.views,
         "models": run.models,
         "seconds_per_image": per_img_s,
         "forward_seconds_per_image": run.forward_s / max(len(run.seconds), 1),
         "load_seconds": run.load_s,
-        f"projected_seconds_{HIDDEN_TEST_IMAGES}_images": projected,
+        f"projected_seconds_{HIDDEN_TEST_IMAGES}_images": run.load_s + HIDDEN_TEST_IMAGES * per_img_s,
         "failed": run.failed,
-        "skipped_for_time": sorted(skipped),
+        "skipped_for_time": sorted(run.skipped),
         "time_budget_decisions": run.decisions,
         "vote_accuracy": float((per_image["voted_type"] == per_image["cell_type"]).mean()),
     }
-    (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = f"{scores.table()}\nensemble: {summary['provenance']}"
-    return DryRunResult(scores.score, scores.per_class, per_image, table, projected, report, summary)

@@ -192,7 +192,7 @@ def paste_soft(
     because torch's intra-op threads only add overhead on these small arrays). torchvision
     builds the training targets with ``roi_align(aligned=False)``, which samples the truth half a
     pixel down-right and drops the box's left/top half pixel; pasting the targets of real masks
-    back reproduces them best (IoU 0.998 vs 0.90 unshifted, tests/test_predict.py) at 0.25 px, which
+    back reproduces them best (IoU 0.998 vs 0.90 unshifted, tests/inference/test_forward.py) at 0.25 px, which
     also scores best with the trained demo model (benchmarks/README.md), the default (``fusion.paste_shift`` in the manifest). ``shift`` may be (N, 2) per-detection (x, y)
     shifts: a mask predicted on a flipped view is shifted in the flipped frame, so its shift
     changes sign along the flipped axis. Crops are the box + 1 px margin, clipped to
@@ -378,21 +378,6 @@ def raw_to_detections(
             )
         )
     return Detections.concat(parts)
-
-
-def raw_vote_inputs(raw: Sequence[RawView], models: Sequence[LoadedModel]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, scores, weights) over every raw detection, for :func:`cellseg.inference.postprocess.vote_cell_type`."""
-    if not raw:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    labels = np.concatenate([r.labels.numpy() for r in raw])
-    scores = np.concatenate([r.scores.numpy() for r in raw])
-    weights = np.concatenate([np.full(len(r.scores), models[r.model].weight, np.float32) for r in raw])
-    return labels, scores, weights
-
-
-def relabel(raw: Sequence[RawView], class_id: int) -> list[RawView]:
-    """Every detection of an image gets the image's voted class (each image holds one cell type)."""
-    return [RawView(r.boxes, r.scores, torch.full_like(r.labels, class_id), r.masks, r.model, r.view) for r in raw]
 
 
 __all__ = [

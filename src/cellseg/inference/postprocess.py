@@ -1,7 +1,8 @@
 """Post-processing of one image's fused detections, as small pure functions in this order:
 
-cell-type vote -> score threshold -> mask binarisation -> hole filling -> minimum pixels ->
-overlap removal (higher score keeps contested pixels). The caller encodes the surviving crops
+score threshold -> mask binarisation -> hole filling -> minimum pixels -> overlap removal (higher
+score keeps contested pixels). The cell-type vote comes before fusion
+(:func:`cellseg.inference.ensemble.vote_cell_type`). The caller encodes the surviving crops
 (:func:`cellseg.data.rle.encode_crop`: the folder runner for submission.csv, pseudo-labels for their csv).
 
 Every threshold comes from the weights manifest (:class:`cellseg.config.manifest.ClassThresholds` of the
@@ -14,33 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cellseg import CELL_TYPES
 from cellseg.config.manifest import ClassThresholds, PostprocessConfig
 from cellseg.data.masks import CropMask, fill_holes
 from cellseg.inference.fusion import Detections, SoftCrop
-
-
-def vote_cell_type(
-    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None, min_score: float = 0.0
-) -> str:
-    """The image's cell type: class id with the largest sum of score (x model weight) over detections
-    scoring at least ``min_score`` (all detections when none does).
-
-    ``labels`` (N,) class ids 1..3, ``scores`` (N,). With no detections returns the first type.
-    ``min_score`` matters: the many low-score fragments of an image (pieces of astro branches, say)
-    are mostly labelled with the many-small-cells class and can outvote its confident detections.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float64)
-    w = scores * (1.0 if weights is None else np.asarray(weights, dtype=np.float64))
-    valid = (labels >= 1) & (labels <= len(CELL_TYPES))
-    confident = valid & (scores >= min_score)
-    if confident.any():
-        valid = confident
-    if not valid.any():
-        return CELL_TYPES[0]
-    votes = np.bincount(labels[valid] - 1, weights=w[valid], minlength=len(CELL_TYPES))
-    return CELL_TYPES[int(np.argmax(votes))]
 
 
 def score_filter(scores: np.ndarray, threshold: float) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Pseudo-labels for the unlabeled images (``train_semi_supervised/``).
 
 The ensemble runs on each unlabeled image through the per-image pipeline
-(:func:`cellseg.inference.pipeline.predict_image`) with the cell type read from the file name (the vote when
+(:meth:`cellseg.inference.ensemble.Ensemble.predict`) with the cell type read from the file name (the vote when
 the name does not say), and only confident instances are kept: the manifest's per-class thresholds
 made stricter (score + ``score_margin``, minimum pixels x ``min_pixels_factor``). The result is a
 train.csv-format file (the 9 columns, the unknown ones empty, plus ``source``) that training takes
@@ -25,8 +25,7 @@ from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS, cell_type_from_filename
 from cellseg.errors import CellsegError
 from cellseg.inference.device import resolve_device
-from cellseg.inference.forward import load_ensemble
-from cellseg.inference.pipeline import predict_image
+from cellseg.inference.ensemble import Ensemble
 from cellseg.io import atomic_path, list_pngs, read_gray
 
 
@@ -69,8 +68,7 @@ def pseudo_label(
         pick = np.sort(np.random.default_rng(seed).permutation(len(files))[:images])
         files = [files[i] for i in pick]
     manifest: Manifest = load_manifest(manifest_path, verify=True)
-    dev = resolve_device(device)
-    loaded = load_ensemble(manifest, dev)
+    ensemble = Ensemble.load(manifest, resolve_device(device))
     rows, stats, unreadable = [], [], []
     for f in tqdm(files, desc="pseudo-label", unit="img", disable=None if progress else True):
         try:
@@ -80,14 +78,8 @@ def pseudo_label(
             unreadable.append(f.name)
             continue
         h, w = image.shape
-        res = predict_image(
-            image,
-            loaded,
-            manifest.tta,
-            manifest,
-            dev,
-            cell_type_from_filename(f.name),
-            strictness=lambda th: stricter(th, score_margin, min_pixels_factor),
+        res = ensemble.predict(
+            image, cell_type_from_filename(f.name), strictness=lambda th: stricter(th, score_margin, min_pixels_factor)
         )
         crops, scores, cell_type = res.crops, res.scores, res.cell_type
         stats.append((cell_type, len(crops), float(scores.mean()) if len(scores) else np.nan))

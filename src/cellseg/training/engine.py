@@ -20,7 +20,7 @@ from cellseg.data.livecell import LivecellValidation
 from cellseg.data.truth import ImageAnnotation
 from cellseg.errors import CellsegError
 from cellseg.evaluation.metric import ScoreReport, score_images
-from cellseg.inference.pipeline import in_memory_ensemble, predict_image
+from cellseg.inference.ensemble import Ensemble
 from cellseg.io import read_gray
 from cellseg.progress import progress as progress_bar
 
@@ -219,18 +219,18 @@ def score_with_pipeline(
 ) -> ScoreReport:
     """Predict every image of ``truth`` (its file in ``paths``) with the inference pipeline and score it.
 
-    Predictions come from :func:`cellseg.inference.pipeline.predict_image` (the path of ``cellseg
+    Predictions come from :meth:`cellseg.inference.ensemble.Ensemble.predict` (the path of ``cellseg
     predict`` and ``dry-run``) with :func:`validation_manifest`'s thresholds, on a copy of ``model``
-    (:func:`cellseg.inference.pipeline.in_memory_ensemble`; ``class_agnostic`` for models whose classes
+    (:meth:`cellseg.inference.ensemble.Ensemble.in_memory`; ``class_agnostic`` for models whose classes
     are not the competition's). ``per_class`` of the report groups by ``truth[id].cell_type``.
     """
     manifest = validation_manifest(cfg)
-    loaded = in_memory_ensemble(model, cfg.model, manifest, device, class_agnostic=class_agnostic)
+    ensemble = Ensemble.in_memory(model, cfg.model, manifest, device, class_agnostic=class_agnostic)
     preds = {}
     bar = progress_bar(total=len(truth), desc="validate", unit="img", enabled=progress, leave=False)
     for image_id in list(truth):
         image = read_gray(paths[image_id])
-        preds[image_id] = predict_image(image, loaded, manifest.tta, manifest, device).crops
+        preds[image_id] = ensemble.predict(image).crops
         bar.update()
     bar.close()
     return score_images(truth, preds)

@@ -150,10 +150,9 @@ def predict_raw(
     Raises:
         CellsegError: ``out_dir`` holds a cache of another ensemble or split, or unindexed files.
     """
-    # lazy: the model side imports torch; reading a cache (tune) stays torch-free
+    # lazy: only predicting needs the models' code (checkpoints, torchvision's detection models)
     from cellseg.inference.device import resolve_device
-    from cellseg.inference.forward import load_ensemble
-    from cellseg.inference.pipeline import forward_image, image_detections
+    from cellseg.inference.ensemble import Ensemble
 
     manifest = load_manifest(manifest_path, verify=True)
     if not manifest.models:
@@ -190,16 +189,13 @@ def predict_raw(
     if not todo:
         write_index()
         return out
-    dev = resolve_device(device)
-    loaded = load_ensemble(manifest, dev)
+    ensemble = Ensemble.load(manifest, resolve_device(device))
     bar = progress_bar(total=len(todo), desc="predict-raw", unit="img", enabled=progress, every=10)
     for image_id in todo:
         image = read_gray(paths.image(split, image_id))
-        raw, _ = forward_image(image, loaded, manifest.tta, dev)
+        raw = ensemble.forward(image)
         # every detection above the models' own floor: the tuner chooses the score threshold
-        dets, cell_type, total = image_detections(
-            image.shape, raw, loaded, manifest.tta, manifest, min_score=manifest.fusion.model_score_thresh
-        )
+        dets, cell_type, total = ensemble.detections(image.shape, raw, min_score=manifest.fusion.model_score_thresh)
         h, w = image.shape  # read_gray: always (H, W)
         save_cached(out / f"{image_id}.npz", CachedImage(image_id, cell_type, h, w, total, dets, fingerprint))
         done.append(image_id)

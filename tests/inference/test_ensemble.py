@@ -1,4 +1,4 @@
-"""``cellseg.inference.pipeline``: the per-image path (forward -> vote -> fusion -> post-processing), on a
+"""``cellseg.inference.ensemble``: the per-image path (forward -> vote -> fusion -> post-processing), on a
 model in memory (training validation) and on checkpoints."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import torch
 from cellseg.config.experiment import ModelConfig
 from cellseg.config.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, load_manifest
 from cellseg.data.masks import label_image
-from cellseg.inference.forward import LoadedModel, RawView, label_map_for, load_ensemble
-from cellseg.inference.pipeline import finish_image, in_memory_ensemble, predict_image
+from cellseg.inference.ensemble import Ensemble, vote_cell_type
+from cellseg.inference.forward import LoadedModel, RawView, label_map_for
 from cellseg.model.build import build_model
 from helpers import TINY
 from inference_helpers import blob_image, make_manifest
 
 H, W = 120, 160
+CPU = torch.device("cpu")
 
 
 def _raw() -> list[RawView]:
@@ -55,15 +56,35 @@ def _manifest(vote_min_score: float) -> Manifest:
     )
 
 
+def test_vote_is_score_weighted():
+    labels = np.array([1, 1, 1, 2])
+    scores = np.array([0.1, 0.1, 0.1, 0.9])
+    assert vote_cell_type(labels, scores) == "astro"  # one confident astro beats three weak shsy5y
+    assert vote_cell_type(labels, scores, weights=np.array([5, 5, 5, 1.0])) == "shsy5y"
+    assert vote_cell_type(np.array([3]), np.array([0.2])) == "cort"
+    assert vote_cell_type(np.zeros(0, int), np.zeros(0)) == "shsy5y"
+
+
+def test_vote_min_score_ignores_a_swarm_of_weak_fragments():
+    """An astro image as the small demo model sees it: 40 confident astro cells, 400 weak shsy5y-
+    labelled fragments whose summed score is larger. Only confident detections vote."""
+    labels = np.array([2] * 40 + [1] * 400)
+    scores = np.array([0.8] * 40 + [0.1] * 400)
+    assert vote_cell_type(labels, scores) == "shsy5y"
+    assert vote_cell_type(labels, scores, min_score=0.5) == "astro"
+    # nothing clears min_score: every detection votes (no silent default type)
+    assert vote_cell_type(np.array([1, 3, 3]), np.array([0.2, 0.3, 0.3]), min_score=0.5) == "cort"
+
+
 def test_the_manifest_vote_threshold_decides_the_cell_type_and_its_thresholds():
     loaded = [LoadedModel(model=None, weight=1.0, label_map=label_map_for(None, 4))]
-    confident = finish_image((H, W), _raw(), loaded, ["identity"], _manifest(0.5))
+    confident = Ensemble(_manifest(0.5), loaded, CPU).finish((H, W), _raw())
     assert confident.cell_type == "astro"
     assert len(confident.crops) == 6 and (confident.scores >= 0.5).all()
-    every = finish_image((H, W), _raw(), loaded, ["identity"], _manifest(0.0))
+    every = Ensemble(_manifest(0.0), loaded, CPU).finish((H, W), _raw())
     assert every.cell_type == "shsy5y"  # the fragments outvote the cells when every detection votes
     # a type given by the caller (unlabeled images named by type) skips the vote
-    assert finish_image((H, W), _raw(), loaded, ["identity"], _manifest(0.0), cell_type="cort").cell_type == "cort"
+    assert Ensemble(_manifest(0.0), loaded, CPU).finish((H, W), _raw(), cell_type="cort").cell_type == "cort"
 
 
 def test_in_memory_model_runs_the_pipeline_on_a_copy():
@@ -77,30 +98,28 @@ def test_in_memory_model_runs_the_pipeline_on_a_copy():
     postprocess_fn = model.transform.postprocess
     manifest = dataclasses.replace(_manifest(0.5), fusion=FusionConfig(model_score_thresh=0.0))
     manifest.classes = {ct: ClassThresholds(score=0.0, mask_threshold=0.5, nms_iou=0.9) for ct in manifest.classes}
-    loaded = in_memory_ensemble(model, cfg, manifest, torch.device("cpu"))
+    ens = Ensemble.in_memory(model, cfg, manifest, CPU)
     image = (np.random.default_rng(0).random((48, 64)) * 255).astype(np.uint8)
-    res = predict_image(image, loaded, ["identity"], manifest, torch.device("cpu"))
+    res = ens.predict(image)
     assert len(res.crops) > 0 and len(res.scores) == len(res.crops)
     assert label_image(res.crops, 48, 64)[1] == 0  # no pixel claimed twice
     assert all(c.area > 0 and c.top >= 0 and c.left >= 0 for c in res.crops)
     assert model.training and list(model.state_dict()) == keys and model.transform.postprocess == postprocess_fn
     assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == before
-    assert loaded[0].model is not model and loaded[0].paste_shift == manifest.fusion.paste_shift
+    assert ens.models[0].model is not model and ens.models[0].paste_shift == manifest.fusion.paste_shift
 
 
-def test_predict_image_applies_the_given_cell_type_and_strictness(tmp_path):
+def test_predict_applies_the_given_cell_type_and_strictness(tmp_path):
     """Pseudo-labelling's call: the caller's cell type replaces the vote, and the strictness callback's
     higher score bar is the one applied (the normal bar keeps detections under it)."""
     path = make_manifest(tmp_path / "w", n_models=2, tta=("identity", "hflip"), detections_per_view=40)
     m = load_manifest(path)
-    loaded = load_ensemble(m, torch.device("cpu"))
+    ens = Ensemble.load(m, CPU)
     image = blob_image(1)
-    normal = predict_image(image, loaded, m.tta, m, torch.device("cpu"))
+    normal = ens.predict(image)
     bar = float(normal.scores.min() + normal.scores.max()) / 2
     assert len(normal.crops) > 0 and (normal.scores < bar).any()  # the raised bar has something to drop
     forced = next(t for t in ("cort", "astro") if t != normal.cell_type)
-    strict = predict_image(
-        image, loaded, m.tta, m, torch.device("cpu"), forced, strictness=lambda th: dataclasses.replace(th, score=bar)
-    )
+    strict = ens.predict(image, forced, strictness=lambda th: dataclasses.replace(th, score=bar))
     assert strict.cell_type == forced
     assert len(strict.crops) > 0 and len(strict.scores) == len(strict.crops) and (strict.scores >= bar).all()
