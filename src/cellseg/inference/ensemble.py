@@ -44,6 +44,7 @@ from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.config.experiment import ModelConfig
 from cellseg.config.manifest import ClassThresholds, Manifest
 from cellseg.data.masks import CropMask
+from cellseg.inference.device import apply_speed_options
 from cellseg.inference.forward import LoadedModel, RawView, as_loaded, load_ensemble, predict_views, raw_to_detections
 from cellseg.inference.fusion import Detections, fuse
 from cellseg.inference.postprocess import postprocess
@@ -146,8 +147,12 @@ class Ensemble:
     @classmethod
     def load(cls, manifest: Manifest, device: torch.device, fp16: bool | None = None) -> Ensemble:
         """Load and prepare every model of ``manifest`` on ``device`` (checksums are checked when the
-        manifest is loaded); ``fp16`` as in :func:`cellseg.inference.forward.prepare_model`."""
-        return cls(manifest, load_ensemble(manifest, device, fp16=fp16), device)
+        manifest is loaded); ``fp16`` as in :func:`cellseg.inference.forward.prepare_model`. The inference
+        speed options (:func:`cellseg.inference.device.apply_speed_options`: off unless the environment
+        turns them on) are applied here, so every caller of the per-image path gets them."""
+        loaded = load_ensemble(manifest, device, fp16=fp16)
+        apply_speed_options([lm.model for lm in loaded], device)
+        return cls(manifest, loaded, device)
 
     @classmethod
     def in_memory(
