@@ -1,9 +1,9 @@
 """Raw inference: models x TTA views of one image -> detections with soft masks on their crops.
 
 torchvision's Mask R-CNN would paste every 28 x 28 mask onto a full image (1000 x 520 x 704 floats
-per view). Here ``model.transform.postprocess`` is replaced so that the model returns boxes in
-original-image coordinates and the 28 x 28 mask probabilities; :func:`paste_soft` then samples each
-mask onto its own box crop only (``grid_sample``, vectorised in buckets of similar crop size).
+per view). Here the model's transform does not paste (``paste_masks = False``): the model returns
+boxes in original-image coordinates and the 28 x 28 mask probabilities; :func:`paste_soft` then
+samples each mask onto its own box crop only (``grid_sample``, vectorised in buckets of similar crop size).
 
 Views (``identity``, ``hflip``, ``vflip``, ``hvflip``) are batched into one forward per model and
 mapped back exactly: boxes mirrored, 28 x 28 masks flipped. On CUDA the convolutional parts (backbone,
@@ -14,7 +14,6 @@ stays in half precision from end to end.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection.transform import resize_boxes
 
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.config.experiment import ModelConfig
@@ -38,21 +36,6 @@ VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "vflip": (False, True),
     "hvflip": (True, True),
 }
-
-
-def _postprocess_keep_crops(
-    self: nn.Module,
-    result: list[dict[str, torch.Tensor]],
-    image_shapes: list[tuple[int, int]],
-    original_image_sizes: list[tuple[int, int]],
-) -> list[dict[str, torch.Tensor]]:
-    """Replacement for ``GeneralizedRCNNTransform.postprocess``: rescale boxes to the original image
-    sizes, keep the masks as the head's (N, 1, 28, 28) float probabilities (pasted later, on crops)."""
-    if self.training:
-        return result
-    for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
-        pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-    return result
 
 
 class _Autocast(nn.Module):
@@ -116,7 +99,11 @@ def prepare_model(
     rh.score_thresh = float(fusion.model_score_thresh)
     rh.nms_thresh = float(fusion.model_nms_thresh)
     rh.detections_per_img = int(fusion.detections_per_view)
-    m.transform.postprocess = types.MethodType(_postprocess_keep_crops, m.transform)
+    if not hasattr(m.transform, "paste_masks"):
+        raise CellsegError(
+            f"{type(m.transform).__name__} cannot keep the masks for pasting on crops (not built by cellseg)"
+        )
+    m.transform.paste_masks = False  # boxes in the original frame, (N, 1, M, M) masks: paste_soft pastes them
     model.eval()
     if fp16 is None:
         fp16 = device.type == "cuda"
