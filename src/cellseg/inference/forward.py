@@ -29,6 +29,7 @@ from cellseg.errors import CellsegError
 from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.model.checkpoint import load_model
+from cellseg.model.precision import half_precision
 
 VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "identity": (False, False),
@@ -36,41 +37,6 @@ VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "vflip": (False, True),
     "hvflip": (True, True),
 }
-
-
-class _Autocast(nn.Module):
-    """Runs ``module`` under autocast (CUDA fp16) and returns float32 tensors (nested dict/list/tuple),
-    or, with ``keep_half``, its half-precision outputs as they are (for a module whose only consumer
-    runs under autocast too)."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        keep_half: bool = False,
-        device_type: str = "cuda",
-        dtype: torch.dtype = torch.float16,
-    ):
-        super().__init__()
-        self.module = module
-        self.keep_half = keep_half
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.module(*args, **kwargs)
-        return out if self.keep_half else _to_float(out)
-
-
-def _to_float(x: Any) -> Any:
-    """``x`` with every floating tensor (nested in dicts, lists, tuples) cast to float32."""
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return type(x)((k, _to_float(v)) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_float(v) for v in x)
-    return x
 
 
 def prepare_model(
@@ -84,10 +50,8 @@ def prepare_model(
 
     Loosens the model's own filtering (``roi_heads.score_thresh``/``nms_thresh``/
     ``detections_per_img`` from the manifest's fusion section), keeps masks as 28 x 28
-    probabilities, eval mode, moves to ``device``. ``fp16`` (default: on CUDA) wraps the conv parts in
-    fp16 autocast: backbone, RPN head, box head, and mask head + mask predictor (the mask head's
-    (N, 256, 14, 14) output stays half precision into the predictor, whose (N, 256, 28, 28) deconv
-    would be GBs in float32 for 4 views x 1000 detections). ``fold_bn`` (default on) folds BatchNorms
+    probabilities, eval mode, moves to ``device``. ``fp16`` (default: on CUDA) runs the conv parts in
+    fp16 autocast (:func:`cellseg.model.precision.half_precision`). ``fold_bn`` (default on) folds BatchNorms
     into their convolutions first (:func:`fold_batchnorm`), on every device, so the CPU runs (tests,
     dry runs) check the model the GPU runs; with the demo model the golden submission is unchanged.
     """
@@ -110,12 +74,8 @@ def prepare_model(
     if fold_bn:
         fold_batchnorm(model)
     model.to(device)
-    if fp16 and not isinstance(m.backbone, _Autocast):
-        m.backbone = _Autocast(m.backbone)
-        m.rpn.head = _Autocast(m.rpn.head)
-        rh.box_head = _Autocast(rh.box_head)
-        rh.mask_head = _Autocast(rh.mask_head, keep_half=True)
-        rh.mask_predictor = _Autocast(rh.mask_predictor)
+    if fp16:
+        half_precision(model)
     return model
 
 
