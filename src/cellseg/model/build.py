@@ -28,7 +28,8 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cellseg.config.experiment import ModelConfig
@@ -44,6 +45,23 @@ CLASS_SPECIFIC_PREFIXES = (
     "roi_heads.box_predictor.bbox_pred.",
     "roi_heads.mask_predictor.mask_fcn_logits.",
 )
+
+
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` (same buffers and state-dict keys) computing in its input's
+    dtype, as Detectron2's does: scale and bias are formed in float32 and cast to ``x.dtype``.
+
+    torchvision's keeps them float32, so under autocast a half-precision input comes out float32 and
+    every frozen-BN/ReLU activation is saved for backward in float32 (plus a half copy for the next
+    conv). In float32 the arithmetic is torchvision's, bit for bit.
+
+    x (N, C, H, W) any float dtype -> same shape and dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
 
 
 def norm_layer(kind: str) -> Callable[[int], nn.Module]:
@@ -304,6 +322,7 @@ __all__ = [
     "build_box_head",
     "build_mask_head",
     "norm_layer",
+    "FrozenBatchNorm2d",
     "freeze_stages",
     "class_specific",
     "count_parameters",
