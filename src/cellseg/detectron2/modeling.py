@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
@@ -48,6 +49,7 @@ from cellseg.model.parts import RPN, MaskRoIHeads, RCNNTransform
 __all__ = [
     "move_stride_to_1x1",
     "D2AnchorGenerator",
+    "Float32BoxCoder",
     "D2ROIPooler",
     "D2RPN",
     "D2RoIHeads",
@@ -120,10 +122,10 @@ class D2AnchorGenerator(AnchorGenerator):
             [torch.tensor(s, dtype=torch.int64, device=device), torch.tensor(s, dtype=torch.int64, device=device)]
             for s in self.strides
         ]
-        # Detectron2 computes anchors in float32 whatever the feature dtype
+        # float32 whatever the features' dtype (half under AMP training), as Detectron2: these anchors
+        # are not whole pixels, and half precision would move them by up to 1 px in a 2x frame
         self.set_cell_anchors(torch.float32, device)
-        per_level = self.grid_anchors(grid_sizes, strides)
-        anchors = torch.cat(per_level).to(feature_maps[0].dtype)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in range(len(image_list.image_sizes))]
 
 
@@ -211,6 +213,17 @@ class D2ROIPooler(nn.Module):
 # RPN and box post-processing
 
 
+class Float32BoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder`` decoding in float32, as Detectron2's ``Box2BoxTransform.apply_deltas``
+    does: torchvision casts the reference boxes to the deltas' dtype, half under AMP training.
+
+    decode(rel_codes (R, 4k) any float dtype, boxes: list of (R_i, 4)) -> (R, k, 4) float32.
+    """
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
 class D2RPN(RPN):
     """torchvision's RPN with Detectron2's ``find_top_rpn_proposals`` at test time: per-level top-k
     on logits, drop non-finite, clip, keep width and height > ``min_size``, NMS per level on logits,
@@ -219,6 +232,7 @@ class D2RPN(RPN):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.min_size = 0.0  # Detectron2 keeps every box with width and height > 0
+        self.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         num_images = proposals.shape[0]
