@@ -21,6 +21,14 @@ each in its own subprocess (clean peak RSS from ``getrusage``; on CUDA also
 Prints each peak, dense / sparse per path (goal <= 1.3x) and old / new per pair. The old path at
 scale 2 needs ~23 GB of RAM on CPU: on a small machine measure it at ``--old-scale 1`` (the new path
 is then measured at both scales). Not a test.
+
+``--mode saved`` measures instead what one training forward of the dense pair saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``: bytes of every distinct saved tensor that is not a
+parameter, by dtype), for three runs: float32 without autocast; autocast (fp16 on CUDA, bf16 on the
+CPU) with torchvision's ``FrozenBatchNorm2d``, whose float32 scale turns half inputs into float32
+("before"); autocast with the model's own frozen BN, which computes in its input's dtype ("after")::
+
+    .venv/bin/python benchmarks/bench_train_memory.py --mode saved --scale 1 --jitter 1   # CPU proxy
 """
 
 from __future__ import annotations
@@ -51,6 +59,100 @@ def old_path(model) -> None:
     from reference_targets import old_path as reference
 
     reference(model)
+
+
+def torchvision_frozen_bn(model) -> int:
+    """Replace every frozen BN of ``model`` by torchvision's own ``FrozenBatchNorm2d`` (same state), in
+    place: the "before" of ``--mode saved``. Returns how many were replaced."""
+    import torchvision
+
+    from cellseg.model.build import FrozenBatchNorm2d
+
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    count = 0
+    for parent, name, bn in swaps:
+        if isinstance(bn, FrozenBatchNorm2d):
+            plain = torchvision.ops.FrozenBatchNorm2d(bn.weight.numel(), eps=bn.eps)
+            plain.load_state_dict(bn.state_dict())
+            setattr(parent, name, plain.to(bn.weight.device))
+            count += 1
+    return count
+
+
+def saved_bytes(model, images, tgts, autocast_dtype) -> dict[str, int]:
+    """Bytes saved for backward by one training forward, per dtype (distinct storages, parameters
+    excluded). ``autocast_dtype`` None: float32 without autocast."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (str(t.dtype).removeprefix("torch."), storage.nbytes())
+        return t
+
+    device_type = images[0].device.type
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = model(images, tgts)
+    del losses
+    out: dict[str, int] = {}
+    for dtype, nbytes in seen.values():
+        out[dtype] = out.get(dtype, 0) + nbytes
+    return out
+
+
+def saved_mode(args: argparse.Namespace, ids: list[str]) -> None:
+    """``--mode saved``: saved-activation bytes, float32 vs autocast before / after (frozen BN)."""
+    import torch
+
+    from cellseg.config.experiment import load_experiment
+    from cellseg.data.dataset import build_train_dataset
+    from cellseg.model.build import build_model
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    half_name = str(half).removeprefix("torch.")
+    overrides = [f"model.input_scale={args.scale}", f"augment.scale_range=[{args.jitter},{args.jitter}]"]
+    cfg = load_experiment(args.config, overrides)
+    ds = build_train_dataset(cfg, args.data, ids)
+    items = [ds[i] for i in range(len(ds))]
+    images = [im.to(device) for im, _ in items]
+    print(
+        f"{Path(args.config).name}, dense pair ({sum(int(t['labels'].numel()) for _, t in items)} cells), "
+        f"batch 2, input_scale {args.scale:g}, jitter {args.jitter:g}, device {args.device}: bytes saved for backward"
+    )
+    rows: dict[str, dict[str, int]] = {}
+    for name, dtype, before in (("float32", None, False), ("before", half, True), ("after", half, False)):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device).train()
+        replaced = torchvision_frozen_bn(model) if before else 0
+        tgts = [{k: v.to(device) for k, v in t.items() if torch.is_tensor(v)} for _, t in items]
+        torch.manual_seed(1)
+        by_dtype = saved_bytes(model, images, tgts, dtype)
+        rows[name] = by_dtype
+        total = sum(by_dtype.values())
+        parts = ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in sorted(by_dtype.items()))
+        label = {
+            "float32": "float32, no autocast",
+            "before": f"{half_name} autocast, torchvision FrozenBN",
+            "after": f"{half_name} autocast, frozen BN in input dtype",
+        }[name]
+        print(
+            f"  {label:<45}: {total / 2**20:8.0f} MB ({parts})" + (f" [{replaced} BN replaced]" if before else ""),
+            flush=True,
+        )
+    totals = {k: sum(v.values()) for k, v in rows.items()}
+    print(
+        f"summary: before / float32 = {totals['before'] / totals['float32']:.2f}, "
+        f"after / float32 = {totals['after'] / totals['float32']:.2f}, after / before = "
+        f"{totals['after'] / totals['before']:.2f}; float32 saved under autocast: before "
+        f"{rows['before'].get('float32', 0) / 2**20:.0f} MB, after {rows['after'].get('float32', 0) / 2**20:.0f} MB"
+    )
 
 
 def peak_rss_mb() -> float:
@@ -136,6 +238,7 @@ def main() -> int:
     ap.add_argument("--no-amp", action="store_true", help="CUDA: train without autocast (default: the config's amp)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--paths", default="old,new", help="which paths to measure (old,new)")
+    ap.add_argument("--mode", default="peak", choices=["peak", "saved"], help="peak memory, or saved activations")
     ap.add_argument("--tiny", action="store_true", help="smoke run: configs/demo.yaml, 8 images, scale 1, CPU")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -156,6 +259,9 @@ def main() -> int:
     counts = read_train_csv(Path(args.data) / "train.csv").images
     order = sorted(counts, key=lambda i: (len(counts[i].instances), i))
     pairs = {"dense": order[-2:], "sparse": order[:2]}
+    if args.mode == "saved":
+        saved_mode(args, pairs["dense"])
+        return 0
     old_scale = args.scale if args.old_scale is None else args.old_scale
     runs = []
     paths = args.paths.split(",")

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
-from cellseg.model import targets
 from cellseg.model.build import ScaledRCNNTransform
 
 
@@ -35,6 +34,9 @@ class OldScaledRCNNTransform(ScaledRCNNTransform):
 def old_path(model: nn.Module) -> None:
     """Give a built model torchvision's training targets again, in place: the old resize above,
     ``project_masks_on_boxes`` over the whole stack and the full (G, A) anchor IoU matrix."""
-    targets.uninstall(model)
-    if isinstance(model.transform, ScaledRCNNTransform):
-        model.transform.__class__ = OldScaledRCNNTransform
+    model.rpn.anchor_matching = None
+    model.roi_heads.training_forward = None
+    model.transform.keep_source_masks = False
+    t = model.transform
+    if isinstance(t, ScaledRCNNTransform):
+        model.transform = OldScaledRCNNTransform(t.scale, t.image_mean, t.image_std, t.size_divisible).train(t.training)

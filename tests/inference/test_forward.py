@@ -127,7 +127,7 @@ def test_autocast_wrapper_returns_float32_through_nested_outputs():
     """The autocast wrapper hands the un-wrapped model float32 tensors whatever the wrapped part returns
     (dicts, lists, tuples of half tensors), leaves integer tensors alone, and with ``keep_half`` passes
     the half-precision outputs through. CPU autocast with bfloat16 stands in for CUDA fp16."""
-    from cellseg.inference.forward import _Autocast
+    from cellseg.model.precision import Autocast as _Autocast
 
     class Net(torch.nn.Module):
         def forward(self, x):
@@ -157,7 +157,7 @@ def test_fp16_wrappers_keep_the_detections_on_gpu(small_manifest):
     wrapped = LoadedModel(
         prepare_model(load_model(path, gpu)[0], m.fusion, gpu, fp16=True), 1.0, label_map_for(None, 4)
     )
-    assert type(wrapped.model.backbone).__name__ == "_Autocast"
+    assert type(wrapped.model.backbone).__name__ == "Autocast"
     a = predict_views([plain], blob_image(3), ["identity"], gpu)[0]
     b = predict_views([wrapped], blob_image(3), ["identity"], gpu)[0]
     assert len(a.scores) > 0
@@ -222,7 +222,8 @@ def test_half_precision_runs_through_the_backbone_and_the_mask_predictor():
     """prepare_model's autocast wiring, exercised on the CPU with bfloat16 standing in for CUDA fp16:
     every ResNet block outputs half precision (an unfolded FrozenBN's float32 buffers would turn it
     back into float32), and the mask predictor's deconv runs in half precision too."""
-    from cellseg.inference.forward import LoadedModel, _Autocast, label_map_for
+    from cellseg.inference.forward import LoadedModel, label_map_for
+    from cellseg.model.precision import Autocast as _Autocast
 
     model = _tiny_prepared("frozen_bn", fp16=True)
     wrappers = [m for m in model.modules() if isinstance(m, _Autocast)]

@@ -144,3 +144,72 @@ def test_class_specific_keys():
     assert class_specific("roi_heads.box_predictor.cls_score.weight")
     assert class_specific("roi_heads.mask_predictor.mask_fcn_logits.bias")
     assert not class_specific("roi_heads.mask_predictor.conv5_mask.weight")
+
+
+def test_parts_are_chosen_at_build_and_never_retyped():
+    """No module of src/cellseg assigns ``__class__`` or binds methods onto instances (MethodType): a
+    part's class is the one build_model constructed."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src" / "cellseg"
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if any(isinstance(t, ast.Attribute) and t.attr == "__class__" for t in targets):
+                found.append(f"{path.name}:{node.lineno} __class__ =")
+            if isinstance(node, ast.Attribute) and node.attr == "MethodType":
+                found.append(f"{path.name}:{node.lineno} MethodType")
+    assert not found
+
+
+@pytest.mark.parametrize("d2", [False, True])
+def test_training_targets_only_when_built_for_training(d2):
+    from cellseg.detectron2 import modeling
+    from cellseg.model import parts
+
+    cfg = ModelConfig(**{**TINY, "input_scale": 0.0, "min_size": 64, "max_size": 96, "detectron2_inference": d2})
+    if d2:
+        want = (modeling.D2RPN, modeling.D2RoIHeads, modeling.D2Transform)
+    else:
+        want = (parts.RPN, parts.MaskRoIHeads, parts.RCNNTransform)
+    for training in (True, False):
+        m = build_model(cfg, training_targets=training)
+        assert (type(m.rpn), type(m.roi_heads), type(m.transform)) == want
+        assert (m.rpn.anchor_matching is not None) == training
+        assert (m.roi_heads.training_forward is not None) == training
+        assert m.transform.keep_source_masks == training
+
+
+def test_frozen_bn_computes_in_its_inputs_dtype():
+    """Under CPU bf16 autocast the backbone's frozen BN keeps a bf16 input bf16 (torchvision's returns
+    float32), with float32's values to bf16 precision; in float32 it is torchvision's bit for bit."""
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
+
+    from cellseg.model.build import norm_layer
+
+    torch.manual_seed(0)
+    bn = norm_layer("frozen_bn")(16)
+    bn.weight.uniform_(0.5, 2.0)
+    bn.bias.normal_()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 16, 9, 11)
+    reference = TorchvisionFrozenBN(16)
+    reference.load_state_dict(bn.state_dict())
+    assert torch.equal(bn(x), reference(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bn(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x.to(torch.bfloat16).float()), rtol=2e-2, atol=2e-2)
+
+    # in a built backbone: the output of every frozen BN of a trainable stage is saved in bf16
+    body = build_model(ModelConfig(**{**TINY, "norm": "frozen_bn"})).backbone.body
+    dtypes = []
+    for m in body.modules():
+        if isinstance(m, TorchvisionFrozenBN):
+            m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        body(torch.rand(1, 3, 64, 64))
+    assert dtypes and set(dtypes) == {torch.bfloat16}

@@ -21,10 +21,11 @@ import yaml
 
 from cellseg.config.experiment import load_experiment
 from cellseg.config.manifest import load_manifest
+from cellseg.config.provenance import SYNTH_MARKER
 from cellseg.inference.runner import predict_folder
 from cellseg.model.checkpoint import read_checkpoint_info
 from cellseg.model.export import export_weights
-from cellseg.model.provenance import SYNTH_MARKER, from_checkpoint, summarize, synthetic_only, verdict
+from cellseg.model.provenance import from_checkpoint, summarize, synthetic_only, verdict
 from cellseg.paths import configs_dir, demo_manifest
 from cellseg.training.loop import train
 from fake_kaggle import REPO, FakeKaggle, make_checkout

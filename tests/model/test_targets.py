@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torchvision.models.detection._utils import Matcher
-from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
@@ -17,7 +17,7 @@ from cellseg.data.dataset import CellDataset, train_records
 from cellseg.data.synth import generate
 from cellseg.data.transforms import AugmentConfig
 from cellseg.data.truth import read_train_csv
-from cellseg.detectron2.modeling import D2RoIHeads
+from cellseg.detectron2.modeling import D2RPN, D2RoIHeads, D2Transform
 from cellseg.model import targets
 from cellseg.model.build import build_model
 from helpers import TINY
@@ -94,7 +94,7 @@ def test_training_losses_equal_torchvisions_path(synth_items, scale):
     old = build_model(cfg).train()
     old.load_state_dict(new.state_dict())
     old_path(old)
-    assert type(old.roi_heads) is RoIHeads and type(old.rpn) is RegionProposalNetwork
+    assert old.roi_heads.training_forward is None and old.rpn.anchor_matching is None
     images = [im for im, _ in synth_items]
 
     def losses(model):
@@ -166,11 +166,13 @@ def test_anchor_matching_with_the_models_anchors(synth_items):
     assert int((want[0][0] == 1).sum()) > 20  # positives exist
 
 
-def test_install_covers_detectron2_options_and_keeps_inference(synth_items):
+def test_training_targets_cover_detectron2_options_and_keep_inference(synth_items):
     cfg = ModelConfig(**{**TINY, "input_scale": 0.0, "min_size": 300, "max_size": 500, "detectron2_inference": True})
     torch.manual_seed(0)
     model = build_model(cfg)
-    assert isinstance(model.roi_heads, D2RoIHeads) and isinstance(model.roi_heads, targets.SourceMaskRoIHeads)
+    assert type(model.roi_heads) is D2RoIHeads and type(model.rpn) is D2RPN and type(model.transform) is D2Transform
+    assert model.roi_heads.training_forward is targets.source_mask_forward
+    assert model.rpn.anchor_matching is targets.chunked_anchor_matching
     image, target = synth_items[1]
     tgt = {k: v for k, v in target.items() if torch.is_tensor(v)}
     model.train()
@@ -183,5 +185,3 @@ def test_install_covers_detectron2_options_and_keeps_inference(synth_items):
     with torch.no_grad():
         out = model([image])[0]
     assert out["masks"].shape[-2:] == image.shape[-2:]
-    with pytest.raises(TypeError, match="no lean training targets"):
-        targets._lean(torch.nn.Identity())

@@ -19,9 +19,9 @@ import yaml
 
 from cellseg import CELL_TYPES
 from cellseg.config.loader import load_yaml, to_dict
+from cellseg.config.provenance import Provenance
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_write_text, sha256_file  # bundle, training and convert import sha256_file from here
-from cellseg.model.provenance import Provenance
 
 View = Literal["identity", "hflip", "vflip", "hvflip"]
 VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "hvflip")

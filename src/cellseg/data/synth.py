@@ -48,12 +48,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
+from cellseg.config.provenance import write_synth_marker
 from cellseg.data.rle import encode_crop
 from cellseg.data.synth_image import make_image
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
-from cellseg.model.provenance import write_synth_marker
 
 #: Image share of each cell type in the real train set (320 : 155 : 131 of 606 images).
 TYPE_SHARE: dict[str, int] = {"cort": 320, "shsy5y": 155, "astro": 131}

@@ -119,8 +119,8 @@ def _num(key: str, value: Any, kind: type = float) -> Any:
     return kind(value)
 
 
-def check_supported(cfg: dict) -> None:
-    """Raise a one-line CellsegError naming the first unsupported key and its value."""
+def _check_listed(cfg: dict) -> None:
+    """Every fixed setting (:data:`_FIXED`) and every optional one that is present (:data:`_OPTIONAL`)."""
     for key, allowed, supported in _FIXED:
         value = get_value(cfg, key)
         if not any(_same(value, a) for a in allowed):
@@ -132,6 +132,10 @@ def check_supported(cfg: dict) -> None:
             continue
         if not _same(value, good):
             raise _unsupported(key, value, supported)
+
+
+def _check_poolers(cfg: dict) -> None:
+    """Box and mask poolers: ROIAlign(V2), one type and one sampling ratio for both."""
     for head in ("ROI_BOX_HEAD", "ROI_MASK_HEAD"):
         key = f"MODEL.{head}.POOLER_TYPE"
         if get_value(cfg, key) not in _POOLERS:
@@ -146,18 +150,31 @@ def check_supported(cfg: dict) -> None:
     mask_sr = get_value(cfg, "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO")
     if mask_sr != box_sr:
         raise _unsupported("MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", mask_sr, f"the box head's {box_sr}")
+
+
+def _check_pixel_stats(cfg: dict) -> None:
+    """``PIXEL_MEAN`` and ``PIXEL_STD``: three numbers each."""
     for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
         value = get_value(cfg, key)
         if not isinstance(value, list) or len(value) != 3:
             raise _unsupported(key, value, "3 values")
         for v in value:
             _num(key, v)
+
+
+def _check_anchor_layout(cfg: dict) -> list:
+    """The same aspect ratios on every level, and one list of sizes or one per level; returns the sizes."""
     ratios = get_value(cfg, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
     if not isinstance(ratios, list) or not ratios or any(not isinstance(r, list) or r != ratios[0] for r in ratios):
         raise _unsupported("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", ratios, "the same ratios on every level")
     sizes = get_value(cfg, "MODEL.ANCHOR_GENERATOR.SIZES")
     if not isinstance(sizes, list) or len(sizes) not in (1, 5) or any(not isinstance(s, list) or not s for s in sizes):
         raise _unsupported("MODEL.ANCHOR_GENERATOR.SIZES", sizes, "one list of sizes, or one per level p2-p6")
+    return sizes
+
+
+def _check_head_switches(cfg: dict) -> None:
+    """The class count and the boolean switches the weight renaming reads."""
     num_classes = get_value(cfg, "MODEL.ROI_HEADS.NUM_CLASSES")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise _unsupported("MODEL.ROI_HEADS.NUM_CLASSES", num_classes, "an int >= 1")
@@ -168,10 +185,18 @@ def check_supported(cfg: dict) -> None:
     ):
         if not isinstance(get_value(cfg, key), bool):
             raise _unsupported(key, get_value(cfg, key), "true, false")
+
+
+def _check_anchor_sizes(sizes: list) -> None:
+    """Every anchor size a positive whole number of pixels."""
     for level in sizes:
         for s in level:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not float(s).is_integer() or s <= 0:
                 raise _unsupported("MODEL.ANCHOR_GENERATOR.SIZES", sizes, "positive whole-pixel sizes")
+
+
+def _check_head_sizes(cfg: dict) -> None:
+    """Head widths and depths, the mask head as wide as the FPN, one test size."""
     for key in ("MODEL.ROI_BOX_HEAD.FC_DIM", "MODEL.ROI_MASK_HEAD.NUM_CONV"):
         value = get_value(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -182,6 +207,19 @@ def check_supported(cfg: dict) -> None:
     min_test = get_value(cfg, "INPUT.MIN_SIZE_TEST")
     if isinstance(min_test, list):
         raise _unsupported("INPUT.MIN_SIZE_TEST", min_test, "one size")
+
+
+def check_supported(cfg: dict) -> None:
+    """Raise a one-line CellsegError naming the first unsupported key and its value (checked in this
+    order: fixed and optional settings, poolers, pixel statistics, anchor layout, class count and
+    switches, anchor sizes, head sizes)."""
+    _check_listed(cfg)
+    _check_poolers(cfg)
+    _check_pixel_stats(cfg)
+    sizes = _check_anchor_layout(cfg)
+    _check_head_switches(cfg)
+    _check_anchor_sizes(sizes)
+    _check_head_sizes(cfg)
 
 
 def model_fields(cfg: dict, class_names: list[str]) -> dict:

@@ -2,8 +2,9 @@
 
 A Detectron2 Mask R-CNN R-50/101-FPN and torchvision's ``maskrcnn_resnet50_fpn`` have the same
 layers, but inference differs in details that move boxes and masks. Each block here reproduces
-Detectron2 (v0.6) where torchvision differs; :func:`apply_options` switches them on in a built model
-according to three :class:`cellseg.config.experiment.ModelConfig` fields (all off = plain torchvision):
+Detectron2 (v0.6) where torchvision differs; :func:`cellseg.model.build.build_model` builds a model
+from them according to three :class:`cellseg.config.experiment.ModelConfig` fields (all off = plain
+torchvision):
 
 - ``stride_in_1x1``: the stride of each stage's first bottleneck sits on the 1x1 conv (MSRA ResNet,
   Detectron2 ``RESNETS.STRIDE_IN_1X1: True``), not the 3x3 conv (torchvision, ResNet v1.5).
@@ -36,20 +37,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
-from cellseg.config.experiment import ModelConfig
+from cellseg.model.parts import RPN, MaskRoIHeads, RCNNTransform
 
 __all__ = [
-    "apply_options",
     "move_stride_to_1x1",
     "D2AnchorGenerator",
+    "Float32BoxCoder",
     "D2ROIPooler",
     "D2RPN",
     "D2RoIHeads",
@@ -122,10 +122,10 @@ class D2AnchorGenerator(AnchorGenerator):
             [torch.tensor(s, dtype=torch.int64, device=device), torch.tensor(s, dtype=torch.int64, device=device)]
             for s in self.strides
         ]
-        # Detectron2 computes anchors in float32 whatever the feature dtype
+        # float32 whatever the features' dtype (half under AMP training), as Detectron2: these anchors
+        # are not whole pixels, and half precision would move them by up to 1 px in a 2x frame
         self.set_cell_anchors(torch.float32, device)
-        per_level = self.grid_anchors(grid_sizes, strides)
-        anchors = torch.cat(per_level).to(feature_maps[0].dtype)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in range(len(image_list.image_sizes))]
 
 
@@ -213,10 +213,26 @@ class D2ROIPooler(nn.Module):
 # RPN and box post-processing
 
 
-class D2RPN(RegionProposalNetwork):
+class Float32BoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder`` decoding in float32, as Detectron2's ``Box2BoxTransform.apply_deltas``
+    does: torchvision casts the reference boxes to the deltas' dtype, half under AMP training.
+
+    decode(rel_codes (R, 4k) any float dtype, boxes: list of (R_i, 4)) -> (R, k, 4) float32.
+    """
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+class D2RPN(RPN):
     """torchvision's RPN with Detectron2's ``find_top_rpn_proposals`` at test time: per-level top-k
     on logits, drop non-finite, clip, keep width and height > ``min_size``, NMS per level on logits,
     best ``post_nms_top_n`` per image. Returned scores are sigmoid probabilities (as torchvision)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_size = 0.0  # Detectron2 keeps every box with width and height > 0
+        self.box_coder = Float32BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         num_images = proposals.shape[0]
@@ -246,7 +262,7 @@ class D2RPN(RegionProposalNetwork):
         return final_boxes, final_scores
 
 
-class D2RoIHeads(RoIHeads):
+class D2RoIHeads(MaskRoIHeads):
     """torchvision's RoIHeads with Detectron2's ``fast_rcnn_inference``: like torchvision but
     non-finite rows are dropped and tiny boxes are kept (no ``remove_small_boxes(1e-2)``)."""
 
@@ -326,7 +342,7 @@ def paste_masks_d2(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int]) -
     return out
 
 
-class D2Transform(GeneralizedRCNNTransform):
+class D2Transform(RCNNTransform):
     """torchvision's transform with Detectron2's test-time resize (:func:`d2_resized_shape`,
     antialiased bilinear like PIL, none when ``min_size`` is 0) and post-processing (boxes scaled
     back, clipped, empty boxes dropped, masks pasted by :func:`paste_masks_d2`). Training resize is
@@ -344,8 +360,8 @@ class D2Transform(GeneralizedRCNNTransform):
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training:
-            return result
+        if self.training or not self.paste_masks:
+            return super().postprocess(result, image_shapes, original_image_sizes)
         for i, (pred, im_s, o_im_s) in enumerate(zip(result, image_shapes, original_image_sizes)):
             boxes = resize_boxes(pred["boxes"], im_s, o_im_s)
             boxes = box_ops.clip_boxes_to_image(boxes, o_im_s)
@@ -356,54 +372,3 @@ class D2Transform(GeneralizedRCNNTransform):
                 pred["masks"] = paste_masks_d2(pred["masks"], pred["boxes"], o_im_s)
             result[i] = pred
         return result
-
-
-# --------------------------------------------------------------------------------------------
-# putting it together
-
-
-def _retype(module: nn.Module, cls: type) -> None:
-    """Give ``module`` the behaviour of subclass ``cls`` (which adds methods only, no state)."""
-    if not isinstance(module, cls):
-        if not issubclass(cls, type(module)):
-            raise TypeError(f"{cls.__name__} does not extend {type(module).__name__}")
-        module.__class__ = cls
-
-
-def apply_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """Switch on the Detectron2-faithful behaviours that ``cfg`` (a ModelConfig) asks for, in place,
-    on a torchvision ``MaskRCNN`` built from it. Parameters and state-dict keys are unchanged.
-
-    Reads ``cfg.stride_in_1x1``, ``cfg.roi_aligned``, ``cfg.detectron2_inference``, and for the
-    poolers and anchors ``returned_layers``, ``anchor_sizes``, ``aspect_ratios``,
-    ``roi_sampling_ratio``, ``mask_roi_size``.
-    """
-    m: Any = model  # torchvision types a model's parts as nn.Module: attribute access on them is dynamic
-    if cfg.stride_in_1x1:
-        move_stride_to_1x1(m.backbone.body)
-    d2, aligned = cfg.detectron2_inference, cfg.roi_aligned
-    if not (d2 or aligned):
-        return model
-    strides = level_strides(list(cfg.returned_layers))
-    roi_heads = m.roi_heads
-    box_pool = roi_heads.box_roi_pool
-    names = list(box_pool.featmap_names)
-    box_size = box_pool.output_size[0] if isinstance(box_pool.output_size, (tuple, list)) else box_pool.output_size
-    roi_heads.box_roi_pool = D2ROIPooler(names, strides[: len(names)], int(box_size), cfg.roi_sampling_ratio, aligned)
-    if roi_heads.mask_roi_pool is not None:
-        mnames = list(roi_heads.mask_roi_pool.featmap_names)
-        roi_heads.mask_roi_pool = D2ROIPooler(
-            mnames, strides[: len(mnames)], int(cfg.mask_roi_size), cfg.roi_sampling_ratio, aligned
-        )
-    if not d2:
-        return model
-    ratios = [list(cfg.aspect_ratios)] * len(cfg.anchor_sizes)
-    m.rpn.anchor_generator = D2AnchorGenerator(
-        tuple(tuple(s) for s in cfg.anchor_sizes), tuple(tuple(r) for r in ratios), strides
-    )
-    _retype(m.rpn, D2RPN)
-    m.rpn.min_size = 0.0
-    _retype(roi_heads, D2RoIHeads)
-    if type(m.transform) is GeneralizedRCNNTransform:  # a fixed-scale transform keeps its own resize
-        _retype(m.transform, D2Transform)
-    return model

@@ -1,9 +1,9 @@
 """Raw inference: models x TTA views of one image -> detections with soft masks on their crops.
 
 torchvision's Mask R-CNN would paste every 28 x 28 mask onto a full image (1000 x 520 x 704 floats
-per view). Here ``model.transform.postprocess`` is replaced so that the model returns boxes in
-original-image coordinates and the 28 x 28 mask probabilities; :func:`paste_soft` then samples each
-mask onto its own box crop only (``grid_sample``, vectorised in buckets of similar crop size).
+per view). Here the model's transform does not paste (``paste_masks = False``): the model returns
+boxes in original-image coordinates and the 28 x 28 mask probabilities; :func:`paste_soft` then
+samples each mask onto its own box crop only (``grid_sample``, vectorised in buckets of similar crop size).
 
 Views (``identity``, ``hflip``, ``vflip``, ``hvflip``) are batched into one forward per model and
 mapped back exactly: boxes mirrored, 28 x 28 masks flipped. On CUDA the convolutional parts (backbone,
@@ -14,7 +14,6 @@ stays in half precision from end to end.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection.transform import resize_boxes
 
 from cellseg import CELL_TYPES, CLASS_IDS
 from cellseg.config.experiment import ModelConfig
@@ -31,6 +29,7 @@ from cellseg.errors import CellsegError
 from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
 from cellseg.model.checkpoint import load_model
+from cellseg.model.precision import half_precision
 
 VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "identity": (False, False),
@@ -38,56 +37,6 @@ VIEW_FLIPS: dict[str, tuple[bool, bool]] = {  # view -> (horizontal, vertical)
     "vflip": (False, True),
     "hvflip": (True, True),
 }
-
-
-def _postprocess_keep_crops(
-    self: nn.Module,
-    result: list[dict[str, torch.Tensor]],
-    image_shapes: list[tuple[int, int]],
-    original_image_sizes: list[tuple[int, int]],
-) -> list[dict[str, torch.Tensor]]:
-    """Replacement for ``GeneralizedRCNNTransform.postprocess``: rescale boxes to the original image
-    sizes, keep the masks as the head's (N, 1, 28, 28) float probabilities (pasted later, on crops)."""
-    if self.training:
-        return result
-    for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
-        pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-    return result
-
-
-class _Autocast(nn.Module):
-    """Runs ``module`` under autocast (CUDA fp16) and returns float32 tensors (nested dict/list/tuple),
-    or, with ``keep_half``, its half-precision outputs as they are (for a module whose only consumer
-    runs under autocast too)."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        keep_half: bool = False,
-        device_type: str = "cuda",
-        dtype: torch.dtype = torch.float16,
-    ):
-        super().__init__()
-        self.module = module
-        self.keep_half = keep_half
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.module(*args, **kwargs)
-        return out if self.keep_half else _to_float(out)
-
-
-def _to_float(x: Any) -> Any:
-    """``x`` with every floating tensor (nested in dicts, lists, tuples) cast to float32."""
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return type(x)((k, _to_float(v)) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_float(v) for v in x)
-    return x
 
 
 def prepare_model(
@@ -101,10 +50,8 @@ def prepare_model(
 
     Loosens the model's own filtering (``roi_heads.score_thresh``/``nms_thresh``/
     ``detections_per_img`` from the manifest's fusion section), keeps masks as 28 x 28
-    probabilities, eval mode, moves to ``device``. ``fp16`` (default: on CUDA) wraps the conv parts in
-    fp16 autocast: backbone, RPN head, box head, and mask head + mask predictor (the mask head's
-    (N, 256, 14, 14) output stays half precision into the predictor, whose (N, 256, 28, 28) deconv
-    would be GBs in float32 for 4 views x 1000 detections). ``fold_bn`` (default on) folds BatchNorms
+    probabilities, eval mode, moves to ``device``. ``fp16`` (default: on CUDA) runs the conv parts in
+    fp16 autocast (:func:`cellseg.model.precision.half_precision`). ``fold_bn`` (default on) folds BatchNorms
     into their convolutions first (:func:`fold_batchnorm`), on every device, so the CPU runs (tests,
     dry runs) check the model the GPU runs; with the demo model the golden submission is unchanged.
     """
@@ -116,19 +63,19 @@ def prepare_model(
     rh.score_thresh = float(fusion.model_score_thresh)
     rh.nms_thresh = float(fusion.model_nms_thresh)
     rh.detections_per_img = int(fusion.detections_per_view)
-    m.transform.postprocess = types.MethodType(_postprocess_keep_crops, m.transform)
+    if not hasattr(m.transform, "paste_masks"):
+        raise CellsegError(
+            f"{type(m.transform).__name__} cannot keep the masks for pasting on crops (not built by cellseg)"
+        )
+    m.transform.paste_masks = False  # boxes in the original frame, (N, 1, M, M) masks: paste_soft pastes them
     model.eval()
     if fp16 is None:
         fp16 = device.type == "cuda"
     if fold_bn:
         fold_batchnorm(model)
     model.to(device)
-    if fp16 and not isinstance(m.backbone, _Autocast):
-        m.backbone = _Autocast(m.backbone)
-        m.rpn.head = _Autocast(m.rpn.head)
-        rh.box_head = _Autocast(rh.box_head)
-        rh.mask_head = _Autocast(rh.mask_head, keep_half=True)
-        rh.mask_predictor = _Autocast(rh.mask_predictor)
+    if fp16:
+        half_precision(model)
     return model
 
 

@@ -1,1 +1,1 @@
-"""Model: the experiment config, the Mask R-CNN builder, checkpoints, weights manifests and export."""
+"""Model: the Mask R-CNN builder and its parts, training targets, half precision, checkpoints, provenance, export."""

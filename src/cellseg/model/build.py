@@ -6,6 +6,10 @@ file through :func:`cellseg.model.checkpoint.load_init`.
 
     model = build_model(ModelConfig(backbone="resnet18", norm="bn", fpn_channels=128))
     model.eval(); out = model([image])   # image (3, H, W) float32 in [0, 1]
+
+Every part's class is chosen here, once: torchvision's or Detectron2's (:data:`PART_CLASSES`, keyed
+by ``ModelConfig.detectron2_inference``), and the lean training targets of
+:mod:`cellseg.model.targets` only for a model built for training (``training_targets``).
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cellseg.config.experiment import ModelConfig
-from cellseg.detectron2 import modeling as d2compat
+from cellseg.detectron2 import modeling as d2
 from cellseg.errors import CellsegError
-from cellseg.model import targets
+from cellseg.model.parts import RPN, AnchorMatching, MaskRoIHeads, RCNNTransform, TrainingForward
 
 #: ResNet stage names from the top, as torchvision counts trainable layers.
 _STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
@@ -39,6 +45,23 @@ CLASS_SPECIFIC_PREFIXES = (
     "roi_heads.box_predictor.bbox_pred.",
     "roi_heads.mask_predictor.mask_fcn_logits.",
 )
+
+
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` (same buffers and state-dict keys) computing in its input's
+    dtype, as Detectron2's does: scale and bias are formed in float32 and cast to ``x.dtype``.
+
+    torchvision's keeps them float32, so under autocast a half-precision input comes out float32 and
+    every frozen-BN/ReLU activation is saved for backward in float32 (plus a half copy for the next
+    conv). In float32 the arithmetic is torchvision's, bit for bit.
+
+    x (N, C, H, W) any float dtype -> same shape and dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
 
 
 def norm_layer(kind: str) -> Callable[[int], nn.Module]:
@@ -80,11 +103,14 @@ def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
 
 
 def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    """ResNet + FPN with ``cfg.fpn_channels`` channels on ``cfg.returned_layers`` plus a max-pool level.
+    """ResNet + FPN with ``cfg.fpn_channels`` channels on ``cfg.returned_layers`` plus a max-pool level
+    (``stride_in_1x1``: strides on the 1x1 convs, as Detectron2's MSRA ResNets).
 
     Output: OrderedDict of feature maps '0', '1', ..., 'pool' (strides 4, 8, 16, 32, 64 for [1,2,3,4]).
     """
     body = build_resnet(cfg)
+    if cfg.stride_in_1x1:
+        d2.move_stride_to_1x1(body)
     freeze_stages(body, cfg.trainable_backbone_layers)
     layers = list(cfg.returned_layers)
     if not layers or any(l not in (1, 2, 3, 4) for l in layers) or layers != sorted(set(layers)):
@@ -99,17 +125,30 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
 
 
 def build_anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
+    """torchvision's anchors, or Detectron2's (unrounded, fixed strides) with ``detectron2_inference``."""
+    if cfg.detectron2_inference:
+        ratios = [list(cfg.aspect_ratios)] * len(cfg.anchor_sizes)
+        return d2.D2AnchorGenerator(
+            tuple(tuple(s) for s in cfg.anchor_sizes),
+            tuple(tuple(r) for r in ratios),
+            d2.level_strides(list(cfg.returned_layers)),
+        )
     sizes = tuple(tuple(int(s) for s in level) for level in cfg.anchor_sizes)
-    ratios = (tuple(float(r) for r in cfg.aspect_ratios),) * len(sizes)
-    return AnchorGenerator(sizes, ratios)
+    ratios_tv = (tuple(float(r) for r in cfg.aspect_ratios),) * len(sizes)
+    return AnchorGenerator(sizes, ratios_tv)
 
 
 def build_rpn_head(cfg: ModelConfig, num_anchors: int) -> RPNHead:
     return RPNHead(cfg.fpn_channels, num_anchors, conv_depth=2 if cfg.heads == "v2" else 1)
 
 
-def build_roi_pool(cfg: ModelConfig, output_size: int) -> MultiScaleRoIAlign:
+def build_roi_pool(cfg: ModelConfig, output_size: int) -> nn.Module:
+    """torchvision's ``MultiScaleRoIAlign``, or Detectron2's pooler with ``detectron2_inference`` or
+    ``roi_aligned`` (ROIAlignV2). Same call: (features, boxes, image_shapes) -> (R, C, S, S)."""
     names = [str(i) for i in range(len(cfg.returned_layers))]
+    if cfg.detectron2_inference or cfg.roi_aligned:
+        strides = d2.level_strides(list(cfg.returned_layers))[: len(names)]
+        return d2.D2ROIPooler(names, strides, int(output_size), cfg.roi_sampling_ratio, cfg.roi_aligned)
     return MultiScaleRoIAlign(names, output_size=output_size, sampling_ratio=cfg.roi_sampling_ratio)
 
 
@@ -130,7 +169,7 @@ def build_mask_head(cfg: ModelConfig) -> tuple[nn.Module, MaskRCNNPredictor]:
     return head, MaskRCNNPredictor(c, c, cfg.num_classes)
 
 
-class ScaledRCNNTransform(GeneralizedRCNNTransform):
+class ScaledRCNNTransform(RCNNTransform):
     """torchvision's transform with a fixed resize factor instead of a target short side.
 
     Every image (train and test) is scaled by ``scale`` (bilinear) and target boxes with it, so the
@@ -140,9 +179,6 @@ class ScaledRCNNTransform(GeneralizedRCNNTransform):
     from them (a float full-frame copy of ~900 masks at 2x would be GBs). Normalisation, batching
     and ``postprocess`` are torchvision's.
     """
-
-    #: tells :func:`cellseg.model.targets.install` that this transform leaves the masks alone
-    keeps_source_masks = True
 
     def __init__(self, scale: float, image_mean: list[float], image_std: list[float], size_divisible: int = 32) -> None:
         super().__init__(
@@ -167,53 +203,89 @@ class ScaledRCNNTransform(GeneralizedRCNNTransform):
         return f"{self.__class__.__name__}(scale={self.scale}, mean={self.image_mean}, std={self.image_std})"
 
 
-def build_transform(cfg: ModelConfig) -> GeneralizedRCNNTransform:
-    """Normalise + resize: ``input_scale`` > 0 scales by that factor, else torchvision's min/max size."""
+#: RPN, RoI-heads and (short-side resize) transform classes, by ``ModelConfig.detectron2_inference``
+PART_CLASSES: dict[bool, tuple[type[RPN], type[MaskRoIHeads], type[RCNNTransform]]] = {
+    False: (RPN, MaskRoIHeads, RCNNTransform),
+    True: (d2.D2RPN, d2.D2RoIHeads, d2.D2Transform),
+}
+
+
+def build_transform(cfg: ModelConfig, keep_source_masks: bool = False) -> RCNNTransform:
+    """Normalise + resize: ``input_scale`` > 0 scales by that factor (never resizes masks), else
+    torchvision's (or Detectron2's test-time) min/max size; ``keep_source_masks``: that resize leaves
+    the training masks alone."""
     if cfg.input_scale > 0:
         return ScaledRCNNTransform(cfg.input_scale, list(cfg.image_mean), list(cfg.image_std))
-    return GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std))
+    transform_cls = PART_CLASSES[cfg.detectron2_inference][2]
+    return transform_cls(
+        cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std), keep_source_masks=keep_source_masks
+    )
 
 
-def build_model(cfg: ModelConfig) -> MaskRCNN:
-    """A randomly initialised torchvision :class:`MaskRCNN` as ``cfg`` describes (train mode)."""
-    backbone = build_backbone(cfg)
+def build_rpn(cfg: ModelConfig, anchor_matching: AnchorMatching | None = None) -> RPN:
+    """The RPN (anchors, head, proposal filter) with ``anchor_matching`` for training (None: torchvision's)."""
     anchors = build_anchor_generator(cfg)
+    return PART_CLASSES[cfg.detectron2_inference][0](
+        anchors,
+        build_rpn_head(cfg, anchors.num_anchors_per_location()[0]),
+        cfg.rpn_fg_iou_thresh,
+        cfg.rpn_bg_iou_thresh,
+        cfg.rpn_batch_size_per_image,
+        0.5,
+        {"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
+        {"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
+        cfg.rpn_nms_thresh,
+        anchor_matching=anchor_matching,
+    )
+
+
+def build_roi_heads(cfg: ModelConfig, training_forward: TrainingForward | None = None) -> MaskRoIHeads:
+    """Box and mask branches with their poolers; ``training_forward`` for training (None: torchvision's)."""
     box_head, box_predictor = build_box_head(cfg)
     mask_head, mask_predictor = build_mask_head(cfg)
-    model = MaskRCNN(
-        backbone,
-        num_classes=None,
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        image_mean=list(cfg.image_mean),
-        image_std=list(cfg.image_std),
-        rpn_anchor_generator=anchors,
-        rpn_head=build_rpn_head(cfg, anchors.num_anchors_per_location()[0]),
-        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-        rpn_nms_thresh=cfg.rpn_nms_thresh,
-        rpn_fg_iou_thresh=cfg.rpn_fg_iou_thresh,
-        rpn_bg_iou_thresh=cfg.rpn_bg_iou_thresh,
-        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-        box_roi_pool=build_roi_pool(cfg, 7),
-        box_head=box_head,
-        box_predictor=box_predictor,
-        box_score_thresh=cfg.box_score_thresh,
-        box_nms_thresh=cfg.box_nms_thresh,
-        box_detections_per_img=cfg.box_detections_per_img,
-        box_fg_iou_thresh=cfg.box_fg_iou_thresh,
-        box_bg_iou_thresh=cfg.box_bg_iou_thresh,
-        box_batch_size_per_image=cfg.box_batch_size_per_image,
-        box_positive_fraction=cfg.box_positive_fraction,
+    return PART_CLASSES[cfg.detectron2_inference][1](
+        build_roi_pool(cfg, 7),
+        box_head,
+        box_predictor,
+        cfg.box_fg_iou_thresh,
+        cfg.box_bg_iou_thresh,
+        cfg.box_batch_size_per_image,
+        cfg.box_positive_fraction,
+        None,
+        cfg.box_score_thresh,
+        cfg.box_nms_thresh,
+        cfg.box_detections_per_img,
         mask_roi_pool=build_roi_pool(cfg, cfg.mask_roi_size),
         mask_head=mask_head,
         mask_predictor=mask_predictor,
+        training_forward=training_forward,
     )
-    model.transform = build_transform(cfg)
-    d2compat.apply_options(model, cfg)  # Detectron2-faithful options; all off by default
-    targets.install(model)  # training targets without full-frame copies of the ground truth
+
+
+def _training_parts() -> tuple[AnchorMatching, TrainingForward]:
+    """The lean training targets (:mod:`cellseg.model.targets`, imported here only: a model built
+    for inference never loads the training-loss code)."""
+    from cellseg.model import targets
+
+    return targets.chunked_anchor_matching, targets.source_mask_forward
+
+
+def build_model(cfg: ModelConfig, training_targets: bool = True) -> MaskRCNN:
+    """A randomly initialised torchvision :class:`MaskRCNN` as ``cfg`` describes (train mode).
+
+    ``training_targets``: build the RPN, RoI heads and transform with the lean training targets of
+    :mod:`cellseg.model.targets` (False: torchvision's; inference is the same either way, and
+    :func:`cellseg.model.checkpoint.load_model` builds with False).
+    """
+    anchor_matching, training_forward = _training_parts() if training_targets else (None, None)
+    # random initialisation in torchvision's order (backbone, RoI heads, RPN head): a seed gives the same weights
+    backbone = build_backbone(cfg)
+    roi_heads = build_roi_heads(cfg, training_forward)
+    rpn = build_rpn(cfg, anchor_matching)
+    model = MaskRCNN.__new__(MaskRCNN)
+    # MaskRCNN's own constructor builds torchvision's parts from keyword options and then ends in
+    # GeneralizedRCNN's, which only registers the four finished parts: built here instead
+    GeneralizedRCNN.__init__(model, backbone, rpn, roi_heads, build_transform(cfg, keep_source_masks=training_targets))
     return model
 
 
@@ -241,12 +313,16 @@ __all__ = [
     "build_resnet",
     "build_anchor_generator",
     "build_transform",
+    "build_rpn",
+    "build_roi_heads",
+    "PART_CLASSES",
     "ScaledRCNNTransform",
     "build_rpn_head",
     "build_roi_pool",
     "build_box_head",
     "build_mask_head",
     "norm_layer",
+    "FrozenBatchNorm2d",
     "freeze_stages",
     "class_specific",
     "count_parameters",

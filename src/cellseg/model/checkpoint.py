@@ -161,7 +161,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     path = Path(path)
     ckpt = read_checkpoint(path)
     info = _info(path, ckpt)
-    model = build_model(info.model_config)
+    model = build_model(info.model_config, training_targets=False)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     missing, unexpected, mismatched = _compare(model.state_dict(), state)
     if missing or unexpected or mismatched:

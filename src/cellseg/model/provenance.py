@@ -3,7 +3,7 @@ one-line summary per ensemble and the "synthetic data only" verdict ``tools/push
 
 Every piece of provenance logic lives here; the sites only call it:
 
-* ``cellseg synth`` writes :data:`SYNTH_MARKER` into the folder it generates;
+* ``cellseg synth`` writes :data:`cellseg.config.provenance.SYNTH_MARKER` into the folder it generates;
 * ``cellseg train`` stores :func:`training_sources` (path, sha256, image count and whether the
   images came from ``cellseg synth``, per source) and the init weights' sha256 in every checkpoint's
   ``provenance`` dict (keys ``data_sources``, ``init_sha256``);
@@ -21,89 +21,28 @@ as before and never triggers the refusal. Example summary::
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 
 from cellseg.config.loader import from_dict, to_dict
+from cellseg.config.provenance import (
+    DETECTRON2,
+    TRAINED,
+    DataSource,
+    FileRef,
+    Provenance,
+    SourceKind,
+    synth_marker,
+)
 from cellseg.errors import CellsegError
 from cellseg.io import sha256_file
 
-#: marker file ``cellseg synth`` writes into every dataset folder it generates (seed and counts).
-SYNTH_MARKER = "cellseg-synth.json"
-TRAINED: Final = "cellseg train"
-DETECTRON2: Final = "detectron2 import"
 UNKNOWN = "provenance unknown"
-
-SourceKind = Literal["train_csv", "pseudo_csv", "coco_json"]
 _LABELS = {"train_csv": "train.csv", "pseudo_csv": "pseudo-labels", "coco_json": "COCO json"}
 
 
-@dataclass
-class DataSource:
-    """One training source: a train.csv, a pseudo-label CSV or a COCO (LIVECell) json.
-
-    ``images``: images of this source the run trained on (hold-out ids excluded). ``synthetic``: every
-    one of its images lies in a folder marked by ``cellseg synth`` (``synth_seed``: the marker's seed).
-    """
-
-    kind: SourceKind
-    path: str
-    sha256: str
-    images: int
-    synthetic: bool = False
-    synth_seed: int | None = None
-
-
-@dataclass
-class FileRef:
-    """A file by path and content fingerprint (sha256 None: the file was not at hand when recorded)."""
-
-    path: str
-    sha256: str | None = None
-
-
-@dataclass
-class Provenance:
-    """Where one model's weights came from (the ``provenance`` of a manifest entry).
-
-    ``sources``: every data source the weights were trained on, those of an init checkpoint of ours
-    included (fine-tuning chains). ``init``: the starting weights of the last run. ``imported``: the
-    original file of a Detectron2 conversion (``origin`` "detectron2 import"), kept through fine-tuning.
-    """
-
-    origin: Literal["cellseg train", "detectron2 import"] = TRAINED
-    sources: list[DataSource] = field(default_factory=list)
-    init: FileRef | None = None
-    imported: FileRef | None = None
-    fold: int | None = None
-    epoch: int | None = None
-    git_commit: str | None = None
-    note: str = ""
-
-
 # ----------------------------------------------------------------------------------- recording
-
-
-def synth_marker(folder: str | Path) -> dict | None:
-    """The ``cellseg synth`` marker of ``folder`` (its JSON; ``{}`` when unreadable), or None if unmarked."""
-    p = Path(folder) / SYNTH_MARKER
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_synth_marker(folder: str | Path, info: dict[str, Any]) -> Path:
-    """Write the marker (``{"generator": "cellseg synth", **info}``) into ``folder``; returns its path."""
-    p = Path(folder) / SYNTH_MARKER
-    p.write_text(json.dumps({"generator": "cellseg synth", **info}, indent=2) + "\n")
-    return p
 
 
 def _image_marker(image: Path, cache: dict[Path, dict | None]) -> dict | None:
@@ -163,7 +102,7 @@ def init_record(init: str | Path | None) -> tuple[str | None, dict]:
     checkpoint, else {}) for a training run's ``init``."""
     if not init or not Path(init).is_file():
         return None, {}
-    # lazy: torch-heavy, and this module is imported by the manifest (kernel, tools/push.py)
+    # lazy: torch-heavy, and tools/push.py reads provenance without torch
     from cellseg.model.checkpoint import read_checkpoint_info
 
     try:
@@ -327,10 +266,6 @@ def plan_lines(manifest: Any) -> list[str]:
 
 
 __all__ = [
-    "SYNTH_MARKER",
-    "DataSource",
-    "FileRef",
-    "Provenance",
     "describe",
     "from_checkpoint",
     "init_record",
@@ -341,5 +276,4 @@ __all__ = [
     "synthetic_only",
     "training_sources",
     "verdict",
-    "write_synth_marker",
 ]

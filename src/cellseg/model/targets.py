@@ -12,7 +12,7 @@ that grows with the number of cells times the input area:
 Here the same targets are built from small pieces:
 
 * :func:`project_masks` keeps the masks uint8/bool at the resolution the data pipeline produced
-  (the transforms of :mod:`cellseg.model.build` no longer resize them) and, for each matched
+  (a transform built for training leaves them at that resolution) and, for each matched
   proposal only, gathers the window RoIAlign reads from the nearest-upsampled mask (torch's own
   nearest index map), then runs torchvision's RoIAlign on that float window. The result is
   torchvision's target up to float rounding of the shifted box (< 1e-5).
@@ -20,34 +20,22 @@ Here the same targets are built from small pieces:
   same argmax, same low-quality matches with ties), each against only the ground truths that reach
   into it: no (G, A) matrix, and ~15x less work on the CPU at ~500 cells.
 
-:func:`install` switches a built ``MaskRCNN`` to these (``roi_heads``, ``rpn`` and, for
-torchvision's own transforms, ``transform``); parameters, state-dict keys and inference are
-unchanged. Only public torchvision pieces are used (``RoIHeads`` methods, ``fastrcnn_loss``,
-``roi_align``, ``Matcher``), present since torchvision 0.8.
+:func:`cellseg.model.build.build_model` passes :func:`chunked_anchor_matching` and
+:func:`source_mask_forward` to the RPN and RoI heads of a model built for training (parameters,
+state-dict keys and inference are those of torchvision's parts); a model built for inference never
+imports this module. Only public torchvision pieces are used (``RoIHeads`` methods,
+``fastrcnn_loss``, ``roi_align``, ``Matcher``), present since torchvision 0.8.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import box_area, roi_align
-
-from cellseg.detectron2.modeling import D2RPN, D2RoIHeads, D2Transform
-
-if TYPE_CHECKING:  # the mixins below extend these torchvision classes (at run time they sit beside them)
-    from torchvision.models.detection.roi_heads import RoIHeads as _RoIHeadsBase
-    from torchvision.models.detection.rpn import RegionProposalNetwork as _RPNBase
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform as _TransformBase
-else:
-    _RoIHeadsBase = object
-    _RPNBase = object
-    _TransformBase = object
 
 #: Float elements of the mask windows RoIAlign reads at once (64 MiB); larger sets go in groups.
 MAX_WINDOW_ELEMENTS = 1 << 24
@@ -185,32 +173,37 @@ def mask_rcnn_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), targets)  # fp32 as autocast would
 
 
-class SourceMaskRoIHeads(_RoIHeadsBase):
-    """Mixin for torchvision ``RoIHeads``: in training, the mask loss comes from :func:`mask_rcnn_loss`
-    (ground-truth masks at any resolution, no full-stack float copy). Everything else, and inference,
-    is the base class's."""
+def source_mask_forward(
+    heads: Any,
+    features: dict[str, Tensor],
+    proposals: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+    targets: list[dict[str, Tensor]],
+) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+    """Training forward of a torchvision ``RoIHeads`` (``heads``, with a mask branch) whose mask loss
+    comes from :func:`mask_rcnn_loss`: ground-truth masks at any resolution, no full-stack float copy.
+    Sampling, box loss and the returned loss keys are torchvision's.
 
-    def forward(self, features, proposals, image_shapes, targets=None):
-        if not (self.training and self.has_mask()) or self.has_keypoint() or targets is None:
-            return super().forward(features, proposals, image_shapes, targets)
-        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-        positive = [torch.where(lab > 0)[0] for lab in labels]
-        mask_proposals = [p[i] for p, i in zip(proposals, positive)]
-        pos_matched = [m[i] for m, i in zip(matched_idxs, positive)]
-        mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
-        mask_logits = self.mask_predictor(mask_features)
-        loss_mask = mask_rcnn_loss(
-            mask_logits,
-            mask_proposals,
-            [t["masks"] for t in targets],
-            [t["labels"] for t in targets],
-            pos_matched,
-            list(image_shapes),
-        )
-        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+    The ``training_forward`` of :class:`cellseg.model.parts.MaskRoIHeads`.
+    """
+    proposals, matched_idxs, labels, regression_targets = heads.select_training_samples(proposals, targets)
+    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_shapes))
+    class_logits, box_regression = heads.box_predictor(box_features)
+    loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+    positive = [torch.where(lab > 0)[0] for lab in labels]
+    mask_proposals = [p[i] for p, i in zip(proposals, positive)]
+    pos_matched = [m[i] for m, i in zip(matched_idxs, positive)]
+    mask_features = heads.mask_head(heads.mask_roi_pool(features, mask_proposals, image_shapes))
+    mask_logits = heads.mask_predictor(mask_features)
+    loss_mask = mask_rcnn_loss(
+        mask_logits,
+        mask_proposals,
+        [t["masks"] for t in targets],
+        [t["labels"] for t in targets],
+        pos_matched,
+        list(image_shapes),
+    )
+    return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
 
 def _iou_block(gt: Tensor, gt_area: Tensor, anchors: Tensor, anchor_area: Tensor) -> Tensor:
@@ -311,100 +304,32 @@ def match_anchors(matcher, gt_boxes: Tensor, anchors: Tensor, chunk: int | None 
     return torch.empty_like(matches).index_copy_(0, order, matches)
 
 
-class ChunkedAnchorMatching(_RPNBase):
-    """Mixin for torchvision's ``RegionProposalNetwork``: ``assign_targets_to_anchors`` with
-    :func:`match_anchors` instead of the full (G, A) IoU matrix. Same labels and boxes."""
+def chunked_anchor_matching(
+    rpn: Any, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """torchvision's ``RegionProposalNetwork.assign_targets_to_anchors`` for ``rpn`` with
+    :func:`match_anchors` instead of the full (G, A) IoU matrix: the same labels and boxes.
 
-    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]):
-        labels, matched_gt_boxes = [], []
-        for anchors_per_image, target in zip(anchors, targets):
-            gt_boxes = target["boxes"]
-            if gt_boxes.numel() == 0:
-                matched_gt_boxes.append(
-                    torch.zeros(anchors_per_image.shape, dtype=torch.float32, device=gt_boxes.device)
-                )
-                labels.append(torch.zeros((anchors_per_image.shape[0],), dtype=torch.float32, device=gt_boxes.device))
-                continue
-            matched = match_anchors(self.proposal_matcher, gt_boxes, anchors_per_image)
-            matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
-            lab = (matched >= 0).to(torch.float32)
-            lab[matched == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
-            lab[matched == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
-            labels.append(lab)
-        return labels, matched_gt_boxes
+    The ``anchor_matching`` of :class:`cellseg.model.parts.RPN`.
 
-
-class KeepSourceMasks(_TransformBase):
-    """Mixin for torchvision's transforms: resize images and boxes, leave ``target["masks"]`` as it is
-    (the mask targets are projected from the source resolution by :func:`project_masks`)."""
-
-    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
-        if not self.training or target is None or "masks" not in target:
-            return super().resize(image, target)
-        masks = target.pop("masks")
-        image, target = super().resize(image, target)
-        target["masks"] = masks
-        return image, target
-
-
-class LeanRoIHeads(SourceMaskRoIHeads, RoIHeads):
-    pass
-
-
-class LeanD2RoIHeads(SourceMaskRoIHeads, D2RoIHeads):
-    pass
-
-
-class LeanRPN(ChunkedAnchorMatching, RegionProposalNetwork):
-    pass
-
-
-class LeanD2RPN(ChunkedAnchorMatching, D2RPN):
-    pass
-
-
-class LeanTransform(KeepSourceMasks, GeneralizedRCNNTransform):
-    pass
-
-
-class LeanD2Transform(KeepSourceMasks, D2Transform):
-    pass
-
-
-_LEAN = {
-    RoIHeads: LeanRoIHeads,
-    D2RoIHeads: LeanD2RoIHeads,
-    RegionProposalNetwork: LeanRPN,
-    D2RPN: LeanD2RPN,
-    GeneralizedRCNNTransform: LeanTransform,
-    D2Transform: LeanD2Transform,
-}
-
-
-def _lean(module) -> None:
-    """Give ``module`` the lean subclass of its exact class (adds methods only, no state)."""
-    cls = _LEAN.get(type(module))
-    if cls is not None:
-        module.__class__ = cls
-    elif type(module) not in _LEAN.values():
-        raise TypeError(f"no lean training targets for {type(module).__name__}")
-
-
-def install(model) -> None:
-    """Switch a torchvision ``MaskRCNN`` (as built by :func:`cellseg.model.build.build_model`, after the
-    Detectron2 options) to the lean training targets, in place. A transform with its own ``resize``
-    that keeps the masks (``ScaledRCNNTransform``) is left alone; other transforms must be torchvision's."""
-    _lean(model.roi_heads)
-    _lean(model.rpn)
-    if not getattr(model.transform, "keeps_source_masks", False):
-        _lean(model.transform)
-
-
-def uninstall(model) -> None:
-    """Undo :func:`install`: torchvision's own training targets again (for comparisons). A transform
-    that keeps the masks itself (``ScaledRCNNTransform``) still does: pair it with mask resizing."""
-    back = {lean_cls: base for base, lean_cls in _LEAN.items()}
-    for name in ("roi_heads", "rpn", "transform"):
-        module = getattr(model, name)
-        if type(module) in back:
-            module.__class__ = back[type(module)]
+    Args:
+        rpn: the RPN (its ``proposal_matcher`` decides).
+        anchors: per image (A, 4) anchors.
+        targets: per image a dict with ``boxes`` (G, 4).
+    Returns:
+        (labels per image: (A,) float32 1 / 0 / -1, matched ground-truth boxes per image: (A, 4)).
+    """
+    labels, matched_gt_boxes = [], []
+    for anchors_per_image, target in zip(anchors, targets):
+        gt_boxes = target["boxes"]
+        if gt_boxes.numel() == 0:
+            matched_gt_boxes.append(torch.zeros(anchors_per_image.shape, dtype=torch.float32, device=gt_boxes.device))
+            labels.append(torch.zeros((anchors_per_image.shape[0],), dtype=torch.float32, device=gt_boxes.device))
+            continue
+        matched = match_anchors(rpn.proposal_matcher, gt_boxes, anchors_per_image)
+        matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
+        lab = (matched >= 0).to(torch.float32)
+        lab[matched == rpn.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
+        lab[matched == rpn.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+        labels.append(lab)
+    return labels, matched_gt_boxes
