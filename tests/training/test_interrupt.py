@@ -47,19 +47,23 @@ def metrics_epochs(out: Path) -> list[int]:
     return pd.read_csv(out / "metrics.csv")["epoch"].tolist()
 
 
-def test_sigint_in_loader_teardown_is_not_swallowed(tiny_data, tmp_path):  # noqa: F811
-    """The interrupt lands where Python drops exceptions (a ``__del__``): the run must still stop with
-    130 after epoch 1's checkpoint, not train on and exit 0; ``--resume`` then finishes the run."""
-    script = tmp_path / "interrupt.py"
+def interrupted_in_teardown(data: Path, out: Path, epoch: int) -> subprocess.CompletedProcess:
+    script = out.parent / "interrupt.py"
     script.write_text(INTERRUPT_IN_LOADER_TEARDOWN)
-    out = tmp_path / "run"
-    r = subprocess.run(
-        [sys.executable, str(script), "2", *train_args(tiny_data, out, *EXTRA)],
+    return subprocess.run(
+        [sys.executable, str(script), str(epoch), *train_args(data, out, *EXTRA)],
         capture_output=True,
         text=True,
         timeout=300,
         start_new_session=True,
     )
+
+
+def test_sigint_in_loader_teardown_is_not_swallowed(tiny_data, tmp_path):  # noqa: F811
+    """The interrupt lands where Python drops exceptions (a ``__del__``): the run must still stop with
+    130 after epoch 1's checkpoint, not train on and exit 0; ``--resume`` then finishes the run."""
+    out = tmp_path / "run"
+    r = interrupted_in_teardown(tiny_data, out, 2)
     assert r.returncode == 130, (r.stdout + r.stderr)[-3000:]
     assert "interrupted" in r.stderr.splitlines()[-1]
     assert read_checkpoint_info(out / "last.pth").provenance["epoch"] == 1
@@ -69,6 +73,15 @@ def test_sigint_in_loader_teardown_is_not_swallowed(tiny_data, tmp_path):  # noq
     assert "resuming" in done.stdout + done.stderr
     assert metrics_epochs(out) == [1, 2]
     assert read_checkpoint_info(out / "last.pth").provenance["epoch"] == 2
+
+
+def test_sigint_in_the_first_epoch_leaves_no_folder(tiny_data, tmp_path):  # noqa: F811
+    """Interrupted before its first checkpoint, a run trained nothing: no folder (and so nothing that
+    blocks the next run into the same --out)."""
+    out = tmp_path / "run"
+    r = interrupted_in_teardown(tiny_data, out, 1)
+    assert r.returncode == 130, (r.stdout + r.stderr)[-3000:]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.4, 0.8])
