@@ -43,6 +43,12 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def as_in_a_terminal() -> None:
+    """The child's SIGINT disposition as under a terminal: a job started in the background (``cmd &``)
+    inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def metrics_epochs(out: Path) -> list[int]:
     return pd.read_csv(out / "metrics.csv")["epoch"].tolist()
 
@@ -56,6 +62,7 @@ def interrupted_in_teardown(data: Path, out: Path, epoch: int) -> subprocess.Com
         text=True,
         timeout=300,
         start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
 
 
@@ -94,6 +101,7 @@ def test_ctrl_c_after_the_first_checkpoint_exits_130_and_resumes(tiny_data, tmp_
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
     deadline = time.monotonic() + 240
     while not (out / "metrics.csv").exists() and p.poll() is None and time.monotonic() < deadline:
