@@ -318,6 +318,14 @@ def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     ckpt = read_checkpoint_info(out / "last.pth")
     assert ckpt.provenance["world_size"] == 2 and ckpt.provenance["epoch"] == 2
     assert len(read_checkpoint(out / "last.pth")["train_state"]["rng"]) == 2  # every rank's RNG is resumable
+    # saved by 2 processes, resumed by 1 (a 2-GPU session continued on a 1-GPU machine): with a warning,
+    # from the epoch reached, at this run's 3 steps per epoch (6 images / batch 2)
+    r = cli(*train_args(tiny_data, out, "train.epochs=3", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "saved by 2 process(es), resumed with 1" in r.stdout
+    state = read_checkpoint(out / "last.pth")["train_state"]
+    assert state["epoch"] == 3 and state["step"] == 2 * 3 + 3 and len(state["rng"]) == 1
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
 
 
 def test_collectives_get_tensors_on_the_training_device(monkeypatch):
