@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from cellseg.model.checkpoint import read_checkpoint_info
+from cellseg.training.interrupt import interrupt_guard
 from test_train import cli, tiny_data, train_args  # noqa: F401  (tiny_data is a fixture)
 
 #: two-epoch runs with one loader worker (the worker gets the SIGINT too, as under a terminal)
@@ -64,6 +65,49 @@ def interrupted_in_teardown(data: Path, out: Path, epoch: int) -> subprocess.Com
         start_new_session=True,
         preexec_fn=as_in_a_terminal,
     )
+
+
+class DropsAnInterrupt:
+    """Sends SIGINT to this process from its ``__del__``: Python raises the KeyboardInterrupt there and
+    drops it ("Exception ignored in ...")."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT as Python installs it for a foreground process (a background pytest inherits it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt
+def test_guard_raises_an_interrupt_that_python_dropped(sigint_default):
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_guard():
+            DropsAnInterrupt()  # collected at once: the interrupt is raised and dropped inside __del__
+            done = True  # the block runs on to its end
+    assert done
+    # another error after the interrupt (a loader worker that the same Ctrl-C stopped) is the interrupt
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_guard():
+            DropsAnInterrupt()
+            raise RuntimeError("DataLoader worker (pid 123) exited unexpectedly")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    with interrupt_guard():  # the flag does not outlive the block that received it
+        pass
+
+
+def test_guard_leaves_an_ignored_sigint_alone():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background
+    try:
+        with interrupt_guard():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigint_in_loader_teardown_is_not_swallowed(tiny_data, tmp_path):  # noqa: F811
