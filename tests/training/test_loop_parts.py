@@ -120,7 +120,9 @@ def test_resume_state_crosses_a_change_in_processes(saved_world, resumed_world):
     lines: list[str] = []
     opt2, sched2, scaler2 = _optimiser(tc, resumed_world, steps[resumed_world] * 4)
     info = DistInfo(rank=resumed_world - 1, world_size=resumed_world)
-    back = restore_state(state, opt2, sched2, scaler2, info, steps[resumed_world], 0.01 * resumed_world, lines.append)
+    back = restore_state(
+        state, opt2, sched2, scaler2, info, steps[resumed_world], 0.01 * resumed_world, 0, lines.append
+    )
     assert back.epoch == 2 and back.step == steps[resumed_world] * 2 and back.epoch_seconds == 7.0
     assert len(back.history) == 2
     assert any(f"saved by {saved_world} process(es), resumed with {resumed_world}" in x for x in lines)
@@ -142,6 +144,6 @@ def test_resume_state_with_the_same_processes_is_exact():
     a = torch.rand(3)
     opt2, sched2, scaler2 = _optimiser(tc, 1, 12)
     lines: list[str] = []
-    restore_state(state, opt2, sched2, scaler2, DistInfo(), 5, 0.02, lines.append)
+    restore_state(state, opt2, sched2, scaler2, DistInfo(), 5, 0.02, 0, lines.append)
     assert lines == [] and torch.equal(torch.rand(3), a)  # the generator continues where it was saved
     assert sched2.last_epoch == 5 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]

@@ -238,13 +238,15 @@ def restore_state(
     info: DistInfo,
     steps_per_epoch: int,
     lr: float,
+    seed: int,
     log: Log,
 ) -> RunState:
     """Put a saved resume state back: optimiser, scheduler, scaler, generators; returns the :class:`RunState`.
 
     With as many processes as when it was saved the continuation is exact. With another number the
     schedule continues from the epoch reached at this run's steps per epoch, from this run's scaled lr,
-    and each rank takes the saved generator state of its rank if there is one (one warning line).
+    and each rank takes the saved generator state of its rank if there is one, else is seeded from
+    ``seed``, its rank and the epoch (one warning line).
     """
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -269,6 +271,8 @@ def restore_state(
         warning = set_rng_state(rngs[info.rank])
         if warning:
             log(f"warning: {warning}")
+    else:  # a rank the saved run did not have: a stream of its own
+        seed_everything(seed + info.rank + run.epoch)
     return run
 
 
@@ -502,7 +506,9 @@ def _prepare(
         progress=progress,
     )
     if resume_state is not None:
-        run.state = restore_state(resume_state, optimizer, scheduler, run.scaler, info, len(loader), scaled.lr, log)
+        run.state = restore_state(
+            resume_state, optimizer, scheduler, run.scaler, info, len(loader), scaled.lr, tc.seed, log
+        )
     else:
         seed_everything(tc.seed + info.rank)
     n_all, n_train = count_parameters(unwrap(model))
