@@ -4,7 +4,8 @@ Python turns SIGINT into a KeyboardInterrupt at whatever bytecode the main threa
 is inside a ``__del__`` (a DataLoader iterator shutting its workers down at the end of every epoch),
 a weakref callback or a garbage-collector run, Python prints "Exception ignored" and drops it: the run
 trains on and exits 0. :func:`interrupt_guard` records every SIGINT in a flag that nothing can drop;
-the training loop calls :func:`raise_if_interrupted` at its step and epoch boundaries, and the guard
+the training loop calls :func:`raise_if_interrupted` at its step and epoch boundaries (and writes an
+epoch's checkpoint and metrics inside :func:`deferred_interrupts`, so they never disagree), and the guard
 raises KeyboardInterrupt on the way out when an interrupt was recorded, so the command ends with 130
 whatever the interrupt hit. The run folder holds the last completed epoch (atomic writes), which
 ``--resume`` continues.
@@ -19,11 +20,26 @@ from collections.abc import Iterator
 from types import FrameType
 
 _received: list[int] = []  # one entry per SIGINT received inside interrupt_guard
+_deferring: list[bool] = []  # non-empty inside deferred_interrupts()
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
-    raise KeyboardInterrupt
+    if not _deferring:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """A block that a SIGINT does not cut short (inside :func:`interrupt_guard`): it is recorded, and
+    raised as KeyboardInterrupt when the block ends. For writes that belong together (``last.pth``
+    and ``metrics.csv`` of one epoch)."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    raise_if_interrupted()
 
 
 def raise_if_interrupted() -> None:

@@ -74,7 +74,7 @@ from cellseg.training.distributed import (
     reduce_mean,
 )
 from cellseg.training.engine import EpochStats, evaluate, evaluate_livecell, train_one_epoch
-from cellseg.training.interrupt import interrupt_guard, raise_if_interrupted
+from cellseg.training.interrupt import deferred_interrupts, interrupt_guard, raise_if_interrupted
 from cellseg.training.optim import build_optimizer, lr_factor, scale_to_global_batch
 from cellseg.training.rng import seed_everything, set_rng_state
 
@@ -616,14 +616,15 @@ def validate_and_checkpoint(
         score=row.get("val_score"),
         per_class={g: row.get(f"val_{g}") for g in groups},
     )
-    _make_folder(run)
     names = run.cfg.model.class_names
-    if improved or not has_val:
-        save_checkpoint(run.out / "best.pth", run.model, run.cfg, names, provenance, half=run.cfg.train.half_best)
-    st.epoch_seconds = clock.end_epoch()
-    state = save_state(st, run.optimizer, run.scheduler, run.scaler, rngs)
-    save_checkpoint(run.out / "last.pth", run.model, run.cfg, names, provenance, train_state=state)
-    write_metrics(run.out, st.history)
+    with deferred_interrupts():  # Ctrl-C here lands after the epoch's files, which then agree
+        _make_folder(run)
+        if improved or not has_val:
+            save_checkpoint(run.out / "best.pth", run.model, run.cfg, names, provenance, half=run.cfg.train.half_best)
+        st.epoch_seconds = clock.end_epoch()
+        state = save_state(st, run.optimizer, run.scheduler, run.scaler, rngs)
+        save_checkpoint(run.out / "last.pth", run.model, run.cfg, names, provenance, train_state=state)
+        write_metrics(run.out, st.history)
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
