@@ -47,6 +47,29 @@ def test_former_val_keys_load_with_one_deprecation_line(tmp_path, capsys):
         load_experiment(both)
 
 
+def test_time_limit_is_seconds_once_loaded(tmp_path):
+    """``train.time_limit`` is parsed when the config loads: the typed config holds seconds (float)."""
+    p = tmp_path / "exp.yaml"
+    p.write_text("train:\n  time_limit: 11h30m\n")
+    assert load_experiment(p).train.time_limit == 41400.0
+    assert load_experiment(p, ["train.time_limit=45m"]).train.time_limit == 2700.0
+    assert load_experiment(p, ["train.time_limit=90"]).train.time_limit == 90.0
+    assert load_experiment(p, ["train.time_limit=null"]).train.time_limit is None
+    assert type(load_experiment(p, ["train.time_limit=2h"]).train.time_limit) is float
+    with pytest.raises(CellsegError, match="'train.time_limit=soon': train.time_limit: duration 'soon' not understood"):
+        load_experiment(p, ["train.time_limit=soon"])
+    p.write_text("train:\n  time_limit: [1]\n")
+    with pytest.raises(CellsegError, match="train.time_limit: expected float, got list"):
+        load_experiment(p)
+
+
+def test_shipped_configs_state_their_reference_batch():
+    """Every shipped config says which global batch its lr is set for (scaled to the actual one)."""
+    for f in sorted(configs_dir().glob("*.yaml")):
+        assert "reference_batch:" in f.read_text(), f.name
+    assert load_experiment(configs_dir() / "maskrcnn_r50_fpn.yaml").train.reference_batch == 4  # 2 GPUs x 2
+
+
 def test_shipped_configs_load_without_notices(capsys):
     for f in sorted(configs_dir().glob("*.yaml")):
         load_experiment(f)

@@ -1,5 +1,7 @@
 """``train.time_limit``: a run stops cleanly at an epoch boundary, resumes to the same weights as one
-uninterrupted run, and refuses a limit that cannot fit one epoch of a resumed run."""
+uninterrupted run, and refuses a limit that cannot fit one epoch of a resumed run. The runs read a
+fake clock (``train(clock=...)``) that moves 1 s per reading: what stops them does not depend on how
+fast this machine is."""
 
 from __future__ import annotations
 
@@ -16,9 +18,20 @@ from cellseg.training.loop import train
 from test_train import TINY_OVERRIDES, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
+class Ticks:
+    """A clock that moves 1 s each time it is read: every epoch lasts at least 1 s of it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 def run(data, out, *overrides: str, resume: bool = False):
     cfg = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, *overrides])
-    return train(cfg, data, fold=0, out=out, resume=resume, progress=False)
+    return train(cfg, data, fold=0, out=out, resume=resume, progress=False, clock=Ticks())
 
 
 def test_parse_duration_units():
@@ -35,17 +48,17 @@ def test_stop_at_time_limit_then_resume_equals_uninterrupted(tiny_data, tmp_path
     assert not full.timed_out and full.epochs_done == 3
 
     out = tmp_path / "split"
-    # 1 ms: the first epoch always starts (nothing to project from); the second would not fit.
-    first = run(tiny_data, out, "train.time_limit=0.001s")
+    # 0.5 s: the first epoch always starts (nothing to project from); the second would not fit.
+    first = run(tiny_data, out, "train.time_limit=0.5s")
     assert first.timed_out and first.epochs_done == 1 and first.steps_done == 3
     state = read_checkpoint(out / "last.pth")["train_state"]
-    assert state["epoch"] == 1 and state["epoch_seconds"] > 0
+    assert state["epoch"] == 1 and state["epoch_seconds"] == 1.0  # read at its start and at its end
     assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1]
 
     # The same limit again cannot fit the epoch recorded in last.pth: one clear error, nothing changed.
     before = (out / "last.pth").read_bytes()
     with pytest.raises(CellsegError, match="shorter than one epoch"):
-        run(tiny_data, out, "train.time_limit=0.001s", resume=True)
+        run(tiny_data, out, "train.time_limit=0.5s", resume=True)
     assert (out / "last.pth").read_bytes() == before
 
     rest = run(tiny_data, out, "train.time_limit=2h", resume=True)

@@ -18,8 +18,10 @@ examples:
   torchrun --nproc_per_node 4 -m cellseg train --config configs/maskrcnn_r50_fpn_v2.yaml --data DATA
 
 The run folder gets last.pth (every epoch, resumable), best.pth (best hold-out score),
-metrics.csv, curves.png and config.yaml. A folder that already holds a run is never overwritten:
-pass --resume to continue it or --force to replace it. See docs/TRAINING.md.
+metrics.csv, curves.png and config.yaml; it is made with the first checkpoint. A folder that
+already holds a run is never overwritten: pass --resume to continue it or --force to replace it.
+Ctrl-C exits with 130 and keeps the last completed epoch: --resume continues from it. See
+docs/TRAINING.md.
 """
 
 #: what a run folder holds; any of them present means the folder holds a run
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.config.experiment import load_experiment
     from cellseg.io import check_writable
-    from cellseg.training.loop import train
+    from cellseg.training.loop import check_train_config, train
 
     fold = None
     if str(args.fold).lower() != "all":
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise CellsegError(f"--fold must be an integer or 'all', got {args.fold!r}") from None
     cfg = load_experiment(args.config, args.overrides)
+    check_train_config(cfg.train)  # before any folder: a run that cannot train leaves nothing behind
     for csv in args.pseudo or []:
         if not csv.is_file():
             raise CellsegError(f"--pseudo {csv}: file not found")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from cellseg import CELL_TYPES
-from cellseg.config.loader import load_yaml
+from cellseg.config.loader import load_yaml, parse_duration
 from cellseg.config.manifest import ClassThresholds
 from cellseg.errors import CellsegError
 
@@ -124,6 +124,8 @@ class TrainConfig:
     num_workers: int = 2
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.02
+    #: the global batch (processes x batch_size) ``lr`` is set for: lr scales linearly to the actual one.
+    reference_batch: int = 4
     momentum: float = 0.9
     weight_decay: float = 1e-4
     #: linear warm-up from lr * warmup_factor over warmup_iters steps.
@@ -162,8 +164,8 @@ class TrainConfig:
     #: wall-clock budget of one ``train()`` call (``11h30m``, ``45m``, seconds; None or 0 = none). Before
     #: each epoch the run stops cleanly (last.pth + metrics of the epoch just done, resumable with
     #: ``--resume``) when the longest epoch so far (training + validation) would end past it. A Kaggle
-    #: GPU session ends at 12 h: ``tools/push.py train`` sets 11h30m.
-    time_limit: float | str | None = None
+    #: GPU session ends at 12 h: ``tools/push.py train`` sets 11h30m. Parsed when loaded: seconds here.
+    time_limit: float | None = field(default=None, metadata={"parse": parse_duration})
 
 
 @dataclass

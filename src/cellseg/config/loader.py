@@ -97,8 +97,24 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise CellsegError(f"unknown config key {key!r} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{where}.{k}" if where else k
+        kwargs[k] = _convert(hints[k], _parsed(fields[k], v, key), key)
     return cls(**kwargs)
+
+
+def _parsed(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A text ``value`` through the field's ``metadata["parse"]`` (e.g. ``11h30m`` to seconds), if it has
+    one; the typed conversion then checks the result like any value."""
+    parse = f.metadata.get("parse")
+    if parse is None or not isinstance(value, str):
+        return value
+    try:
+        return parse(value)
+    except CellsegError as e:
+        raise CellsegError(f"{where}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:

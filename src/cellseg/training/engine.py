@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from cellseg.evaluation.metric import ScoreReport, score_images
 from cellseg.inference.ensemble import Ensemble
 from cellseg.io import read_gray
 from cellseg.progress import progress as progress_bar
+from cellseg.training.interrupt import raise_if_interrupted
 
 
 @dataclass
@@ -97,33 +99,12 @@ def train_one_epoch(
     t_wait = time.perf_counter()
     for images, targets in loader:
         wait += time.perf_counter() - t_wait
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [
-            {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
-        ]
+        raise_if_interrupted()  # a Ctrl-C that a loader worker's shutdown swallowed
         with torch.autocast(device_type=device.type, enabled=use_amp):
-            loss_dict = model(images, targets)
+            loss_dict = model(*to_device(images, targets, device))
         loss = sum(loss_dict.values())
-        # One device-to-host copy per step: the loss terms and their sum together. The finiteness check,
-        # the progress bar and the logs read that copy (a float() per term would each wait for the GPU).
-        names = list(loss_dict)
-        terms = torch.stack([loss_dict[k].detach().float() for k in names] + [loss.detach().float()]).tolist()
-        values = dict(zip(names, terms[:-1]))
-        values["loss"] = terms[-1]
-        if not math.isfinite(values["loss"]):
-            raise CellsegError(
-                f"loss is {values['loss']} at step {step} (epoch {epoch + 1}): "
-                + ", ".join(f"{k}={values[k]:.3g}" for k in names)
-                + "; lower train.lr or raise warmup_iters"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tc.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        values = loss_values(loss_dict, loss, step, epoch)
+        optimizer_step(loss, model, optimizer, scheduler, scaler, tc.grad_clip)
         step += 1
         n_steps += 1
         for k, v in values.items():
@@ -146,6 +127,55 @@ def train_one_epoch(
         data_wait=wait / max(elapsed, 1e-9),
         stopped=stopped,
     )
+
+
+def to_device(
+    images: list[torch.Tensor], targets: list[dict], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """A batch on ``device``: (3, H, W) images and the tensors of each target dict (other values as they are)."""
+    on_device = [im.to(device, non_blocking=True) for im in images]
+    moved = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return on_device, moved
+
+
+def loss_values(loss_dict: Mapping[str, torch.Tensor], loss: Any, step: int, epoch: int) -> dict[str, float]:
+    """The loss terms and their sum ``loss`` as floats, in one device-to-host copy (a float() per term
+    would each wait for the GPU); the finiteness check, the progress bar and the logs read it.
+
+    Raises:
+        CellsegError: the summed loss is not finite (naming each term, at ``step`` of 0-based ``epoch``).
+    """
+    names = list(loss_dict)
+    terms = torch.stack([loss_dict[k].detach().float() for k in names] + [loss.detach().float()]).tolist()
+    values = dict(zip(names, terms[:-1]))
+    values["loss"] = terms[-1]
+    if not math.isfinite(values["loss"]):
+        raise CellsegError(
+            f"loss is {values['loss']} at step {step} (epoch {epoch + 1}): "
+            + ", ".join(f"{k}={values[k]:.3g}" for k in names)
+            + "; lower train.lr or raise warmup_iters"
+        )
+    return values
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    grad_clip: float,
+) -> None:
+    """Backward through the (scaled) loss, clip the gradients' global L2 norm at ``grad_clip`` (0: no
+    clipping), step the optimiser and the per-step schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
 
 
 def validation_manifest(cfg: ExperimentConfig) -> Manifest:

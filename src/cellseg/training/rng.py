@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import numpy as np
@@ -16,7 +17,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Python, numpy and torch (CPU, CUDA) generator states, as weights_only-loadable values."""
+    """Python, numpy and torch (CPU, and one CUDA state per visible device) generator states, as
+    weights_only-loadable values."""
     mt19937 = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
     kind, keys, pos, has_gauss, gauss = mt19937
     state = {
@@ -29,11 +31,42 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def restore_cuda_states(
+    saved: Sequence[torch.Tensor], available: int, set_state: Callable[[torch.Tensor, int], None]
+) -> str | None:
+    """Give each present CUDA device its saved generator state, as far as both lists go.
+
+    A run saved on a machine with more (or fewer) GPUs than this one resumes: devices without a saved
+    state keep the state seeding gave them, saved states without a device are dropped.
+
+    Args:
+        saved: the states of ``torch.cuda.get_rng_state_all()`` where the run was saved (device order).
+        available: CUDA devices present here (``torch.cuda.device_count()``; 0 without CUDA).
+        set_state: ``set_state(state, device_index)`` (``torch.cuda.set_rng_state``).
+    Returns:
+        None when the counts match, else one warning line (the continuation is then not bit-exact).
+    """
+    n = min(len(saved), available)
+    for index in range(n):
+        set_state(saved[index], index)
+    if len(saved) == available:
+        return None
+    return (
+        f"CUDA generator states saved for {len(saved)} device(s), {available} here: restored {n}; "
+        "the continuation is not bit-exact"
+    )
+
+
+def set_rng_state(state: dict) -> str | None:
+    """Restore :func:`rng_state`'s states. Returns a warning line when the saved CUDA states do not
+    match this machine's devices (see :func:`restore_cuda_states`), else None."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    saved = state.get("cuda", [])
+    if not saved and not available:
+        return None
+    return restore_cuda_states(saved, available, lambda s, i: torch.cuda.set_rng_state(s, device=i))
