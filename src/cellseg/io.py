@@ -158,19 +158,17 @@ def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], kind:
             raise CellsegError(f"{path}: is (or holds) the input {given}; write the output somewhere else")
 
 
-def _check_name_lengths(path: Path, probe: Path) -> None:
-    """CellsegError for a part of ``path`` below ``probe`` (the nearest existing folder) that is longer
-    than the filesystem allows (255 bytes on most)."""
-    try:
-        limit = os.pathconf(probe, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    parts = path.relative_to(probe).parts if probe in path.parents else ()
-    for part in parts:
-        if len(os.fsencode(part)) > limit:
-            raise CellsegError(
-                f"{path}: cannot write (file name too long: {len(os.fsencode(part))} bytes, the limit is {limit})"
-            )
+#: the longest file or folder name (bytes) on the filesystems cellseg runs on (ext4, xfs, tmpfs, overlay)
+NAME_MAX = 255
+
+
+def _check_name_lengths(path: Path) -> None:
+    """CellsegError for a part of ``path`` longer than :data:`NAME_MAX` bytes (checked on the text:
+    the system calls that would tell fail with ENAMETOOLONG themselves)."""
+    for part in path.parts:
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            raise CellsegError(f"{path}: cannot write (file name too long: {n} bytes, the limit is {NAME_MAX})")
 
 
 def check_writable(
@@ -188,6 +186,7 @@ def check_writable(
     nothing that stays. Returns ``path``.
     """
     path = Path(path)
+    _check_name_lengths(path)
     check_not_input(path, inputs, kind)
     if kind == "file":
         target = check_regular(path)
@@ -200,7 +199,6 @@ def check_writable(
         probe = probe.parent
     if not probe.is_dir():
         raise CellsegError(f"{path}: cannot be created because {probe} is a file, not a folder")
-    _check_name_lengths(target, probe)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".cellseg-write-check-", dir=probe)
     except OSError as e:
