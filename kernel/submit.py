@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 import tempfile
 import time
@@ -52,13 +53,27 @@ def find_competition(input_dir: Path) -> Path:
     return find_data_dir(input_dir, "sample_submission.csv", "test")
 
 
+def device_choice(text: str) -> str:
+    """cellseg's ``--device`` choices (``cellseg.commands.common.DEVICE_CHOICES``; cellseg is not
+    importable yet when the arguments are parsed, so the same pattern is spelled here)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r} (choose from auto, cpu, cuda, cuda:N)")
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Offline Kaggle submission with the bundled cellseg ensemble.")
     p.add_argument(
         "--kaggle-root", type=Path, default=None, help="replaces /kaggle (default: $CELLSEG_KAGGLE_ROOT or /kaggle)"
     )
     p.add_argument("--time-budget", default="8h30m", help="wall-clock budget for predicting (default 8h30m)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (the choices of cellseg's --device)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        type=device_choice,
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="auto, cpu, cuda or cuda:N (cellseg's --device choices)",
+    )
     p.add_argument("--manifest", default=None, help="manifest path relative to the bundle (default: the marker's)")
     p.add_argument("--out", type=Path, default=None, help="default: <root>/working/submission.csv")
     return p.parse_args(argv)

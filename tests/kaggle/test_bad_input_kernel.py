@@ -5,6 +5,7 @@ every sample_submission.csv id, says why loudly, and exits 0."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -164,3 +165,16 @@ def test_kernel_skips_a_test_file_name_that_cannot_be_an_id(weights, tmp_path):
     ids = read_sample_submission(comp / "sample_submission.csv")
     assert validate_submission(sub, comp / "test", ids) == []
     assert all(i.isprintable() for i in read_submission(sub))
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU"])
+def test_kernel_device_takes_cellsegs_choice_list(weights, tmp_path, device):
+    from cellseg.commands.common import device_choice
+
+    root, _ = fake_kaggle(tmp_path, weights)
+    res = kernel(root, "--device", device)
+    assert res.code == 2 and "Traceback" not in res.text
+    assert f"invalid device {device!r} (choose from auto, cpu, cuda, cuda:N)" in res.err
+    with pytest.raises(argparse.ArgumentTypeError, match="choose from auto, cpu, cuda, cuda:N"):
+        device_choice(device)  # the same list as every cellseg command
+    assert not (root / "working" / "submission.csv").exists()
