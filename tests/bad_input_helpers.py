@@ -48,9 +48,13 @@ def cli(*args: object, cwd: Path, timeout: float = 300, prefix: tuple[str, ...] 
 
 def cli_inproc(capsys: pytest.CaptureFixture, *args: object) -> Result:
     """``cellseg ARGS`` through :func:`cellseg.cli.main` in this process (torch already imported: fast).
-    Any exception other than the CLI's own handling escapes and fails the test, as a traceback would."""
+    argparse's exit becomes the status; any other exception escapes and fails the test, as a
+    traceback would."""
     capsys.readouterr()
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code if isinstance(e.code, int) else 1
     cap = capsys.readouterr()
     return Result(code, cap.out, cap.err)
 
@@ -120,3 +124,40 @@ def save_as(grey: np.ndarray, mode: str, path: Path, seed: int = 0) -> Path:
         raise ValueError(mode)
     im.save(path, format="PNG")
     return path
+
+
+def usage_error(res: Result, *words: str) -> str:
+    """argparse's one-line usage error: exit 2, no traceback, an ``error:`` line with every word."""
+    assert res.code == 2, f"exit {res.code}\n{res.err[-3000:]}"
+    assert "Traceback" not in res.text, res.text[-3000:]
+    (line,) = [ln for ln in res.err.splitlines() if ": error: " in ln]
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    return line
+
+
+def full_disk_prefix(mountpoint: Path, keep: Path | None = None) -> tuple[str, ...] | None:
+    """A command prefix that runs the rest with a full 64 KiB tmpfs on ``mountpoint`` (a user + mount
+    namespace, as :func:`read_only_mount_prefix`): ``keep`` (a file) is first copied into it as
+    ``earlier``, the rest filled with zeros; after the command its sha256 and the folder's names are
+    printed on stdout after a ``--- after`` line. None where the machine does not allow it."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    copy = f'cp "{keep}" "{mountpoint}/earlier" && ' if keep else ""
+    script = (
+        f'mount -t tmpfs -o size=64k tmpfs "{mountpoint}" && {copy}'
+        f'(dd if=/dev/zero of="{mountpoint}/.fill" bs=4k >/dev/null 2>&1; true) && '
+        f'"$@"; rc=$?; echo "--- after"; sha256sum "{mountpoint}"/earlier 2>/dev/null; ls -A "{mountpoint}"; exit $rc'
+    )
+    prefix = ("unshare", "-rm", "sh", "-c", script, "sh")
+    try:
+        probe = subprocess.run(
+            [*prefix, "dd", "if=/dev/zero", f"of={mountpoint}/y", "bs=1k", "count=8"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if probe.returncode == 0 or "No space left" not in probe.stderr:
+        return None
+    return prefix

@@ -181,3 +181,157 @@ def test_train_bad_init_file_gets_our_message(tiny_data, tmp_path, capsys, kind)
     assert_one_line_error(res, f"--init {init}: not a readable PyTorch checkpoint", *words)
     assert "weights_only" not in res.text and "PyTorch 2.6" not in res.text
     assert not (run / "last.pth").exists() and not (run / "best.pth").exists()
+
+
+# ------------------------------------------------------------------ binary and non-UTF-8 files
+
+NOT_TEXT = {
+    "binary (a PNG)": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+    "latin-1 text": "id,predicted\ncaf\xe9,\n".encode("latin-1"),
+    "NUL bytes in a CSV": b"id,predicted\na,1 2\x00\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_TEXT))
+def test_score_and_validate_a_file_that_is_not_utf8_text(scored, kind):
+    tmp, truth, test, _ = scored
+    sub = tmp / "sub.csv"
+    sub.write_bytes(NOT_TEXT[kind])
+    assert_one_line_error(
+        cli("score", "--truth", truth, "--submission", sub, cwd=tmp), "sub.csv", "not a UTF-8 text file"
+    )
+    res = cli("validate", sub, "--test-dir", test, cwd=tmp)
+    assert res.code == 1 and "Traceback" not in res.text, res.text
+    assert "not a UTF-8 text file" in res.err and "INVALID (1 problem(s))" in res.err
+
+
+def test_score_binary_or_empty_truth(scored, capsys):
+    tmp, _, _, rles = scored
+    sub = write(tmp / "sub.csv", f"id,predicted\na,{rles['a'][0]}\n")
+    binary = tmp / "truth.bin"
+    binary.write_bytes(b"\x80\x04\x95 pickled \x00\xff")
+    assert_one_line_error(
+        cli_inproc(capsys, "score", "--truth", binary, "--submission", sub), "truth.bin", "not a readable CSV"
+    )
+    header = write(
+        tmp / "header.csv", "id,annotation,width,height,cell_type,plate_time,sample_date,sample_id,elapsed_timedelta\n"
+    )
+    res = cli_inproc(capsys, "score", "--truth", header, "--submission", sub)
+    assert_one_line_error(res, "header.csv", "holds no annotated image", "nothing to score against")
+    assert res.out == ""  # no 0.0000 score
+    empty = write(tmp / "empty.csv", "")
+    assert_one_line_error(
+        cli_inproc(capsys, "score", "--truth", empty, "--submission", sub), "empty.csv", "not a readable CSV"
+    )
+
+
+def test_tune_with_an_empty_truth_says_so_not_rerun_predict_raw(scored, tmp_path, capsys):
+    from inference_helpers import make_manifest
+
+    tmp, _, _, _ = scored
+    w = make_manifest(tmp_path / "w", n_models=1, tta=("identity",))
+    header = write(
+        tmp / "header.csv", "id,annotation,width,height,cell_type,plate_time,sample_date,sample_id,elapsed_timedelta\n"
+    )
+    (tmp / "cache").mkdir()
+    res = cli_inproc(capsys, "tune", "--cache", tmp / "cache", "--truth", header, "--weights", w)
+    line = assert_one_line_error(res, "header.csv", "holds no annotated image")
+    assert "predict-raw" not in line
+
+
+# ------------------------------------------------------------------ folds CSVs
+
+
+@pytest.mark.parametrize(
+    "fold, words",
+    [
+        ("x", ("fold must be an integer >= 0, got 'x'",)),
+        ("1.5", ("got '1.5'",)),
+        ("-1", ("got '-1'",)),
+        ("", ("got ''",)),
+    ],
+)
+def test_a_folds_csv_with_a_bad_fold_value_is_one_line(tiny_data, tmp_path, capsys, fold, words):
+    folds = tmp_path / "folds.csv"
+    assert cli_inproc(capsys, "folds", "--data", tiny_data, "--out", folds, "-k", "2").code == 0
+    lines = folds.read_text().splitlines()
+    head, first, *rest = lines
+    first = ",".join(first.split(",")[:3] + [fold])
+    folds.write_text("\n".join([head, first, *rest]) + "\n")
+    res = cli_inproc(
+        capsys,
+        "predict-raw",
+        "--data",
+        tiny_data,
+        "--weights",
+        REPO / "weights" / "demo",
+        "--out",
+        tmp_path / "c",
+        "--fold",
+        "0",
+        "--folds-csv",
+        folds,
+    )
+    assert_one_line_error(res, "folds.csv:2:", *words)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_binary_folds_csv_is_one_line(tiny_data, tmp_path, capsys):
+    folds = tmp_path / "folds.csv"
+    folds.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    res = cli_inproc(
+        capsys,
+        "dry-run",
+        "--data",
+        tiny_data,
+        "--weights",
+        REPO / "weights" / "demo",
+        "--report",
+        tmp_path / "r",
+        "--fold",
+        "0",
+        "--folds-csv",
+        folds,
+    )
+    assert_one_line_error(res, "folds.csv", "not a readable folds CSV")
+
+
+# ------------------------------------------------------------------ show-aug, ids
+
+
+def test_show_aug_with_a_manifest_says_it_is_a_manifest(tiny_data, tmp_path, capsys):
+    manifest = REPO / "weights" / "demo" / "manifest.yaml"
+    res = cli_inproc(capsys, "show-aug", "--data", tiny_data, "--config", manifest, "--out", tmp_path / "g.png")
+    line = assert_one_line_error(res, "manifest.yaml", "is an ensemble manifest", "not an experiment config")
+    assert "unknown config key" not in line
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_the_writer_skips_an_id_that_cannot_be_one_and_the_validator_agrees(tmp_path, capsys):
+    from cellseg.data.submission import read_submission, validate_submission, write_submission
+
+    test = tmp_path / "test"
+    test.mkdir()
+    write_gray(test / " padded .png", np.zeros((4, 4), np.uint8))  # white space around: normalised alike
+    rows = {" padded ": [], "bad\udcff": [], "ok": []}
+    write_submission(tmp_path / "s.csv", rows)
+    err = capsys.readouterr().err
+    assert "skipping a row: 'bad\\udcff' is not valid UTF-8" in err
+    assert list(read_submission(tmp_path / "s.csv")) == ["padded", "ok"]
+    assert validate_submission(tmp_path / "s.csv", test, ["ok"]) == []
+
+
+def test_predict_skips_a_test_file_name_that_is_not_utf8(tmp_path):
+    import os
+
+    from cellseg.data.submission import read_submission
+    from inference_helpers import make_competition, make_manifest
+
+    w = make_manifest(tmp_path / "w", n_models=1, tta=("identity",), detections_per_view=20)
+    comp = make_competition(tmp_path / "comp", n_test=1, height=40, width=48)
+    first = next((comp / "test").iterdir())
+    os.link(first, os.path.join(os.fsencode(comp / "test"), b"\xff\xfe.png"))
+    res = cli("predict", "--data", comp, "--weights", w, "--out", tmp_path / "s.csv", "--no-progress", cwd=tmp_path)
+    assert res.code == 0 and "Traceback" not in res.text, res.err[-3000:]
+    assert "skipping '\\xff\\xfe.png': the file name is not valid UTF-8" in res.err
+    assert list(read_submission(tmp_path / "s.csv")) == [first.stem]

@@ -9,13 +9,16 @@ be written, and file checksums.
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
 import hashlib
 import os
 import shutil
 import stat
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -38,29 +41,91 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+#: errno values that mean "this output cannot be written there": one line, exit 2, the earlier file kept
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+_WHY = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.ENAMETOOLONG: "file name too long"}
+
+
+@contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Turn an :data:`WRITE_ERRNOS` OSError raised in the block (a full disk, a name over 255 bytes, a
+    read-only or forbidden folder) into one CellsegError line naming ``path``; other errors pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        why = _WHY.get(e.errno or 0) or e.strerror or type(e).__name__
+        raise CellsegError(f"{path}: cannot write ({why}); nothing there was replaced") from None
+
+
+def output_target(path: str | Path) -> Path:
+    """Where writing ``path`` lands. The symlink rule: a link is written *through* (it stays a link and
+    its target is replaced atomically), so the target is the path the rename must happen at."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _kind_of(st: os.stat_result) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a fifo (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(st.st_mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: str | Path) -> Path:
+    """CellsegError unless the write target of ``path`` (:func:`output_target`) is absent or a regular
+    file: a device node (``/dev/full``), fifo, socket or folder is never replaced by a file."""
+    target = output_target(path)
+    try:
+        st = target.stat()
+    except (FileNotFoundError, NotADirectoryError):  # absent, or under a file: check_writable says which
+        return target
+    except OSError as e:
+        raise CellsegError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = _kind_of(st)
+        if what == "a folder":
+            raise CellsegError(f"{path}: is a folder; expected a file path to write")
+        raise CellsegError(f"{path}: is {what}, not a regular file; refusing to replace it")
+    return target
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
 
     The result gets the mode ``path`` had, or for a new file what the umask allows (0644 under the
-    usual 022), not the 0600 of the temporary file.
+    usual 022), not the 0600 of the temporary file. A symlink is written through (the link stays,
+    its target is replaced); a non-regular target (device, fifo, socket, folder) is refused; a full
+    disk or a name too long becomes one CellsegError line and the earlier file stays as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
+    target = check_regular(path)
+    with write_errors(path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # the temporary name stays short: a target name near the 255-byte limit must not make it too long
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
-        except OSError:
-            mode = default_mode()
-        os.chmod(tmp_path, mode)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+            yield tmp_path
+            try:
+                mode = stat.S_IMODE(target.stat().st_mode)
+            except OSError:
+                mode = default_mode()
+            os.chmod(tmp_path, mode)
+            os.replace(tmp_path, target)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -68,22 +133,68 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def check_writable(path: str | Path, kind: Literal["file", "dir"] = "file") -> Path:
+def _same_or_inside(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies under folder ``b`` (both already resolved)."""
+    return a == b or b in a.parents
+
+
+def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], kind: Literal["file", "dir"]) -> None:
+    """CellsegError when output ``path`` resolves to one of the command's ``inputs`` (files or folders).
+
+    A file output may not be an input file (a hard link to it included) nor an existing file inside an
+    input folder; a folder output may not be, or hold, an input. None entries are ignored."""
+    out = Path(os.path.realpath(path))
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(os.path.realpath(given))
+        if kind == "file":
+            clash = out == src or (src.is_dir() and src in out.parents and out.exists())
+            if not clash and out.exists() and src.exists():
+                clash = os.path.samefile(out, src)
+        else:
+            clash = _same_or_inside(src, out)
+        if clash:
+            raise CellsegError(f"{path}: is (or holds) the input {given}; write the output somewhere else")
+
+
+#: the longest file or folder name (bytes) on the filesystems cellseg runs on (ext4, xfs, tmpfs, overlay)
+NAME_MAX = 255
+
+
+def _check_name_lengths(path: Path) -> None:
+    """CellsegError for a part of ``path`` longer than :data:`NAME_MAX` bytes (checked on the text:
+    the system calls that would tell fail with ENAMETOOLONG themselves)."""
+    for part in path.parts:
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            raise CellsegError(f"{path}: cannot write (file name too long: {n} bytes, the limit is {NAME_MAX})")
+
+
+def check_writable(
+    path: str | Path, kind: Literal["file", "dir"] = "file", inputs: Iterable[str | Path | None] = ()
+) -> Path:
     """Fail fast (CellsegError, one line) when ``path`` cannot be written, before any work is done.
 
     ``kind="file"``: ``path`` will be created or replaced as a file; ``kind="dir"``: ``path`` is a
     folder that will be created (with its parents) or written into. Detects a folder where a file
-    is expected (and the reverse), a parent that is a file, and a folder that refuses writes
-    (permissions, read-only filesystem) by creating and removing a temporary file in the folder the
-    write will happen in (the nearest existing one): ``os.access`` says yes to root even on a
-    read-only mount. Creates nothing that stays. Returns ``path``.
+    is expected (and the reverse), a device, fifo or socket at ``path``, an output that is one of the
+    command's ``inputs`` (:func:`check_not_input`), a name too long, a parent that is a file, and a
+    folder that refuses writes (permissions, read-only filesystem) by creating and removing a
+    temporary file in the folder the write will happen in (the nearest existing one): ``os.access``
+    says yes to root even on a read-only mount. Symlinks are followed (written through). Creates
+    nothing that stays. Returns ``path``.
     """
     path = Path(path)
-    if kind == "file" and path.is_dir():
-        raise CellsegError(f"{path}: is a folder; expected a file path to write")
-    if kind == "dir" and path.exists() and not path.is_dir():
-        raise CellsegError(f"{path}: is a file; expected a folder to write into")
-    probe = path if kind == "dir" else path.parent
+    _check_name_lengths(path)
+    check_not_input(path, inputs, kind)
+    if kind == "file":
+        target = check_regular(path)
+    else:
+        target = output_target(path)
+        if target.exists() and not target.is_dir():
+            raise CellsegError(f"{path}: is a file; expected a folder to write into")
+    probe = target if kind == "dir" else target.parent
     while not probe.exists() and probe != probe.parent:  # nearest existing ancestor
         probe = probe.parent
     if not probe.is_dir():
@@ -94,6 +205,26 @@ def check_writable(path: str | Path, kind: Literal["file", "dir"] = "file") -> P
         raise CellsegError(f"{path}: cannot write in {probe} ({e.strerror or type(e).__name__})") from None
     os.close(fd)
     os.unlink(tmp)
+    return path
+
+
+def check_fresh_dir(path: str | Path, force: bool, own: Iterable[str] = (), flag: str = "--force") -> Path:
+    """CellsegError when folder ``path`` exists and holds an entry this command did not make, unless ``force``.
+
+    ``own`` are glob patterns of names the command itself writes and may replace (a cache's entries,
+    regenerated plots); anything else (an earlier report's summary.json, say) is only replaced with
+    ``force``, so a reused folder never loses an earlier result silently. Returns ``path``."""
+    path = Path(path)
+    if force or not path.is_dir():
+        return path
+    patterns = list(own)
+    foreign = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise CellsegError(
+            f"{path}: folder already holds {foreign[0]}{more}, which this command did not make; "
+            f"choose a new or empty folder, or add {flag} to replace its files"
+        )
     return path
 
 
@@ -133,15 +264,28 @@ def is_png_name(name: str) -> bool:
     return name.lower().endswith(".png")
 
 
-def list_pngs(folder: str | Path) -> dict[str, Path]:
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def list_pngs(folder: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, Path]:
     """PNG files directly in ``folder``, any letter case of ``.png``: id (file stem) -> path, sorted by
-    id. Empty when the folder does not exist. Of ``a.png`` and ``a.PNG`` the first in name order wins."""
+    id. Empty when the folder does not exist. Of ``a.png`` and ``a.PNG`` the first in name order wins.
+
+    A file whose name is not valid UTF-8 cannot be a submission id: it is skipped with one ``warn``
+    line (default: stderr), so every id listed can be written and scored."""
     folder = Path(folder)
     if not folder.is_dir():
         return {}
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if is_png_name(p.name) and p.is_file():
+            try:
+                p.stem.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+                name = ascii(os.fsencode(p.name))[1:]  # the bytes, as b'...' without the b
+                (warn or _warn)(f"warning: {folder}: skipping {name}: the file name is not valid UTF-8")
+                continue
             out.setdefault(p.stem, p)
     return dict(sorted(out.items()))
 
@@ -248,16 +392,20 @@ def staging(out: Path) -> Iterator[Path]:
     """A fresh folder beside ``out`` to build it in, for :func:`replace_dir` to move into place.
 
     It gets the umask's mode, not mkdtemp's 0700 (a bundle is shared and uploaded, a fetched output
-    is read by others), and is removed when the block fails, so nothing half-made is left.
+    is read by others), and is removed when the block fails, so nothing half-made is left; a full disk
+    in the block is one CellsegError line. A symlinked ``out`` is written through (its target is built
+    beside and replaced; the link stays).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, default_mode(directory=True))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = output_target(out)
+    with write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.tmp-", dir=out.parent))
+        os.chmod(tmp, default_mode(directory=True))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
@@ -272,11 +420,18 @@ def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
         marker: file name that marks an earlier folder of this kind (e.g. the bundle's marker).
         what: that kind in words, for the error (e.g. "a bundle").
     """
+    out = output_target(out)
     if out.exists():
         check_replaceable(out, marker, what)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
+        old = out.with_name(f".{out.name[:64]}.old-{os.getpid()}")
+        with write_errors(out):
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the earlier folder goes back: never neither
+                raise
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        with write_errors(out):
+            os.replace(tmp, out)

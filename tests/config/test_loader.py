@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from cellseg.config.loader import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from cellseg.config.loader import Range, apply_overrides, bounds, check_ranges, dump_yaml, from_dict, load_yaml, to_dict
 from cellseg.errors import CellsegError
 
 
@@ -101,3 +101,49 @@ def test_binary_file_as_yaml_names_file_and_expectation(tmp_path):
     p.write_bytes(b"PK\x03\x04\x00\x00binary\xff\xfe")
     with pytest.raises(CellsegError, match=r"model\.pth: not a text file .*PyTorch checkpoint\); expected a YAML"):
         load_yaml(Outer, p)
+
+
+@dataclass
+class Ranged:
+    lr: float = field(default=0.1, metadata=bounds(0, lo_open=True))
+    p: float = field(default=0.5, metadata=bounds(0, 1))
+    steps: list[float] = field(default_factory=lambda: [0.5], metadata=bounds(0, 1))
+    per: dict[str, float] = field(default_factory=dict, metadata=bounds(0))
+    free: float = 1.0
+    maybe: float | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"lr": 0}, r"lr: 0.0 is out of range \(allowed: > 0\)"),
+        ({"p": 1.5}, r"p: 1.5 is out of range \(allowed: \[0, 1\]\)"),
+        ({"steps": [0.5, 2]}, r"steps\[1\]: 2.0 is out of range"),
+        ({"per": {"cort": -1}}, r"per.cort: -1.0 is out of range \(allowed: >= 0\)"),
+        ({"free": float("nan")}, "free: nan is not allowed .allowed: any finite number; NaN and inf never are"),
+        ({"maybe": float("inf")}, "maybe: inf is not allowed"),
+        ({"inner": {"ratio": float("-inf")}}, "inner.ratio: -inf is not allowed"),
+        ({"p": float("nan")}, r"p: nan is not allowed \(allowed: \[0, 1\]"),
+    ],
+)
+def test_ranges_and_non_finite_floats_are_refused_with_the_key_and_range(data, words):
+    with pytest.raises(CellsegError, match=words):
+        from_dict(Ranged, data)
+
+
+def test_check_ranges_checks_objects_built_in_code():
+    check_ranges(Ranged())
+    with pytest.raises(CellsegError, match=r"inner.ratio: nan is not allowed"):
+        check_ranges(Ranged(inner=Inner(ratio=float("nan"))))
+    with pytest.raises(CellsegError, match=r"lr: -1 is out of range"):
+        check_ranges(Ranged(lr=-1))
+
+
+def test_range_text():
+    assert [str(Range(0, 1)), str(Range(0, 1, lo_open=True)), str(Range(1)), str(Range(hi=5, hi_open=True))] == [
+        "[0, 1]",
+        "(0, 1]",
+        ">= 1",
+        "< 5",
+    ]

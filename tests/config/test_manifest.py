@@ -108,3 +108,22 @@ def test_committed_demo_weights_verify_and_rebuild():
         _, info = load_model(path)
         assert info.class_names == list(CELL_TYPES)
         assert info.model_config.box_detections_per_img >= 1000  # shsy5y images hold up to ~790 cells
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("score", 2.0, r"classes.cort.score: 2.0 is out of range \(allowed: \[0, 1\]\)"),
+        ("mask_threshold", float("nan"), r"classes.cort.mask_threshold: nan is not allowed"),
+        ("nms_iou", 0.0, r"classes.cort.nms_iou: 0.0 is out of range \(allowed: \(0, 1\]\)"),
+        ("min_pixels", -5, r"classes.cort.min_pixels: -5 is out of range \(allowed: >= 0\)"),
+    ],
+)
+def test_a_manifest_with_a_threshold_out_of_range_is_never_written(tmp_path, field, value, words):
+    path = _ensemble(tmp_path)
+    before = path.read_bytes()
+    m = load_manifest(path)
+    setattr(m.classes["cort"], field, value)
+    with pytest.raises(CellsegError, match=words):
+        write_manifest(m, path)
+    assert path.read_bytes() == before

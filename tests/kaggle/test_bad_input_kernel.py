@@ -5,7 +5,9 @@ every sample_submission.csv id, says why loudly, and exits 0."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,11 +79,102 @@ def test_kernel_empty_test_folder_writes_every_sample_id(weights, tmp_path):
     assert validate_submission(sub, comp / "test", ids) == []
 
 
-def test_kernel_binary_manifest_and_unwritable_out_are_one_line(weights, tmp_path):
-    root, _ = fake_kaggle(tmp_path, weights)
+def assert_fallback_submission(res: Result, root: Path, comp: Path, *words: str) -> None:
+    """Exit 0, no traceback, a banner naming what failed, and a valid submission.csv with an (empty)
+    row for every sample_submission.csv id and every test PNG."""
+    assert res.code == 0, res.err[-3000:]
+    assert "Traceback" not in res.text, res.text[-3000:]
+    (line,) = [ln for ln in res.err.splitlines() if "PREDICTION FAILED in " in ln]
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    sub = root / "working" / "submission.csv"
+    ids = read_sample_submission(comp / "sample_submission.csv")
+    assert validate_submission(sub, comp / "test", ids) == []
+    expected = set(ids) | {p.stem for p in (comp / "test").iterdir()}
+    assert set(read_submission(sub)) == expected and expected
+    assert sorted(p.name for p in sub.parent.iterdir()) == ["submission.csv"]
+
+
+def test_kernel_binary_manifest_still_writes_a_submission_and_unwritable_out_is_one_line(weights, tmp_path):
+    root, comp = fake_kaggle(tmp_path, weights)
     res = kernel(root, "--manifest", "weights/tiny/model0.pth")
-    assert_one_line_error(res, "model0.pth", "not a text file", "expected an ensemble manifest", prefix="submit")
+    assert_fallback_submission(res, root, comp, "model0.pth", "not a text file", "expected an ensemble manifest")
+    (root / "working" / "submission.csv").unlink()
     (root / "working" / "submission.csv").mkdir()
     res = kernel(root)
     assert_one_line_error(res, "submission.csv: is a folder", prefix="submit")
     assert "loaded" not in res.err
+
+
+#: (function replaced, exception raised): every stage after the competition folder is found
+STAGES = [
+    ("kaggle_env:import_cellseg", "KeyError"),  # the offline install / import
+    ("cellseg.inference.runner:load_manifest", "ValueError"),
+    ("cellseg.inference.runner:resolve_device", "RuntimeError"),
+    ("cellseg.inference.runner:load_ensemble", "MemoryError"),  # model loading
+    ("cellseg.inference.runner:_calibrate", "ZeroDivisionError"),  # the time budget's calibration
+    ("cellseg.inference.runner:forward_image", "IndexError"),  # every image
+    ("cellseg.inference.runner:finish_image", "AssertionError"),  # fusion + post-processing
+    ("cellseg.inference.runner:encode_crop", "OverflowError"),  # RLE encoding
+    ("cellseg.inference.runner:write_submission", "OSError"),  # writing
+    ("cellseg.inference.runner:validate_submission", "TypeError"),
+]
+#: a failing image costs only its own row: the runner gives it an empty one and goes on
+PER_IMAGE = ("forward_image", "finish_image")
+
+
+def test_kernel_survives_a_failure_at_every_stage(weights, tmp_path):
+    """Each stage in turn raises an arbitrary exception (one real process runs the kernel once per
+    stage): every run exits 0 with a valid submission.csv holding every id, and a banner naming the
+    function that failed and the exception."""
+    root, comp = fake_kaggle(tmp_path, weights, n_test=2)
+    hook = Path(__file__).with_name("inject_fault.py")
+    specs = [f"{t}={e}" for t, e in STAGES]
+    cmd = [sys.executable, str(hook), str(tmp_path / "runs"), *specs, "--", "--kaggle-root", str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=child_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chunks = proc.stderr.split("=== fault ")[1:]
+    assert len(chunks) == len(STAGES), proc.stderr[-3000:]
+    ids = read_sample_submission(comp / "sample_submission.csv")
+    expected = set(ids) | {p.stem for p in (comp / "test").iterdir()}
+    for k, ((target, exc), chunk) in enumerate(zip(STAGES, chunks)):
+        func = target.split(":")[1]
+        assert f"=== exit {k} 0" in chunk, (target, chunk[-3000:])
+        assert "Traceback" not in chunk, (target, chunk[-3000:])
+        sub = tmp_path / "runs" / str(k) / "submission.csv"
+        assert validate_submission(sub, comp / "test", ids) == [], target
+        assert set(read_submission(sub)) == expected, target
+        if func in PER_IMAGE:
+            assert f"failed with {exc}: injected fault" in chunk, (target, chunk[-3000:])
+            continue
+        (line,) = [ln for ln in chunk.splitlines() if "PREDICTION FAILED in " in ln]
+        assert func in line and f"{exc}: " in line and "injected fault" in line, (target, line)
+        assert read_submission(sub) == {i: [] for i in expected}, target
+
+
+def test_kernel_skips_a_test_file_name_that_cannot_be_an_id(weights, tmp_path):
+    root, comp = fake_kaggle(tmp_path, weights, n_test=2)
+    good = next((comp / "test").iterdir())
+    os.link(good, os.path.join(os.fsencode(comp / "test"), b"bad\xff\xfename.png"))
+    res = kernel(root)
+    assert res.code == 0 and "Traceback" not in res.text, res.err[-3000:]
+    assert "PREDICTION FAILED" not in res.err
+    warnings = [ln for ln in res.err.splitlines() if "not valid UTF-8" in ln]
+    assert warnings and all("bad\\xff\\xfename.png" in w and "skipping" in w for w in warnings), res.err
+    sub = root / "working" / "submission.csv"
+    ids = read_sample_submission(comp / "sample_submission.csv")
+    assert validate_submission(sub, comp / "test", ids) == []
+    assert all(i.isprintable() for i in read_submission(sub))
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU"])
+def test_kernel_device_takes_cellsegs_choice_list(weights, tmp_path, device):
+    from cellseg.commands.common import device_choice
+
+    root, _ = fake_kaggle(tmp_path, weights)
+    res = kernel(root, "--device", device)
+    assert res.code == 2 and "Traceback" not in res.text
+    assert f"invalid device {device!r} (choose from auto, cpu, cuda, cuda:N)" in res.err
+    with pytest.raises(argparse.ArgumentTypeError, match="choose from auto, cpu, cuda, cuda:N"):
+        device_choice(device)  # the same list as every cellseg command
+    assert not (root / "working" / "submission.csv").exists()

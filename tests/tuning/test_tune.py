@@ -279,3 +279,22 @@ def test_a_cache_holds_one_ensemble_even_after_a_kill(tmp_path, monkeypatch, cap
     assert sorted(p.stem for p in cache.glob("*.npz")) == ids
     assert (cache / f"{ids[0]}.npz").stat().st_mtime_ns == first
     assert main([*tune_args, "--weights", str(a)]) == 0
+
+
+@pytest.mark.parametrize(
+    "grid, words",
+    [
+        ({"score": [0.5, 1.5]}, r"--score: 1.5 is out of range \(allowed: \[0, 1\]\)"),
+        ({"nms_iou": [0.0]}, r"--nms-iou: 0.0 is out of range \(allowed: \(0, 1\]\)"),
+        ({"min_pixels": [-2]}, r"--min-pixels: -2 is out of range"),
+        ({"mask_threshold": [float("nan")]}, r"--mask-threshold: nan is not allowed"),
+        ({"score": []}, r"--score: no candidate value given"),
+    ],
+)
+def test_a_grid_can_only_hold_values_a_manifest_may_hold(grid, words):
+    from cellseg.errors import CellsegError
+    from cellseg.tuning.tune import TuneGrid
+
+    with pytest.raises(CellsegError, match=words):
+        TuneGrid(**grid).check()
+    TuneGrid().check()  # the defaults are inside every range

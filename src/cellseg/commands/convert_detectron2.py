@@ -28,19 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", help="manifest name (default: the output folder's name)")
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
 
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.detectron2.convert import convert_checkpoint
-    from cellseg.io import check_writable
+    from cellseg.io import check_fresh_dir, check_writable, write_errors
 
-    check_writable(args.out, "dir")
+    check_writable(args.out, "dir", inputs=[args.weights, args.config])
+    check_fresh_dir(args.out, args.force)  # an earlier conversion is replaced only with --force
     names = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not names:
         raise CellsegError("--classes is empty")
     if len(set(names)) != len(names):
         raise CellsegError(f"--classes names a class twice: {args.classes}")
-    manifest = convert_checkpoint(args.weights, args.config, args.out, names, name=args.name, half=args.half)
+    with write_errors(args.out):
+        manifest = convert_checkpoint(args.weights, args.config, args.out, names, name=args.name, half=args.half)
     print(f"wrote {Path(args.out) / 'model.pth'} and {manifest}")
     return 0

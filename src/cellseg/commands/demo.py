@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cellseg.commands.common import add_device
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
@@ -23,17 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-images", type=int, default=3, help="synthetic test images (default 3)")
     p.add_argument("--dry-run-images", type=int, default=6, help="train images scored by the dry run (default 6)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device(p)
     p.add_argument("--kernel-budget", default="4m", help="time budget of the kernel run (default 4m)")
     p.add_argument("--dry-run-budget", default="3m", help="time budget of the dry run (default 3m)")
 
 
+#: what ``run_demo`` writes into --out (a rerun replaces these; other files make it refuse)
+DEMO_ENTRIES = ("data", "kaggle", "dry-run", "submission.csv", ".*")
+
+
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
-    from cellseg.io import check_writable
+    from cellseg.io import check_fresh_dir, check_writable
     from cellseg.kaggle.demo import run_demo
 
-    check_writable(args.out, "dir")
+    check_writable(args.out, "dir", inputs=[args.weights])
+    check_fresh_dir(args.out, False, own=DEMO_ENTRIES, flag="a new --out")  # a rerun replaces its own outputs only
     res = run_demo(
         args.out,
         args.weights,

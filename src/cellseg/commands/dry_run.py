@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cellseg.commands.common import add_device, command_inputs, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="competition-layout folder with train.csv and train/")
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     which.add_argument(
         "--images",
-        type=int,
+        type=positive_int,
         default=None,
         help="predict this many sampled train images (default 24 when --fold is not given)",
     )
@@ -31,30 +33,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="report folder: submission.csv, per_image.csv, overlays/, score_by_class.png, summary.json",
     )
     p.add_argument("--time-budget", default=None, metavar="DURATION", help="as for `cellseg predict`")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device(p)
+    p.add_argument(
+        "--force", action="store_true", help="write into a --report folder that already holds files (replacing them)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.evaluation.dry_run import HIDDEN_TEST_IMAGES, dry_run
-    from cellseg.io import check_writable
+    from cellseg.io import check_fresh_dir, check_writable, write_errors
 
-    check_writable(args.report, "dir")  # before the models load
+    check_writable(args.report, "dir", inputs=command_inputs(args.data, args.weights, args.folds_csv))
+    check_fresh_dir(args.report, args.force)  # an earlier report is never replaced silently
     images = args.images if args.images is not None or args.fold is not None else 24
-    res = dry_run(
-        args.data,
-        args.weights,
-        args.report,
-        fold=args.fold,
-        images=images,
-        seed=args.seed,
-        folds=args.folds,
-        device=args.device,
-        time_budget=args.time_budget,
-        progress=not args.no_progress,
-        folds_csv=args.folds_csv,
-    )
+    with write_errors(args.report):  # a full disk in the report: one line
+        res = dry_run(
+            args.data,
+            args.weights,
+            args.report,
+            fold=args.fold,
+            images=images,
+            seed=args.seed,
+            folds=args.folds,
+            device=args.device,
+            time_budget=args.time_budget,
+            progress=not args.no_progress,
+            folds_csv=args.folds_csv,
+        )
     print(res.table)
     s = res.summary
     print(

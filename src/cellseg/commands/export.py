@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every weight must be a finite number > 0, got {text!r}")
+    return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ensemble weight per checkpoint (default 1 each)",
     )
     p.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16, half the size)")
-    p.add_argument("--force", action="store_true", help="replace an existing manifest.yaml in --out")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in --out (built beside it and swapped in only when complete and checked)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from cellseg.io import check_writable
     from cellseg.model.export import export_weights
 
-    check_writable(args.out, "dir")  # before any checkpoint is read
-    tta = [v.strip() for v in args.tta.split(",") if v.strip()]
+    # before any checkpoint is read; export_weights checks every argument before it writes, and
+    # builds the folder beside --out, so checkpoints or a template inside --out are read safely
+    check_writable(args.out, "dir")
+    tta = args.tta.split(",")
     res = export_weights(
         args.checkpoints,
         args.out,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cellseg.commands.common import command_inputs
 from cellseg.data.folds import make_folds
 from cellseg.data.truth import read_train_csv
 from cellseg.io import atomic_write_text, check_writable
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     comp = CompetitionPaths(args.data).require("train_csv")
-    out = check_writable(args.out or args.data / f"folds_k{args.folds}_s{args.seed}.csv", "file")
+    out = args.out or args.data / f"folds_k{args.folds}_s{args.seed}.csv"
+    check_writable(out, "file", inputs=command_inputs(args.data))  # never over the train.csv it reads
     folds = make_folds(read_train_csv(comp.train_csv), k=args.folds, seed=args.seed)
     atomic_write_text(out, folds.to_csv(index=False))
     table = folds.groupby(["fold", "cell_type"]).size().unstack(fill_value=0)

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cellseg.commands.common import add_device, command_inputs
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -29,9 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="e.g. 8h30m, 45m, 90s: drop TTA views, then models, to finish in time (default: none)",
     )
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA (fp16) when available, else CPU"
-    )
+    add_device(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.epilog = (
         "exit status: 0 submission written; 1 a valid submission was written but no image could be "
@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.io import check_writable
 
-    check_writable(args.out, "file")  # in milliseconds: before torch is even imported
+    # in milliseconds: before torch is even imported; never over the data or the ensemble it reads
+    check_writable(args.out, "file", inputs=command_inputs(args.data, args.weights))
     from cellseg.inference.runner import predict_folder
 
     res = predict_folder(

@@ -5,23 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cellseg.commands.common import add_device, command_inputs, finite_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="competition-layout folder with train_semi_supervised/")
     p.add_argument("--weights", required=True, type=Path, help="ensemble manifest (weights/<name>/manifest.yaml)")
     p.add_argument("--out", required=True, type=Path, help="output CSV (train.csv columns + source)")
-    p.add_argument("--images", type=int, help="label a random sample of N images (default: all)")
+    p.add_argument("--images", type=positive_int, help="label a random sample of N >= 1 images (default: all)")
     p.add_argument(
         "--score-margin",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="added to each class's score threshold (default 0.1: stricter than submission)",
     )
     p.add_argument(
-        "--min-pixels-factor", type=float, default=1.5, help="multiplies each class's minimum pixels (default 1.5)"
+        "--min-pixels-factor",
+        type=finite_float,
+        default=1.5,
+        help="multiplies each class's minimum pixels (default 1.5)",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --images (default 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    add_device(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from cellseg.inference.pseudo import pseudo_label
     from cellseg.io import check_writable
 
-    check_writable(args.out, "file")  # before the models load
+    check_writable(args.out, "file", inputs=command_inputs(args.data, args.weights))  # before the models load
     res = pseudo_label(
         args.data,
         args.weights,

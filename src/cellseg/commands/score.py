@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     truth = read_train_csv(args.truth, fill_holes=args.fill_holes).images
+    if not truth:
+        raise CellsegError(f"{args.truth}: holds no annotated image (header only); nothing to score against")
     if args.images_dir is not None:
         if not args.images_dir.is_dir():
             raise CellsegError(f"{args.images_dir}: folder not found")

@@ -49,6 +49,11 @@ def load_augment(path: Path | None, overrides: list[str]):
     from cellseg.errors import CellsegError
 
     data = read_yaml(path) if path is not None else {}
+    if "augment" not in data and {"models", "tta", "classes", "fusion"} & set(data):
+        raise CellsegError(
+            f"{path}: is an ensemble manifest (it lists models and thresholds), not an experiment config; "
+            "give the training config (configs/*.yaml) or a bare augment mapping"
+        )
     if "augment" in data or {"model", "train", "data"} & set(data):  # an experiment config
         data = data.get("augment") or {}
     if not isinstance(data, dict):
@@ -81,12 +86,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cellseg import CELL_TYPES, plot
+    from cellseg.commands.common import command_inputs
     from cellseg.config.experiment import DataConfig, ExperimentConfig
     from cellseg.data.dataset import build_datasets
     from cellseg.errors import CellsegError
     from cellseg.io import check_writable
 
-    check_writable(args.out, "file")
+    check_writable(args.out, "file", inputs=[*command_inputs(args.data), args.config])
     if args.num < 1:
         raise CellsegError(f"-n must be >= 1, got {args.num}")
     config, source = (args.config, str(args.config)) if args.config is not None else default_config()

@@ -39,19 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.data.synth import generate
-    from cellseg.io import check_writable
+    from cellseg.io import check_writable, write_errors
 
     check_writable(args.out, "dir")
-    s = generate(
-        args.out,
-        train_images=args.train_images,
-        test_images=args.test_images,
-        semi_images=args.semi_images,
-        seed=args.seed,
-        progress=True,
-        force=args.force,
-        workers=args.workers,
-    )
+    with write_errors(args.out):  # a full disk: one line
+        s = generate(
+            args.out,
+            train_images=args.train_images,
+            test_images=args.test_images,
+            semi_images=args.semi_images,
+            seed=args.seed,
+            progress=True,
+            force=args.force,
+            workers=args.workers,
+        )
     print(
         f"wrote {s['out']}: {s['train_images']} train ({s['instances']} cells), {s['test_images']} test, "
         f"{s['semi_images']} semi-supervised images in {s['seconds']:.1f} s"

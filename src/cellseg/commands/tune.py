@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cellseg.commands.common import finite_float, positive_int
 from cellseg.data.truth import read_train_csv
 from cellseg.tuning.report import MIN_GAIN
 from cellseg.tuning.tune import TuneGrid
@@ -25,15 +26,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", required=True, type=Path, help="the manifest to tune; the old version is kept as manifest.vN.yaml"
     )
-    p.add_argument("--folds", type=int, default=3, help="sample-grouped folds for the out-of-fold check (default 3)")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--folds", type=positive_int, default=3, help="sample-grouped folds for the out-of-fold check (default 3)"
+    )
+    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--plots", type=Path, help="folder for one score-vs-threshold plot per class (default: beside the cache)"
     )
     p.add_argument("--no-write", action="store_true", help="report only; leave the manifest as it is")
     p.add_argument(
         "--min-gain",
-        type=float,
+        type=finite_float,
         default=MIN_GAIN,
         metavar="G",
         help=f"a class changes only when its out-of-fold score beats the current one by >= G (default {MIN_GAIN})",
@@ -67,21 +70,34 @@ def _values(kind):
     return parse
 
 
+#: what tune writes into its plots folder (and may replace there)
+PLOT_FILES = ("tune_*.png", ".*")
+
+
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
     from cellseg.config.manifest import load_manifest
-    from cellseg.io import check_writable
+    from cellseg.errors import CellsegError
+    from cellseg.io import check_fresh_dir, check_writable
     from cellseg.tuning.report import decide, report, write_tuned_manifest
     from cellseg.tuning.tune import plot_curves, tune
 
-    check_writable(args.plots or args.cache / "plots", "dir")
+    plots = args.plots or args.cache / "plots"
+    check_writable(plots, "dir", inputs=[args.truth, args.weights])
+    check_fresh_dir(plots, False, own=PLOT_FILES, flag="another --plots folder")  # replaces its own plots only
     if not args.no_write:
         check_writable(args.weights / "manifest.yaml" if args.weights.is_dir() else args.weights, "file")
+    grid = TuneGrid(
+        **{
+            k: getattr(args, k)
+            for k in ("nms_iou", "mask_threshold", "min_pixels", "score")
+            if getattr(args, k) is not None
+        }
+    ).check()  # every value inside its threshold's range: the manifest written can always be loaded
     manifest = load_manifest(args.weights, verify=False)
     truth = read_train_csv(args.truth, fill_holes=args.fill_holes).images
-    grid = TuneGrid(
-        **{k: getattr(args, k) for k in ("nms_iou", "mask_threshold", "min_pixels", "score") if getattr(args, k)}
-    )
+    if not truth:
+        raise CellsegError(f"{args.truth}: holds no annotated image (header only); nothing to tune against")
     res = tune(args.cache, truth, manifest, grid=grid, folds=args.folds, jobs=args.jobs)
     decision = decide(res, min_gain=args.min_gain, force=args.force)
     print(report(res, decision))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from cellseg import CELL_TYPES
-from cellseg.config.loader import load_yaml, parse_duration
+from cellseg.config.loader import bounds, load_yaml, parse_duration
 from cellseg.config.manifest import ClassThresholds
 from cellseg.errors import CellsegError
 
@@ -118,31 +118,31 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, schedule and validation. Iteration counts are optimiser steps."""
 
-    epochs: int = 24
+    epochs: int = field(default=24, metadata=bounds(1))
     #: images per process and step (DDP: global batch = batch_size x world size).
-    batch_size: int = 2
-    num_workers: int = 2
+    batch_size: int = field(default=2, metadata=bounds(1))
+    num_workers: int = field(default=2, metadata=bounds(0))
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.02
+    lr: float = field(default=0.02, metadata=bounds(0, lo_open=True))
     #: the global batch (processes x batch_size) ``lr`` is set for: lr scales linearly to the actual one.
-    reference_batch: int = 4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    reference_batch: int = field(default=4, metadata=bounds(1))
+    momentum: float = field(default=0.9, metadata=bounds(0, 1))
+    weight_decay: float = field(default=1e-4, metadata=bounds(0))
     #: linear warm-up from lr * warmup_factor over warmup_iters steps.
-    warmup_iters: int = 500
-    warmup_factor: float = 0.001
+    warmup_iters: int = field(default=500, metadata=bounds(0))
+    warmup_factor: float = field(default=0.001, metadata=bounds(0, 1, lo_open=True))
     schedule: Literal["cosine", "step"] = "cosine"
     #: cosine: final lr = lr * min_lr_ratio. step: multiply by gamma at these fractions of training.
-    min_lr_ratio: float = 0.01
-    steps: list[float] = field(default_factory=lambda: [0.75, 0.92])
-    gamma: float = 0.1
+    min_lr_ratio: float = field(default=0.01, metadata=bounds(0, 1))
+    steps: list[float] = field(default_factory=lambda: [0.75, 0.92], metadata=bounds(0, 1))
+    gamma: float = field(default=0.1, metadata=bounds(0, lo_open=True))
     #: max global L2 norm of the gradients (0 = off).
-    grad_clip: float = 10.0
+    grad_clip: float = field(default=10.0, metadata=bounds(0))
     #: mixed precision on GPU (torch.autocast + GradScaler); always off on CPU.
     amp: bool = True
     seed: int = 0
     #: validate on the fold's hold-out every N epochs (and after the last); 0 = never.
-    val_every: int = 1
+    val_every: int = field(default=1, metadata=bounds(0))
     #: thresholds of the validation predictions, the same for every cell type (the manifest's
     #: per-class fields; defaults = the manifest's defaults). Validation runs the inference pipeline
     #: with :func:`cellseg.training.engine.validation_manifest` (identity view, default fusion and
@@ -150,22 +150,22 @@ class TrainConfig:
     #: that manifest.
     val_thresholds: ClassThresholds = field(default_factory=ClassThresholds)
     #: use at most this many hold-out images for validation (0 = all).
-    val_max_images: int = 0
+    val_max_images: int = field(default=0, metadata=bounds(0))
     #: stop after this many optimiser steps in total (0 = run all epochs); for smoke runs.
-    max_steps: int = 0
+    max_steps: int = field(default=0, metadata=bounds(0))
     #: write best.pth weights in float16 (halves the size; loaded back as float32).
     half_best: bool = False
     #: DDP: convert BatchNorm layers to SyncBatchNorm (GPU only).
     sync_bn: bool = False
     #: torch CPU threads per process (0 = torch default).
-    threads: int = 0
+    threads: int = field(default=0, metadata=bounds(0))
     #: print the losses every N steps to the log (0 = only the progress bar).
-    log_every: int = 50
+    log_every: int = field(default=50, metadata=bounds(0))
     #: wall-clock budget of one ``train()`` call (``11h30m``, ``45m``, seconds; None or 0 = none). Before
     #: each epoch the run stops cleanly (last.pth + metrics of the epoch just done, resumable with
     #: ``--resume``) when the longest epoch so far (training + validation) would end past it. A Kaggle
     #: GPU session ends at 12 h: ``tools/push.py train`` sets 11h30m. Parsed when loaded: seconds here.
-    time_limit: float | None = field(default=None, metadata={"parse": parse_duration})
+    time_limit: float | None = field(default=None, metadata={"parse": parse_duration, **bounds(0)})
 
 
 @dataclass
@@ -178,19 +178,19 @@ class DataConfig:
     extra_csv: list[str] = field(default_factory=list)
     #: extra COCO instance json files (e.g. LIVECell).
     coco_json: list[str] = field(default_factory=list)
-    folds: int = 5
+    folds: int = field(default=5, metadata=bounds(2))
     fold_seed: int = 0
     #: a folds CSV written by `cellseg folds` (id, sample_id, cell_type, fold); when set it defines the
     #: folds and ``folds`` / ``fold_seed`` are unused. Empty: folds made from ``folds`` and ``fold_seed``.
     folds_csv: str = ""
     #: extra items per epoch as a fraction of the train images (None = every extra image once per epoch).
-    extra_ratio: float | None = None
+    extra_ratio: float | None = field(default=None, metadata=bounds(0))
     #: folder of the COCO json images when not beside the json; class of COCO images without a cell-type name.
     coco_images_dir: str | None = None
     coco_cell_type: str = "shsy5y"
     #: per-cell-type repeat factor of the train.csv images in every epoch (e.g. {shsy5y: 2.0, astro: 2.0}
     #: to balance a cort-heavy set; see :func:`cellseg.data.dataset.repeat_by_type`); missing types: 1.
-    type_repeat: dict[str, float] = field(default_factory=dict)
+    type_repeat: dict[str, float] = field(default_factory=dict, metadata=bounds(0))
     #: class of COCO / LIVECell annotations: category name or cell line (file-name prefix) -> a name of
     #: model.class_names, "*" = any other; every line must be covered. Empty: the category name if it is a
     #: cell type, else a cell-type file-name prefix, else coco_cell_type (see cellseg.data.coco.resolve_class).
@@ -217,17 +217,17 @@ class AugmentConfig:
     #: Master switch: False gives the un-augmented image (still cheap: no copies of the masks).
     enabled: bool = True
     #: Probability of a horizontal / vertical flip.
-    hflip: float = 0.5
-    vflip: float = 0.5
+    hflip: float = field(default=0.5, metadata=bounds(0, 1))
+    vflip: float = field(default=0.5, metadata=bounds(0, 1))
     #: Probability of a rotation by 90 or 270 degrees (height and width swap). 0 = off.
-    rot90: float = 0.5
+    rot90: float = field(default=0.5, metadata=bounds(0, 1))
     #: Multi-scale short side, Detectron2 ``ResizeShortestEdge`` style. ``short_sides`` non-empty:
     #: the short side is chosen from it ("choice"); otherwise it is the original short side times a
     #: factor drawn uniformly from ``scale_range`` ("range"). (1.0, 1.0) and [] = no resizing.
     scale_range: tuple[float, float] = (1.0, 1.0)
     short_sides: tuple[int, ...] = ()
     #: Cap on the long side after resizing (0 = no cap).
-    max_size: int = 0
+    max_size: int = field(default=0, metadata=bounds(0))
     #: Random crop (height, width) taken after resizing; a side larger than the image is clipped to
     #: the image (no padding). (0, 0) = no crop.
     crop_size: tuple[int, int] = (0, 0)
@@ -238,15 +238,15 @@ class AugmentConfig:
     gamma: tuple[float, float] = (1.0, 1.0)
     #: Gaussian noise: with probability ``noise_p`` add N(0, noise_sigma) to the [0, 1] image (result
     #: clipped to [0, 1]). 0 = off.
-    noise_sigma: float = 0.0
-    noise_p: float = 0.5
+    noise_sigma: float = field(default=0.0, metadata=bounds(0))
+    noise_p: float = field(default=0.5, metadata=bounds(0, 1))
     #: Copy-paste (Ghiasi et al. 2021): with probability ``copy_paste_p`` paste 1..``copy_paste_max_cells``
     #: cells of another training image (same cell type when ``copy_paste_same_type``) onto this one.
-    copy_paste_p: float = 0.0
-    copy_paste_max_cells: int = 20
+    copy_paste_p: float = field(default=0.0, metadata=bounds(0, 1))
+    copy_paste_max_cells: int = field(default=20, metadata=bounds(0))
     copy_paste_same_type: bool = True
     #: Instances with fewer mask pixels than this after augmentation are dropped.
-    min_area: int = 8
+    min_area: int = field(default=8, metadata=bounds(0))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 
 from cellseg import CELL_TYPES
-from cellseg.config.loader import load_yaml, to_dict
+from cellseg.config.loader import bounds, check_ranges, load_yaml, to_dict
 from cellseg.config.provenance import Provenance
 from cellseg.errors import CellsegError
 from cellseg.io import atomic_write_text, sha256_file  # bundle, training and convert import sha256_file from here
@@ -33,7 +33,7 @@ class ModelEntry:
 
     checkpoint: str
     sha256: str = ""
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=bounds(0, lo_open=True))
     #: mask paste shift of this model in pixels; None = 0 for models with aligned ROIAlign
     #: (Detectron2 conversions: box-aligned mask targets), else ``fusion.paste_shift``.
     paste_shift: float | None = None
@@ -60,21 +60,21 @@ class FusionConfig:
     iou_type: Literal["mask", "box"] = "mask"
     average_masks: bool = True
     score_mode: Literal["max", "mean"] = "max"
-    detections_per_view: int = 1000
-    model_score_thresh: float = 0.05
-    model_nms_thresh: float = 0.9
+    detections_per_view: int = field(default=1000, metadata=bounds(1))
+    model_score_thresh: float = field(default=0.05, metadata=bounds(0, 1))
+    model_nms_thresh: float = field(default=0.9, metadata=bounds(0, 1, lo_open=True))
     paste_shift: float = 0.25
-    vote_min_score: float = 0.5
+    vote_min_score: float = field(default=0.5, metadata=bounds(0, 1))
 
 
 @dataclass
 class ClassThresholds:
     """Post-processing thresholds of one cell type (applied to every instance of an image of it)."""
 
-    score: float = 0.5
-    mask_threshold: float = 0.5
-    nms_iou: float = 0.3
-    min_pixels: int = 0
+    score: float = field(default=0.5, metadata=bounds(0, 1))
+    mask_threshold: float = field(default=0.5, metadata=bounds(0, 1))
+    nms_iou: float = field(default=0.3, metadata=bounds(0, 1, lo_open=True))
+    min_pixels: int = field(default=0, metadata=bounds(0))
 
 
 @dataclass
@@ -83,7 +83,7 @@ class PostprocessConfig:
     an instance that lost more than this fraction of its pixels to higher-scoring ones is dropped."""
 
     fill_holes: bool = True
-    max_lost_fraction: float = 0.5
+    max_lost_fraction: float = field(default=0.5, metadata=bounds(0, 1))
 
 
 @dataclass
@@ -105,7 +105,9 @@ class Manifest:
 
 
 def check_manifest(m: Manifest, where: str = "manifest") -> None:
-    """Raise CellsegError (one line) for an unusable manifest: no models, bad views, missing classes."""
+    """Raise CellsegError (one line) for an unusable manifest: no models, bad views, missing classes, a
+    threshold out of its range or not finite (score, mask_threshold in [0, 1], nms_iou in (0, 1],
+    min_pixels >= 0, model weights > 0; the ranges are the fields' :func:`~cellseg.config.loader.bounds`)."""
     if not m.models:
         raise CellsegError(f"{where}: no models listed (an empty ensemble cannot predict)")
     if not m.tta:
@@ -118,11 +120,10 @@ def check_manifest(m: Manifest, where: str = "manifest") -> None:
     unknown = sorted(set(m.classes) - set(CELL_TYPES))
     if unknown:
         raise CellsegError(f"{where}: classes has unknown cell type(s) {', '.join(unknown)}")
-    for e in m.models:
-        if e.weight <= 0:
-            raise CellsegError(f"{where}: model {e.checkpoint} has weight {e.weight} (must be > 0)")
-    if not 0.0 <= m.postprocess.max_lost_fraction <= 1.0:
-        raise CellsegError(f"{where}: postprocess.max_lost_fraction must be in [0, 1]")
+    try:
+        check_ranges(m)
+    except CellsegError as e:
+        raise CellsegError(f"{where}: {e}") from None
 
 
 def verify_checksums(m: Manifest) -> None:

@@ -70,14 +70,26 @@ def make_folds(train_set, k: int = 5, seed: int = 0) -> pd.DataFrame:
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:
-    """Read a folds CSV written by :func:`make_folds` (``cellseg folds``)."""
+    """Read a folds CSV written by :func:`make_folds` (``cellseg folds``).
+
+    Raises CellsegError naming the file (and the line) for a missing, binary or empty file, a missing
+    column, or a ``fold`` that is not an integer >= 0."""
     path = Path(path)
     if not path.is_file():
         raise CellsegError(f"{path}: folds file not found")
-    df = pd.read_csv(path, dtype={"id": str, "sample_id": str, "cell_type": str, "fold": int})
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (ValueError, pd.errors.ParserError) as e:  # EmptyDataError, UnicodeDecodeError are ValueErrors
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CellsegError(f"{path}: not a readable folds CSV ({type(e).__name__}: {first})") from None
     missing = [c for c in FOLD_COLUMNS if c not in df.columns]
     if missing:
         raise CellsegError(f"{path}:1: missing column(s) {', '.join(missing)}")
+    ok = df["fold"].str.strip().str.fullmatch(r"[0-9]+")
+    if not ok.all():
+        i = int(np.flatnonzero(~ok.to_numpy())[0])
+        raise CellsegError(f"{path}:{i + 2}: fold must be an integer >= 0, got {df['fold'].iat[i]!r}")
+    df["fold"] = df["fold"].astype(np.int64)
     return df
 
 

@@ -7,7 +7,9 @@ with no predictions gets one row with an empty ``predicted``.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping, Sequence
+import io
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +22,53 @@ from cellseg.io import atomic_path, image_size, list_pngs
 HEADER = ("id", "predicted")
 
 
-def write_submission(path: str | Path, rows: Mapping[str, Sequence[str]]) -> Path:
-    """Write ``rows`` (image id -> RLE strings, in order) to ``path`` atomically.
+def normalize_id(raw: str) -> str:
+    """The id a submission row stands for: surrounding white space dropped. The writer writes ids this
+    way and the reader / validator compare them this way, so what one writes the other finds."""
+    return raw.strip()
 
-    An id with no RLE gets one row with an empty ``predicted``. Returns the path.
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be a submission id (empty, not valid UTF-8 (a file name of undecodable
+    bytes), holding a line break), or None when it can."""
+    norm = normalize_id(image_id)
+    if not norm:
+        return "empty id"
+    try:
+        norm.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{ascii(image_id)} is not valid UTF-8"
+    if "\n" in norm or "\r" in norm:
+        return f"{ascii(image_id)} holds a line break"
+    return None
+
+
+def write_submission(
+    path: str | Path, rows: Mapping[str, Sequence[str]], warn: Callable[[str], None] | None = None
+) -> Path:
+    """Write ``rows`` (image id -> RLE strings, in order) to ``path`` atomically, UTF-8.
+
+    An id with no RLE gets one row with an empty ``predicted``. Ids are written normalised
+    (:func:`normalize_id`); an id that cannot be one (:func:`id_problem`) is skipped with a ``warn``
+    line (default: stderr), never a crash. Returns the path.
     """
     path = Path(path)
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(HEADER)
             for image_id, rles in rows.items():
+                why = id_problem(image_id)
+                if why is not None:
+                    warn(f"warning: {path}: skipping a row: {why}")
+                    continue
+                norm = normalize_id(image_id)
                 rles = [r for r in rles if r]
                 if not rles:
-                    w.writerow((image_id, ""))
+                    w.writerow((norm, ""))
                 for r in rles:
-                    w.writerow((image_id, r))
+                    w.writerow((norm, r))
     return path
 
 
@@ -46,21 +79,32 @@ def read_submission(path: str | Path) -> dict[str, list[tuple[int, str]]]:
         raise CellsegError(f"{path}: file not found" if not path.is_dir() else f"{path}: is a folder, not a CSV file")
     if path.stat().st_size == 0:
         raise CellsegError(f"{path}: empty file (0 bytes); expected a CSV with header 'id,predicted'")
+    data = path.read_bytes()
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data[:1], 0, 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CellsegError(
+            f"{path}: not a UTF-8 text file ({len(data)} bytes of binary data); expected a CSV with header 'id,predicted'"
+        ) from None
     out: dict[str, list[tuple[int, str]]] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != list(HEADER):
             raise CellsegError(f"{path}:1: header must be 'id,predicted', got {','.join(header or [])!r}")
         for line, row in enumerate(reader, start=2):
             if len(row) != 2:
                 raise CellsegError(f"{path}:{line}: expected 2 fields, got {len(row)}")
-            image_id, rle = row[0].strip(), row[1].strip()
+            image_id, rle = normalize_id(row[0]), row[1].strip()
             if not image_id:
                 raise CellsegError(f"{path}:{line}: empty id")
             out.setdefault(image_id, [])
             if rle:
                 out[image_id].append((line, rle))
+    except csv.Error as e:
+        raise CellsegError(f"{path}:{reader.line_num}: not a readable CSV ({e})") from None
     return out
 
 
@@ -111,8 +155,8 @@ def validate_submission(path: str | Path, test_dir: str | Path, sample_ids: Iter
     if not test_dir.is_dir():
         raise CellsegError(f"{test_dir}: test folder not found")
     problems: list[str] = []
-    sizes = list_pngs(test_dir)
-    expected = set(sizes) | set(sample_ids)
+    sizes = {normalize_id(k): v for k, v in list_pngs(test_dir).items()}  # ids as the writer writes them
+    expected = set(sizes) | {normalize_id(i) for i in sample_ids}
     try:
         sub = read_submission(path)
     except CellsegError as e:

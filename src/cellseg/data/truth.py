@@ -23,6 +23,7 @@ from cellseg import CELL_TYPES
 from cellseg.data.masks import CropMask, fill_holes_all, label_image, stack
 from cellseg.data.rle import BatchDecodeError, decode_crops
 from cellseg.errors import CellsegError
+from cellseg.io import list_pngs
 
 TRAIN_COLUMNS = (
     "id",
@@ -193,11 +194,13 @@ def read_train_csv(path: str | Path, fill_holes: bool = False, progress: bool = 
 
 
 def image_ids(folder: str | Path) -> list[str]:
-    """Sorted ids (file stems) of the PNGs in ``folder``; CellsegError if the folder is missing."""
+    """Sorted ids (file stems) of the PNGs in ``folder`` (``.png`` in any letter case; a name that is
+    not valid UTF-8 skipped with a warning, :func:`cellseg.io.list_pngs`); CellsegError if the folder
+    is missing."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CellsegError(f"{folder}: folder not found")
-    return sorted(p.stem for p in folder.glob("*.png"))
+    return list(list_pngs(folder))
 
 
 def read_sample_submission(path: str | Path) -> list[str]:

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cellseg import CELL_TYPES, plot
+from cellseg.config.loader import check_number, field_range
 from cellseg.config.manifest import ClassThresholds, Manifest
 from cellseg.data.folds import group_folds
 from cellseg.data.masks import fill_holes, label_image
@@ -49,6 +50,19 @@ class TuneGrid:
     mask_threshold: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])
     min_pixels: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100, 150, 200])
     score: list[float] = field(default_factory=lambda: [round(float(s), 3) for s in np.arange(0.05, 0.951, 0.025)])
+
+    def check(self) -> TuneGrid:
+        """CellsegError (one line, e.g. ``--score: 1.5 is out of range (allowed: [0, 1])``) for an empty
+        candidate list or a value outside its manifest field's range: a grid can only choose
+        thresholds a manifest may hold."""
+        for name in ("nms_iou", "mask_threshold", "min_pixels", "score"):
+            flag = "--" + name.replace("_", "-")
+            values = getattr(self, name)
+            if not values:
+                raise CellsegError(f"{flag}: no candidate value given")
+            for v in values:
+                check_number(v, flag, field_range(ClassThresholds, name))
+        return self
 
     def with_values(self, th: ClassThresholds) -> TuneGrid:
         def add(vals, v):
@@ -187,44 +201,39 @@ def choose(tables: np.ndarray, prefer: tuple[int, ...] | None = None) -> tuple[i
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mean)), mean.shape))
 
 
-def tune(
-    cache_dir: str | Path,
-    truth: dict,
-    manifest: Manifest,
-    grid: TuneGrid | None = None,
-    folds: int = 3,
-    jobs: int = 1,
-    progress: bool = True,
-) -> TuneResult:
-    """Tune per-class thresholds on every cached image that has ground truth in ``truth``.
-
-    Images are grouped by their true cell type. Raises CellsegError when the cache holds predictions
-    of another ensemble than ``manifest`` (see :func:`cache_fingerprint`).
-    """
-    t0 = time.time()
-    files = sorted(Path(cache_dir).glob("*.npz"))
-    files = [f for f in files if f.stem in truth]
+def _read_cache(cache_dir: str | Path, truth: dict, manifest: Manifest, progress: bool) -> dict[str, list[CachedImage]]:
+    """The cached images that have ground truth, by their true cell type; CellsegError when none has
+    or when some were predicted by another ensemble than ``manifest``."""
+    files = [f for f in sorted(Path(cache_dir).glob("*.npz")) if f.stem in truth]
     if not files:
         raise CellsegError(f"{cache_dir}: no cached image with ground truth (run `cellseg predict-raw` first)")
-    grid = grid or TuneGrid()
     fingerprint = cache_fingerprint(manifest)
-    per_class: dict[str, list] = {}
-    foreign: set[str] = set()
+    per_class: dict[str, list[CachedImage]] = {}
     for f in tqdm(files, desc="read cache", unit="img", disable=None if progress else True):
         img = load_cached(f)
-        if img.fingerprint != fingerprint:
-            foreign.add(img.fingerprint)
         per_class.setdefault(truth[img.id].cell_type, []).append(img)  # the true type, not the vote
-    if foreign:
-        n = sum(len(v) for v in per_class.values())
-        n_bad = sum(img.fingerprint != fingerprint for v in per_class.values() for img in v)
+    images = [img for v in per_class.values() for img in v]
+    bad = [img for img in images if img.fingerprint != fingerprint]
+    if bad:
+        n_kinds = len({img.fingerprint for img in bad}) + (len(bad) < len(images))
         raise CellsegError(
-            f"{cache_dir}: {n_bad} of {n} cached image(s) were predicted by another ensemble than "
+            f"{cache_dir}: {len(bad)} of {len(images)} cached image(s) were predicted by another ensemble than "
             f"{manifest.name or 'this manifest'} (fingerprint {fingerprint[:12]}...)"
-            + (" and the cache mixes several ensembles" if len(foreign) + (n_bad < n) > 1 else "")
+            + (" and the cache mixes several ensembles" if n_kinds > 1 else "")
             + "; run `cellseg predict-raw` with this manifest into a new --out"
         )
-    grids = {ct: grid.with_values(manifest.thresholds(ct)) for ct in per_class}
+    return per_class
+
+
+def _grid_tables(
+    per_class: dict[str, list[CachedImage]],
+    truth: dict,
+    grids: dict[str, TuneGrid],
+    manifest: Manifest,
+    jobs: int,
+    progress: bool,
+) -> dict[str, list[np.ndarray]]:
+    """Per cell type, one score table (grid shape) per image, in ``jobs`` processes."""
     jobs_list = [(img, ct) for ct, imgs in per_class.items() for img in imgs]
     tables: dict[str, list[np.ndarray]] = {ct: [] for ct in per_class}
     bar = tqdm(total=len(jobs_list), desc="tune", unit="img", disable=None if progress else True)
@@ -241,42 +250,78 @@ def tune(
             tables[ct].append(image_grid_scores(img, truth[img.id], grids[ct], manifest))
             bar.update()
     bar.close()
-    results, all_default, all_tuned, all_oof = {}, [], [], []
+    return tables
+
+
+def _class_result(
+    ct: str, g: TuneGrid, tab: np.ndarray, default: ClassThresholds, imgs: list[CachedImage], truth: dict, folds: int
+) -> tuple[ClassResult, list[float], np.ndarray | None]:
+    """Tuned thresholds of one cell type from its (images, *grid shape) table, with the out-of-fold
+    check: (result, per-image tuned scores, per-image out-of-fold scores or None when there is a
+    single sample group)."""
+    d_idx = g.index_of(default)
+    best = choose(tab, prefer=d_idx)
+    groups = [truth[img.id].meta.get("sample_id") or img.id for img in imgs]
+    fold = group_folds(groups, folds)
+    oof = np.zeros(len(tab))
+    for k in np.unique(fold):
+        held = fold == k
+        idx = choose(tab[~held], prefer=d_idx) if (~held).any() else best
+        oof[held] = _at(tab[held], idx)
+    has_oof = len(np.unique(fold)) > 1  # one sample group: every image would be scored in-sample
+    curves = {}
+    for axis, name in enumerate(("nms_iou", "mask_threshold", "min_pixels", "score")):
+        sl: list[int | slice] = list(best)
+        sl[axis] = slice(None)
+        curves[name] = (list(map(float, getattr(g, name))), tab.mean(axis=0)[tuple(sl)].tolist())
+    result = ClassResult(
+        ct,
+        len(tab),
+        default,
+        g.values(best),
+        float(_at(tab, d_idx).mean()),
+        float(_at(tab, best).mean()),
+        float(oof.mean()) if has_oof else None,
+        curves,
+        groups=len(set(groups)),
+        default_scores=_at(tab, d_idx).tolist(),
+        oof_scores=oof.tolist() if has_oof else None,
+        misvoted=[img.id for img in imgs if img.cell_type != ct],
+    )
+    return result, _at(tab, best).tolist(), (oof if has_oof else None)
+
+
+def tune(
+    cache_dir: str | Path,
+    truth: dict,
+    manifest: Manifest,
+    grid: TuneGrid | None = None,
+    folds: int = 3,
+    jobs: int = 1,
+    progress: bool = True,
+) -> TuneResult:
+    """Tune per-class thresholds on every cached image that has ground truth in ``truth``.
+
+    Images are grouped by their true cell type. Raises CellsegError when the cache holds predictions
+    of another ensemble than ``manifest`` (see :func:`cache_fingerprint`) or when a grid value is
+    outside its threshold's range (:meth:`TuneGrid.check`).
+    """
+    t0 = time.time()
+    grid = (grid or TuneGrid()).check()
+    per_class = _read_cache(cache_dir, truth, manifest, progress)
+    grids = {ct: grid.with_values(manifest.thresholds(ct)) for ct in per_class}
+    tables = _grid_tables(per_class, truth, grids, manifest, jobs, progress)
+    results: dict[str, ClassResult] = {}
+    all_default: list[float] = []
+    all_tuned: list[float] = []
+    all_oof: list[float] = []
     for ct in [c for c in CELL_TYPES if c in per_class]:
-        g, tab = grids[ct], np.stack(tables[ct])
-        default = manifest.thresholds(ct)
-        d_idx = g.index_of(default)
-        best = choose(tab, prefer=d_idx)
-        groups = [truth[img.id].meta.get("sample_id") or img.id for img in per_class[ct]]
-        fold = group_folds(groups, folds)
-        oof = np.zeros(len(tab))
-        for k in np.unique(fold):
-            held = fold == k
-            idx = choose(tab[~held], prefer=d_idx) if (~held).any() else best
-            oof[held] = _at(tab[held], idx)
-        has_oof = len(np.unique(fold)) > 1  # one sample group: every image would be scored in-sample
-        curves = {}
-        for axis, name in enumerate(("nms_iou", "mask_threshold", "min_pixels", "score")):
-            sl: list[int | slice] = list(best)
-            sl[axis] = slice(None)
-            curves[name] = (list(map(float, getattr(g, name))), tab.mean(axis=0)[tuple(sl)].tolist())
-        results[ct] = ClassResult(
-            ct,
-            len(tab),
-            default,
-            g.values(best),
-            float(_at(tab, d_idx).mean()),
-            float(_at(tab, best).mean()),
-            float(oof.mean()) if has_oof else None,
-            curves,
-            groups=len(set(groups)),
-            default_scores=_at(tab, d_idx).tolist(),
-            oof_scores=oof.tolist() if has_oof else None,
-            misvoted=[img.id for img in per_class[ct] if img.cell_type != ct],
-        )
-        all_default += _at(tab, d_idx).tolist()
-        all_tuned += _at(tab, best).tolist()
-        all_oof += oof.tolist() if has_oof else [float("nan")] * len(tab)
+        tab = np.stack(tables[ct])
+        res, tuned, oof = _class_result(ct, grids[ct], tab, manifest.thresholds(ct), per_class[ct], truth, folds)
+        results[ct] = res
+        all_default += res.default_scores
+        all_tuned += tuned
+        all_oof += oof.tolist() if oof is not None else [float("nan")] * len(tab)
     return TuneResult(
         results,
         float(np.mean(all_default)),
