@@ -335,3 +335,24 @@ def test_predict_skips_a_test_file_name_that_is_not_utf8(tmp_path):
     assert res.code == 0 and "Traceback" not in res.text, res.err[-3000:]
     assert "skipping '\\xff\\xfe.png': the file name is not valid UTF-8" in res.err
     assert list(read_submission(tmp_path / "s.csv")) == [first.stem]
+
+
+def test_train_force_into_the_folder_holding_its_init_refuses_and_keeps_it(tiny_data, tmp_path, capsys):
+    """``--force`` clears an old run's files: an ``--init`` inside ``--out`` must be refused before that."""
+    run = tmp_path / "run"
+    run.mkdir()
+    init = run / "best.pth"
+    torch.save({"model": {"w": torch.zeros(3)}}, init)
+    before = init.read_bytes()
+    res = cli_inproc(capsys, "train", "--config", DEMO, "--data", tiny_data, "--out", run, "--init", init, "--force")
+    assert_one_line_error(res, str(run))
+    assert init.read_bytes() == before
+
+
+@pytest.mark.parametrize("ratio", ["nan", "inf", "0"])
+def test_train_pseudo_ratio_must_be_finite_and_positive(tiny_data, tmp_path, capsys, ratio):
+    res = cli_inproc(
+        capsys, "train", "--config", DEMO, "--data", tiny_data, "--out", tmp_path / "run", "--pseudo-ratio", ratio
+    )
+    assert_one_line_error(res, "--pseudo-ratio", "finite")
+    assert not (tmp_path / "run").exists()

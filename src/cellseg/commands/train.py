@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
+    from cellseg.commands.common import command_inputs
     from cellseg.config.experiment import load_experiment
     from cellseg.io import check_writable
     from cellseg.training.loop import check_train_config, train
@@ -113,15 +115,18 @@ def run(args: argparse.Namespace) -> int:
             raise CellsegError(f"--pseudo {csv}: file not found")
         cfg.data.extra_csv.append(str(csv))
     if args.pseudo_ratio is not None:
-        if args.pseudo_ratio <= 0:
-            raise CellsegError(f"--pseudo-ratio must be > 0, got {args.pseudo_ratio}")
+        if not (0 < args.pseudo_ratio < math.inf):  # NaN fails both comparisons
+            raise CellsegError(f"--pseudo-ratio must be a finite number > 0, got {args.pseudo_ratio}")
         cfg.data.extra_ratio = args.pseudo_ratio
     if args.init and not args.resume and not args.init.is_file():
         raise CellsegError(f"--init {args.init}: checkpoint not found")
     name = args.config.stem
     out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
+    # fail now, not after the first epoch; never into a folder the run reads (checked before --force
+    # clears the old run's files, so an --init inside --out is refused, not deleted)
+    init = None if args.resume else args.init  # a resume continues last.pth in the folder itself
+    check_writable(out, "dir", inputs=command_inputs(args.data, None, args.config, init, *(args.pseudo or [])))
     check_run_folder(out, args.resume, args.force, main_rank=os.environ.get("RANK", "0") == "0")
-    check_writable(out, "dir")  # fail now, not after the first epoch
     result = train(
         cfg,
         args.data,
