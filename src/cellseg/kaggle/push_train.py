@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train on Kaggle's GPU from the command line, and bring the checkpoints back (``push.py train`` / ``fetch``).
 
     python tools/push.py train --config configs/maskrcnn_r50_fpn.yaml --fold all --init coco.pth --wait
@@ -29,15 +28,10 @@ or failed, or a kernel did not complete. The same retry and credential rules as 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
-
-import push  # tools/push.py: the dataset step, the kernel push, the log tail; it puts src/ on sys.path if needed
-from kaggle_client import Kaggle, RemoteError, UsageError, report_errors, say, warn
-from push import REPO
 
 from cellseg.config.loader import parse_duration
 from cellseg.errors import CellsegError
@@ -46,6 +40,9 @@ from cellseg.kaggle import bundle as bundle_mod
 from cellseg.kaggle import kernel_code
 from cellseg.kaggle import metadata as km
 from cellseg.kaggle import training as kt
+from cellseg.kaggle.client import Kaggle, RemoteError, UsageError, report_errors, say, seconds, warn
+from cellseg.kaggle.remote import kernel_log_tail, push_staged_kernel, step_dataset, upload_names
+from cellseg.paths import repo_root
 
 DEFAULT_TIME_LIMIT = "11h30m"
 ENDED = ("COMPLETE", "ERROR", "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED")
@@ -128,7 +125,7 @@ def push_fold(k: Kaggle, repo: Path, fk: kt.FoldKernel) -> int:
         kernel_code.write_staged(repo / code, Path(tmp) / code, code, fk.staged)
         km.write_json(Path(tmp) / km.KERNEL_METADATA, fk.meta)
         say(f"kernel {fk.ref}: pushing {code} for fold {fk.fold} (GPU on, internet off)")
-        resp = push.push_staged_kernel(
+        resp = push_staged_kernel(
             k,
             Path(tmp),
             fk.ref,
@@ -167,7 +164,7 @@ def poll_kernels(k: Kaggle, pushed: dict[str, int]) -> dict[str, str]:
                     if out.get("status") == "stopped":
                         ended[ref] = "STOPPED"
             else:
-                tail = push.kernel_log_tail(k, ref)
+                tail = kernel_log_tail(k, ref)
                 if tail:
                     say(f"--- last lines of the log of {ref} ---\n{tail}\n---")
                 warn(f"kernel {ref} v{version} ended in {name}: {st.failure_message or 'no message'}")
@@ -199,7 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
             if fk.resume_ref:
                 check_resume_source(k, fk)
         say(bundle_mod.format_table(b.files))
-        push.step_dataset(k, b, notes, wait=True)  # a kernel cannot mount a version still processing
+        step_dataset(k, b, notes, wait=True)  # a kernel cannot mount a version still processing
         pushed, failed = {}, []
         for fk in kernels:
             try:
@@ -298,7 +295,7 @@ def print_train_plan(
     ref = b.metadata["id"]
     say(f"\n[dataset] {ref} from {b.root}")
     say(bundle_mod.format_table(b.files))
-    say(f"uploads (dir_mode=zip): {', '.join(push.upload_names(b))}")
+    say(f"uploads (dir_mode=zip): {', '.join(upload_names(b))}")
     say("marker: " + json.dumps({k: v for k, v in b.marker.items() if k != "files"}, indent=2))
     say(
         f"calls: GetDatasetStatus {ref}; CreateDataset or CreateDatasetVersion (versionNotes={notes!r}); poll until ready"
@@ -317,21 +314,27 @@ def print_train_plan(
             say("  poll GetKernelSessionStatus until it ends; COMPLETE: read its output marker; ERROR: log tail")
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser, repo: Path | None) -> None:
     p.add_argument("--username", default=None, help="Kaggle user name (default: KAGGLE_USERNAME, then kaggle.json)")
     p.add_argument(
-        "--repo", type=Path, default=REPO, metavar="DIR", help="checkout with the metadata templates and kernel/"
+        "--repo",
+        type=Path,
+        default=repo or repo_root(),
+        metavar="DIR",
+        help="checkout with the metadata templates and kernel/",
     )
-    p.add_argument("--poll-interval", type=float, default=60.0, metavar="S", help="seconds between polls (default 60)")
     p.add_argument(
-        "--wait-timeout", type=float, default=13 * 3600, metavar="S", help="give up waiting after S s (default 13 h)"
+        "--poll-interval", type=seconds, default=60.0, metavar="S", help="seconds between polls (default 60)"
     )
     p.add_argument(
-        "--retry-budget", type=float, default=120.0, metavar="S", help="retry one call for at most S s (default 120)"
+        "--wait-timeout", type=seconds, default=13 * 3600, metavar="S", help="give up waiting after S s (default 13 h)"
+    )
+    p.add_argument(
+        "--retry-budget", type=seconds, default=120.0, metavar="S", help="retry one call for at most S s (default 120)"
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(repo: Path | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="push.py",
         description=__doc__.split("\n\n")[0],
@@ -374,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-m", "--message", default=None, help="dataset version notes")
     t.add_argument("--dry-run", action="store_true", help="stage and print the plan; no network")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=12")
-    add_common(t)
+    add_common(t, repo)
     f = sub.add_parser(
         "fetch",
         help="download a training kernel's output and verify it",
@@ -386,14 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--folds", type=int, default=5, help="number of folds for --fold all (default 5)")
     f.add_argument("--version", type=int, default=None, metavar="N", help="kernel version (default: the latest)")
     f.add_argument("--out", type=Path, required=True, help="folder to create, e.g. runs/kaggle/r50")
-    add_common(f)
+    add_common(f, repo)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
+    """``tools/push.py train|fetch``; ``repo``: the default of ``--repo``."""
+    args = build_parser(repo).parse_args(argv)
     return report_errors(lambda: run_train(args) if args.step == "train" else run_fetch(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
