@@ -243,6 +243,40 @@ class Kaggle:
                 )
             time.sleep(self.poll_interval)
 
+    # -- kernels ----------------------------------------------------------------------------
+
+    def current_version(self, ref: str) -> int | None:
+        """The current (newest) version number of kernel ``owner/slug`` (``GetKernel``)."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+        owner, slug = ref.split("/")[:2]
+
+        def get() -> Any:
+            with self.api.build_kaggle_client() as client:
+                req = ApiGetKernelRequest()
+                req.user_name, req.kernel_slug = owner, slug
+                return client.kernels.kernels_api_client.get_kernel(req)
+
+        resp = self.call("kernel versions", get, hint=f"check that the kernel {ref} exists and is yours")
+        return getattr(resp.metadata, "current_version_number", None) if resp.metadata else None
+
+    # -- the weekly GPU quota ---------------------------------------------------------------
+
+    def gpu_quota_hours(self) -> tuple[float, float] | None:
+        """(hours allowed this week, hours left: allowed - used - reserved by running sessions) from
+        ``quota_view()``; None, with a warning, when the quota cannot be read."""
+        try:
+            resp = self.retrying("GPU quota", self.api.quota_view)
+            gpu = resp.gpu_quota
+            allowed = gpu.total_time_allowed.total_seconds() / 3600
+            used = sum(t.total_seconds() for t in (gpu.time_used, gpu.time_reserved) if t is not None) / 3600
+        except UsageError:
+            raise
+        except Exception as e:  # the quota is advisory: any other failure only warns
+            warn(f"warning: could not read the weekly GPU quota ({describe(e)}); going on without checking it")
+            return None
+        return allowed, allowed - used
+
 
 def report_errors(step: Callable[[], int]) -> int:
     """Run ``step`` and turn the failures push.py reports itself into lines and an exit status:

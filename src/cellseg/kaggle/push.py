@@ -63,7 +63,14 @@ from cellseg.kaggle.client import (
     say,
     seconds,
 )
-from cellseg.kaggle.remote import kernel_log_tail, push_staged_kernel, step_dataset, upload_names
+from cellseg.kaggle.remote import (
+    kernel_log_tail,
+    kernel_status,
+    output_file,
+    push_staged_kernel,
+    step_dataset,
+    upload_names,
+)
 from cellseg.model import provenance as prov
 from cellseg.paths import repo_root
 
@@ -195,7 +202,7 @@ def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
     say(f"kernel {ref}: version {version} pushed ({resp.url or ''}); waiting for it to run")
     start, last = time.monotonic(), None
     while True:
-        st = k.call("kernel status", k.api.kernels_status, ref)
+        st = kernel_status(k, ref, version)
         name = st.status.name
         if name != last:
             say(f"kernel {ref} v{version}: {name}")
@@ -203,7 +210,7 @@ def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
         if name == "COMPLETE":
             return version
         if name in ("ERROR", "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED"):
-            tail = kernel_log_tail(k, ref)
+            tail = kernel_log_tail(k, ref, version=version)
             if tail:
                 say(f"--- last lines of the kernel log ---\n{tail}\n---")
             raise RemoteError(
@@ -218,8 +225,42 @@ def step_kernel(k: Kaggle, repo: Path, meta: dict, dataset_ref: str) -> int:
         time.sleep(k.poll_interval)
 
 
+def latest_complete_version(k: Kaggle, ref: str, lookback: int = 20) -> int:
+    """The newest version of kernel ``ref`` whose run is COMPLETE (looking back ``lookback`` versions
+    from the current one); RemoteError when there is none."""
+    current = k.current_version(ref)
+    if not current:
+        raise RemoteError(f"kernel {ref}: Kaggle reports no version", "push it first: python tools/push.py kernel")
+    for v in range(current, max(current - lookback, 0), -1):
+        name = kernel_status(k, ref, v).status.name
+        if name == "COMPLETE":
+            return v
+        say(f"kernel {ref} v{v}: {name}, not complete")
+    raise RemoteError(
+        f"kernel {ref}: none of versions {max(current - lookback + 1, 1)}..{current} is COMPLETE",
+        "run the kernel to the end (python tools/push.py kernel), or pass --kernel-version",
+    )
+
+
+def check_submission_output(k: Kaggle, ref: str, version: int) -> None:
+    """Refuse (exit 2, before submitting) a kernel version whose output holds no submission.csv:
+    the submission would fail and still use up one of the day's submissions."""
+    with tempfile.TemporaryDirectory(prefix="cellseg-submission-") as tmp:
+        if output_file(k, ref, version, SUBMISSION_FILE, Path(tmp)) is None:
+            raise UsageError(
+                f"kernel {ref} v{version}: its output holds no {SUBMISSION_FILE}; not submitted "
+                "(see its log, or pass another --kernel-version)"
+            )
+
+
 def step_submit(k: Kaggle, kernel_ref: str, version: int | None, message: str, wait: bool) -> None:
-    label = f"{kernel_ref}" + (f" v{version}" if version else " (latest version)")
+    """Submit ``version`` of the kernel (the latest COMPLETE one when None), always by its number,
+    after checking that its output holds submission.csv."""
+    if version is None:
+        version = latest_complete_version(k, kernel_ref)
+        say(f"kernel {kernel_ref}: latest complete version is v{version}")
+    check_submission_output(k, kernel_ref, version)
+    label = f"{kernel_ref} v{version}"
     say(f"submitting {label} to {km.COMPETITION}")
     resp = k.call(
         "submit",
@@ -319,8 +360,15 @@ def print_plan(
         )
     if "submit" in steps:
         kernel_ref = kmeta["id"] if kmeta else "?"
-        version = "the version just pushed" if "kernel" in steps else (args.kernel_version or "latest")
+        version = (
+            "the version just pushed"
+            if "kernel" in steps
+            else (f"v{args.kernel_version}" if args.kernel_version else "the latest COMPLETE version")
+        )
         say(f"\n[submit] {kernel_ref} ({version}) -> {km.COMPETITION}")
+        if not args.kernel_version and "kernel" not in steps:
+            say("  kernels.KernelsApiService/GetKernel -> current version; GetKernelSessionStatus per version")
+        say(f"  ListKernelSessionOutput (that version) must list {SUBMISSION_FILE}, else refused (exit 2)")
         say(
             f"  competitions.CompetitionApiService/CreateCodeSubmission (fileName={SUBMISSION_FILE}, "
             f"description={message!r})"

@@ -5,6 +5,7 @@ a pinned kernel version, the tail of a kernel's log."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,36 @@ def step_dataset(k: Kaggle, b: bundle_mod.Bundle, notes: str, wait: bool) -> Non
         k.wait_dataset(ref)
 
 
-def kernel_log_tail(k: Kaggle, ref: str, lines: int = 40) -> str:
-    """The last ``lines`` lines of kernel ``ref``'s log (Kaggle's JSON log flattened), or '' if unavailable.
-    Only the log comes down: a training kernel's output holds checkpoints of hundreds of MB."""
+def pinned(ref: str, version: int | None) -> str:
+    """``owner/slug/VERSION`` (the client's form for one version), or ``ref`` when no version is known."""
+    return f"{ref}/{version}" if version else ref
+
+
+def kernel_status(k: Kaggle, ref: str, version: int) -> Any:
+    """The status of version ``version`` of kernel ``ref``. Always pinned: right after a push, the
+    unversioned status can still be the previous version's COMPLETE."""
+    return k.call("kernel status", k.api.kernels_status, pinned(ref, version))
+
+
+def output_file(k: Kaggle, ref: str, version: int | None, name: str, folder: Path) -> Path | None:
+    """Download only ``name`` from the output of ``ref`` (version ``version``, else the latest) into
+    ``folder``; its path, or None when that output holds no such file."""
+    pattern = "^" + re.escape(name) + "$"
+    k.call("kernel output", k.api.kernels_output, pinned(ref, version), str(folder), file_pattern=pattern,
+           force=True, quiet=True)  # fmt: skip
+    path = folder / name
+    return path if path.is_file() else None
+
+
+def kernel_log_tail(k: Kaggle, ref: str, lines: int = 40, version: int | None = None) -> str:
+    """The last ``lines`` lines of the log of kernel ``ref`` (version ``version``, else the latest;
+    Kaggle's JSON log flattened), or '' if unavailable. Only the log comes down: a training kernel's
+    output holds checkpoints of hundreds of MB."""
     with tempfile.TemporaryDirectory(prefix="cellseg-kernel-log-") as tmp:
         try:  # a file pattern no output name matches: the client then writes only the log
-            files, _ = k.retrying("kernel log", k.api.kernels_output, ref, tmp, file_pattern="^$", quiet=True)
+            files, _ = k.retrying(
+                "kernel log", k.api.kernels_output, pinned(ref, version), tmp, file_pattern="^$", quiet=True
+            )
         except Exception as e:  # the log is a courtesy; the ERROR itself is reported anyway
             warn(f"could not fetch the log of {ref}: {describe(e)}")
             return ""
