@@ -59,6 +59,9 @@ STAGED: dict = {}
 
 OUTPUT_MARKER = "cellseg-train-output.json"
 RUN_DIR = "run"
+#: Training needs torchvision's public custom-transform API (``make_params``/``transform``, 0.21, with
+#: torch 2.6); inference runs on older versions (docs/KAGGLE.md, "Versions").
+TRAIN_FLOOR = {"torchvision": (0, 21)}
 
 log = make_log("train")
 
@@ -110,6 +113,20 @@ def gpu_count() -> int:
     import torch
 
     return int(torch.cuda.device_count())
+
+
+def check_training_floor() -> None:
+    """Refuse, in one line, an image whose torchvision is older than training needs (its augmentations
+    would fail inside the training subprocess after the install, with a traceback)."""
+    import torchvision
+
+    have = tuple(int(p) for p in torchvision.__version__.split("+")[0].split(".")[:2])
+    if have < TRAIN_FLOOR["torchvision"]:
+        want = ".".join(map(str, TRAIN_FLOOR["torchvision"]))
+        raise KernelError(
+            f"torchvision {torchvision.__version__} is older than {want}, the oldest that trains cellseg "
+            "(inference runs on 0.19): pick a newer Kaggle image (Settings -> Environment: latest)"
+        )
 
 
 def train_command(
@@ -216,6 +233,7 @@ def main(argv=None) -> int:
         cellseg = import_cellseg(bundle, root / "temp", log)
         pkg_root = Path(cellseg.__file__).resolve().parent.parent
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {pkg_root / 'cellseg'}")
+        check_training_floor()
         run_dir = working / RUN_DIR
         previous = previous_output(input_dir, fold)
         if previous is not None:

@@ -353,3 +353,26 @@ def test_kernel_listing_itself_as_its_source_is_a_metadata_problem(tmp_path):
     assert validate_kernel_metadata(meta, REPO) == []
     (problem,) = validate_kernel_metadata({**meta, "kernel_sources": [meta["id"]]}, REPO)
     assert "lists the kernel itself" in problem
+
+
+def test_the_docs_budget_table_is_the_recipe_push_py_prints():
+    """docs/KAGGLE.md's GPU budget rows hold the same steps, images, hours, time limits and weeks as
+    cellseg.kaggle.budget.RECIPE (what --dry-run prints), and the schedule's weeks fit the quota."""
+    from cellseg.kaggle.budget import RECIPE
+
+    text = (REPO / "docs" / "KAGGLE.md").read_text()
+    table = text.split("### GPU budget of the default recipe")[1].split("**Schedule.**")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    rows = rows[1:]  # the header
+    assert len(rows) == len(RECIPE)
+    for row, stage in zip(rows, RECIPE):
+        assert row[0].startswith(stage.name.split(" (")[0])
+        assert (int(row[2]), int(row[3].replace(",", "")), int(row[4].replace(",", ""))) == (
+            stage.kernels,
+            stage.steps,
+            stage.images,
+        )
+        assert float(row[5]) == round(stage.hours, 1) and row[7] == str(stage.week)
+        assert row[6] == (stage.time_limit or "-")
+    for week in {s.week for s in RECIPE}:
+        assert sum(s.hours for s in RECIPE if s.week == week) < 15  # half the ~30 h quota: room for 2x

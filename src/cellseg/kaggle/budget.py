@@ -148,7 +148,7 @@ class Stage:
     kernels: int
     steps: int  # per kernel (0 for inference)
     images: int  # images predicted or validated per kernel
-    time_limit: str  # the --time-limit to push it with
+    time_limit: str  # the --time-limit to push it with ("" for inference stages)
     week: int
 
     @property
@@ -181,7 +181,7 @@ def _recipe() -> list[Stage]:
             "1h30m",
             1,
         ),  # fmt: skip
-        Stage("pseudo-labels (train_semi_supervised)", "", 1, 0, 1972, "1h30m", 1),
+        Stage("pseudo-labels (train_semi_supervised)", "", 1, 0, 1972, "", 1),
         Stage(
             "pseudo-label round, 5 folds",
             "finetune_from_livecell_r50",
@@ -191,7 +191,7 @@ def _recipe() -> list[Stage]:
             "2h",
             2,
         ),  # fmt: skip
-        Stage("submission (hidden test, ~240 images)", "", 1, 0, 240 * 5, "9h", 2),
+        Stage("submission (hidden test, ~240 images)", "", 1, 0, 240 * 5, "", 2),
     ]
 
 
@@ -206,10 +206,8 @@ def recipe_lines(config_stem: str | None = None) -> list[str]:
         f"{ESTIMATED_SEC_PER_IMAGE:g} s/image; docs/KAGGLE.md):"
     ]
     for s in rows:
-        out.append(
-            f"  week {s.week}: {s.name}: {s.kernels} x {s.steps} steps, ~{s.hours:.1f} GPU-h expected, "
-            f"--time-limit {s.time_limit}"
-        )
+        how = f"--time-limit {s.time_limit}" if s.time_limit else "inference"
+        out.append(f"  week {s.week}: {s.name}: {s.kernels} x {s.steps} steps, ~{s.hours:.1f} GPU-h expected, {how}")
     for week in sorted({s.week for s in rows}):
         total = sum(s.hours for s in RECIPE if s.week == week)
         out.append(f"  week {week} in all: ~{total:.1f} GPU-h expected of about 30 h")
