@@ -551,3 +551,12 @@ def test_the_push_modules_import_without_the_client_and_without_a_cycle():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["submit", "--kernel-version", "0"], ["fetch", "--kernel", "a/bcdef", "--out", "x", "--version", "-2"]]
+)
+def test_kernel_versions_start_at_1(tmp_path, site, args):
+    cmd = [sys.executable, str(PUSH), *args, "--repo", str(site["checkout"])]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "kernel versions start at 1" in p.stderr and "Traceback" not in p.stderr

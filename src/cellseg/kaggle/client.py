@@ -54,6 +54,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def version_number(text: str) -> int:
+    """argparse type of a kernel version: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: kernel versions start at 1")
+    return value
+
+
 def say(*msg: Any) -> None:
     print(*msg, flush=True)
 

@@ -62,6 +62,7 @@ from cellseg.kaggle.client import (
     report_errors,
     say,
     seconds,
+    version_number,
 )
 from cellseg.kaggle.remote import (
     kernel_log_tail,
@@ -434,10 +435,10 @@ def build_parser(step: str | None = None, repo: Path | None = None) -> argparse.
     )
     p.add_argument(
         "--kernel-version",
-        type=int,
+        type=version_number,
         default=None,
         metavar="N",
-        help="submit: kernel version to submit (default: the one just pushed, else the latest)",
+        help="submit: kernel version to submit (default: the one just pushed, else the latest COMPLETE one)",
     )
     p.add_argument(
         "--poll-interval", type=seconds, default=20.0, metavar="S", help="seconds between status polls (default 20)"

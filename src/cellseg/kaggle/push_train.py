@@ -60,6 +60,7 @@ from cellseg.kaggle.client import (
     report_errors,
     say,
     seconds,
+    version_number,
     warn,
 )
 from cellseg.kaggle.remote import (
@@ -567,7 +568,9 @@ def build_parser(repo: Path | None = None) -> argparse.ArgumentParser:
     f.add_argument("--kernel", required=True, metavar="OWNER/SLUG", help="the kernel (with --fold: without -fold{K})")
     f.add_argument("--fold", default=None, help="K, K,L,... or all: fetch OWNER/SLUG-fold{K} into OUT/fold{K}")
     f.add_argument("--folds", type=int, default=5, help="number of folds for --fold all (default 5)")
-    f.add_argument("--version", type=int, default=None, metavar="N", help="kernel version (default: the latest)")
+    f.add_argument(
+        "--version", type=version_number, default=None, metavar="N", help="kernel version (default: the latest)"
+    )
     f.add_argument("--out", type=Path, required=True, help="folder to create, e.g. runs/kaggle/r50")
     add_common(f, repo)
     return p
