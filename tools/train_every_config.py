@@ -8,8 +8,9 @@ torch/torchvision: the check ``tools/oldtorch_venv.sh`` runs on the oldest versi
 Each config trains as shipped (architecture, input scale, augmentations, optimiser) on a few
 ``cellseg synth`` images; only the data and the length change: ``train.max_steps=2``, no
 validation, no workers, fp32 (CPU). Configs that pretrain on LIVECell train here on the synthetic
-competition images instead (``data.use_train=true data.livecell=``): no LIVECell copy is needed,
-and the model, transforms and loop are what run on the old versions. Exit 1 when any config fails.
+competition images instead, with the competition's three classes (``LIVECELL_TO_SYNTH``): no
+LIVECell copy is needed, and the backbone, transforms and loop are what run on the old versions.
+Exit 1 when any config fails.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ STEPS = [
     "train.log_every=0",
     "data.folds=2",
 ]
-LIVECELL_TO_SYNTH = ["data.use_train=true", "data.livecell=", "data.livecell_val="]
+LIVECELL_TO_SYNTH = [
+    "data.use_train=true",
+    "data.livecell=''",
+    "data.livecell_val=''",
+    "data.coco_class_map={}",
+    "model.class_names=[shsy5y, astro, cort]",
+    "model.num_classes=4",
+]
 
 
 def cellseg(*args: str) -> subprocess.CompletedProcess:
