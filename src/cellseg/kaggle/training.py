@@ -270,24 +270,11 @@ def fold_kernel(
 
 def resumed(fk: FoldKernel, repo: Path, username: str, dataset_ref: str, slug: str | None, source: str) -> FoldKernel:
     """``fk`` as the next session after ``source`` (the latest session found on Kaggle): pushed as
-    ``...-fold{K}-s{N+1}`` with ``source`` as its kernel source, so no kernel is its own source."""
+    ``...-fold{K}-s{N+1}`` with ``source`` as its kernel source (its metadata check refuses a kernel
+    listed as its own source)."""
     n = split_session(source)[1]
-    out = fold_kernel(
-        repo, username, dataset_ref, fk.fold, slug, fk.staged["bundle_id"], source, n + 1, fk.meta.get("machine_shape")
-    )
-    if out.ref == source:  # a source of another owner's or slug's chain may carry the same number
-        out = fold_kernel(
-            repo,
-            username,
-            dataset_ref,
-            fk.fold,
-            slug,
-            fk.staged["bundle_id"],
-            source,
-            n + 2,
-            fk.meta.get("machine_shape"),
-        )
-    return out
+    shape = fk.meta.get("machine_shape")
+    return fold_kernel(repo, username, dataset_ref, fk.fold, slug, fk.staged["bundle_id"], source, n + 1, shape)
 
 
 # ----------------------------------------------------------------------------------------------
