@@ -19,15 +19,17 @@ from dataclasses import dataclass
 #: The two-T4 machine the training configs are sized for (2 GPUs x train.batch_size 2 = 4 images/step).
 DEFAULT_TRAIN_ACCELERATOR = "NvidiaTeslaT4"
 
-#: Every id the client documents -> (GPUs per session, what it is). 0 GPUs: a TPU.
+#: Every id the client documents -> (GPUs per session, what it is). 0 GPUs: a TPU. Only the T4 count
+#: is stated by the client; the kernel adapts to the GPUs torch sees, so a wrong count here only
+#: changes the plan's step estimate.
 ACCELERATORS: dict[str, tuple[int, str]] = {
     "NvidiaTeslaT4": (2, "2 x T4 16 GB"),
-    "NvidiaTeslaT4Highmem": (2, "2 x T4 16 GB, more host memory"),
-    "NvidiaL4": (4, "4 x L4 24 GB (some competitions only)"),
+    "NvidiaTeslaT4Highmem": (2, "2 x T4 16 GB, more host memory (count unverified)"),
+    "NvidiaL4": (4, "L4 24 GB, several (count unverified; some competitions only)"),
     "NvidiaL4X1": (1, "1 x L4 24 GB (some competitions only)"),
-    "NvidiaTeslaA100": (1, "A100 (some competitions only)"),
-    "NvidiaH100": (1, "H100 (some competitions only)"),
-    "NvidiaRtxPro6000": (1, "RTX Pro 6000 (some competitions only)"),
+    "NvidiaTeslaA100": (1, "A100 (count unverified; some competitions only)"),
+    "NvidiaH100": (1, "H100 (count unverified; some competitions only)"),
+    "NvidiaRtxPro6000": (1, "RTX Pro 6000 (count unverified; some competitions only)"),
     "NvidiaTeslaP100": (2, "retired: runs on NvidiaTeslaT4"),
     "TpuV38": (0, "retired TPU"),
     "Tpu1VmV38": (0, "retired TPU"),
