@@ -59,9 +59,9 @@ STAGED: dict = {}
 
 OUTPUT_MARKER = "cellseg-train-output.json"
 RUN_DIR = "run"
-#: Training needs torchvision's public custom-transform API (``make_params``/``transform``, 0.21, with
-#: torch 2.6); inference runs on older versions (docs/KAGGLE.md, "Versions").
-TRAIN_FLOOR = {"torchvision": (0, 21)}
+#: The oldest torchvision cellseg trains and predicts with (pyproject.toml; docs/KAGGLE.md, "Versions").
+#: The wheel installs with --no-deps, so nothing else checks the image's version.
+TRAIN_FLOOR = {"torchvision": (0, 19)}
 
 log = make_log("train")
 
@@ -116,16 +116,16 @@ def gpu_count() -> int:
 
 
 def check_training_floor() -> None:
-    """Refuse, in one line, an image whose torchvision is older than training needs (its augmentations
-    would fail inside the training subprocess after the install, with a traceback)."""
+    """Refuse, in one line, an image whose torchvision is older than cellseg supports (training would
+    fail inside the subprocess, with a traceback, after the install)."""
     import torchvision
 
     have = tuple(int(p) for p in torchvision.__version__.split("+")[0].split(".")[:2])
     if have < TRAIN_FLOOR["torchvision"]:
         want = ".".join(map(str, TRAIN_FLOOR["torchvision"]))
         raise KernelError(
-            f"torchvision {torchvision.__version__} is older than {want}, the oldest that trains cellseg "
-            "(inference runs on 0.19): pick a newer Kaggle image (Settings -> Environment: latest)"
+            f"torchvision {torchvision.__version__} is older than {want}, the oldest that trains cellseg: "
+            "pick a newer Kaggle image (Settings -> Environment: latest)"
         )
 
 

@@ -150,14 +150,14 @@ def test_processes_follow_the_gpus_torch_sees(tmp_path, monkeypatch, devices, to
         assert cmd[cmd.index("--nproc_per_node") + 1] == str(devices)
 
 
-def test_a_torchvision_below_the_training_floor_is_a_one_line_refusal(monkeypatch):
-    """torchvision 0.19/0.20 predict but cannot train (no public make_params/transform hooks): the kernel
-    says so before it starts a training that would fail with a traceback."""
+def test_a_torchvision_below_the_floor_is_a_one_line_refusal(monkeypatch):
+    """The wheel installs with --no-deps: the kernel itself refuses an image older than the floor,
+    before it starts a training that would fail with a traceback."""
     import torchvision
 
     kernel = load_kernel()
-    monkeypatch.setattr(torchvision, "__version__", "0.19.1+cu121")
-    with pytest.raises(kernel.KernelError, match=r"torchvision 0.19.1\+cu121 is older than 0.21"):
+    monkeypatch.setattr(torchvision, "__version__", "0.18.1+cu121")
+    with pytest.raises(kernel.KernelError, match=r"torchvision 0.18.1\+cu121 is older than 0.19"):
         kernel.check_training_floor()
-    monkeypatch.setattr(torchvision, "__version__", "0.21.0")
+    monkeypatch.setattr(torchvision, "__version__", "0.19.1")
     kernel.check_training_floor()
