@@ -12,8 +12,9 @@ and inlined into this file when ``tools/push.py`` stages the kernel (Kaggle runs
    ``cellseg-train-output.json``, i.e. ``push.py train --resume-from OWNER/SLUG``), check every file
    against that marker (size, sha256) and copy its ``run/`` into ``<root>/working/run/``;
 5. run ``cellseg train --config <bundle>/<config> --data <competition> --fold F --init <bundle>/<init>
-   --out <root>/working/run --resume <overrides>`` in a subprocess (``torchrun`` over every GPU when
-   there are several, e.g. Kaggle's 2 x T4); ``train.time_limit`` (push.py sets 11h30m) stops it
+   --out <root>/working/run --resume <overrides>`` in a subprocess (``torchrun`` over every GPU
+   ``torch.cuda.device_count()`` sees when there are several, e.g. the 2 x T4 of the NvidiaTeslaT4
+   accelerator push.py asks for); ``train.time_limit`` (push.py sets 11h30m) stops it
    cleanly at an epoch boundary before the 12 h session ends;
 6. write ``<root>/working/cellseg-train-output.json`` last: the fold, the status (``complete``,
    ``stopped`` by the time limit, ``failed``), the epochs and every ``run/`` file with its size and
@@ -58,6 +59,9 @@ STAGED: dict = {}
 
 OUTPUT_MARKER = "cellseg-train-output.json"
 RUN_DIR = "run"
+#: The oldest torchvision cellseg trains and predicts with (pyproject.toml; docs/KAGGLE.md, "Versions").
+#: The wheel installs with --no-deps, so nothing else checks the image's version.
+TRAIN_FLOOR = {"torchvision": (0, 19)}
 
 log = make_log("train")
 
@@ -104,23 +108,34 @@ def previous_output(input_dir: Path, fold: str) -> Path | None:
 
 
 def gpu_count() -> int:
-    """NVIDIA GPUs this process may use (``/proc/driver/nvidia/gpus``, narrowed by ``CUDA_VISIBLE_DEVICES``),
-    found without importing torch; 0 without the driver."""
-    try:
-        n = len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        n = min(n, len([v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]))
-    return n
+    """CUDA devices this process may use, as torch counts them (``CUDA_VISIBLE_DEVICES`` applied);
+    0 without CUDA. Called once cellseg (hence torch) imports: the Kaggle image ships torch."""
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def check_training_floor() -> None:
+    """Refuse, in one line, an image whose torchvision is older than cellseg supports (training would
+    fail inside the subprocess, with a traceback, after the install)."""
+    import torchvision
+
+    have = tuple(int(p) for p in torchvision.__version__.split("+")[0].split(".")[:2])
+    if have < TRAIN_FLOOR["torchvision"]:
+        want = ".".join(map(str, TRAIN_FLOOR["torchvision"]))
+        raise KernelError(
+            f"torchvision {torchvision.__version__} is older than {want}, the oldest that trains cellseg: "
+            "pick a newer Kaggle image (Settings -> Environment: latest)"
+        )
 
 
 def train_command(
     args: argparse.Namespace, bundle: Path, marker: dict, data: Path, run_dir: Path, fold: str
 ) -> list[str]:
     """The ``cellseg train`` command line (under torchrun when ``--nproc`` > 1)."""
-    nproc = gpu_count() if args.nproc == "auto" else int(args.nproc)
+    gpus = gpu_count()
+    nproc = gpus if args.nproc == "auto" else int(args.nproc)
+    log(f"{gpus} CUDA device(s) visible to torch; {max(nproc, 1)} training process(es)")
     cmd = [sys.executable, "-m"]
     if nproc > 1:
         cmd += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
@@ -218,6 +233,7 @@ def main(argv=None) -> int:
         cellseg = import_cellseg(bundle, root / "temp", log)
         pkg_root = Path(cellseg.__file__).resolve().parent.parent
         log(f"cellseg {getattr(cellseg, '__version__', '?')} from {pkg_root / 'cellseg'}")
+        check_training_floor()
         run_dir = working / RUN_DIR
         previous = previous_output(input_dir, fold)
         if previous is not None:

@@ -21,7 +21,19 @@ is how many status polls a new dataset version stays ``BLOBS_RECEIVED`` before `
 Kernel output (``ListKernelSessionOutput`` + the signed-URL download the client then GETs):
 ``fake.set_output("alice/k", {"run/last.pth": b"..."}, log="...", version=3)`` serves those files,
 of the latest version unless the request names one (``versionLabel`` "v3"); ``kernels_known`` are
-kernels that exist without having been pushed here (valid ``kernel_sources``).
+kernels that exist without having been pushed here (valid ``kernel_sources``). A kernel Kaggle does
+not know answers 404 (status, output, ``GetKernel``).
+
+Kernel versions are counted per kernel, as on Kaggle: a push answers ``versionNumber`` = the
+kernel's current version (``kernel_versions[ref]``) + 1; the version leaves the output
+``set_output`` gave for that number, else ``pushed_output``.
+Status polls with a ``versionLabel`` report that version (the one just pushed follows
+``kernel_statuses``; older ones ``version_statuses[(ref, n)]``, default COMPLETE). A poll WITHOUT a
+version reports the previous version while there is one: Kaggle's answer right after a push, the
+trap that reads an old COMPLETE as the new run's.
+
+``gpu_quota_hours = (used, reserved, allowed)`` answers ``GetAcceleratorQuotaStatistics`` with the
+client's wire format (durations as "<seconds>s").
 """
 
 from __future__ import annotations
@@ -73,6 +85,10 @@ class FakeKaggle:
         self.kernel_statuses_by_slug: dict[str, list[str]] = {}
         self.kernel_outputs: dict[str, dict[int, dict]] = {}  # "owner/slug" -> version -> {"files", "log"}
         self.kernels_known: set[str] = set()
+        self.kernel_versions: dict[str, int] = {}  # "owner/slug" -> current version number
+        self.version_statuses: dict[tuple[str, int], str] = {}  # status of older versions (default COMPLETE)
+        self.pushed_output: dict[str, bytes] = {}  # the output files of every version pushed here
+        self.gpu_quota_hours: tuple[float, float, float] = (0.0, 0.0, 30.0)  # used, reserved, allowed
         self.blobs: dict[str, bytes] = {}  # download id -> bytes served by GET /download/<id>
         self.kernel_failure = "Your notebook hit an error"
         self.kernel_log = (
@@ -132,7 +148,7 @@ class FakeKaggle:
 
     def set_output(self, ref: str, files: dict[str, bytes], log: str | None = None, version: int = 1) -> None:
         """Make ``files`` (relative path -> bytes) the output of kernel ``ref`` version ``version``."""
-        self.kernel_outputs.setdefault(ref, {})[version] = {"files": dict(files), "log": log}
+        self.kernel_outputs.setdefault(ref, {})[version] = {"files": dict(files), "log": log or ""}
         self.kernels_known.add(ref)
 
     def methods(self) -> list[str]:
@@ -217,35 +233,74 @@ class FakeKaggle:
         if method == "SaveKernel":
             self.kernels.append(body)
             owner_slug = body.get("slug", "")
+            version = self.kernel_versions.get(owner_slug, 0) + 1
+            self.kernel_versions[owner_slug] = version
+            outputs = self.kernel_outputs.setdefault(owner_slug, {})  # one set_output() for this version wins
+            outputs.setdefault(version, {"files": dict(self.pushed_output), "log": None})
             self._polls["kernel"] = 0
             self._polls[f"kernel:{owner_slug}"] = 0
             invalid = [
                 s for s in body.get("datasetDataSources", []) if s not in self.datasets or s in self.rejected_sources
             ]
             known = self.kernels_known | {k.get("slug") for k in self.kernels[:-1]}
-            invalid_kernels = [s for s in body.get("kernelDataSources", []) if s not in known]
+            invalid_kernels = [s for s in body.get("kernelDataSources", []) if s not in known or s == owner_slug]
             return {
                 "ref": f"/code/{owner_slug}",
                 "url": f"https://www.kaggle.com/code/{owner_slug}",
-                "versionNumber": len(self.kernels),
+                "versionNumber": version,
                 "invalidDatasetSources": invalid,
                 "invalidKernelSources": invalid_kernels,
             }
         if method == "GetKernelSessionStatus":
-            ref = f"{body.get('userName')}/{body.get('kernelSlug')}"
+            ref = self._known_kernel(body)
+            latest = self.kernel_versions.get(ref, 0)
+            label = body.get("versionLabel")
+            version = int(label.lstrip("v")) if label else None
+            if version is None and latest > 1:  # the previous version, as Kaggle answers right after a push
+                version = latest - 1
+            if version is not None and version != latest:
+                if not 1 <= version <= latest:
+                    raise _Error(404, f"Kernel {ref} has no version {label}")
+                status = self.version_statuses.get((ref, version), "COMPLETE")
+                return {"status": status, **({"failureMessage": self.kernel_failure} if status == "ERROR" else {})}
             if ref in self.kernel_statuses_by_slug:
                 return self._next(
                     f"kernel:{ref}", self.kernel_statuses_by_slug[ref], {"failureMessage": self.kernel_failure}
                 )
             return self._next("kernel", self.kernel_statuses, {"failureMessage": self.kernel_failure})
+        if method == "GetKernel":
+            ref = self._known_kernel(body)
+            return {
+                "metadata": {
+                    "ref": ref,
+                    "slug": ref.split("/")[1],
+                    "currentVersionNumber": self.kernel_versions.get(ref),
+                },
+                "blob": {"source": "", "language": "python", "kernelType": "script", "slug": ref.split("/")[1]},
+            }
+        if method == "GetAcceleratorQuotaStatistics":
+            used, reserved, allowed = self.gpu_quota_hours
+            hours = {
+                "timeUsed": used,
+                "timeReserved": reserved,
+                "totalTimeAllowed": allowed,
+                "minimumTimeAllowed": allowed,
+            }
+            return {
+                "quotaRefreshTime": "2026-12-07T00:00:00.000Z",
+                "gpuQuota": {**{k: f"{int(v * 3600)}s" for k, v in hours.items()}, "hasEverRun": True},
+                "tpuQuota": {"timeUsed": "0s", "totalTimeAllowed": "72000s"},
+            }
         if method == "ListKernelSessionOutput":
-            ref = f"{body.get('userName')}/{body.get('kernelSlug')}"
+            ref = self._known_kernel(body)
             versions = self.kernel_outputs.get(ref)
             if not versions:
                 return {"files": [], "log": self.kernel_log}
             label = body.get("versionLabel")
             version = int(label.lstrip("v")) if label else max(versions)
             if version not in versions:
+                if 1 <= version <= self.kernel_versions.get(ref, 0):
+                    return {"files": [], "log": self.kernel_log}
                 raise _Error(404, f"Kernel {ref} has no version {label}")
             out = versions[version]
             files = []
@@ -253,7 +308,7 @@ class FakeKaggle:
                 blob = f"b{len(self.blobs) + 1}"
                 self.blobs[blob] = data
                 files.append({"fileName": name, "url": f"{self.url}/download/{blob}"})
-            return {"files": files, "log": out["log"] or ""}
+            return {"files": files, "log": self.kernel_log if out["log"] is None else out["log"]}
         if method == "CreateCodeSubmission":
             self.submissions.append(body)
             self._polls["submission"] = 0
@@ -267,6 +322,13 @@ class FakeKaggle:
                 out["errorDescription"] = "Submission scoring error"
             return out
         raise _Error(404, f"fake Kaggle does not implement {method}")
+
+    def _known_kernel(self, body: dict) -> str:
+        """``owner/slug`` of a kernel request; 404 when Kaggle would not know that kernel."""
+        ref = f"{body.get('userName')}/{body.get('kernelSlug')}"
+        if ref not in self.kernels_known and ref not in self.kernel_versions:
+            raise _Error(404, f"Kernel {ref} not found")
+        return ref
 
     def _next(self, key: str, states: list[str], on_error: dict) -> dict:
         i = self._polls.get(key, 0)

@@ -333,7 +333,11 @@ def test_invalid_sources_reported_by_kaggle_are_an_error(tmp_path, site, fake):
     assert "GetKernelSessionStatus" not in fake.methods()
 
 
+SUBMISSION = b"id,predicted\nabc,1 2\n"
+
+
 def test_submit_sends_the_kernel_version_and_prints_the_score(tmp_path, site, fake):
+    fake.set_output(KERNEL, {"submission.csv": SUBMISSION, "other.bin": b"x" * 1000}, version=7)
     p = push(tmp_path, site, fake.url, "submit", "--kernel-version", "7", "-m", "v7 thresholds", "--wait", creds="file")
     assert p.returncode == 0, p.stderr
     (sub,) = fake.submissions
@@ -345,11 +349,20 @@ def test_submit_sends_the_kernel_version_and_prints_the_score(tmp_path, site, fa
         "fileName": "submission.csv",
         "submissionDescription": "v7 thresholds",
     }
-    assert fake.methods() == ["CreateCodeSubmission", "GetSubmission", "GetSubmission"]
+    # v7's output is checked for submission.csv first (only that file comes down)
+    assert fake.methods() == [
+        "ListKernelSessionOutput",
+        "GET",
+        "CreateCodeSubmission",
+        "GetSubmission",
+        "GetSubmission",
+    ]
+    assert fake.bodies("ListKernelSessionOutput")[0]["versionLabel"] == "v7"
     assert "public score 0.301" in p.stdout
 
 
 def test_all_runs_the_three_steps_in_order(tmp_path, site, fake):
+    fake.pushed_output = {"submission.csv": SUBMISSION}
     p = push(
         tmp_path,
         site,
@@ -402,6 +415,7 @@ def test_dry_run_shows_the_verdict_without_refusing(tmp_path, site, fake):
 
 
 def test_allow_synthetic_submits_the_demo_weights(tmp_path, site, fake):
+    fake.set_output(KERNEL, {"submission.csv": SUBMISSION}, version=3)
     p = push(tmp_path, site, fake.url, "submit", "--kernel-version", "3", "--weights", str(DEMO), "--allow-synthetic")
     assert p.returncode == 0, p.stderr
     assert [s["kernelVersion"] for s in fake.submissions] == [3]
@@ -466,3 +480,83 @@ def test_each_kernel_metadata_problem_is_one_line(tmp_path, change, field):
     assert validate_kernel_metadata(VALID_KERNEL, tmp_path) == []
     (problem,) = validate_kernel_metadata({**VALID_KERNEL, **change}, tmp_path)
     assert field in problem and "\n" not in problem
+
+
+# ----------------------------------------------------------------------------------------------
+# Pinned kernel versions, and what push.py refuses before it calls anything
+
+
+def test_kernel_step_polls_the_version_it_pushed(tmp_path, site, fake):
+    fake.add_dataset(DATASET)
+    fake.kernel_versions[KERNEL] = 2  # v1 and v2 ran to COMPLETE earlier
+    fake.kernel_statuses = ["RUNNING", "ERROR"]
+    p = push(tmp_path, site, fake.url, "kernel")
+    assert p.returncode == 1, p.stdout  # an unversioned poll would have read v2's COMPLETE
+    assert [b.get("versionLabel") for b in fake.bodies("GetKernelSessionStatus")] == ["v3", "v3"]
+    assert f"kernel {KERNEL} v3 ended in ERROR" in p.stderr
+    assert fake.bodies("ListKernelSessionOutput")[-1]["versionLabel"] == "v3"  # that version's log
+
+
+def test_submit_without_a_version_sends_the_latest_complete_one(tmp_path, site, fake):
+    fake.kernel_versions[KERNEL] = 3
+    fake.version_statuses[(KERNEL, 3)] = "ERROR"
+    fake.set_output(KERNEL, {"submission.csv": SUBMISSION}, version=2)
+    p = push(tmp_path, site, fake.url, "submit", "--allow-synthetic")
+    assert p.returncode == 0, p.stderr
+    assert [s["kernelVersion"] for s in fake.submissions] == [2]
+    assert [b.get("versionLabel") for b in fake.bodies("GetKernelSessionStatus")] == ["v3", "v2"]
+    assert "latest complete version is v2" in p.stdout
+
+
+def test_submit_refuses_a_version_whose_output_has_no_submission_csv(tmp_path, site, fake):
+    fake.set_output(KERNEL, {"notes.txt": b"the kernel crashed before writing it"}, version=5)
+    p = push(tmp_path, site, fake.url, "submit", "--kernel-version", "5", "--allow-synthetic")
+    assert p.returncode == 2
+    (line,) = error_lines(p)
+    assert f"kernel {KERNEL} v5: its output holds no submission.csv; not submitted" in line
+    assert "CreateCodeSubmission" not in fake.methods() and fake.submissions == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_retry_budget_must_be_finite_and_not_negative(tmp_path, site, value):
+    cmd = [sys.executable, str(PUSH), "dataset", "--dry-run", "--retry-budget", value, "--repo", str(site["checkout"])]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "argument --retry-budget" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8765", "htp://x", "http://", "http://127.0.0.1:99999"])
+def test_a_malformed_endpoint_is_refused_without_the_username_hint(tmp_path, site, endpoint):
+    p = push(tmp_path, site, endpoint, "dataset", "--bundle", str(site["bundle"]))
+    assert p.returncode == 2
+    (line,) = error_lines(p)
+    assert "CELLSEG_KAGGLE_ENDPOINT" in line and "--username" not in p.stderr
+
+
+def test_a_connection_failure_does_not_blame_the_username(tmp_path, site):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = push(tmp_path, site, f"http://127.0.0.1:{port}", "kernel")
+    assert p.returncode == 1 and "--username" not in p.stderr and "check your connection" in p.stderr
+
+
+def test_the_push_modules_import_without_the_client_and_without_a_cycle():
+    """push_train and remote never import push (push imports push_train only to dispatch), and no
+    cellseg.kaggle module imports the kaggle client at import time."""
+    code = (
+        "import sys, cellseg.kaggle.push_train, cellseg.kaggle.remote, cellseg.kaggle.budget;"
+        "assert 'cellseg.kaggle.push' not in sys.modules, 'push_train imports push';"
+        "import cellseg.kaggle.push;"
+        "assert 'kaggle' not in sys.modules and 'kagglesdk' not in sys.modules"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["submit", "--kernel-version", "0"], ["fetch", "--kernel", "a/bcdef", "--out", "x", "--version", "-2"]]
+)
+def test_kernel_versions_start_at_1(tmp_path, site, args):
+    cmd = [sys.executable, str(PUSH), *args, "--repo", str(site["checkout"])]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "kernel versions start at 1" in p.stderr and "Traceback" not in p.stderr

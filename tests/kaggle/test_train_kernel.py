@@ -133,3 +133,31 @@ def test_no_training_bundle_is_a_one_line_error(tmp_path, capsys):
     assert kernel.main(["--kaggle-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert 'no cellseg-bundle.json of kind "train" under' in err and "\n" not in err
+
+
+@pytest.mark.parametrize("devices, torchrun", [(0, False), (1, False), (2, True)])
+def test_processes_follow_the_gpus_torch_sees(tmp_path, monkeypatch, devices, torchrun):
+    """``--nproc auto`` asks torch how many CUDA devices there are (the 2 x T4 of NvidiaTeslaT4 -> two
+    processes). No GPU here: torch's own count is replaced, which is the one value the kernel reads."""
+    import torch
+
+    kernel = load_kernel()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    args = kernel.parse_args([])
+    cmd = kernel.train_command(args, tmp_path, {"config": "c.yaml"}, tmp_path, tmp_path / "run", "0")
+    assert ("torch.distributed.run" in cmd) is torchrun
+    if torchrun:
+        assert cmd[cmd.index("--nproc_per_node") + 1] == str(devices)
+
+
+def test_a_torchvision_below_the_floor_is_a_one_line_refusal(monkeypatch):
+    """The wheel installs with --no-deps: the kernel itself refuses an image older than the floor,
+    before it starts a training that would fail with a traceback."""
+    import torchvision
+
+    kernel = load_kernel()
+    monkeypatch.setattr(torchvision, "__version__", "0.18.1+cu121")
+    with pytest.raises(kernel.KernelError, match=r"torchvision 0.18.1\+cu121 is older than 0.19"):
+        kernel.check_training_floor()
+    monkeypatch.setattr(torchvision, "__version__", "0.19.1")
+    kernel.check_training_floor()

@@ -209,6 +209,7 @@ def test_push_refuses_synthetic_only_weights_but_submits_real_ones(exported, tmp
         assert p.returncode == 2 and fake.calls == []
         (line,) = p.stderr.strip().splitlines()
         assert line.startswith("push.py: error:") and "synthetic data only" in line and "--allow-synthetic" in line
+        fake.set_output("alice/sartorius-cellseg-submit", {"submission.csv": b"id,predicted\n"}, version=2)
         p = run_push(tmp_path, fake.url, "submit", "--kernel-version", "2", "--weights", str(exported["real"]))
         assert p.returncode == 0, p.stderr
         assert [s["kernelVersion"] for s in fake.submissions] == [2]

@@ -33,12 +33,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torchvision
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cellseg.config.experiment import AugmentConfig
 from cellseg.data.geometric import RandomFlipRot90, RandomScaleCrop, SanitizeBoundingBoxes, TightBoxes
+from cellseg.errors import CellsegError
+
+# Compatibility with torchvision 0.19 (the inference floor, pyproject.toml): it keeps query_size in
+# v2._utils (public from 0.20), and cellseg.data.geometric reads v2.query_size when a transform runs.
+if not hasattr(v2, "query_size"):
+    from torchvision.transforms.v2._utils import query_size as _query_size
+
+    v2.query_size = _query_size
 
 #: Public names: this module's own, plus :class:`AugmentConfig`, :func:`build_transform`'s argument
 #: (defined in :mod:`cellseg.config.experiment`).
@@ -60,6 +69,13 @@ class RandomGamma(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.adjust_gamma, inpt, gamma=params["gamma"])
+
+    # torchvision < 0.21 calls its hooks by their private names; later versions call the public ones.
+    def _get_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return self.make_params(flat_inputs)
+
+    def _transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self.transform(inpt, params)
 
 
 def _is_range(r: tuple[float, float], neutral: float = 1.0) -> bool:
@@ -89,5 +105,7 @@ def build_transform(cfg: AugmentConfig) -> v2.Compose:
         if _is_range(cfg.gamma):
             steps.append(RandomGamma(cfg.gamma))
         if cfg.noise_sigma > 0 and cfg.noise_p > 0:
+            if not hasattr(v2, "GaussianNoise"):
+                raise CellsegError(f"augment.noise_sigma needs torchvision >= 0.20 (this is {torchvision.__version__})")
             steps.append(v2.RandomApply([v2.GaussianNoise(sigma=cfg.noise_sigma, clip=True)], p=cfg.noise_p))
     return v2.Compose(steps)

@@ -212,6 +212,18 @@ def validate_dataset_metadata(meta: dict[str, Any]) -> list[str]:
     return out
 
 
+def _source_and_shape_problems(meta: dict[str, Any]) -> list[str]:
+    """A kernel listed as its own source (Kaggle documents no such thing), and a malformed machine_shape."""
+    out = []
+    ref = meta.get("id")
+    if isinstance(ref, str) and ref in (meta.get("kernel_sources") or []):
+        out.append(f"kernel kernel_sources: {ref!r} lists the kernel itself (resume into a new session instead)")
+    shape = meta.get("machine_shape")
+    if shape is not None and not (isinstance(shape, str) and shape):
+        out.append(f"kernel machine_shape: {shape!r} must be an accelerator id such as 'NvidiaTeslaT4'")
+    return out
+
+
 def validate_kernel_metadata(meta: dict[str, Any], folder: str | Path) -> list[str]:
     """Problems of a kernel's metadata; ``code_file`` is resolved against ``folder``."""
     out: list[str] = []
@@ -246,6 +258,7 @@ def validate_kernel_metadata(meta: dict[str, Any], folder: str | Path) -> list[s
             continue
         for s in sources:
             out += _ref_problems(f"kernel {key}", s)
+    out += _source_and_shape_problems(meta)
     comps = meta.get("competition_sources", [])
     if not isinstance(comps, list) or COMPETITION not in comps:
         out.append(f"kernel competition_sources: must include {COMPETITION!r}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +185,11 @@ def stage_train_bundle(
 
 @dataclass
 class FoldKernel:
-    """One fold's kernel: its filled metadata, the values written into the pushed file, its source."""
+    """One fold's kernel: its filled metadata, the values written into the pushed file, its source.
+
+    ``resume_ref`` is the kernel whose output this one continues (``--resume-from``): on a push it is
+    the base of that fold (``OWNER/SLUG-fold{K}``, whose latest session is looked up on Kaggle) or one
+    session named exactly (``...-fold{K}-s{N}``); :func:`resumed` turns it into the next session."""
 
     fold: str
     meta: dict
@@ -196,16 +201,33 @@ class FoldKernel:
         return self.meta["id"]
 
 
+#: A resumed session's kernel slug ends with ``-s{N}`` (N >= 2); session 1 has no suffix.
+SESSION_RE = re.compile(r"^(?P<base>.+?)-s(?P<n>[0-9]+)$")
+
+
+def split_session(ref: str) -> tuple[str, int]:
+    """``(fold kernel ref, session number)`` of a kernel ref: ``a/x-fold0-s3`` -> ``("a/x-fold0", 3)``,
+    ``a/x-fold0`` -> ``("a/x-fold0", 1)``."""
+    m = SESSION_RE.match(ref)
+    return (m["base"], int(m["n"])) if m and int(m["n"]) >= 2 else (ref, 1)
+
+
+def session_ref(fold_ref: str, n: int) -> str:
+    """The kernel of session ``n`` of a fold: ``fold_ref`` itself for 1, ``fold_ref-s{n}`` after."""
+    return fold_ref if n <= 1 else f"{fold_ref}-s{n}"
+
+
 def resume_ref_for(spec: str | None, fold: str, n_folds: int) -> str | None:
-    """The source kernel of ``fold`` for ``--resume-from OWNER/SLUG``: the slug as given when it ends
-    with this fold's suffix, else with the suffix appended (one command resumes every fold)."""
+    """The source of ``fold`` for ``--resume-from OWNER/SLUG``: the slug with this fold's suffix
+    appended (one command resumes every fold), or the slug as given when it already names this
+    fold's kernel or one of its sessions (one fold only)."""
     if not spec:
         return None
     problems = _ref_problems("--resume-from", spec)
     if problems:
         raise CellsegError("; ".join(problems))
     suffix = fold_suffix(fold)
-    if spec.endswith(suffix):
+    if split_session(spec)[0].endswith(suffix):
         if n_folds > 1:
             raise CellsegError(f"--resume-from {spec} names one fold's kernel; give the slug without {suffix}")
         return spec
@@ -213,24 +235,46 @@ def resume_ref_for(spec: str | None, fold: str, n_folds: int) -> str | None:
 
 
 def fold_kernel(
-    repo: Path, username: str, dataset_ref: str, fold: str, slug: str | None, bundle_id: str, resume: str | None
+    repo: Path,
+    username: str,
+    dataset_ref: str,
+    fold: str,
+    slug: str | None,
+    bundle_id: str,
+    resume: str | None,
+    session: int = 1,
+    accelerator: str | None = None,
 ) -> FoldKernel:
-    """The kernel of one fold from ``kernel-train-metadata.json``: slug + ``-fold{K}``, title to match,
-    ``--resume-from`` added to ``kernel_sources``. Problems: :class:`~cellseg.kaggle.metadata.MetadataError`, one line each."""
+    """The kernel of one fold from ``kernel-train-metadata.json``: slug + ``-fold{K}`` (+ ``-s{N}`` for
+    session N >= 2 of a resumed fold), title to match, ``resume`` added to ``kernel_sources``,
+    ``accelerator`` as its ``machine_shape``. Problems: :class:`~cellseg.kaggle.metadata.MetadataError`,
+    one line each (a kernel listing itself as its own source among them)."""
     meta = fill(load_template(repo / TRAIN_KERNEL_METADATA), username)
     base = slug or str(meta.get("id", "/")).split("/")[-1]
-    meta["id"] = f"{username}/{base}{fold_suffix(fold)}"
+    meta["id"] = session_ref(f"{username}/{base}{fold_suffix(fold)}", session)
+    words = meta["id"].split("/")[1][len(base) + 1 :].replace("-", " ")
     if slug:
         meta["title"] = " ".join(meta["id"].split("/")[1].split("-")).capitalize()
     else:
-        meta["title"] = f"{meta.get('title', '')} {fold_suffix(fold)[1:]}"
+        meta["title"] = f"{meta.get('title', '')} {words}"
     if resume:
         meta["kernel_sources"] = [*meta.get("kernel_sources", []), resume]
+    if accelerator:
+        meta["machine_shape"] = accelerator
     problems = validate_kernel_metadata(meta, repo)
     if dataset_ref not in meta.get("dataset_sources", []):
         problems.append(f"kernel dataset_sources: {meta.get('dataset_sources')} does not include {dataset_ref}")
     check(problems)
     return FoldKernel(fold, meta, {"fold": fold, "bundle_id": bundle_id}, resume)
+
+
+def resumed(fk: FoldKernel, repo: Path, username: str, dataset_ref: str, slug: str | None, source: str) -> FoldKernel:
+    """``fk`` as the next session after ``source`` (the latest session found on Kaggle): pushed as
+    ``...-fold{K}-s{N+1}`` with ``source`` as its kernel source (its metadata check refuses a kernel
+    listed as its own source)."""
+    n = split_session(source)[1]
+    shape = fk.meta.get("machine_shape")
+    return fold_kernel(repo, username, dataset_ref, fk.fold, slug, fk.staged["bundle_id"], source, n + 1, shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""The Kaggle side of ``tools/push.py``: the real ``kaggle`` client behind one bounded retry policy,
-and the failures push.py reports itself (one line each, exit 2 for bad input, 1 for a remote failure).
+"""The real ``kaggle`` client behind one bounded retry policy, and the failures ``tools/push.py``
+reports itself (one line each, exit 2 for bad input, 1 for a remote failure).
 
-Imported by ``tools/push.py`` and ``tools/push_train.py`` (both put ``src/`` on ``sys.path`` first when
-cellseg is not installed).
+``kaggle`` is imported only inside :class:`Kaggle` (importing it authenticates and may exit), so this
+module, like the rest of ``cellseg.kaggle``, imports without the client installed: the Kaggle kernel's
+inference path never needs it.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 import time
@@ -37,6 +40,29 @@ class RemoteError(PushError):
     def __init__(self, message: str, hint: str = ""):
         self.hint = hint
         super().__init__(message)
+
+
+def seconds(text: str) -> float:
+    """argparse type of ``--retry-budget``, ``--poll-interval`` and ``--wait-timeout``: a finite number
+    of seconds >= 0 (``nan`` would make every deadline comparison false, so a budget never ran out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number of seconds >= 0")
+    return value
+
+
+def version_number(text: str) -> int:
+    """argparse type of a kernel version: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: kernel versions start at 1")
+    return value
 
 
 def say(*msg: Any) -> None:
@@ -77,6 +103,19 @@ def transient(e: BaseException) -> bool:
     return isinstance(e, (requests.ConnectionError, requests.Timeout, u3.HTTPError, ConnectionError))
 
 
+def check_endpoint(endpoint: str) -> None:
+    """Refuse (exit 2) a ``CELLSEG_KAGGLE_ENDPOINT`` that is not ``http(s)://host[:port]``."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(endpoint)
+        port_ok = url.port is None or url.port > 0
+    except ValueError:
+        url, port_ok = None, False
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or not port_ok:
+        raise UsageError(f"{ENDPOINT_ENV}={endpoint!r} is not an http(s)://host[:port] URL (unset it to use Kaggle)")
+
+
 class Kaggle:
     """The real ``KaggleApi``, imported only after credentials are known to exist (the import
     authenticates and may exit), with one bounded retry policy for every call."""
@@ -101,6 +140,7 @@ class Kaggle:
             os.environ.pop(var, None)
         endpoint = os.environ.get(ENDPOINT_ENV)
         if endpoint:
+            check_endpoint(endpoint)
             os.environ["KAGGLE_API_ENVIRONMENT"] = "LOCALHOST"
         try:
             import kagglesdk.kaggle_env as kenv
@@ -182,9 +222,13 @@ class Kaggle:
         except Exception as e:
             if http_status(e) == 404:
                 return None
-            raise RemoteError(
-                f"dataset status of {ref}: {describe(e)}", "check --username and that you can see the dataset"
-            ) from None
+            # Only Kaggle's own answer says something about the name; anything else is the connection.
+            hint = (
+                "check --username and that you can see the dataset"
+                if http_status(e) is not None
+                else "check your connection (and CELLSEG_KAGGLE_ENDPOINT, if set), then run the same command again"
+            )
+            raise RemoteError(f"dataset status of {ref}: {describe(e)}", hint) from None
 
     def wait_dataset(self, ref: str, accept_failed: bool = False) -> str:
         """Poll until the latest version is ready (or failed, when ``accept_failed``)."""
@@ -209,6 +253,40 @@ class Kaggle:
                     f"dataset {ref} still '{state}' after {self.wait_timeout:g} s", "run the same command again later"
                 )
             time.sleep(self.poll_interval)
+
+    # -- kernels ----------------------------------------------------------------------------
+
+    def current_version(self, ref: str) -> int | None:
+        """The current (newest) version number of kernel ``owner/slug`` (``GetKernel``)."""
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+        owner, slug = ref.split("/")[:2]
+
+        def get() -> Any:
+            with self.api.build_kaggle_client() as client:
+                req = ApiGetKernelRequest()
+                req.user_name, req.kernel_slug = owner, slug
+                return client.kernels.kernels_api_client.get_kernel(req)
+
+        resp = self.call("kernel versions", get, hint=f"check that the kernel {ref} exists and is yours")
+        return getattr(resp.metadata, "current_version_number", None) if resp.metadata else None
+
+    # -- the weekly GPU quota ---------------------------------------------------------------
+
+    def gpu_quota_hours(self) -> tuple[float, float] | None:
+        """(hours allowed this week, hours left: allowed - used - reserved by running sessions) from
+        ``quota_view()``; None, with a warning, when the quota cannot be read."""
+        try:
+            resp = self.retrying("GPU quota", self.api.quota_view)
+            gpu = resp.gpu_quota
+            allowed = gpu.total_time_allowed.total_seconds() / 3600
+            used = sum(t.total_seconds() for t in (gpu.time_used, gpu.time_reserved) if t is not None) / 3600
+        except UsageError:
+            raise
+        except Exception as e:  # the quota is advisory: any other failure only warns
+            warn(f"warning: could not read the weekly GPU quota ({describe(e)}); going on without checking it")
+            return None
+        return allowed, allowed - used
 
 
 def report_errors(step: Callable[[], int]) -> int:
