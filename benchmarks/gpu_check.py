@@ -412,21 +412,23 @@ def manifest_with_views(src_path: Path, views: list[View], folder: Path) -> Path
 
 @contextlib.contextmanager
 def after_loading(hook: Callable[[list[LoadedModel], torch.device], None]) -> Iterator[None]:
-    """``predict_folder`` with ``hook(loaded models, device)`` run once its models are loaded."""
-    from cellseg.inference import runner
+    """``predict_folder`` with ``hook(loaded models, device)`` run once its models are loaded (every
+    load goes through :meth:`cellseg.inference.ensemble.Ensemble.load`, which calls this module-level
+    ``load_ensemble``)."""
+    from cellseg.inference import ensemble
 
-    original = runner.load_ensemble
+    original = ensemble.load_ensemble
 
     def load(*a: Any, **kw: Any) -> list[LoadedModel]:
         loaded = original(*a, **kw)
         hook(loaded, a[1] if len(a) > 1 else kw["device"])
         return loaded
 
-    runner.load_ensemble = load
+    ensemble.load_ensemble = load
     try:
         yield
     finally:
-        runner.load_ensemble = original
+        ensemble.load_ensemble = original
 
 
 def run_predict(data: Path, manifest: Path, csv: Path, ids: list[str], budget: float | None = None) -> tuple[Any, dict]:

@@ -117,9 +117,9 @@ def failed_where(error: BaseException) -> str:
     here = Path(__file__).resolve().parent
     frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
     ours = [f for f in frames if "cellseg" in Path(f.filename).parts or Path(f.filename).resolve().parent == here]
-    f = (ours or frames or [None])[-1]
-    if f is None:
+    if not (ours or frames):
         return "?"
+    f = (ours or frames)[-1]
     return f"{f.name} ({Path(f.filename).name}:{f.lineno}: {(f.line or '').strip()})"
 
 

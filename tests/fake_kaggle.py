@@ -185,143 +185,158 @@ class FakeKaggle:
         return out
 
     def handle(self, method: str, body: dict) -> dict:
-        if method == "StartBlobUpload":
-            token = f"tok{len(self.uploads) + 1}"
-            self.uploads[token] = Upload(body["name"], int(body.get("contentLength", 0)))
-            return {"token": token, "createUrl": f"{self.url}/upload/{token}"}
-        if method == "GetDatasetStatus":
-            ref = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
-            ds = self.datasets.get(ref)
-            if ds is None:
-                raise _Error(404, f"Dataset {ref} not found")
-            if ds.pending_polls > 0:
-                ds.pending_polls -= 1
-                return {"status": "BLOBS_RECEIVED"}
-            return {"status": "READY"}
-        if method == "CreateDataset":
-            ref = f"{body['ownerSlug']}/{body['slug']}"
-            if ref in self.datasets:
-                return {"error": f"The requested slug {body['slug']} is already in use"}
-            files = self._resolve_files(body.get("files", []))
-            self.datasets[ref] = Dataset(
-                ref,
-                [
-                    {
-                        "notes": None,
-                        "files": files,
-                        "is_private": body.get("isPrivate"),
-                        "title": body.get("title"),
-                        "license": body.get("licenseName"),
-                    }
-                ],
-                self.processing_polls,
+        """Answer one RPC the way Kaggle does: ``_rpc_<Method>(body)``, or 404 for one we do not fake."""
+        answer = getattr(self, f"_rpc_{method}", None)
+        if answer is None:
+            raise _Error(404, f"fake Kaggle does not implement {method}")
+        return answer(body)
+
+    def _rpc_StartBlobUpload(self, body: dict) -> dict:
+        token = f"tok{len(self.uploads) + 1}"
+        self.uploads[token] = Upload(body["name"], int(body.get("contentLength", 0)))
+        return {"token": token, "createUrl": f"{self.url}/upload/{token}"}
+
+    def _rpc_GetDatasetStatus(self, body: dict) -> dict:
+        ref = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
+        ds = self.datasets.get(ref)
+        if ds is None:
+            raise _Error(404, f"Dataset {ref} not found")
+        if ds.pending_polls > 0:
+            ds.pending_polls -= 1
+            return {"status": "BLOBS_RECEIVED"}
+        return {"status": "READY"}
+
+    def _rpc_CreateDataset(self, body: dict) -> dict:
+        ref = f"{body['ownerSlug']}/{body['slug']}"
+        if ref in self.datasets:
+            return {"error": f"The requested slug {body['slug']} is already in use"}
+        files = self._resolve_files(body.get("files", []))
+        self.datasets[ref] = Dataset(
+            ref,
+            [
+                {
+                    "notes": None,
+                    "files": files,
+                    "is_private": body.get("isPrivate"),
+                    "title": body.get("title"),
+                    "license": body.get("licenseName"),
+                }
+            ],
+            self.processing_polls,
+        )
+        return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
+
+    def _rpc_CreateDatasetVersion(self, body: dict) -> dict:
+        ref = f"{body['ownerSlug']}/{body['datasetSlug']}"
+        ds = self.datasets.get(ref)
+        if ds is None:
+            raise _Error(404, f"Dataset {ref} not found")
+        if ds.pending_polls > 0:
+            raise _Error(
+                403, "Permission 'datasets.versions.create' was denied: a previous version is still processing"
             )
-            return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
-        if method == "CreateDatasetVersion":
-            ref = f"{body['ownerSlug']}/{body['datasetSlug']}"
-            ds = self.datasets.get(ref)
-            if ds is None:
-                raise _Error(404, f"Dataset {ref} not found")
-            if ds.pending_polls > 0:
-                raise _Error(
-                    403, "Permission 'datasets.versions.create' was denied: a previous version is still processing"
-                )
-            files = self._resolve_files(body["body"].get("files", []))
-            ds.versions.append({"notes": body["body"].get("versionNotes"), "files": files})
-            ds.pending_polls = self.processing_polls
-            return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
-        if method == "SaveKernel":
-            self.kernels.append(body)
-            owner_slug = body.get("slug", "")
-            version = self.kernel_versions.get(owner_slug, 0) + 1
-            self.kernel_versions[owner_slug] = version
-            outputs = self.kernel_outputs.setdefault(owner_slug, {})  # one set_output() for this version wins
-            outputs.setdefault(version, {"files": dict(self.pushed_output), "log": None})
-            self._polls["kernel"] = 0
-            self._polls[f"kernel:{owner_slug}"] = 0
-            invalid = [
-                s for s in body.get("datasetDataSources", []) if s not in self.datasets or s in self.rejected_sources
-            ]
-            known = self.kernels_known | {k.get("slug") for k in self.kernels[:-1]}
-            invalid_kernels = [s for s in body.get("kernelDataSources", []) if s not in known or s == owner_slug]
-            return {
-                "ref": f"/code/{owner_slug}",
-                "url": f"https://www.kaggle.com/code/{owner_slug}",
-                "versionNumber": version,
-                "invalidDatasetSources": invalid,
-                "invalidKernelSources": invalid_kernels,
-            }
-        if method == "GetKernelSessionStatus":
-            ref = self._known_kernel(body)
-            latest = self.kernel_versions.get(ref, 0)
-            label = body.get("versionLabel")
-            version = int(label.lstrip("v")) if label else None
-            if version is None and latest > 1:  # the previous version, as Kaggle answers right after a push
-                version = latest - 1
-            if version is not None and version != latest:
-                if not 1 <= version <= latest:
-                    raise _Error(404, f"Kernel {ref} has no version {label}")
-                status = self.version_statuses.get((ref, version), "COMPLETE")
-                return {"status": status, **({"failureMessage": self.kernel_failure} if status == "ERROR" else {})}
-            if ref in self.kernel_statuses_by_slug:
-                return self._next(
-                    f"kernel:{ref}", self.kernel_statuses_by_slug[ref], {"failureMessage": self.kernel_failure}
-                )
-            return self._next("kernel", self.kernel_statuses, {"failureMessage": self.kernel_failure})
-        if method == "GetKernel":
-            ref = self._known_kernel(body)
-            return {
-                "metadata": {
-                    "ref": ref,
-                    "slug": ref.split("/")[1],
-                    "currentVersionNumber": self.kernel_versions.get(ref),
-                },
-                "blob": {"source": "", "language": "python", "kernelType": "script", "slug": ref.split("/")[1]},
-            }
-        if method == "GetAcceleratorQuotaStatistics":
-            used, reserved, allowed = self.gpu_quota_hours
-            hours = {
-                "timeUsed": used,
-                "timeReserved": reserved,
-                "totalTimeAllowed": allowed,
-                "minimumTimeAllowed": allowed,
-            }
-            return {
-                "quotaRefreshTime": "2026-12-07T00:00:00.000Z",
-                "gpuQuota": {**{k: f"{int(v * 3600)}s" for k, v in hours.items()}, "hasEverRun": True},
-                "tpuQuota": {"timeUsed": "0s", "totalTimeAllowed": "72000s"},
-            }
-        if method == "ListKernelSessionOutput":
-            ref = self._known_kernel(body)
-            versions = self.kernel_outputs.get(ref)
-            if not versions:
-                return {"files": [], "log": self.kernel_log}
-            label = body.get("versionLabel")
-            version = int(label.lstrip("v")) if label else max(versions)
-            if version not in versions:
-                if 1 <= version <= self.kernel_versions.get(ref, 0):
-                    return {"files": [], "log": self.kernel_log}
+        files = self._resolve_files(body["body"].get("files", []))
+        ds.versions.append({"notes": body["body"].get("versionNotes"), "files": files})
+        ds.pending_polls = self.processing_polls
+        return {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
+
+    def _rpc_SaveKernel(self, body: dict) -> dict:
+        self.kernels.append(body)
+        owner_slug = body.get("slug", "")
+        version = self.kernel_versions.get(owner_slug, 0) + 1
+        self.kernel_versions[owner_slug] = version
+        outputs = self.kernel_outputs.setdefault(owner_slug, {})  # one set_output() for this version wins
+        outputs.setdefault(version, {"files": dict(self.pushed_output), "log": None})
+        self._polls["kernel"] = 0
+        self._polls[f"kernel:{owner_slug}"] = 0
+        invalid = [
+            s for s in body.get("datasetDataSources", []) if s not in self.datasets or s in self.rejected_sources
+        ]
+        known = self.kernels_known | {k.get("slug") for k in self.kernels[:-1]}
+        invalid_kernels = [s for s in body.get("kernelDataSources", []) if s not in known or s == owner_slug]
+        return {
+            "ref": f"/code/{owner_slug}",
+            "url": f"https://www.kaggle.com/code/{owner_slug}",
+            "versionNumber": version,
+            "invalidDatasetSources": invalid,
+            "invalidKernelSources": invalid_kernels,
+        }
+
+    def _rpc_GetKernelSessionStatus(self, body: dict) -> dict:
+        ref = self._known_kernel(body)
+        latest = self.kernel_versions.get(ref, 0)
+        label = body.get("versionLabel")
+        version = int(label.lstrip("v")) if label else None
+        if version is None and latest > 1:  # the previous version, as Kaggle answers right after a push
+            version = latest - 1
+        if version is not None and version != latest:
+            if not 1 <= version <= latest:
                 raise _Error(404, f"Kernel {ref} has no version {label}")
-            out = versions[version]
-            files = []
-            for name, data in out["files"].items():
-                blob = f"b{len(self.blobs) + 1}"
-                self.blobs[blob] = data
-                files.append({"fileName": name, "url": f"{self.url}/download/{blob}"})
-            return {"files": files, "log": self.kernel_log if out["log"] is None else out["log"]}
-        if method == "CreateCodeSubmission":
-            self.submissions.append(body)
-            self._polls["submission"] = 0
-            return {"message": "Submission successful", "ref": 1000 + len(self.submissions)}
-        if method == "GetSubmission":
-            out = self._next("submission", self.submission_statuses, {})
-            out.update(ref=body.get("ref"))
-            if out["status"] == "COMPLETE":
-                out["publicScore"] = self.public_score
-            if out["status"] == "ERROR":
-                out["errorDescription"] = "Submission scoring error"
-            return out
-        raise _Error(404, f"fake Kaggle does not implement {method}")
+            status = self.version_statuses.get((ref, version), "COMPLETE")
+            return {"status": status, **({"failureMessage": self.kernel_failure} if status == "ERROR" else {})}
+        if ref in self.kernel_statuses_by_slug:
+            return self._next(
+                f"kernel:{ref}", self.kernel_statuses_by_slug[ref], {"failureMessage": self.kernel_failure}
+            )
+        return self._next("kernel", self.kernel_statuses, {"failureMessage": self.kernel_failure})
+
+    def _rpc_GetKernel(self, body: dict) -> dict:
+        ref = self._known_kernel(body)
+        return {
+            "metadata": {
+                "ref": ref,
+                "slug": ref.split("/")[1],
+                "currentVersionNumber": self.kernel_versions.get(ref),
+            },
+            "blob": {"source": "", "language": "python", "kernelType": "script", "slug": ref.split("/")[1]},
+        }
+
+    def _rpc_GetAcceleratorQuotaStatistics(self, body: dict) -> dict:
+        used, reserved, allowed = self.gpu_quota_hours
+        hours = {
+            "timeUsed": used,
+            "timeReserved": reserved,
+            "totalTimeAllowed": allowed,
+            "minimumTimeAllowed": allowed,
+        }
+        return {
+            "quotaRefreshTime": "2026-12-07T00:00:00.000Z",
+            "gpuQuota": {**{k: f"{int(v * 3600)}s" for k, v in hours.items()}, "hasEverRun": True},
+            "tpuQuota": {"timeUsed": "0s", "totalTimeAllowed": "72000s"},
+        }
+
+    def _rpc_ListKernelSessionOutput(self, body: dict) -> dict:
+        ref = self._known_kernel(body)
+        versions = self.kernel_outputs.get(ref)
+        if not versions:
+            return {"files": [], "log": self.kernel_log}
+        label = body.get("versionLabel")
+        version = int(label.lstrip("v")) if label else max(versions)
+        if version not in versions:
+            if 1 <= version <= self.kernel_versions.get(ref, 0):
+                return {"files": [], "log": self.kernel_log}
+            raise _Error(404, f"Kernel {ref} has no version {label}")
+        out = versions[version]
+        files = []
+        for name, data in out["files"].items():
+            blob = f"b{len(self.blobs) + 1}"
+            self.blobs[blob] = data
+            files.append({"fileName": name, "url": f"{self.url}/download/{blob}"})
+        return {"files": files, "log": self.kernel_log if out["log"] is None else out["log"]}
+
+    def _rpc_CreateCodeSubmission(self, body: dict) -> dict:
+        self.submissions.append(body)
+        self._polls["submission"] = 0
+        return {"message": "Submission successful", "ref": 1000 + len(self.submissions)}
+
+    def _rpc_GetSubmission(self, body: dict) -> dict:
+        out = self._next("submission", self.submission_statuses, {})
+        out.update(ref=body.get("ref"))
+        if out["status"] == "COMPLETE":
+            out["publicScore"] = self.public_score
+        if out["status"] == "ERROR":
+            out["errorDescription"] = "Submission scoring error"
+        return out
 
     def _known_kernel(self, body: dict) -> str:
         """``owner/slug`` of a kernel request; 404 when Kaggle would not know that kernel."""

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from cellseg import paths
-from cellseg.io import check_writable
+from cellseg.commands.common import command_inputs
+from cellseg.io import check_writable, write_errors
 from cellseg.kaggle import bundle
 
 
@@ -53,17 +54,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_writable(args.out, "dir")  # the bundle is staged beside --out and renamed into place
+    manifest = Path(args.weights) if args.weights else paths.demo_manifest()
+    # the bundle is staged beside --out and renamed into place; never over the weights it packs
+    check_writable(args.out, "dir", inputs=command_inputs(None, manifest))
     check_writable(Path(args.out).resolve().parent, "dir")
-    manifest = args.weights or paths.demo_manifest()
-    b = bundle.stage_bundle(
-        manifest,
-        args.out,
-        username=args.username,
-        repo=args.repo,
-        extra_wheels=args.extra_wheels,
-        wheel_dir=args.wheel_dir,
-    )
+    with write_errors(args.out):
+        b = bundle.stage_bundle(
+            manifest,
+            args.out,
+            username=args.username,
+            repo=args.repo,
+            extra_wheels=args.extra_wheels,
+            wheel_dir=args.wheel_dir,
+        )
     print(f"staged {b.metadata['id']} in {b.root}")
     print(bundle.format_table(b.files))
     print(bundle.format_provenance(b))
