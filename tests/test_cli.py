@@ -126,7 +126,7 @@ def forced_run(tmp_path_factory):
     """`cellseg train --force` into a folder holding another run's files, with stderr a pipe (as when
     logging to a file), a folds CSV whose fold 0 holds one image (8 train images / batch 2 = 4 steps per
     epoch) and train.max_steps=2: (run folder, completed process)."""
-    from test_train import TINY_OVERRIDES
+    from train_helpers import TINY_OVERRIDES
 
     root = tmp_path_factory.mktemp("forced")
     data = make_tiny_data(root / "data")

@@ -148,12 +148,11 @@ def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     """train -> pseudo-label the unlabelled images -> retrain with them next to train.csv."""
     import re
 
-    from test_train import TINY_OVERRIDES, train_args
-
     from cellseg.config.experiment import load_experiment
     from cellseg.config.manifest import ClassThresholds, FusionConfig, Manifest, ModelEntry, write_manifest
     from cellseg.paths import configs_dir
     from cellseg.training.loop import train
+    from train_helpers import TINY_OVERRIDES, train_args
 
     data = _tiny_competition(tmp_path / "data")
     cfg = load_experiment(configs_dir() / "demo.yaml", [*TINY_OVERRIDES, "train.epochs=2", "train.val_every=0"])

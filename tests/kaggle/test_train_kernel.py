@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_train import TINY_OVERRIDES, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 from cellseg.kaggle.kernel_code import write_staged
 from cellseg.kaggle.training import OUTPUT_MARKER, stage_train_bundle, verify_output
 from cellseg.paths import configs_dir, repo_root
 from kernel_helpers import bare_env
+from train_helpers import TINY_OVERRIDES
 
 SLUG = "sartorius-cell-instance-segmentation"
 ENTRY = repo_root() / "kernel" / "train.py"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_train import cli, tiny_data, train_args  # noqa: F401  (tiny_data is a fixture)
 
 from cellseg.model.checkpoint import read_checkpoint_info
 from cellseg.training.interrupt import deferred_interrupts, interrupt_guard
+from train_helpers import cli, train_args
 
 #: two-epoch runs with one loader worker (the worker gets the SIGINT too, as under a terminal)
 EXTRA = ["train.epochs=2", "train.num_workers=1"]

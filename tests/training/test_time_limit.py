@@ -8,7 +8,6 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from test_train import TINY_OVERRIDES, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 from cellseg.config.experiment import load_experiment
 from cellseg.config.loader import parse_duration
@@ -16,6 +15,7 @@ from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import read_checkpoint
 from cellseg.paths import configs_dir
 from cellseg.training.loop import train
+from train_helpers import TINY_OVERRIDES
 
 
 class Ticks:
