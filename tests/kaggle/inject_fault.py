@@ -2,12 +2,13 @@
 
     python inject_fault.py OUT_DIR MODULE:FUNCTION=EXCEPTION ... -- KERNEL ARGS...
 
-For each fault: FUNCTION on MODULE (``kaggle_env`` is imported from kernel/) is replaced by a
+For each fault: FUNCTION on MODULE (``kaggle_env`` is imported from kernel/; ``Class.method`` patches
+a method on a class of MODULE) is replaced by a
 function raising EXCEPTION (a builtin exception name) with the message "injected fault", the kernel
 runs as ``__main__`` with ``--out OUT_DIR/<k>/submission.csv``, and the original is put back. Before
 each run a line ``=== fault K MODULE:FUNCTION`` and after it ``=== exit K CODE`` go to stderr. The
 kernel binds some names with ``from x import y``: patch the module that *uses* the name
-(``cellseg.inference.runner:load_ensemble``).
+(``cellseg.inference.ensemble:load_ensemble``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ KERNEL = Path(__file__).resolve().parents[2] / "kernel" / "submit.py"
 
 def run_with_fault(k: int, spec: str, out_dir: Path, kernel_args: list[str]) -> None:
     target, exc_name = spec.split("=")
-    module_name, func = target.split(":")
-    module = importlib.import_module(module_name)
+    module_name, path = target.split(":")
+    owner = importlib.import_module(module_name)
+    *parents, func = path.split(".")
+    for name in parents:  # ``Class.method``: patch the attribute on the class
+        owner = getattr(owner, name)
+    module = owner
     exc = getattr(builtins, exc_name)
     original = getattr(module, func)  # a typo in a test must fail, not patch nothing
 

@@ -111,16 +111,17 @@ STAGES = [
     ("kaggle_env:import_cellseg", "KeyError"),  # the offline install / import
     ("cellseg.inference.runner:load_manifest", "ValueError"),
     ("cellseg.inference.runner:resolve_device", "RuntimeError"),
-    ("cellseg.inference.runner:load_ensemble", "MemoryError"),  # model loading
-    ("cellseg.inference.runner:_calibrate", "ZeroDivisionError"),  # the time budget's calibration
-    ("cellseg.inference.runner:forward_image", "IndexError"),  # every image
-    ("cellseg.inference.runner:finish_image", "AssertionError"),  # fusion + post-processing
+    ("cellseg.inference.ensemble:load_ensemble", "MemoryError"),  # model loading
+    ("cellseg.inference.runner:FolderRun._calibrate_once", "ZeroDivisionError"),  # the time budget's calibration
+    ("cellseg.inference.ensemble:Ensemble.forward", "IndexError"),  # every image's forward pass
+    ("cellseg.inference.ensemble:Ensemble.finish", "AssertionError"),  # vote, fusion + post-processing
     ("cellseg.inference.runner:encode_crop", "OverflowError"),  # RLE encoding
     ("cellseg.inference.runner:write_submission", "OSError"),  # writing
     ("cellseg.inference.runner:validate_submission", "TypeError"),
 ]
-#: a failing image costs only its own row: the runner gives it an empty one and goes on
-PER_IMAGE = ("forward_image", "finish_image")
+#: a failing image costs only its own row: the runner gives it an empty one and goes on (a calibration
+#: that fails twice costs its image, and the next image calibrates)
+PER_IMAGE = ("_calibrate_once", "forward", "finish", "encode_crop")
 
 
 def test_kernel_survives_a_failure_at_every_stage(weights, tmp_path):
@@ -138,7 +139,7 @@ def test_kernel_survives_a_failure_at_every_stage(weights, tmp_path):
     ids = read_sample_submission(comp / "sample_submission.csv")
     expected = set(ids) | {p.stem for p in (comp / "test").iterdir()}
     for k, ((target, exc), chunk) in enumerate(zip(STAGES, chunks)):
-        func = target.split(":")[1]
+        func = target.split(":")[1].split(".")[-1]
         assert f"=== exit {k} 0" in chunk, (target, chunk[-3000:])
         assert "Traceback" not in chunk, (target, chunk[-3000:])
         sub = tmp_path / "runs" / str(k) / "submission.csv"
