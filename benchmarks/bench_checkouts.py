@@ -77,6 +77,17 @@ def jobs(root: Path, data: Path, work: Path, steps: int) -> dict[str, list[str]]
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summary(name: str, base: list[float], new: list[float]) -> str:
     per_round = " ".join(f"{n / b:.2f}" for b, n in zip(base, new))
     return (
@@ -117,7 +128,7 @@ def main() -> int:
                     times[who][job].append(cellseg(roots[who] / "src", *cmd, cwd=work))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         same = (tmp / "work-base" / "submission.csv").read_bytes() == (tmp / "work-new" / "submission.csv").read_bytes()
-        print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread per run")
+        print(f"\n{cpu_model()}, {os.cpu_count()} cores, 1 torch thread per run")
         print(f"base {args.base} vs new {REPO.name} (working tree); {args.rounds} interleaved rounds")
         for job in ("predict", "train"):
             print(summary(job, times["base"][job], times["new"][job]))
