@@ -319,7 +319,7 @@ def stage_memory(args: argparse.Namespace, rec: Record) -> None:
     15 GiB cap: ``step_ran``, ``max_reserved_bytes``, ``t4_fit`` (null on the CPU)."""
     import torch
 
-    from cellseg.inference.pipeline import OutOfMemoryError
+    from cellseg.inference.ensemble import OutOfMemoryError
 
     dev = device()
     cuda = dev.type == "cuda"
