@@ -118,7 +118,9 @@ def main() -> None:
         help="train on these competition-layout folders (merged; 'usiigaci' = the imported train sets)",
     )
     p.add_argument("--init", type=Path, default=None, help="starting weights (a checkpoint), as `cellseg train --init`")
-    p.add_argument("--baseline", type=Path, default=ROOT / "weights" / "demo", help="weights compared against")
+    p.add_argument(
+        "--baseline", type=Path, default=ROOT / "weights" / "demo", help="weights compared against ('none': skip)"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for training")
     args = p.parse_args()
 
@@ -139,9 +141,11 @@ def main() -> None:
     weights = work / "weights-trained"
     _cellseg("export", str(run / "last.pth"), "--out", str(weights), "--force")
     summary["trained"] = _score("trained", test_data, weights, work / "report-trained")
-    summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
+    if str(args.baseline) != "none":
+        summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\ntrained {summary['trained']['score']:.4f}  baseline {summary['baseline']['score']:.4f}  ({work})")
+    base = f"  baseline {summary['baseline']['score']:.4f}" if "baseline" in summary else ""
+    print(f"\ntrained {summary['trained']['score']:.4f}{base}  ({work})")
 
 
 if __name__ == "__main__":
