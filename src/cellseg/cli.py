@@ -19,6 +19,7 @@ from cellseg.errors import CellsegError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the main job on the embedded default: synthetic data -> submission -> score"),
     "synth": ("synth", "write a synthetic dataset in the competition's folder layout"),
+    "import-labels": ("import_labels", "convert instance-label images to the competition layout"),
     "folds": ("folds", "K folds grouped by sample_id, stratified by cell type -> CSV"),
     "score": ("score", "score a submission against train.csv with the exact competition metric"),
     "validate": ("validate", "check a submission.csv the way the Kaggle scorer would"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.data import rle, synth, synth_image
@@ -262,3 +263,30 @@ def test_cli_writes_the_layout_and_refuses_non_empty_out(tmp_path: Path) -> None
     assert "not empty" in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     h = subprocess.run(_cellseg_cmd() + ["synth", "--help"], capture_output=True, text=True, timeout=60)
     assert h.returncode == 0 and "--train-images" in h.stdout and "--force" in h.stdout
+
+
+# ------------------------------------------------------------------------------ phase-contrast look
+
+
+def test_images_have_the_competition_intensity_statistics(sample) -> None:
+    """Real competition images: grey mean ~128, standard deviation ~20, per image."""
+    for t, images in sample.items():
+        means = np.array([s.image.mean() for s in images])
+        stds = np.array([s.image.std() for s in images])
+        assert np.all((115 < means) & (means < 141)), (t, means.round(1))
+        assert np.all((14 < stds) & (stds < 26)), (t, stds.round(1))
+        assert 17 < stds.mean() < 23 and 122 < means.mean() < 134, t
+
+
+def test_neurites_and_debris_are_drawn_but_never_annotated() -> None:
+    """shsy5y and astro images show thin processes outside the cells; cort images do not."""
+    for t, expect in (("shsy5y", True), ("astro", True), ("cort", False)):
+        rng = np.random.default_rng(5)
+        labels, partial = synth_image._place_cells(rng, t, H, W)
+        synth_image._read_cells(labels, partial, synth_image.SPECS[t].min_area)
+        neur = synth_image._neurites(rng, labels, t)
+        assert not np.any(neur & (labels > 0))
+        assert (neur.sum() > 200) == expect, (t, int(neur.sum()))
+        if expect:  # thin: almost every process pixel has background on both sides of one axis
+            thick = ndimage.binary_erosion(neur, np.ones((3, 3), bool))
+            assert thick.sum() < 0.05 * neur.sum()

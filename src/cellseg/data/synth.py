@@ -168,6 +168,106 @@ def _check_out(out: Path, force: bool) -> None:
             raise CellsegError(f"{out} is not empty; choose another --out or pass --force to replace it")
 
 
+def _plan(
+    seed: int, train_images: int, test_images: int, semi_images: int, tmp: Path
+) -> tuple[list[tuple], list[_Meta], list[str], list[str]]:
+    """Draw the types, samples and ids, and one render task per image (paths under ``tmp``).
+
+    Returns ``(tasks, train_meta, train_ids, test_ids)``; tasks are :func:`_job`'s arguments, train
+    images first, then test, then semi-supervised.
+    """
+    seqs = np.random.SeedSequence(seed).spawn(1 + train_images + test_images + semi_images)
+    rng = np.random.default_rng(seqs[0])
+    vessels = iter(rng.permutation(np.arange(100, 100 + 2 * (train_images + test_images + semi_images) + 100)).tolist())
+
+    def typed(n: int) -> list[str]:
+        types = [t for t, c in split_counts(n).items() for _ in range(c)]
+        return [types[i] for i in rng.permutation(len(types))]
+
+    train_types, semi_types = typed(train_images), typed(semi_images)
+    test_types = [CELL_TYPES[i % 3] for i in rng.permutation(test_images)]
+    train_meta = _samples(rng, train_types, vessels)
+    semi_meta = _samples(rng, semi_types, vessels, max_group=8)
+    ids = _hex_ids(rng, train_images + test_images)
+    train_ids, test_ids = ids[:train_images], ids[train_images:]
+    tasks = [(seqs[1 + i], t, str(tmp / "train" / f"{train_ids[i]}.png"), True) for i, t in enumerate(train_types)]
+    k = 1 + train_images
+    tasks += [(seqs[k + i], t, str(tmp / "test" / f"{test_ids[i]}.png"), False) for i, t in enumerate(test_types)]
+    k += test_images
+    tasks += [
+        (seqs[k + i], m.cell_type, str(tmp / "train_semi_supervised" / _semi_name(m)), False)
+        for i, m in enumerate(semi_meta)
+    ]
+    return tasks, train_meta, train_ids, test_ids
+
+
+def _run_jobs(tasks: list[tuple], workers: int, progress: bool) -> list[tuple[list[str], list[int], int]]:
+    """:func:`_job` over all tasks, in worker processes when there are enough of them (same output)."""
+    bar = dict(total=len(tasks), desc="synth", unit="img", disable=None if progress else True)
+    if workers > 1 and len(tasks) >= 4 * workers:
+        # fork is cheap; but never fork a process that has torch (and its thread pools) loaded
+        start = "fork" if os.name == "posix" and "torch" not in sys.modules else "spawn"
+        ctx = multiprocessing.get_context(start)
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+            return list(tqdm(pool.map(_job, tasks, chunksize=4), **bar))
+    return [_job(t) for t in tqdm(tasks, **bar)]
+
+
+def _train_rows(results: list, train_meta: list[_Meta], train_ids: list[str]) -> tuple[dict[str, list], dict]:
+    """train.csv columns of the annotated images, and per cell type their counts, areas, broken count."""
+    rows: dict[str, list] = {c: [] for c in TRAIN_COLUMNS}
+    per_type: dict[str, dict] = {}
+    height, width = IMAGE_SHAPE
+    for i, (rles, areas, nbroken) in enumerate(results):
+        m = train_meta[i]
+        n = len(rles)
+        rows["id"] += [train_ids[i]] * n
+        rows["annotation"] += rles
+        rows["width"] += [width] * n
+        rows["height"] += [height] * n
+        rows["cell_type"] += [m.cell_type] * n
+        rows["plate_time"] += [m.plate_time] * n
+        rows["sample_date"] += [m.sample_date] * n
+        rows["sample_id"] += [m.sample_id] * n
+        rows["elapsed_timedelta"] += [_format_elapsed(m.elapsed)] * n
+        s = per_type.setdefault(m.cell_type, {"counts": [], "areas": [], "broken": 0})
+        s["counts"].append(n)
+        s["areas"] += areas
+        s["broken"] += nbroken
+    return rows, per_type
+
+
+def _type_stats(per_type: dict) -> dict:
+    """Summary per cell type: images, instances, mean/min/max instances, mean area, broken share."""
+    stats = {}
+    for t in CELL_TYPES:
+        st = per_type.get(t)
+        if not st:
+            continue
+        counts, areas = np.array(st["counts"]), np.array(st["areas"])
+        stats[t] = {
+            "images": int(counts.size),
+            "instances": int(counts.sum()),
+            "mean_instances": round(float(counts.mean()), 1),
+            "min_instances": int(counts.min()),
+            "max_instances": int(counts.max()),
+            "mean_area": round(float(areas.mean()), 1) if areas.size else 0.0,
+            "broken": int(st["broken"]),
+            "broken_share": round(st["broken"] / max(1, int(counts.sum())), 3),
+        }
+    return stats
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def generate(
     out: str | Path,
     train_images: int = 606,
@@ -202,114 +302,30 @@ def generate(
     out = Path(out)
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    seqs = np.random.SeedSequence(seed).spawn(1 + train_images + test_images + semi_images)
-    rng = np.random.default_rng(seqs[0])
-    vessels = iter(rng.permutation(np.arange(100, 100 + 2 * (train_images + test_images + semi_images) + 100)).tolist())
-
-    def typed(n: int) -> list[str]:
-        types = [t for t, c in split_counts(n).items() for _ in range(c)]
-        return [types[i] for i in rng.permutation(len(types))]
-
-    train_types, semi_types = typed(train_images), typed(semi_images)
-    test_types = [CELL_TYPES[i % 3] for i in rng.permutation(test_images)]
-    train_meta = _samples(rng, train_types, vessels)
-    semi_meta = _samples(rng, semi_types, vessels, max_group=8)
-    ids = _hex_ids(rng, train_images + test_images)
-    train_ids, test_ids = ids[:train_images], ids[train_images:]
-
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         for sub in ("train", "test", "train_semi_supervised"):
             (tmp / sub).mkdir()
-        tasks = [(seqs[1 + i], t, str(tmp / "train" / f"{train_ids[i]}.png"), True) for i, t in enumerate(train_types)]
-        k = 1 + train_images
-        tasks += [(seqs[k + i], t, str(tmp / "test" / f"{test_ids[i]}.png"), False) for i, t in enumerate(test_types)]
-        k += test_images
-        tasks += [
-            (seqs[k + i], m.cell_type, str(tmp / "train_semi_supervised" / _semi_name(m)), False)
-            for i, m in enumerate(semi_meta)
-        ]
-        bar = dict(total=len(tasks), desc="synth", unit="img", disable=None if progress else True)
-        if workers > 1 and len(tasks) >= 4 * workers:
-            # fork is cheap; but never fork a process that has torch (and its thread pools) loaded
-            start = "fork" if os.name == "posix" and "torch" not in sys.modules else "spawn"
-            ctx = multiprocessing.get_context(start)
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-                results = list(tqdm(pool.map(_job, tasks, chunksize=4), **bar))
-        else:
-            results = [_job(t) for t in tqdm(tasks, **bar)]
-
-        rows: dict[str, list] = {c: [] for c in TRAIN_COLUMNS}
-        per_type: dict[str, dict] = {}
-        height, width = IMAGE_SHAPE
-        for i, (rles, areas, nbroken) in enumerate(results[:train_images]):
-            m = train_meta[i]
-            n = len(rles)
-            rows["id"] += [train_ids[i]] * n
-            rows["annotation"] += rles
-            rows["width"] += [width] * n
-            rows["height"] += [height] * n
-            rows["cell_type"] += [m.cell_type] * n
-            rows["plate_time"] += [m.plate_time] * n
-            rows["sample_date"] += [m.sample_date] * n
-            rows["sample_id"] += [m.sample_id] * n
-            rows["elapsed_timedelta"] += [_format_elapsed(m.elapsed)] * n
-            s = per_type.setdefault(m.cell_type, {"counts": [], "areas": [], "broken": 0})
-            s["counts"].append(n)
-            s["areas"] += areas
-            s["broken"] += nbroken
+        tasks, train_meta, train_ids, test_ids = _plan(seed, train_images, test_images, semi_images, tmp)
+        results = _run_jobs(tasks, workers, progress)
+        rows, per_type = _train_rows(results[:train_images], train_meta, train_ids)
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
         pd.DataFrame({"id": test_ids, "predicted": [""] * len(test_ids)}).to_csv(
             tmp / "sample_submission.csv", index=False
         )
+        counts = {"train_images": train_images, "test_images": test_images, "semi_images": semi_images}
         # marks the folder as synthetic: training on it is recorded so (cellseg.model.provenance)
-        write_synth_marker(
-            tmp,
-            {
-                "seed": seed,
-                "train_images": train_images,
-                "test_images": test_images,
-                "semi_images": semi_images,
-                "instances": len(rows["id"]),
-            },
-        )
-
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        write_synth_marker(tmp, {"seed": seed, **counts, "instances": len(rows["id"])})
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    stats = {}
-    for t in CELL_TYPES:
-        st = per_type.get(t)
-        if not st:
-            continue
-        counts, areas = np.array(st["counts"]), np.array(st["areas"])
-        stats[t] = {
-            "images": int(counts.size),
-            "instances": int(counts.sum()),
-            "mean_instances": round(float(counts.mean()), 1),
-            "min_instances": int(counts.min()),
-            "max_instances": int(counts.max()),
-            "mean_area": round(float(areas.mean()), 1) if areas.size else 0.0,
-            "broken": int(st["broken"]),
-            "broken_share": round(st["broken"] / max(1, int(counts.sum())), 3),
-        }
     return {
         "out": str(out),
         "seed": seed,
-        "train_images": train_images,
-        "test_images": test_images,
-        "semi_images": semi_images,
-        "instances": int(sum(len(r[0]) for r in results[:train_images])),
-        "per_type": stats,
+        **counts,
+        "instances": len(rows["id"]),
+        "per_type": _type_stats(per_type),
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -1,0 +1,162 @@
+"""Real-pixel benchmark: train on real phase-contrast cells, score held-out real images.
+
+Imports ``../shared/data/usiigaci`` with ``cellseg import-labels`` (sets 1-30 train, 31-45 held out;
+1022 x 1024 uint16 -> four 520 x 704 tiles each, mean 128 / std 20 per image), trains
+``configs/demo.yaml`` from scratch for ``--steps`` CPU steps (``train.max_steps``; epochs follow),
+exports the last checkpoint, and runs ``cellseg dry-run``'s path (the kernel's predict path + the
+competition metric) on every held-out tile, for the trained model and for the committed demo weights
+(``weights/demo``). Prints the score per tile, per source set (mean of its tiles) and overall (mean
+over tiles, as the competition averages over images).
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_real.py --steps 600 --work /tmp/bench-real
+
+``--run DIR`` scores an already trained run folder instead of training; ``--train-data DIR`` trains
+on another competition-layout folder (e.g. ``cellseg synth`` output: the transfer measurement).
+Not a timed test: it writes ``summary.json`` in ``--work``; figures go to benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _machine() -> str:
+    """The CPU's model name as /proc/cpuinfo (``lscpu``) gives it, with the core count."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _cellseg(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run([sys.executable, "-m", "cellseg", *args], check=True, env=env)
+
+
+def _import(src: Path, out: Path, sets: str, cell_type: str) -> None:
+    if not (out / "cellseg-import.json").is_file():
+        _cellseg("import-labels", str(src), "--out", str(out), "--samples", sets, "--cell-type", cell_type)
+
+
+def _merge(folders: list[Path], out: Path) -> Path:
+    """One competition-layout folder holding every folder's train images (links) and train.csv rows."""
+    import pandas as pd
+
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "train").mkdir(parents=True)
+    frames = []
+    for folder in folders:
+        for png in sorted((folder / "train").glob("*.png")):
+            (out / "train" / png.name).symlink_to(png.resolve())
+        frames.append(pd.read_csv(folder / "train.csv", dtype=str, keep_default_na=False))
+    pd.concat(frames).to_csv(out / "train.csv", index=False)
+    (out / "sample_submission.csv").write_text("id,predicted\n")
+    return out
+
+
+def _train(args: argparse.Namespace, data: Path, run: Path) -> float:
+    from cellseg.config.experiment import load_experiment
+    from cellseg.data.truth import read_train_csv
+
+    cfg = load_experiment(args.config, [])
+    per_epoch = math.ceil(len(read_train_csv(data / "train.csv")) / cfg.train.batch_size)
+    epochs = math.ceil(args.steps / per_epoch)
+    t0 = time.perf_counter()
+    _cellseg(
+        "train", "--config", str(args.config), "--data", str(data), "--fold", "all", "--out", str(run),
+        "--force", "--quiet", f"train.epochs={epochs}", f"train.max_steps={args.steps}", *args.set,
+        *(["--init", str(args.init)] if args.init else []),
+    )  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def _score(name: str, data: Path, manifest: Path, report: Path) -> dict:
+    import torch
+
+    from cellseg.evaluation.dry_run import dry_run
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t0 = time.perf_counter()
+    res = dry_run(data, manifest, report, device="cpu", progress=False)
+    seconds = time.perf_counter() - t0
+    per = res.per_image.sort_values("id")
+    per_set = per.assign(sample=per["id"].str.rsplit("_", n=1).str[0]).groupby("sample")["score"].mean()
+    print(f"\n== {name}: {manifest}")
+    for row in per.itertuples():
+        print(f"  {row.id:16s} {row.score:.4f}  true {row.n_true:4d}  pred {row.n_pred:4d}")
+    print("  per set: " + "  ".join(f"{k} {v:.3f}" for k, v in per_set.items()))
+    print(f"  overall {res.score:.4f} over {len(per)} tiles ({seconds:.0f} s)")
+    return {
+        "score": res.score,
+        "tiles": len(per),
+        "seconds": round(seconds, 1),
+        "per_set": {k: round(float(v), 4) for k, v in per_set.items()},
+        "per_tile": dict(zip(per["id"], per["score"].round(4))),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "usiigaci")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench-real"))
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    p.add_argument("--steps", type=int, default=600, help="CPU training steps (default 600)")
+    p.add_argument("--train-sets", default="1-30")
+    p.add_argument("--test-sets", default="31-45")
+    p.add_argument("--cell-type", default="astro", help="cell_type given to the imported rows (default astro)")
+    p.add_argument("--run", type=Path, default=None, help="score this trained run folder (its last.pth); no training")
+    p.add_argument(
+        "--train-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train on these competition-layout folders (merged; 'usiigaci' = the imported train sets)",
+    )
+    p.add_argument("--init", type=Path, default=None, help="starting weights (a checkpoint), as `cellseg train --init`")
+    p.add_argument(
+        "--baseline", type=Path, default=ROOT / "weights" / "demo", help="weights compared against ('none': skip)"
+    )
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for training")
+    args = p.parse_args()
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    train_data, test_data = work / "usi-train", work / "usi-test"
+    _import(args.src, test_data, args.test_sets, args.cell_type)
+    summary: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine()}
+    run = args.run
+    if run is None:
+        folders = [train_data if str(f) == "usiigaci" else f for f in args.train_data or ["usiigaci"]]
+        if train_data in folders:
+            _import(args.src, train_data, args.train_sets, args.cell_type)
+        data = folders[0] if len(folders) == 1 else _merge(folders, work / "train-merged")
+        run = work / "run"
+        summary["train_seconds"] = round(_train(args, data, run), 1)
+        summary.update(steps=args.steps, train_data=str(data))
+    weights = work / "weights-trained"
+    _cellseg("export", str(run / "last.pth"), "--out", str(weights), "--force")
+    summary["trained"] = _score("trained", test_data, weights, work / "report-trained")
+    if str(args.baseline) != "none":
+        summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
+    (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    base = f"  baseline {summary['baseline']['score']:.4f}" if "baseline" in summary else ""
+    print(f"\ntrained {summary['trained']['score']:.4f}{base}  ({work})")
+
+
+if __name__ == "__main__":
+    main()
