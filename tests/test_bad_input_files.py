@@ -43,6 +43,7 @@ def write(path, text: str):
 # ------------------------------------------------------------------ score
 
 
+@pytest.mark.slow
 def test_score_warns_about_missing_ids_and_strict_refuses(scored):
     tmp, truth, _, rles = scored
     sub = write(tmp / "sub.csv", "id,predicted\n" + "".join(f"a,{r}\n" for r in rles["a"]))
@@ -56,6 +57,7 @@ def test_score_warns_about_missing_ids_and_strict_refuses(scored):
     assert strict.out == ""
 
 
+@pytest.mark.slow
 def test_score_header_only_submission(scored):
     tmp, truth, _, _ = scored
     sub = write(tmp / "sub.csv", "id,predicted\n")
@@ -68,6 +70,7 @@ def test_score_header_only_submission(scored):
     )
 
 
+@pytest.mark.slow
 def test_score_duplicate_rows_and_empty_file(scored):
     tmp, truth, _, rles = scored
     dup = write(tmp / "dup.csv", f"id,predicted\na,{rles['a'][0]}\nb,\na,{rles['a'][0]}\n")
@@ -81,6 +84,7 @@ def test_score_duplicate_rows_and_empty_file(scored):
 # ------------------------------------------------------------------ validate
 
 
+@pytest.mark.slow
 def test_validate_missing_ids_duplicates_and_empty_file(scored):
     tmp, _, test, rles = scored
     missing = write(tmp / "missing.csv", "id,predicted\na,\n")
@@ -96,6 +100,7 @@ def test_validate_missing_ids_duplicates_and_empty_file(scored):
     assert res.code == 1 and "Traceback" not in res.text and "empty file (0 bytes)" in res.err
 
 
+@pytest.mark.slow
 def test_validate_with_sample_submission_requires_its_ids(scored):
     tmp, _, test, _ = scored
     sample = write(tmp / "sample_submission.csv", "id,predicted\na,\nb,\nc,\nd,\n")
@@ -192,6 +197,7 @@ NOT_TEXT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(NOT_TEXT))
 def test_score_and_validate_a_file_that_is_not_utf8_text(scored, kind):
     tmp, truth, test, _ = scored
@@ -321,6 +327,7 @@ def test_the_writer_skips_an_id_that_cannot_be_one_and_the_validator_agrees(tmp_
     assert validate_submission(tmp_path / "s.csv", test, ["ok"]) == []
 
 
+@pytest.mark.slow
 def test_predict_skips_a_test_file_name_that_is_not_utf8(tmp_path):
     import os
 

@@ -257,6 +257,7 @@ def full_disk_run(tmp_path: Path, keep: Path, *args: object):
     return res, after
 
 
+@pytest.mark.slow
 def test_predict_on_a_full_disk_is_one_line_and_keeps_the_earlier_file(tiny, data, tmp_path):
     earlier = tmp_path / "earlier.csv"
     earlier.write_text("id,predicted\n" + "".join(f"{i:0>64},\n" for i in range(300)))
@@ -268,6 +269,7 @@ def test_predict_on_a_full_disk_is_one_line_and_keeps_the_earlier_file(tiny, dat
     assert [ln for ln in after.splitlines()[1:]] == [".fill", "earlier"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_leaves_no_folder(tiny, tmp_path):
     res, after = full_disk_run(tmp_path, tiny, "export", tiny.parent / "model0.pth", "--out", "{mnt}/w")
     assert_one_line_error(res, "cannot write")

@@ -45,6 +45,7 @@ def comp_with(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
 # ------------------------------------------------------------------ unreadable and missing images
 
 
+@pytest.mark.slow
 def test_predict_every_image_unreadable_writes_a_valid_empty_submission(tiny, tmp_path):
     comp, ids = comp_with(tmp_path, 3)
     (comp / "test" / f"{ids[0]}.png").write_bytes(b"")  # 0 bytes
@@ -203,6 +204,7 @@ def test_predict_truncated_model_file(tiny, tmp_path, capsys):
 # ------------------------------------------------------------------ a kill mid-run
 
 
+@pytest.mark.slow
 def test_sigkill_mid_predict_leaves_no_partial_submission(tiny, tmp_path):
     comp = make_competition(tmp_path / "comp", n_test=40)
     out = tmp_path / "out" / "submission.csv"
@@ -229,6 +231,7 @@ def test_sigkill_mid_predict_leaves_no_partial_submission(tiny, tmp_path):
 # ------------------------------------------------------------------ PNG modes, through predict
 
 
+@pytest.mark.slow
 def test_png_modes_and_upper_case_suffix_predict_the_same_as_grey(tiny, tmp_path):
     comp = tmp_path / "comp"
     (comp / "test").mkdir(parents=True)

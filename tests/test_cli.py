@@ -142,6 +142,7 @@ def forced_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_train_force_replaces_the_run(forced_run):
     out, proc = forced_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,6 +152,7 @@ def test_train_force_replaces_the_run(forced_run):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_holds_out_the_fold_of_the_folds_csv(forced_run):
     _, proc = forced_run
     assert "8 train / 1 hold-out images" in proc.stdout + proc.stderr  # data.folds=3 alone would hold out 3

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cellseg.paths import repo_root
 
 SCRIPT = repo_root() / "benchmarks" / "gpu_check.sh"
@@ -71,6 +73,7 @@ def contract_values(res: dict) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_stage(tmp_path):
     t0 = time.monotonic()
     r = run_check(tmp_path, sys.executable, "--cpu-smoke")
@@ -108,6 +111,7 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log", "summary.txt"]
 
 
+@pytest.mark.slow
 def test_stages_that_no_longer_fit_the_deadline_are_skipped_and_recorded(tmp_path):
     t0 = time.monotonic()
     r = run_check(tmp_path, sys.executable, "--cpu-smoke", timeout=120, GPU_CHECK_DEADLINE_S="35")
@@ -146,6 +150,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_json_is_rewritten_after_each_stage_and_survives_a_kill(tmp_path):
     """Killed while a later stage runs, the run leaves a gpu_check.json with the finished stages'
     figures and every contract key."""

@@ -153,6 +153,7 @@ def test_layer_imports_no_later_stage(layer: str, allowed: tuple[str, ...]) -> N
         assert not later, f"{module} imports later stages: {later}"
 
 
+@pytest.mark.slow
 def test_inference_does_not_import_training_losses(tmp_path: Path) -> None:
     """Loading an ensemble and predicting (checkpoint -> build -> forward) never runs the training-target
     code of ``cellseg.model.targets``, while building a model for training does."""

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -139,6 +140,7 @@ def test_nothing_but_plot_imports_matplotlib():
     assert users == []
 
 
+@pytest.mark.slow
 def test_kernel_path_imports_neither_matplotlib_nor_sklearn():
     code = "import sys, cellseg.inference.runner; print(sorted({'matplotlib', 'sklearn'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

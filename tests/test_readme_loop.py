@@ -97,6 +97,7 @@ def test_the_readme_block_says_what_this_test_changes():
     assert "configs/demo.yaml" in readme and "without `--init coco_maskrcnn_r50.pth`" in readme
 
 
+@pytest.mark.slow
 def test_readme_loop_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     commands = readme_loop()

@@ -76,6 +76,7 @@ def test_shipped_configs_load_without_notices(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_inference_path_does_not_import_augmentation():
     """Loading checkpoints (which store the experiment config) and predicting never imports
     cellseg.data.transforms (torchvision.transforms.v2 and the augmentation code)."""

@@ -280,6 +280,7 @@ def test_synth_items_at_competition_size(synth_dir):
         assert sorted(image.shape[1:]) == [520, 704] and len(target["labels"]) > 0
 
 
+@pytest.mark.slow
 def test_show_aug_cli_writes_a_png(synth_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     cfg = tmp_path / "exp.yaml"

@@ -180,6 +180,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.slow
 def test_foreign_out_refused_unless_force_and_failure_keeps_the_old_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -212,6 +212,7 @@ def test_validation_split_grouped_per_cell_line(competition):
     assert set(val.paths) == set(truth) and all(p.is_file() for p in val.paths.values())
 
 
+@pytest.mark.slow
 def test_data_package_does_not_import_training_or_inference():
     """The LIVECell validation is scored on the training side (training.engine.evaluate_livecell): reading
     data pulls in neither the training loop, the inference pipeline nor the metric."""
@@ -258,6 +259,7 @@ def test_bad_input_is_one_line(tmp_path, competition):
         find_livecell("elsewhere", tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_reports_a_json_that_is_not_coco_in_one_line(tmp_path, competition):
     data, _ = competition
     lc = tmp_path / "lc"
@@ -315,6 +317,7 @@ def test_init_keeps_matching_class_rows_and_reinitialises_the_others(tmp_path):
 # ------------------------------------------------------------------------------- the recipe
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_then_predict(tmp_path, competition, capsys):
     from cellseg.data.submission import read_submission, validate_submission
     from cellseg.inference.runner import predict_folder

@@ -106,6 +106,7 @@ def test_empty():
     assert not rle.decode("", 3, 3).any()
 
 
+@pytest.mark.slow
 @given(st.lists(masks(), min_size=1, max_size=6), st.data())
 @settings(max_examples=200, deadline=None)
 def test_batch_decode_matches_single_decode(mask_list, data):

@@ -129,6 +129,7 @@ def test_split_counts_follow_the_real_shares() -> None:
 # ------------------------------------------------------------------------------------ statistics
 
 
+@pytest.mark.slow
 def test_statistics_per_type_roughly_match_the_real_data(sample) -> None:
     for t, images in sample.items():
         counts = np.array([len(s.annotations) for s in images])
@@ -210,6 +211,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     assert (a / "train.csv").read_bytes() != (c / "train.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_files(tmp_path: Path) -> None:
     kw = dict(train_images=3, test_images=1, semi_images=4, seed=11, progress=False)
     synth.generate(tmp_path / "one", workers=1, **kw)
@@ -237,6 +239,7 @@ def test_refuses_a_non_empty_out_unless_forced(tmp_path: Path) -> None:
         synth.generate(tmp_path / "neg", -1, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_layout_and_refuses_non_empty_out(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     cmd = _cellseg_cmd() + [

@@ -114,6 +114,7 @@ def _pasted_d2_masks() -> np.ndarray:
 # ------------------------------------------------------------------------------ fidelity
 
 
+@pytest.mark.slow
 def test_padded_input_and_fpn_features_match_detectron2(features, expected):
     images, feats = features
     assert tuple(images.tensors.shape) == tuple(expected["padded_input_shape"])  # 260 -> 288: padding to 32
@@ -188,6 +189,7 @@ def _match_detections(boxes, scores, labels, masks, expected, ref_masks):
     return results
 
 
+@pytest.mark.slow
 def test_final_detections_and_masks_match_detectron2(model, image, expected):
     with torch.no_grad():
         out = model([image])[0]
@@ -204,6 +206,7 @@ def test_final_detections_and_masks_match_detectron2(model, image, expected):
     assert min(ious) >= 0.85
 
 
+@pytest.mark.slow
 def test_kernel_inference_path_matches_detectron2(converted, image, expected):
     """The converted manifest through the kernel's own loading, raw inference and crop pasting."""
     from cellseg.config.manifest import load_manifest
@@ -235,6 +238,7 @@ def test_kernel_inference_path_matches_detectron2(converted, image, expected):
     assert matched >= 0.9 and min(ious) >= 0.85
 
 
+@pytest.mark.slow
 def test_converted_manifest_records_a_detectron2_import_with_the_source_sha256(converted, d2_weights, tmp_path):
     digest = hashlib.sha256(d2_weights.read_bytes()).hexdigest()
     m = load_manifest(converted / "manifest.yaml")
@@ -246,6 +250,7 @@ def test_converted_manifest_records_a_detectron2_import_with_the_source_sha256(c
     assert again.models[0].provenance == p
 
 
+@pytest.mark.slow
 def test_plain_torchvision_behaviour_does_not_match(d2_state, d2_cfg, features, expected):
     """Negative control: the same weights without the Detectron2 options (stride on the 3x3 conv,
     rounded anchors at torchvision's derived strides) miss the reference, so the tests above can fail."""
@@ -365,6 +370,7 @@ def test_config_maps_to_model_fields(d2_cfg):
         d2.model_fields(d2_cfg, ["a", "b"])
 
 
+@pytest.mark.slow
 def test_r101_checkpoint_converts_and_runs(d2_state, d2_cfg):
     """ResNet-101: res4 has 23 blocks (Detectron2 res4.0-22 -> torchvision layer3.0-22)."""
     from cellseg.config.experiment import ModelConfig
@@ -430,6 +436,7 @@ def test_class_agnostic_heads_are_repeated_per_class(d2_state, d2_cfg, model):
         d2.convert_state_dict(d2_state, d2.head_layout(cfg), model.state_dict())
 
 
+@pytest.mark.slow
 def test_bare_state_dict_accepted_and_foreign_keys_refused(tmp_path, d2_state, d2_cfg, model):
     bare = tmp_path / "bare.pth"
     torch.save(d2_state, bare)
@@ -473,6 +480,7 @@ def test_cli_refuses_unsupported_config_in_one_line(tmp_path, d2_weights, d2_cfg
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_cli_converts_and_predict_runs_it_in_an_ensemble_with_our_model(tmp_path, d2_weights, d2_cfg):
     """``cellseg convert-detectron2 --half`` -> manifest; one of our own models added to the same
     ensemble; ``cellseg predict`` (the kernel's pipeline, a subprocess) writes a valid submission

@@ -24,6 +24,7 @@ def manifest(tmp_path_factory):
     return make_manifest(tmp_path_factory.mktemp("w"), n_models=1, tta=("identity",), detections_per_view=30)
 
 
+@pytest.mark.slow
 def test_dry_run_report(synth, manifest, tmp_path, capsys):
     rep = tmp_path / "rep"
     rc = main(
@@ -61,6 +62,7 @@ def test_dry_run_report(synth, manifest, tmp_path, capsys):
     assert sub[0] == "id,predicted" and {line.split(",")[0] for line in sub[1:]} == set(per["id"])
 
 
+@pytest.mark.slow
 def test_dry_run_fold_selection(synth, manifest):
     from cellseg.data.truth import read_train_csv
 
@@ -70,6 +72,7 @@ def test_dry_run_fold_selection(synth, manifest):
     assert select_ids(train, images=4) == select_ids(train, images=4) and len(select_ids(train, images=4)) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 3])
 def test_predict_raw_and_dry_run_pick_the_same_images(synth, manifest, tmp_path, seed):
     """Tuning (predict-raw) and the dry run look at the same train images for the same --images/--seed
@@ -82,6 +85,7 @@ def test_predict_raw_and_dry_run_pick_the_same_images(synth, manifest, tmp_path,
     assert len(cached) == 6 and sorted(cached) == sorted(scored)
 
 
+@pytest.mark.slow
 def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):
     out = tmp_path / "sub.csv"
     assert main(["predict", "--data", str(synth), "--weights", str(manifest), "--out", str(out), "--no-progress"]) == 0
@@ -97,6 +101,7 @@ def test_predict_command_and_one_line_errors(synth, manifest, tmp_path, capsys):
     assert len(err) == 1 and "model0.pth: sha256 mismatch" in err[0]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(manifest, tmp_path, capsys):
     """cellseg demo: synth -> fake /kaggle with a wheel built from this checkout -> kernel subprocess
     -> valid submission -> dry-run score (tiny sizes; the real default uses weights/demo)."""

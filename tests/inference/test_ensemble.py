@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from cellseg.config.experiment import ModelConfig
@@ -109,6 +110,7 @@ def test_in_memory_model_runs_the_pipeline_on_a_copy():
     assert ens.models[0].model is not model and ens.models[0].paste_shift == manifest.fusion.paste_shift
 
 
+@pytest.mark.slow
 def test_predict_applies_the_given_cell_type_and_strictness(tmp_path):
     """Pseudo-labelling's call: the caller's cell type replaces the vote, and the strictness callback's
     higher score bar is the one applied (the normal bar keeps detections under it)."""

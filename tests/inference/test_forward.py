@@ -81,6 +81,7 @@ def test_paste_soft_reproduces_torchvision_training_targets():
     assert mean_iou(0.0) < 0.95  # the unshifted paste loses IoU at these cell sizes
 
 
+@pytest.mark.slow
 def test_model_returns_crops_not_full_masks(ensemble):
     _, m, loaded = ensemble
     raw = predict_views(loaded[:1], blob_image(1), ["identity", "hflip"], CPU)
@@ -88,6 +89,7 @@ def test_model_returns_crops_not_full_masks(ensemble):
     assert raw[0].masks.shape[0] <= m.fusion.detections_per_view and raw[0].masks.shape[0] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flip", ["h", "v"])
 def test_flipped_input_gives_flipped_output(ensemble, flip):
     _, m, loaded = ensemble
@@ -104,6 +106,7 @@ def test_flipped_input_gives_flipped_output(ensemble, flip):
     np.testing.assert_allclose(np.sort(a.scores), np.sort(b.scores), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_identity_view_alone_is_not_flip_equivariant(ensemble):
     """Control for the test above: without TTA a random model is not symmetric, so it can fail."""
     _, m, loaded = ensemble
@@ -192,6 +195,7 @@ def _tiny_prepared(norm: str, heads: str = "v1", seed: int = 0, **prep):
     return prepare_model(model.eval(), FusionConfig(detections_per_view=40, model_score_thresh=0.01), CPU, **prep)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm, heads", [("frozen_bn", "v1"), ("bn", "v2")])
 def test_folded_batchnorm_gives_the_same_outputs_in_fp32(norm, heads):
     import copy
@@ -251,6 +255,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_out_of_memory_retry_runs_after_the_exception_is_released(ensemble):
     """A model that runs out of memory once: the retry (one view per forward) must not run while the
     exception, whose traceback holds the failed forward's tensors, is still alive."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import pytest
 import torch
 
 from cellseg.cli import main
@@ -22,6 +23,7 @@ def golden_inputs(data: Path) -> None:
     synth.generate(data, train_images=0, test_images=12, semi_images=0, seed=20261130, progress=False, workers=1)
 
 
+@pytest.mark.slow
 def test_demo_predict_matches_the_golden_submission(tmp_path):
     data = tmp_path / "data"
     golden_inputs(data)

@@ -26,6 +26,7 @@ def manifest(tmp_path_factory):
     return make_manifest(tmp_path_factory.mktemp("w"), n_models=1, tta=("identity", "hflip"))
 
 
+@pytest.mark.slow
 def test_predict_raw_then_tune_cli(synth_dir, manifest, tmp_path):
     cache = tmp_path / "cache"
     cellseg("predict-raw", "--data", synth_dir, "--weights", manifest, "--out", cache, "--images", 2, "--device", "cpu")
@@ -67,6 +68,7 @@ def test_predict_raw_then_tune_cli(synth_dir, manifest, tmp_path):
     assert after.models == before.models
 
 
+@pytest.mark.slow
 def test_pseudo_label_writes_valid_train_csv(synth_dir, manifest, tmp_path):
     out = tmp_path / "pseudo.csv"
     res = pseudo_label(synth_dir, manifest, out, device="cpu", progress=False, score_margin=0.0, min_pixels_factor=1.0)
@@ -100,6 +102,7 @@ def test_stricter_and_sample_id():
         assert sample_id_from_filename(name) == "shsy5y[diff]_E10-4_Vessel-714_Ph_3"
 
 
+@pytest.mark.slow
 def test_pseudo_label_without_images_is_a_one_line_error(tmp_path, manifest):
     (tmp_path / "train_semi_supervised").mkdir()
     r = cellseg("pseudo-label", "--data", tmp_path, "--weights", manifest, "--out", tmp_path / "p.csv", check=False)
@@ -144,6 +147,7 @@ def _tiny_competition(root, n_semi=3, h=64, w=80):
     return root
 
 
+@pytest.mark.slow
 def test_train_pseudo_label_retrain_loop(tmp_path, capsys):
     """train -> pseudo-label the unlabelled images -> retrain with them next to train.csv."""
     import re

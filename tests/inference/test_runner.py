@@ -58,6 +58,7 @@ def small_manifest(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_predict_folder_handles_odd_images(small_manifest, tmp_path):
     path = small_manifest
     comp = make_competition(tmp_path / "comp", n_test=4)
@@ -97,6 +98,7 @@ def test_plan_within_budget_drops_views_then_models():
     assert p.views == ["identity"] and p.models == [2]
 
 
+@pytest.mark.slow
 def test_time_budget_is_never_overrun(small_manifest, tmp_path, monkeypatch):
     """Every view costs 0.25 s here (on the run's clock, advanced by the forward), so 10 images x 2 views
     cannot fit 3 s: the hflip view must go first, and the run must still end in time."""
@@ -128,6 +130,7 @@ def test_exhausted_budget_writes_all_empty_rows(small_manifest, tmp_path):
     assert read_submission(tmp_path / "sub.csv") == {i: [] for i in res.rows}
 
 
+@pytest.mark.slow
 def test_pipelined_run_matches_sequential(small_manifest, tmp_path):
     comp = make_competition(tmp_path / "comp", n_test=3)
     a = predict_folder(comp, small_manifest, tmp_path / "a.csv", progress=False, log=lambda s: None, pipeline=False)
@@ -244,6 +247,7 @@ def three_images(small_manifest, tmp_path_factory):
     return comp, _plain_run(comp, small_manifest, tmp / "plain.csv")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module, name",
     [
@@ -316,6 +320,7 @@ class _Flaky(torch.nn.Module):
         return self.model(images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fail, lost",
     [
@@ -350,6 +355,7 @@ class _GpuThatFails(Ensemble):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, "1h"])
 def test_a_cuda_error_moves_the_run_to_the_cpu(small_manifest, tmp_path, monkeypatch, budget):
     """A CUDA error (in the calibration with a budget, in the first image's forward without) reloads the

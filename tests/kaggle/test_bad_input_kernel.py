@@ -48,6 +48,7 @@ def kernel(root: Path, *args: str) -> Result:
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+@pytest.mark.slow
 def test_kernel_every_image_unreadable_still_writes_a_valid_submission(weights, tmp_path):
     root, comp = fake_kaggle(tmp_path, weights, n_test=3)
     ids = read_sample_submission(comp / "sample_submission.csv")
@@ -65,6 +66,7 @@ def test_kernel_every_image_unreadable_still_writes_a_valid_submission(weights, 
     assert sorted(p.name for p in sub.parent.iterdir()) == ["submission.csv"]
 
 
+@pytest.mark.slow
 def test_kernel_empty_test_folder_writes_every_sample_id(weights, tmp_path):
     root, comp = fake_kaggle(tmp_path, weights, n_test=2)
     ids = read_sample_submission(comp / "sample_submission.csv")
@@ -95,6 +97,7 @@ def assert_fallback_submission(res: Result, root: Path, comp: Path, *words: str)
     assert sorted(p.name for p in sub.parent.iterdir()) == ["submission.csv"]
 
 
+@pytest.mark.slow
 def test_kernel_binary_manifest_still_writes_a_submission_and_unwritable_out_is_one_line(weights, tmp_path):
     root, comp = fake_kaggle(tmp_path, weights)
     res = kernel(root, "--manifest", "weights/tiny/model0.pth")
@@ -124,6 +127,7 @@ STAGES = [
 PER_IMAGE = ("_calibrate_once", "forward", "finish", "encode_crop")
 
 
+@pytest.mark.slow
 def test_kernel_survives_a_failure_at_every_stage(weights, tmp_path):
     """Each stage in turn raises an arbitrary exception (one real process runs the kernel once per
     stage): every run exits 0 with a valid submission.csv holding every id, and a banner naming the
@@ -153,6 +157,7 @@ def test_kernel_survives_a_failure_at_every_stage(weights, tmp_path):
         assert read_submission(sub) == {i: [] for i in expected}, target
 
 
+@pytest.mark.slow
 def test_kernel_skips_a_test_file_name_that_cannot_be_an_id(weights, tmp_path):
     root, comp = fake_kaggle(tmp_path, weights, n_test=2)
     good = next((comp / "test").iterdir())

@@ -62,6 +62,7 @@ def staged(tmp_path_factory):
     return checkout, manifest, out, proc.stdout
 
 
+@pytest.mark.slow
 def test_bundle_holds_exactly_the_whitelist(staged):
     checkout, manifest, out, _ = staged
     marker = json.loads((out / bundle.MARKER).read_text())
@@ -175,6 +176,7 @@ def test_checksum_mismatch_fails_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout", "weights"]  # no out, no temp folder
 
 
+@pytest.mark.slow
 def test_restaging_replaces_a_bundle_but_never_a_foreign_folder(tmp_path):
     checkout = make_checkout(tmp_path / "checkout")
     manifest = make_weights(tmp_path / "weights" / "demo")

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cellseg.data.submission import validate_submission
 from cellseg.kaggle.kernel_code import write_staged
 from cellseg.paths import kernel_entry
@@ -43,6 +45,7 @@ def fake_kaggle(tmp: Path, wheel_dir: Path, layout: str) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_bare_venv_has_torch_but_not_cellseg(bare_python):
     probe = "import torch, importlib.util; print(importlib.util.find_spec('cellseg') is None)"
     out = subprocess.run([str(bare_python), "-c", probe], capture_output=True, text=True, cwd="/", env=bare_env())
@@ -50,6 +53,7 @@ def test_bare_venv_has_torch_but_not_cellseg(bare_python):
     assert out.stdout.strip() == "True"
 
 
+@pytest.mark.slow
 def test_kernel_installs_wheel_and_writes_valid_submission(bare_python, wheel_dir, tmp_path):
     root = fake_kaggle(tmp_path, wheel_dir, "new")
     pushed = tmp_path / "pushed" / "submit.py"  # alone: no kaggle_env.py beside it, as on Kaggle

@@ -86,6 +86,7 @@ def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("push.py: error:")]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_full_plan_and_sends_nothing(tmp_path, site, fake):
     p = push(
         tmp_path,
@@ -241,6 +242,7 @@ def test_rejected_key_is_a_credentials_error(tmp_path, site, fake):
     assert [c.status for c in fake.calls] == [401]
 
 
+@pytest.mark.slow
 def test_server_down_gives_up_within_the_retry_budget(tmp_path, site):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -486,6 +488,7 @@ def test_each_kernel_metadata_problem_is_one_line(tmp_path, change, field):
 # Pinned kernel versions, and what push.py refuses before it calls anything
 
 
+@pytest.mark.slow
 def test_kernel_step_polls_the_version_it_pushed(tmp_path, site, fake):
     fake.add_dataset(DATASET)
     fake.kernel_versions[KERNEL] = 2  # v1 and v2 ran to COMPLETE earlier
@@ -532,6 +535,7 @@ def test_a_malformed_endpoint_is_refused_without_the_username_hint(tmp_path, sit
     assert "CELLSEG_KAGGLE_ENDPOINT" in line and "--username" not in p.stderr
 
 
+@pytest.mark.slow
 def test_a_connection_failure_does_not_blame_the_username(tmp_path, site):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -80,6 +80,7 @@ def uploads_of(fake: FakeKaggle, method: str) -> dict[str, bytes]:
     return dict(fake.uploaded(f["token"]) for f in files)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_a_gpu_kernel_per_fold_and_sends_nothing(tmp_path, site, fake):
     p = push(tmp_path, site, fake.url, "train", "--config", CONFIG, "--fold", "all", "--init", str(site["init"]),
              "--dry-run", "--username", USER, creds=None)  # fmt: skip
@@ -92,6 +93,7 @@ def test_dry_run_plans_a_gpu_kernel_per_fold_and_sends_nothing(tmp_path, site, f
     assert not (site["checkout"] / "dist").exists()
 
 
+@pytest.mark.slow
 def test_train_uploads_config_and_init_and_pushes_one_gpu_kernel_per_fold(tmp_path, site, fake):
     fake.kernel_statuses_by_slug = {f"{BASE}-fold0": ["RUNNING", "COMPLETE"], f"{BASE}-fold1": ["COMPLETE"]}
     fake.set_output(f"{BASE}-fold0", train_output("0", "stopped"))
@@ -141,6 +143,7 @@ def test_train_uploads_config_and_init_and_pushes_one_gpu_kernel_per_fold(tmp_pa
     assert f"push.py fetch --kernel {BASE} --fold 0,1 --out runs/kaggle/demo" in p.stdout
 
 
+@pytest.mark.slow
 def test_resume_from_adds_the_source_and_an_error_ends_polling_with_the_log_tail(tmp_path, site, fake):
     source = f"{BASE}-fold2"
     fake.set_output(source, train_output("2", "stopped"), log=fake.kernel_log)
@@ -166,6 +169,7 @@ def test_resume_from_adds_the_source_and_an_error_ends_polling_with_the_log_tail
     assert m.count("GET") == 1  # the output marker of the source; the log tail downloads no checkpoint
 
 
+@pytest.mark.slow
 def test_resume_from_a_kernel_without_training_output_changes_nothing(tmp_path, site, fake):
     fake.kernels_known.add(f"{BASE}-fold0")  # exists, but its output holds no training run
     p = push(tmp_path, site, fake.url, "train", "--config", CONFIG, "--resume-from", BASE)
@@ -174,6 +178,7 @@ def test_resume_from_a_kernel_without_training_output_changes_nothing(tmp_path, 
     assert set(fake.methods()) == {"GetAcceleratorQuotaStatistics", "ListKernelSessionOutput"}  # reads only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -189,6 +194,7 @@ def test_bad_input_is_refused_before_any_request(tmp_path, site, fake, args, mes
     assert any(message in line for line in error_lines(p)), p.stderr
 
 
+@pytest.mark.slow
 def test_fetch_verifies_every_file_and_never_leaves_a_partial_download(tmp_path, site, fake):
     fake.set_output(f"{BASE}-fold0", train_output("0"), log=fake.kernel_log)
     bad = train_output("1")
@@ -208,6 +214,7 @@ def test_fetch_verifies_every_file_and_never_leaves_a_partial_download(tmp_path,
     assert f"next: cellseg export {out / 'fold0' / 'run' / 'best.pth'} --out weights/" in p.stdout
 
 
+@pytest.mark.slow
 def test_fetch_a_version_then_refetch_replaces_the_earlier_fetch(tmp_path, site, fake):
     fake.set_output(BASE, train_output("full", seed=1, epochs_done=1), version=1)
     fake.set_output(BASE, train_output("full", seed=2, epochs_done=3), version=2)
@@ -233,6 +240,7 @@ def test_fetch_a_version_then_refetch_replaces_the_earlier_fetch(tmp_path, site,
 # Accelerator, weekly quota, pinned versions, sessions (issue: Kaggle's real limits)
 
 
+@pytest.mark.slow
 def test_training_kernels_ask_for_two_t4s_and_accelerator_overrides(tmp_path, site, fake):
     p = push(tmp_path, site, fake.url, "train", "--config", CONFIG, "--fold", "0")
     assert p.returncode == 0, p.stderr
@@ -244,6 +252,7 @@ def test_training_kernels_ask_for_two_t4s_and_accelerator_overrides(tmp_path, si
     assert fake.kernels[-1]["machineShape"] == "NvidiaL4X1" and "accelerator: NvidiaL4X1" in p.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -258,6 +267,7 @@ def test_unknown_or_unusable_accelerator_is_refused_before_any_request(tmp_path,
     assert any(message in line for line in error_lines(p)), p.stderr
 
 
+@pytest.mark.slow
 def test_plan_over_the_weekly_quota_is_refused_before_anything_is_uploaded(tmp_path, site, fake):
     fake.gpu_quota_hours = (20.0, 2.0, 30.0)  # 8 h left; 2 folds x 11h30m = 23 h
     p = push(tmp_path, site, fake.url, "train", "--config", CONFIG, "--fold", "0,1")
@@ -274,6 +284,7 @@ def test_plan_over_the_weekly_quota_is_refused_before_anything_is_uploaded(tmp_p
     assert len(fake.kernels) == 2 and "--ignore-quota: pushing anyway" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_plan_within_the_quota_is_checked_first_and_an_unreadable_quota_only_warns(tmp_path, site, fake):
     p = push(tmp_path, site, fake.url, "train", "--config", CONFIG, "--fold", "0", "--time-limit", "2h")
     assert p.returncode == 0, p.stderr
@@ -288,6 +299,7 @@ def test_a_plan_within_the_quota_is_checked_first_and_an_unreadable_quota_only_w
     assert fake.kernels[-1]["slug"] == f"{BASE}-fold1"
 
 
+@pytest.mark.slow
 def test_each_kernel_is_polled_at_the_version_its_push_returned(tmp_path, site, fake):
     ref = f"{BASE}-fold0"
     fake.kernel_versions[ref] = 3  # earlier runs, COMPLETE: an unversioned poll reads their status
@@ -298,6 +310,7 @@ def test_each_kernel_is_polled_at_the_version_its_push_returned(tmp_path, site, 
     assert f"kernel {ref} v4 ended in ERROR" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_fold_continues_the_latest_session_and_fetch_finds_it(tmp_path, site, fake):
     fold0 = f"{BASE}-fold0"
     fake.set_output(fold0, train_output("0", "stopped", seed=1, epochs_done=1))
@@ -318,6 +331,7 @@ def test_a_resumed_fold_continues_the_latest_session_and_fetch_finds_it(tmp_path
     assert verify_output(out / "fold0")["epochs_done"] == 4
 
 
+@pytest.mark.slow
 def test_fetch_takes_each_folds_latest_session(tmp_path, site, fake):
     fold0 = f"{BASE}-fold0"
     fake.set_output(fold0, train_output("0", "stopped", seed=1, epochs_done=1))
@@ -329,6 +343,7 @@ def test_fetch_takes_each_folds_latest_session(tmp_path, site, fake):
     assert f"{fold0}: latest session is {fold0}-s2" in p.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_gpu_plan_and_the_recipe_stage_that_applies(tmp_path, site, fake):
     config = str(configs_dir() / "finetune_from_livecell_r50.yaml")
     p = push(tmp_path, site, fake.url, "train", "--config", config, "--fold", "all", "--dry-run",

@@ -63,6 +63,7 @@ def run_kernel(python: Path, code: Path, root: Path, *args: str) -> subprocess.C
     )
 
 
+@pytest.mark.slow
 def test_stop_at_time_limit_then_next_session_resumes(bare_python, tiny_data, train_bundle, tmp_path):  # noqa: F811
     code = tmp_path / "pushed" / "train.py"  # alone in its folder, as Kaggle runs it
     staged = {"fold": "0", "bundle_id": train_bundle.marker["bundle_id"]}

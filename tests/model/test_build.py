@@ -17,6 +17,7 @@ def shapes(sd: dict) -> dict:
     return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "heads, reference",
     [
@@ -31,6 +32,7 @@ def test_r50_layout_matches_torchvision(heads, reference):
     assert shapes(ours.state_dict()) == shapes(ref.state_dict())
 
 
+@pytest.mark.slow
 def test_config_files_build():
     """Every shipped config loads and builds (cheaply: no R50 forward)."""
     from cellseg.paths import configs_dir

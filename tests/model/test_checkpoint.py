@@ -95,6 +95,7 @@ def test_load_errors(tmp_path, tiny_model):
         load_model(tmp_path / "plain.pth")
 
 
+@pytest.mark.slow
 def test_init_from_coco_reinitialises_only_class_heads(torchvision_files):
     d, coco_sd = torchvision_files
     torch.manual_seed(3)

@@ -34,6 +34,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_export_writes_a_verified_manifest_of_half_weights(run_dir, tmp_path):
     srcs = [run_dir / "fold0" / "last.pth", run_dir / "fold1" / "best.pth"]
     res = export_weights(srcs, tmp_path / "w" / "tiny2", tta=["identity", "vflip"], weights=[1.0, 2.0])

@@ -86,6 +86,7 @@ def test_synth_marks_the_folder_it_writes(synth_dir):
     assert marker["instances"] == len(pd.read_csv(synth_dir / "train.csv"))
 
 
+@pytest.mark.slow
 def test_checkpoint_records_every_source_with_fingerprint_count_and_origin(runs):
     real, best = runs["real"]
     prov = read_checkpoint_info(best).provenance
@@ -104,6 +105,7 @@ def test_checkpoint_records_every_source_with_fingerprint_count_and_origin(runs)
     assert src["synthetic"] is True and src["synth_seed"] == 123 and src["images"] == 12
 
 
+@pytest.mark.slow
 def test_provenance_survives_train_export_bundle(runs, exported, tmp_path):
     m = load_manifest(exported["real"])
     (entry,) = m.models

@@ -85,6 +85,7 @@ def test_mask_targets_equal_torchvisions_on_a_synthetic_image(synth_items, scale
     assert targets.project_masks(masks, proposals[:0], matched[:0], size, 28).shape == (0, 28, 28)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1.0, 2.0])
 def test_training_losses_equal_torchvisions_path(synth_items, scale):
     """A training forward of the built model gives the old path's losses (same sampled RoIs)."""
@@ -109,6 +110,7 @@ def test_training_losses_equal_torchvisions_path(synth_items, scale):
     assert want["loss_mask"] > 0.1
 
 
+@pytest.mark.slow
 def test_no_full_frame_float_copy_of_the_masks(synth_items):
     """Largest single CPU allocation of a training step: the old path allocates the float mask stack
     (N x H x W x 4 bytes at the input scale); the new path allocates nothing half that size."""

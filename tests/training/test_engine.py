@@ -45,6 +45,7 @@ def demo_experiment(**train_fields) -> ExperimentConfig:
     return cfg
 
 
+@pytest.mark.slow
 def test_validation_score_equals_dry_run_of_the_checkpoint(synth_dir, tmp_path):
     """Fine-tune the demo model one step on the synthetic fold 0, validating on its hold-out; then
     dry-run best.pth on that fold with validation's thresholds. Both run in this process, with the

@@ -119,6 +119,7 @@ def test_guard_leaves_an_ignored_sigint_alone():
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow
 def test_sigint_in_loader_teardown_is_not_swallowed(tiny_data, tmp_path):  # noqa: F811
     """The interrupt lands where Python drops exceptions (a ``__del__``): the run must still stop with
     130 after epoch 1's checkpoint, not train on and exit 0; ``--resume`` then finishes the run."""
@@ -135,6 +136,7 @@ def test_sigint_in_loader_teardown_is_not_swallowed(tiny_data, tmp_path):  # noq
     assert read_checkpoint_info(out / "last.pth").provenance["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_sigint_in_the_first_epoch_leaves_no_folder(tiny_data, tmp_path):  # noqa: F811
     """Interrupted before its first checkpoint, a run trained nothing: no folder (and so nothing that
     blocks the next run into the same --out)."""
@@ -144,6 +146,7 @@ def test_sigint_in_the_first_epoch_leaves_no_folder(tiny_data, tmp_path):  # noq
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.3, 0.6])
 def test_ctrl_c_after_the_first_checkpoint_exits_130_and_resumes(tiny_data, tmp_path, delay):  # noqa: F811
     """SIGINT to the process group once epoch 1 is saved, at a few offsets after it (4 epochs: time
@@ -172,6 +175,7 @@ def test_ctrl_c_after_the_first_checkpoint_exits_130_and_resumes(tiny_data, tmp_
     assert metrics_epochs(out) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_zero_epochs_is_refused_before_any_folder_is_made(tiny_data, tmp_path):  # noqa: F811
     out = tmp_path / "nothing"
     r = cli(*train_args(tiny_data, out, "train.epochs=0"))

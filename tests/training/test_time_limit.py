@@ -43,6 +43,7 @@ def test_parse_duration_units():
             parse_duration(bad)
 
 
+@pytest.mark.slow
 def test_stop_at_time_limit_then_resume_equals_uninterrupted(tiny_data, tmp_path):  # noqa: F811
     full = run(tiny_data, tmp_path / "full")
     assert not full.timed_out and full.epochs_done == 3

@@ -75,6 +75,7 @@ def test_validation_subset_covers_every_cell_type():
 # ---------------------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_cli_train_writes_a_complete_run_folder(tiny_data, tmp_path):
     out = tmp_path / "run"
     r = cli(*train_args(tiny_data, out, "train.reference_batch=4"))
@@ -122,6 +123,7 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path, capsys):
     assert "none.pth: checkpoint not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
     extra = ["train.epochs=4", "train.num_workers=1", "augment.copy_paste_p=0.5"]
     full = subprocess.Popen(
@@ -209,6 +211,7 @@ open(f"{sys.argv[3]}/rank{rank}.txt", "w").write(text)
 )
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_identical_weights(tiny_data, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
@@ -311,6 +314,7 @@ except Exception as e:
 )
 
 
+@pytest.mark.slow
 def test_rank0_failing_in_validation_stops_the_other_ranks_at_once(tiny_data, tmp_path):
     """Two gloo processes launched by hand (no torchrun to kill the survivors); rank 0 raises in its
     validation and then stays alive, blocked on its stdin until rank 1 has exited: rank 1, waiting for

@@ -122,6 +122,7 @@ def make_tuning_case(tmp_path, n=6, th=BAD, **case):
     return mpath, manifest, cache, truth
 
 
+@pytest.mark.slow
 def test_tune_improves_bad_defaults_and_writes_new_manifest_version(tmp_path):
     mpath, manifest, cache, truth = make_tuning_case(tmp_path)
     res = tune(cache, truth, manifest, folds=3, progress=False)
@@ -241,6 +242,7 @@ def tiny_train_folder(root, n=3):
     return root, ids
 
 
+@pytest.mark.slow
 def test_a_cache_holds_one_ensemble_even_after_a_kill(tmp_path, monkeypatch, capsys):
     data, ids = tiny_train_folder(tmp_path / "data")
     a = make_manifest(tmp_path / "a", n_models=1, tta=("identity", "hflip"))
