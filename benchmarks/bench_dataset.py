@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def make_folder(root: Path, n_cells: int, seed: int = 0) -> Path:
@@ -182,7 +183,7 @@ def main() -> None:
             ),
             ("item, default + copy-paste p=1", None, timed(lambda: paste[0], args.reps), ""),
         ]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     print(f"{n} instances per image, 704x520, 1 torch thread, median of {args.reps}; CPU: {cpu}")
     print(f"{'case':36s} {'baseline ms':>12s} {'ours ms':>9s} {'ratio':>7s}  baseline")
     for name, base, ours, what in rows:

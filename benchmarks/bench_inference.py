@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
 from cellseg import CLASS_IDS
@@ -62,16 +62,6 @@ from cellseg.io import read_gray
 from cellseg.model.build import build_model
 
 VIEWS: list[View] = ["identity", "hflip", "vflip", "hvflip"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def synthetic_views(ann, n_views: int, n_models: int, dets: int, seed: int = 0) -> list[RawView]:
@@ -150,7 +140,7 @@ def fold_bn_bench(batch: int, repeat: int, device: torch.device) -> None:
         batched = unfolded.transform(images)[0]
         x = batched.tensors  # the padded batch the backbone sees
         print(
-            f"{cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
+            f"{cpu_model() if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
             f"{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}"
         )
         print(
@@ -225,7 +215,7 @@ def main() -> None:
             loaded.append(LoadedModel(prepare_model(model, manifest.fusion, dev), 1.0, label_map_for(None, 4)))
 
         raw = synthetic_views(ann, args.views, args.models, args.dets)
-        print(f"{cpu_name()}, {torch.get_num_threads()} torch threads, device {dev}, torch {torch.__version__}")
+        print(f"{cpu_model()}, {torch.get_num_threads()} torch threads, device {dev}, torch {torch.__version__}")
         print(
             f"image {ann.id} ({ann.cell_type}, {len(ann.instances)} cells); {args.models} models x {args.views} views; "
             f"{args.backbone} FPN at short side {args.min_size}; {args.dets} detections per view"

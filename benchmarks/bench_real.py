@@ -21,25 +21,16 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-
-
-def _machine() -> str:
-    """The CPU's model name as /proc/cpuinfo (``lscpu``) gives it, with the core count."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def _cellseg(*args: str) -> None:
@@ -138,7 +129,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     train_data, test_data = work / "usi-train", work / "usi-test"
     _import(args.src, test_data, args.test_sets, args.cell_type)
-    summary: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine()}
+    summary: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
     run = args.run
     if run is None:
         folders = [train_data if str(f) == "usiigaci" else f for f in args.train_data or ["usiigaci"]]

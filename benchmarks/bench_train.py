@@ -54,6 +54,7 @@ from cellseg.model.build import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_memory import old_path  # noqa: E402  (torchvision's training targets, for --mode targets)
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def time_steps(model, loader, device, steps: int, warmup: int, amp: bool) -> dict:
@@ -305,7 +306,7 @@ def main() -> int:
             from cellseg.data.synth import generate
 
             generate(data, train_images=40, test_images=0, semi_images=0, seed=11, progress=False, workers=1)
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        cpu = cpu_model()
         name = (
             torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} torch threads"
         )
@@ -337,7 +338,7 @@ def main() -> int:
 
     import torchvision
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {args.threads} threads"
     print(
         f"device: {name}; batch 2 of 704x520 images, input_scale {cfg.model.input_scale}, AMP {amp}; "

@@ -340,13 +340,21 @@ def read_gray(path: str | Path) -> np.ndarray:
     luminance (alpha dropped); 16-bit grey mapped by a fixed 65535 -> 255 scale; 1-bit 0/255.
     Raises CellsegError for a missing, empty or unreadable file.
     """
+    with open_image(path) as im:
+        return _to_gray(im)
+
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """A loaded PIL image; a missing, empty or unreadable file (or any failure in the block) is one
+    CellsegError line naming ``path``. CellsegErrors raised in the block pass unchanged."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise CellsegError(f"{path}: unreadable image (empty file, 0 bytes)")
         with Image.open(path) as im:
             im.load()
-            return _to_gray(im)
+            yield im
     except CellsegError:
         raise
     except FileNotFoundError:

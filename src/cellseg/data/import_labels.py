@@ -47,14 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.data.masks import CropMask
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
-from cellseg.io import staging, write_gray
+from cellseg.io import open_image, staging, write_gray
 
 MARKER = "cellseg-import.json"
 IMAGE_EXTS = (".tif", ".tiff", ".png")
@@ -167,19 +166,11 @@ def find_pairs(
 
 def _read_array(path: Path) -> tuple[np.ndarray, str]:
     """(H, W) array exactly as stored, and the PIL mode. Colour images raise CellsegError."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
-                raise CellsegError(f"{path}: a {mode} image; expected one grey channel")
-            return np.asarray(im), mode
-    except CellsegError:
-        raise
-    except FileNotFoundError:
-        raise CellsegError(f"{path}: image not found") from None
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise CellsegError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+    with open_image(path) as im:
+        mode = im.mode
+        if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
+            raise CellsegError(f"{path}: a {mode} image; expected one grey channel")
+        return np.asarray(im), mode
 
 
 def to_uint8(image: np.ndarray, intensity: str = "standardize") -> np.ndarray:
