@@ -363,3 +363,27 @@ def test_train_pseudo_ratio_must_be_finite_and_positive(tiny_data, tmp_path, cap
     )
     assert_one_line_error(res, "--pseudo-ratio", "finite")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_a_head_without_the_competition_classes_on_train_csv_is_one_line(tiny_data, tmp_path, capsys):
+    """The LIVECell pretraining head (shsy5y, cell) cannot take train.csv's astro / cort labels: one line
+    before any folder, not an IndexError from the loss in the first step."""
+    cfg = REPO / "configs" / "livecell_pretrain_r50.yaml"
+    res = cli_inproc(
+        capsys,
+        "train",
+        "--config",
+        cfg,
+        "--data",
+        tiny_data,
+        "--fold",
+        "all",
+        "--out",
+        tmp_path / "run",
+        "data.use_train=true",
+        "data.livecell=''",
+        "data.livecell_val=''",
+        "train.max_steps=1",
+    )
+    assert_one_line_error(res, "model.class_names", "shsy5y", "cell", "data.use_train")
+    assert not (tmp_path / "run").exists()

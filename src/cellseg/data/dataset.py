@@ -392,6 +392,7 @@ def build_train_dataset(
         per cell type by ``data.type_repeat``, :func:`repeat_by_type`) plus the extra sources.
     """
     data = cfg.data
+    check_competition_labels(cfg.model.class_names, data.use_train, data.extra_csv)
     paths = CompetitionPaths(Path(data_dir)).require("train_csv", "train_dir")
     ts = train_set if train_set is not None else read_train_csv(paths.train_csv, data.fill_holes, progress=progress)
     hold = set(ts.images) - set(train_ids)
@@ -403,6 +404,21 @@ def build_train_dataset(
     if data.type_repeat:
         base = repeat_by_type(base, data.type_repeat)
     return CellDataset(base, cfg.augment, extra, data.extra_ratio, seed=cfg.train.seed)
+
+
+def check_competition_labels(class_names: Sequence[str], use_train: bool, extra_csv: Sequence[str]) -> None:
+    """train.csv-format rows (the competition's, ``--pseudo`` / ``data.extra_csv``) are labelled by
+    ``CLASS_IDS`` (shsy5y 1, astro 2, cort 3): a model whose ``class_names`` do not start with those three
+    cannot learn them (its head has no such class, or another class at that index).
+
+    Raises:
+        CellsegError: one line naming ``model.class_names`` and the way out.
+    """
+    if (use_train or extra_csv) and list(class_names[: len(CELL_TYPES)]) != list(CELL_TYPES):
+        raise CellsegError(
+            f"model.class_names {list(class_names)} cannot label train.csv rows ({', '.join(CELL_TYPES)}): "
+            "train on them with the competition's classes, or set data.use_train: false and no extra_csv"
+        )
 
 
 def build_datasets(
