@@ -381,7 +381,7 @@ def write_gray(path: str | Path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(tmp, format="PNG")
 
 
-def check_replaceable(out: Path, marker: str, what: str) -> None:
+def check_replaceable(out: Path, marker: str, what: str, force: bool | None = None) -> None:
     """CellsegError unless ``out`` is absent, an empty folder, or a folder holding ``marker`` (an earlier
     folder of the kind :func:`replace_dir` would replace it with). Call it before slow work, so that a
     wrong ``--out`` fails first; :func:`replace_dir` checks again.
@@ -390,9 +390,14 @@ def check_replaceable(out: Path, marker: str, what: str) -> None:
         out: the folder to create or replace.
         marker: file name that marks an earlier folder of this kind.
         what: that kind in words, for the error (e.g. "a bundle").
+        force: the user's ``--force`` (True: a folder of other files is replaced too; a file never);
+            None when the command has no such option (the error then does not offer it).
     """
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+    if out.exists() and not out.is_dir():
         raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out")
+    if out.exists() and any(out.iterdir()) and not (out / marker).is_file() and not force:
+        how = ", or pass --force" if force is not None else ""
+        raise CellsegError(f"{out} exists and is not {what}: choose an empty or new --out{how}")
 
 
 @contextmanager
@@ -416,7 +421,7 @@ def staging(out: Path) -> Iterator[Path]:
             raise
 
 
-def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
+def replace_dir(tmp: Path, out: Path, marker: str, what: str, force: bool | None = None) -> None:
     """Move the finished folder ``tmp`` to ``out`` (same filesystem: renames, so ``out`` is never half there).
 
     An existing ``out`` is replaced only when it is empty or holds ``marker`` (an earlier folder of the
@@ -427,10 +432,11 @@ def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
         out: where it goes.
         marker: file name that marks an earlier folder of this kind (e.g. the bundle's marker).
         what: that kind in words, for the error (e.g. "a bundle").
+        force: as in :func:`check_replaceable`.
     """
     out = output_target(out)
     if out.exists():
-        check_replaceable(out, marker, what)
+        check_replaceable(out, marker, what, force)
         old = out.with_name(f".{out.name[:64]}.old-{os.getpid()}")
         with write_errors(out):
             os.replace(out, old)

@@ -191,10 +191,13 @@ def test_foreign_out_refused_unless_force_and_failure_keeps_the_old_folder(tmp_p
     assert r.returncode == 0, r.stderr
     assert not (out / "mine.txt").exists() and (out / MARKER).is_file()
     before = (out / "train.csv").read_bytes()
-    # a run over its own earlier output needs no --force; a failing one leaves it as it was
+    # a run over its own earlier output needs no --force; one failing while it builds (an all-zero label
+    # image is found only then) leaves it as it was, with no staging folder beside it
+    blank, _ = _bad_sources(tmp_path / "bad")["blank"]
     with pytest.raises(CellsegError, match="empty dataset"):
-        import_labels(out / "train", out)
+        import_labels(blank, out)
     assert (out / "train.csv").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     r = _cellseg(str(FIXTURE), "--out", str(out), "--tile", "128x192")
     assert r.returncode == 0 and len(list((out / "train").iterdir())) == 1
 

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +51,11 @@ from cellseg.data.masks import CropMask
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
-from cellseg.io import open_image, staging, write_gray
+from cellseg.io import check_replaceable, open_image, replace_dir, staging, write_gray
 
 MARKER = "cellseg-import.json"
+#: what a replaceable --out holds, for the error (a folder of other files needs --force)
+WHAT = "an earlier import-labels output (it holds other files)"
 IMAGE_EXTS = (".tif", ".tiff", ".png")
 LAYOUTS = ("auto", "stardist", "cellpose", "folders")
 INTENSITY = ("standardize", "stretch", "none")
@@ -292,24 +292,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "sample"
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CellsegError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
-        raise CellsegError(f"{out} exists and holds other files; choose an empty or new --out, or pass --force")
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` onto ``out`` (an existing ``out`` is moved aside first, then removed)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _rows(tile_id: str, sample: str, cell_type: str, shape: tuple[int, int], cells: list[CropMask]) -> dict:
     h, w = shape
     n = len(cells)
@@ -378,7 +360,7 @@ def import_labels(
     if intensity not in INTENSITY:
         raise CellsegError(f"unknown intensity transform {intensity!r}; expected one of {', '.join(INTENSITY)}")
     src, out = Path(src), Path(out)
-    _check_out(out, force)
+    check_replaceable(out, MARKER, WHAT, force)
     layout, pairs = find_pairs(src, layout, image_name, label_name)
     if samples is not None:
         pairs = [p for p in pairs if samples(p.sample)]
@@ -410,6 +392,5 @@ def import_labels(
             "per_sample": per_sample,
         }
         (tmp / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
-        _check_out(out, force)
-        _swap(tmp, out)
+        replace_dir(tmp, out, MARKER, WHAT, force)
     return {"out": str(out), **summary}
