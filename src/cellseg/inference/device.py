@@ -99,11 +99,6 @@ def probe_cuda(device: str = "auto") -> tuple[torch.device | None, str | None]:
     return dev, None
 
 
-def cuda_kernel_error(device: torch.device) -> str | None:
-    """None when every probe step passes on ``device``, else the failed step and its error's first line."""
-    return probe_cuda(str(device))[1]
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
