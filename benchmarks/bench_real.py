@@ -144,9 +144,16 @@ def main() -> None:
     summary["trained"] = _score("trained", test_data, weights, work / "report-trained")
     if str(args.baseline) != "none":
         summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
+    trained = summary["trained"]["score"]
+    base = ""
+    if "baseline" in summary:
+        b = summary["baseline"]["score"]
+        summary["trained_minus_baseline"] = round(trained - b, 4)
+        summary["trained_over_baseline"] = round(trained / b, 2) if b > 0 else None
+        ratio = f"{trained / b:.1f}x" if b > 0 else "n/a (baseline 0)"
+        base = f"  baseline {b:.4f}  trained - baseline {trained - b:+.4f}  trained / baseline {ratio}"
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    base = f"  baseline {summary['baseline']['score']:.4f}" if "baseline" in summary else ""
-    print(f"\ntrained {summary['trained']['score']:.4f}{base}  ({work})")
+    print(f"\ntrained {trained:.4f}{base}  ({work})")
 
 
 if __name__ == "__main__":
