@@ -293,3 +293,39 @@ def test_neurites_and_debris_are_drawn_but_never_annotated() -> None:
         if expect:  # thin: almost every process pixel has background on both sides of one axis
             thick = ndimage.binary_erosion(neur, np.ones((3, 3), bool))
             assert thick.sum() < 0.05 * neur.sum()
+
+
+# ------------------------------------------------------------------------------ cell zoom
+
+
+def test_cell_zoom_draws_wider_and_fewer_cells_with_the_same_optics() -> None:
+    """zoom 2: areas ~4x, counts ~1/4, same frame size and intensity statistics; zoom 1 is unchanged."""
+    plain = [synth_image.make_image(np.random.default_rng(s), "cort") for s in range(12)]
+    again = [synth_image.make_image(np.random.default_rng(s), "cort", zoom=1.0) for s in range(12)]
+    zoomed = [synth_image.make_image(np.random.default_rng(s), "cort", zoom=2.0) for s in range(12)]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(plain, again))
+    area = {k: np.mean([c.area for s in v for c in s.annotations]) for k, v in (("1", plain), ("2", zoomed))}
+    count = {k: np.mean([len(s.annotations) for s in v]) for k, v in (("1", plain), ("2", zoomed))}
+    assert 3.0 < area["2"] / area["1"] < 5.0, area
+    assert 0.15 < count["2"] / count["1"] < 0.4, count
+    for s in zoomed:
+        assert s.image.shape == (H, W) and s.image.dtype == np.uint8
+        assert 110 < s.image.mean() < 146 and 12 < s.image.std() < 28
+        labels, overlap = label_image(s.cells, H, W)
+        assert overlap == 0
+
+
+def test_cell_zoom_is_deterministic_recorded_and_range_checked(tmp_path: Path) -> None:
+    kw = dict(train_images=2, test_images=0, semi_images=0, seed=3, progress=False, workers=1)
+    synth.generate(tmp_path / "a", cell_zoom=2.0, **kw)
+    synth.generate(tmp_path / "b", cell_zoom=2.0, **kw)
+    synth.generate(tmp_path / "c", **kw)
+    assert (tmp_path / "a" / "train.csv").read_bytes() == (tmp_path / "b" / "train.csv").read_bytes()
+    assert (tmp_path / "a" / "train.csv").read_bytes() != (tmp_path / "c" / "train.csv").read_bytes()
+    marker = {p.name: p.read_text() for p in (tmp_path / "a").iterdir() if p.is_file() and p.suffix == ".json"}
+    assert any('"cell_zoom": 2.0' in text for text in marker.values()), marker
+    assert not any("cell_zoom" in p.read_text() for p in (tmp_path / "c").glob("*.json"))
+    for bad in (0.5, 9.0, float("nan")):
+        with pytest.raises(CellsegError, match="cell zoom"):
+            synth.generate(tmp_path / f"bad{bad}", cell_zoom=bad, **kw)
+        assert not (tmp_path / f"bad{bad}").exists()

@@ -33,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"processes rendering images (default: all cores, here {os.cpu_count()})",
     )
+    parser.add_argument(
+        "--cell-zoom",
+        type=float,
+        default=1.0,
+        metavar="Z",
+        help="draw cells Z times wider (Z*Z times the area) and Z*Z times fewer, as a higher magnification "
+        "shows them; the optics (halo, texture, noise) stay the same. 2 gives Usiigaci-sized cells "
+        "(~3,700 px). 1-8 (default: 1, the competition's sizes)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
@@ -52,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
             force=args.force,
             workers=args.workers,
+            cell_zoom=args.cell_zoom,
         )
     print(
         f"wrote {s['out']}: {s['train_images']} train ({s['instances']} cells), {s['test_images']} test, "

@@ -141,6 +141,8 @@ SPECS: dict[str, TypeSpec] = {
     ),
 }
 
+#: Largest ``make_image(zoom=...)``: at 8 a 520 x 704 frame is drawn on a 65 x 88 canvas.
+MAX_ZOOM = 8.0
 #: At most this share of the frame is covered by cells on average (caps areas of crowded images).
 _MAX_FILL = 0.55
 _TRIES = 4
@@ -179,8 +181,13 @@ def _centres(rng: np.random.Generator, spec: TypeSpec, n: int, height: int, widt
     return pts.astype(np.int64)
 
 
-def _place_cells(rng: np.random.Generator, cell_type: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _place_cells(
+    rng: np.random.Generator, cell_type: str, height: int, width: int, count_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Paint cells into a (height, width) int32 label image (0 = background, ids 1..N).
+
+    ``count_scale`` multiplies the drawn number of cells (at least 1 is kept): a zoomed image
+    draws on a smaller canvas and keeps the competition's crowding.
 
     Returns ``(labels, partial)``: ``partial`` (N + 1,) bool marks cells painted around earlier
     ones (only those can have been split into pieces).
@@ -189,6 +196,8 @@ def _place_cells(rng: np.random.Generator, cell_type: str, height: int, width: i
     n = int(
         np.clip(round(rng.lognormal(math.log(spec.count_median), spec.count_sigma)), spec.count_min, spec.count_max)
     )
+    if count_scale != 1.0:
+        n = max(1, round(n * count_scale))
     mean_area = spec.area_median * math.exp(spec.area_sigma**2 / 2)
     scale = min(1.0, _MAX_FILL * height * width / (n * mean_area))
     areas = scale * rng.lognormal(math.log(spec.area_median), spec.area_sigma, n)
@@ -387,8 +396,25 @@ def _render(rng: np.random.Generator, labels: np.ndarray, cell_type: str) -> np.
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
+def _zoomed_cells(
+    rng: np.random.Generator, cell_type: str, height: int, width: int, zoom: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_place_cells` on a ``1 / zoom`` canvas (``1 / zoom**2`` of the cells), enlarged by
+    nearest neighbour to (height, width): cells ``zoom`` times wider (``zoom**2`` the area), as a
+    higher magnification shows them. Returns ``(labels, partial)`` as :func:`_place_cells`."""
+    small_h, small_w = math.ceil(height / zoom), math.ceil(width / zoom)
+    labels, partial = _place_cells(rng, cell_type, small_h, small_w, count_scale=1.0 / zoom**2)
+    rows = np.minimum((np.arange(height) / zoom).astype(np.int64), small_h - 1)
+    cols = np.minimum((np.arange(width) / zoom).astype(np.int64), small_w - 1)
+    return np.ascontiguousarray(labels[rows][:, cols]), partial
+
+
 def make_image(
-    rng: np.random.Generator, cell_type: str, height: int = IMAGE_SHAPE[0], width: int = IMAGE_SHAPE[1]
+    rng: np.random.Generator,
+    cell_type: str,
+    height: int = IMAGE_SHAPE[0],
+    width: int = IMAGE_SHAPE[1],
+    zoom: float = 1.0,
 ) -> SynthImage:
     """Generate one image of ``cell_type`` with its cells and (possibly broken) annotations.
 
@@ -397,6 +423,10 @@ def make_image(
             so one seed gives one image byte for byte).
         cell_type: "shsy5y", "astro" or "cort" (anything else raises CellsegError).
         height, width: frame size in pixels (the competition's 520 x 704 by default).
+        zoom: cell magnification (>= 1): cells ``zoom`` times wider and ``zoom**2`` times fewer,
+            halo, texture, processes, debris and noise unchanged (the same optics at a higher
+            magnification, e.g. 2 for Usiigaci-sized cells of ~3,700 px). 1: the competition's
+            sizes, byte-identical to before the option existed.
 
     Returns:
         A :class:`SynthImage`: ``image`` (height, width) uint8, ``cells`` and ``annotations`` (N
@@ -404,7 +434,12 @@ def make_image(
     """
     if cell_type not in SPECS:
         raise CellsegError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
-    labels, partial = _place_cells(rng, cell_type, height, width)
+    if not 1.0 <= zoom <= MAX_ZOOM:
+        raise CellsegError(f"cell zoom must be between 1 and {MAX_ZOOM:g}, got {zoom}")
+    if zoom == 1.0:
+        labels, partial = _place_cells(rng, cell_type, height, width)
+    else:
+        labels, partial = _zoomed_cells(rng, cell_type, height, width, zoom)
     cells = _read_cells(labels, partial, SPECS[cell_type].min_area)
     annotations = list(cells)
     broken = np.zeros(len(cells), dtype=bool)
