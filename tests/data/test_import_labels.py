@@ -17,7 +17,7 @@ from PIL import Image
 
 from cellseg.data import rle
 from cellseg.data.folds import make_folds
-from cellseg.data.import_labels import MARKER, import_labels, tile_starts
+from cellseg.data.import_labels import MARKER, REFERENCE_AREA, import_labels, suggest_input_scale, tile_starts
 from cellseg.data.truth import TRAIN_COLUMNS, read_train_csv
 from cellseg.errors import CellsegError
 
@@ -205,3 +205,27 @@ def test_foreign_out_refused_unless_force_and_failure_keeps_the_old_folder(tmp_p
 def test_bad_tile_option_is_a_usage_error(tmp_path: Path) -> None:
     r = _cellseg(str(FIXTURE), "--out", str(tmp_path / "o"), "--tile", "520")
     assert r.returncode == 2 and "HEIGHTxWIDTH" in r.stderr
+
+
+def test_records_the_median_cell_area_and_suggests_an_input_scale(tmp_path: Path) -> None:
+    """The marker holds the source cells' median area; cells twice as wide get a smaller scale."""
+    src = tmp_path / "zoomed" / "set31"
+    src.mkdir(parents=True)
+    Image.fromarray(RAW.repeat(2, 0).repeat(2, 1)).save(src / "raw.tif")
+    Image.fromarray(LABELS.repeat(2, 0).repeat(2, 1)).save(src / "instances_ids.png")
+    plain = import_labels(FIXTURE, tmp_path / "plain", tile=(H, W))
+    zoomed = import_labels(src.parent, tmp_path / "zoomed-out", tile=(2 * H, 2 * W))
+    areas = np.bincount(LABELS.ravel())[1:]
+    assert plain["median_area"] == float(np.median(areas[areas > 0]))
+    assert zoomed["median_area"] == 4 * plain["median_area"]
+    assert zoomed["suggested_input_scale"] < plain["suggested_input_scale"] <= 1.0
+    marker = (tmp_path / "plain" / MARKER).read_text()
+    assert '"suggested_input_scale"' in marker and '"median_area"' in marker
+    # the rule: competition-sized cells keep the recipes' scale, 4x the area halves it, clipped to 0.25-2
+    assert suggest_input_scale(REFERENCE_AREA) == 1.0
+    assert suggest_input_scale(4 * REFERENCE_AREA) == 0.5
+    assert suggest_input_scale(REFERENCE_AREA / 4) == 2.0
+    assert suggest_input_scale(1e9) == 0.25 and suggest_input_scale(1.0) == 2.0
+    p = _cellseg(str(src.parent), "--out", str(tmp_path / "cli"), "--tile", f"{2 * H}x{2 * W}")
+    assert p.returncode == 0, p.stderr
+    assert f"model.input_scale={zoomed['suggested_input_scale']:g}" in p.stdout

@@ -88,4 +88,10 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {s['out']}: {s['samples']} samples ({s['layout']} layout) -> {s['tiles']} images of at most "
         f"{s['tile'][0]}x{s['tile'][1]}, {s['rows']} instances, intensity {s['intensity']}"
     )
+    scale = s["suggested_input_scale"]
+    print(
+        f"median cell area {s['median_area']:,.0f} px (the competition's: 197-665 px by type): "
+        + ("train at the recipes' scale" if scale == 1.0 else f"train with model.input_scale={scale:g}")
+        + " (docs/TRAINING.md, 'Cell size')"
+    )
     return 0

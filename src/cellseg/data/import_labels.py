@@ -59,6 +59,10 @@ WHAT = "an earlier import-labels output (it holds other files)"
 IMAGE_EXTS = (".tif", ".tiff", ".png")
 LAYOUTS = ("auto", "stardist", "cellpose", "folders")
 INTENSITY = ("standardize", "stretch", "none")
+#: Median cell area (px) the recipes' input scales are set for: the competition's astro median
+#: (665 px; cort 208, shsy5y 197). Larger cells get ``model.input_scale`` < 1, see
+#: :func:`suggest_input_scale` and docs/TRAINING.md.
+REFERENCE_AREA = 665.0
 #: Target statistics of ``standardize``: the competition images' grey mean and standard deviation.
 TARGET_MEAN, TARGET_STD = 128.0, 20.0
 
@@ -308,6 +312,22 @@ def _rows(tile_id: str, sample: str, cell_type: str, shape: tuple[int, int], cel
     }
 
 
+def suggest_input_scale(median_area: float) -> float:
+    """``model.input_scale`` that brings cells of ``median_area`` px to the competition's size.
+
+    ``sqrt(REFERENCE_AREA / median_area)`` (the side ratio), rounded to a quarter and clipped to
+    0.25-2.0: 1.0 for cells of the competition's size, 0.5 for Usiigaci's (median 1,892 px).
+
+    Args:
+        median_area: median instance area in pixels (> 0).
+
+    Returns:
+        The scale, a multiple of 0.25.
+    """
+    side = math.sqrt(REFERENCE_AREA / max(float(median_area), 1.0))
+    return float(min(2.0, max(0.25, round(side * 4) / 4)))
+
+
 def _write_pair(tmp: Path, pair: Pair, opts: dict, rows: dict[str, list]) -> dict:
     image, labels = read_pair(pair, opts["intensity"])
     sample = _safe(pair.sample)
@@ -318,7 +338,15 @@ def _write_pair(tmp: Path, pair: Pair, opts: dict, rows: dict[str, list]) -> dic
         write_gray(tmp / "train" / f"{tile_id}.png", img)
         for k, v in _rows(tile_id, sample, opts["cell_type"], img.shape, cells).items():
             rows[k] += v
-    return {"sample": sample, "tiles": len(tiles), "instances": int(np.unique(labels).size - (labels.min() == 0))}
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    return {
+        "sample": sample,
+        "tiles": len(tiles),
+        "instances": int(areas.size),
+        "median_area": float(np.median(areas)) if areas.size else 0.0,
+        "areas": areas,
+    }
 
 
 def import_labels(
@@ -350,8 +378,10 @@ def import_labels(
         force: replace a folder holding other files.
 
     Returns:
-        Summary: ``out``, ``layout``, ``samples``, ``tiles``, ``rows``, ``per_sample`` (sample,
-        tiles, instances in the source image).
+        Summary: ``out``, ``layout``, ``samples``, ``tiles``, ``rows``, ``median_area`` (px, of
+        the whole instances in the source images), ``suggested_input_scale``
+        (:func:`suggest_input_scale`), ``per_sample`` (sample, tiles, instances in the source image,
+        their median area).
     """
     if cell_type not in CELL_TYPES:
         raise CellsegError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
@@ -374,6 +404,7 @@ def import_labels(
         per_sample = [_write_pair(tmp, p, opts, rows) for p in pairs]
         if not rows["id"]:
             raise CellsegError(f"{src}: empty dataset, no instance in any label image")
+        median_area = float(np.median(np.concatenate([s.pop("areas") for s in per_sample])))
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
         pd.DataFrame({"id": [], "predicted": []}).to_csv(tmp / "sample_submission.csv", index=False)
         for p in sorted(src.iterdir()):
@@ -389,6 +420,8 @@ def import_labels(
             "samples": len(pairs),
             "tiles": len(set(rows["id"])),
             "rows": len(rows["id"]),
+            "median_area": median_area,
+            "suggested_input_scale": suggest_input_scale(median_area),
             "per_sample": per_sample,
         }
         (tmp / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
