@@ -10,8 +10,14 @@ over tiles, as the competition averages over images).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_real.py --steps 600 --work /tmp/bench-real
 
+Cell size: Usiigaci's cells are ~8x the competition's median area, so by default (``--scale auto``)
+training runs at the ``suggested_input_scale`` that ``import-labels`` records (0.5 here) with
+``augment.crop_size`` divided by it (the model still sees 256 x 256 crops); ``--scale native`` trains
+at the config's own scale (the 0.106 row of benchmarks/README.md).
+
 ``--run DIR`` scores an already trained run folder instead of training; ``--train-data DIR`` trains
-on another competition-layout folder (e.g. ``cellseg synth`` output: the transfer measurement).
+on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2`` output: the transfer
+measurement).
 Not a timed test: it writes ``summary.json`` in ``--work``; figures go to benchmarks/README.md.
 """
 
@@ -60,6 +66,17 @@ def _merge(folders: list[Path], out: Path) -> Path:
     return out
 
 
+def scale_overrides(config: Path, scale: float) -> list[str]:
+    """``model.input_scale`` and a crop enlarged by ``1 / scale`` (same crop size seen by the model)."""
+    from cellseg.config.experiment import load_experiment
+
+    if scale == 1.0:
+        return []
+    h, w = load_experiment(config, []).augment.crop_size
+    crop = [round(h / scale), round(w / scale)] if h and w else [0, 0]
+    return [f"model.input_scale={scale:g}", f"augment.crop_size=[{crop[0]},{crop[1]}]"]
+
+
 def _train(args: argparse.Namespace, data: Path, run: Path) -> float:
     from cellseg.config.experiment import load_experiment
     from cellseg.data.truth import read_train_csv
@@ -70,7 +87,8 @@ def _train(args: argparse.Namespace, data: Path, run: Path) -> float:
     t0 = time.perf_counter()
     _cellseg(
         "train", "--config", str(args.config), "--data", str(data), "--fold", "all", "--out", str(run),
-        "--force", "--quiet", f"train.epochs={epochs}", f"train.max_steps={args.steps}", *args.set,
+        "--force", "--quiet", f"train.epochs={epochs}", f"train.max_steps={args.steps}",
+        *scale_overrides(args.config, args.input_scale), *args.set,
         *(["--init", str(args.init)] if args.init else []),
     )  # fmt: skip
     return time.perf_counter() - t0
@@ -122,6 +140,11 @@ def main() -> None:
     p.add_argument(
         "--baseline", type=Path, default=ROOT / "weights" / "demo", help="weights compared against ('none': skip)"
     )
+    p.add_argument(
+        "--scale",
+        default="auto",
+        help="training input scale: auto (import-labels' suggestion, 0.5 for Usiigaci), native (the config's) or a number",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for training")
     args = p.parse_args()
 
@@ -133,8 +156,11 @@ def main() -> None:
     run = args.run
     if run is None:
         folders = [train_data if str(f) == "usiigaci" else f for f in args.train_data or ["usiigaci"]]
-        if train_data in folders:
-            _import(args.src, train_data, args.train_sets, args.cell_type)
+        _import(args.src, train_data, args.train_sets, args.cell_type)
+        suggested = json.loads((train_data / "cellseg-import.json").read_text())["suggested_input_scale"]
+        scales = {"auto": suggested, "native": 1.0}
+        args.input_scale = float(scales.get(args.scale, args.scale))
+        summary["input_scale"] = args.input_scale
         data = folders[0] if len(folders) == 1 else _merge(folders, work / "train-merged")
         run = work / "run"
         summary["train_seconds"] = round(_train(args, data, run), 1)

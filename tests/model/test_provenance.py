@@ -25,7 +25,7 @@ from cellseg.config.provenance import SYNTH_MARKER
 from cellseg.inference.runner import predict_folder
 from cellseg.model.checkpoint import read_checkpoint_info
 from cellseg.model.export import export_weights
-from cellseg.model.provenance import from_checkpoint, summarize, synthetic_only, verdict
+from cellseg.model.provenance import from_checkpoint, no_competition_data, summarize, synthetic_only, verdict
 from cellseg.paths import configs_dir, demo_manifest
 from cellseg.training.loop import train
 from fake_kaggle import REPO, FakeKaggle, make_checkout
@@ -216,3 +216,41 @@ def test_push_refuses_synthetic_only_weights_but_submits_real_ones(exported, tmp
         assert p.returncode == 0, p.stderr
         assert [s["kernelVersion"] for s in fake.submissions] == [2]
         assert "ensemble: 1 model: real train.csv (12 images) + pseudo-labels (2)" in p.stdout
+
+
+def test_imported_and_merged_data_is_counted_per_image_and_never_submitted(runs, tmp_path):
+    """A run on a folder of links to an ``import-labels`` folder (MIT Usiigaci crop) and a synthetic
+    folder records where each image came from and the licence; push refuses it like synthetic-only."""
+    from cellseg.data.import_labels import import_labels
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "usiigaci"
+    imported = tmp_path / "imported"
+    import_labels(fixture, imported, tile=(128, 192))
+    merged = tmp_path / "merged"
+    (merged / "train").mkdir(parents=True)
+    syn = runs["synth"][0]
+    frames = []
+    for folder in (imported, syn):
+        for png in sorted((folder / "train").glob("*.png")):
+            (merged / "train" / png.name).symlink_to(png)
+        frames.append(pd.read_csv(folder / "train.csv", dtype=str, keep_default_na=False))
+    pd.concat(frames).to_csv(merged / "train.csv", index=False)
+    n_syn = len(list((syn / "train").glob("*.png")))
+    m = export_weights([tiny_train(merged, tmp_path / "run")], tmp_path / "weights").manifest
+    loaded = load_manifest(m)
+    (src,) = loaded.models[0].provenance.sources
+    assert (src.images, src.synthetic_images, src.imported_images) == (n_syn + 1, n_syn, 1)
+    assert not src.synthetic and src.licences == ["MIT License"]
+    assert no_competition_data(loaded) and not synthetic_only(loaded)
+    assert summarize(loaded) == f"1 model: synthetic + imported train.csv ({n_syn + 1} images)"
+    assert verdict(loaded).startswith("no competition data")
+    p = run_push(tmp_path, None, "submit", "--dry-run", "--kernel-version", "2", "--weights", str(m))
+    assert p.returncode == 0 and "licence MIT License" in p.stdout, p.stderr
+    assert "would be REFUSED" in p.stdout and "no competition data" in p.stdout
+    # the imported folder alone is "imported"; a copy without the marker counts as competition data
+    real = tmp_path / "unmarked"
+    shutil.copytree(imported, real)
+    (real / "cellseg-import.json").unlink()
+    copy = export_weights([tiny_train(real, tmp_path / "run-real")], tmp_path / "w-real").manifest
+    assert not no_competition_data(load_manifest(copy))
+    assert summarize(load_manifest(copy)) == "1 model: real train.csv (1 images)"

@@ -12,6 +12,8 @@ from typing import Any, Final, Literal
 
 #: marker file ``cellseg synth`` writes into every dataset folder it generates (seed and counts).
 SYNTH_MARKER = "cellseg-synth.json"
+#: marker ``cellseg import-labels`` writes into its output (source, licence, counts)
+IMPORT_MARKER = "cellseg-import.json"
 TRAINED: Final = "cellseg train"
 DETECTRON2: Final = "detectron2 import"
 
@@ -24,6 +26,10 @@ class DataSource:
 
     ``images``: images of this source the run trained on (hold-out ids excluded). ``synthetic``: every
     one of its images lies in a folder marked by ``cellseg synth`` (``synth_seed``: the marker's seed).
+    ``synthetic_images`` / ``imported_images``: how many of its images come from a ``cellseg synth``
+    folder / a ``cellseg import-labels`` folder (symlinks followed: a folder of links merging both
+    keeps each image's origin); the rest is competition (or other) data. ``licences``: the licences
+    import-labels recorded for those folders, e.g. ``["MIT License"]`` for Usiigaci.
     """
 
     kind: SourceKind
@@ -32,6 +38,9 @@ class DataSource:
     images: int
     synthetic: bool = False
     synth_seed: int | None = None
+    synthetic_images: int = 0
+    imported_images: int = 0
+    licences: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +91,7 @@ def write_synth_marker(folder: str | Path, info: dict[str, Any]) -> Path:
 
 __all__ = [
     "DETECTRON2",
+    "IMPORT_MARKER",
     "SYNTH_MARKER",
     "TRAINED",
     "DataSource",

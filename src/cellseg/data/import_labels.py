@@ -6,7 +6,8 @@ Output, built in a staging folder beside ``out`` and renamed into place (never h
     <out>/train.csv               id, annotation, width, height, cell_type, plate_time, sample_date,
                                   sample_id, elapsed_timedelta (one row per instance, row-major RLE)
     <out>/sample_submission.csv   ``id,predicted`` header only (an imported set has no test images)
-    <out>/cellseg-import.json     marker: source, layout, transform, tile, counts
+    <out>/cellseg-import.json     marker: source, layout, transform, tile, licence (first line of the
+                                  source's LICENSE), median cell area, counts
     <out>/LICENSE*, README*       copied from the top of the source, so a licence travels with the data
 
 Layouts (``layout="auto"`` picks the first that matches):
@@ -47,13 +48,14 @@ import numpy as np
 import pandas as pd
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
+from cellseg.config.provenance import IMPORT_MARKER
 from cellseg.data.masks import CropMask
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import check_replaceable, open_image, replace_dir, staging, write_gray
 
-MARKER = "cellseg-import.json"
+MARKER = IMPORT_MARKER
 #: what a replaceable --out holds, for the error (a folder of other files needs --force)
 WHAT = "an earlier import-labels output (it holds other files)"
 IMAGE_EXTS = (".tif", ".tiff", ".png")
@@ -312,6 +314,17 @@ def _rows(tile_id: str, sample: str, cell_type: str, shape: tuple[int, int], cel
     }
 
 
+def licence_name(path: Path) -> str | None:
+    """The first non-empty line of a licence file (``MIT License`` for Usiigaci), at most 100
+    characters; None when the file is empty or not text. Training records it in the provenance."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    first = next((line.strip() for line in lines if line.strip()), "")
+    return first[:100] or None
+
+
 def suggest_input_scale(median_area: float) -> float:
     """``model.input_scale`` that brings cells of ``median_area`` px to the competition's size.
 
@@ -407,9 +420,12 @@ def import_labels(
         median_area = float(np.median(np.concatenate([s.pop("areas") for s in per_sample])))
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
         pd.DataFrame({"id": [], "predicted": []}).to_csv(tmp / "sample_submission.csv", index=False)
+        licence = None
         for p in sorted(src.iterdir()):
             if p.is_file() and p.name.upper().startswith(("LICENSE", "LICENCE", "COPYING", "README")):
                 shutil.copyfile(p, tmp / p.name)
+                if licence is None and not p.name.upper().startswith("README"):
+                    licence = licence_name(p)
         summary = {
             "source": str(src.resolve()),
             "layout": layout,
@@ -417,6 +433,7 @@ def import_labels(
             "tile": [th, tw],
             "min_area": min_area,
             "cell_type": cell_type,
+            "licence": licence,
             "samples": len(pairs),
             "tiles": len(set(rows["id"])),
             "rows": len(rows["id"]),

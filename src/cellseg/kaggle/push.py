@@ -23,7 +23,8 @@ Steps (see docs/KAGGLE.md):
 
 Provenance: every plan prints what each model of the ensemble was trained on (the manifest's
 ``provenance``). ``submit`` and ``all`` refuse (exit 2, before any network call) an ensemble whose
-every model was trained on ``cellseg synth`` data only, such as the committed weights/demo, unless
+every model was trained on no competition data (``cellseg synth`` output and ``cellseg import-labels``
+data only), such as the committed weights/demo, unless
 ``--allow-synthetic``; ``--dry-run`` shows the same verdict without refusing. Models of unknown
 provenance (older manifests) are reported so and never refused.
 
@@ -143,19 +144,25 @@ def ensemble_manifest(args: argparse.Namespace, steps: list[str]) -> Path | None
 
 def check_provenance(args: argparse.Namespace, steps: list[str]) -> list[str]:
     """The plan's provenance block for the shipped ensemble; raises :class:`UsageError` (one line,
-    exit 2, before any network call) when ``submit`` would send an ensemble trained on synthetic data
-    only, unless ``--allow-synthetic``. ``--dry-run`` reports the same verdict without refusing."""
+    exit 2, before any network call) when ``submit`` would send an ensemble trained on no competition
+    data (only ``cellseg synth`` and ``cellseg import-labels`` data), unless ``--allow-synthetic``.
+    ``--dry-run`` reports the same verdict without refusing."""
     manifest = ensemble_manifest(args, steps)
     if manifest is None:
         return ["provenance: no local manifest of the ensemble (pass --weights or --bundle); not checked"]
     m = load_manifest(manifest, verify=False)
     lines = [f"provenance ({manifest}):", *prov.plan_lines(m)]
-    if "submit" not in steps or not prov.synthetic_only(m):
+    if "submit" not in steps or not prov.no_competition_data(m):
         return lines
     if args.allow_synthetic:
         return lines + ["  submit: allowed (--allow-synthetic)"]
+    what = (
+        "synthetic data only"
+        if prov.synthetic_only(m)
+        else "synthetic and imported data only (`cellseg import-labels`: no competition data)"
+    )
     refusal = (
-        f"{manifest}: every model was trained on synthetic data only ({prov.summarize(m)}); a submission "
+        f"{manifest}: every model was trained on {what} ({prov.summarize(m)}); a submission "
         "would score near 0 and use up one of the day's submissions: ship weights trained on the competition "
         "data (--weights), or pass --allow-synthetic"
     )
@@ -430,8 +437,9 @@ def build_parser(step: str | None = None, repo: Path | None = None) -> argparse.
     p.add_argument(
         "--allow-synthetic",
         action="store_true",
-        help="submit/all: submit even when every model was trained on `cellseg synth` data only "
-        "(refused otherwise: it would score near 0 and use up a daily submission)",
+        help="submit/all: submit even when every model was trained on no competition data (`cellseg synth` "
+        "and `cellseg import-labels` data only; refused otherwise: it would score near 0 and use up a daily "
+        "submission)",
     )
     p.add_argument(
         "--kernel-version",

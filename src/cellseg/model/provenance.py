@@ -21,6 +21,7 @@ as before and never triggers the refusal. Example summary::
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 from cellseg.config.loader import from_dict, to_dict
 from cellseg.config.provenance import (
     DETECTRON2,
+    IMPORT_MARKER,
+    SYNTH_MARKER,
     TRAINED,
     DataSource,
     FileRef,
@@ -45,19 +48,40 @@ _LABELS = {"train_csv": "train.csv", "pseudo_csv": "pseudo-labels", "coco_json":
 # ----------------------------------------------------------------------------------- recording
 
 
-def _image_marker(image: Path, cache: dict[Path, dict | None]) -> dict | None:
-    """Marker of the dataset an image belongs to: its folder (``<csv dir>/x.png``) or the folder above
-    (``<data>/train/x.png``)."""
-    for folder in (image.parent, image.parent.parent):
-        if folder not in cache:
-            cache[folder] = synth_marker(folder)
-        if cache[folder] is not None:
-            return cache[folder]
+def _marker(folder: Path, name: str) -> dict | None:
+    """The JSON marker ``name`` of ``folder`` (``{}`` when unreadable), or None if there is none."""
+    if name == SYNTH_MARKER:
+        return synth_marker(folder)
+    p = folder / name
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _image_marker(image: Path, cache: dict[tuple[Path, str], dict | None], name: str = SYNTH_MARKER) -> dict | None:
+    """Marker ``name`` of the dataset an image belongs to: its folder (``<csv dir>/x.png``) or the folder
+    above (``<data>/train/x.png``), the image's own first, then the file a symlink points to (a merged
+    folder of links keeps each image's origin)."""
+    places = [image.parent, image.parent.parent]
+    if image.is_symlink():
+        real = image.resolve()
+        places += [real.parent, real.parent.parent]
+    for folder in places:
+        if (folder, name) not in cache:
+            cache[(folder, name)] = _marker(folder, name)
+        if cache[(folder, name)] is not None:
+            return cache[(folder, name)]
     return None
 
 
 def _source(kind: SourceKind, path: Path, images: Sequence[Path], cache: dict) -> DataSource:
-    markers = [_image_marker(Path(p), cache) for p in images]
+    unique = sorted({str(p) for p in images})
+    markers = [_image_marker(Path(p), cache) for p in unique]
+    imports = [_image_marker(Path(p), cache, IMPORT_MARKER) for p in unique]
     synthetic = bool(markers) and all(m is not None for m in markers)
     first = markers[0] if markers else None
     seed = first.get("seed") if synthetic and first is not None else None
@@ -65,10 +89,27 @@ def _source(kind: SourceKind, path: Path, images: Sequence[Path], cache: dict) -
         kind,
         str(path.resolve()),
         sha256_file(path),
-        len({str(p) for p in images}),
+        len(unique),
         synthetic,
         seed if isinstance(seed, int) else None,
+        synthetic_images=sum(m is not None for m in markers),
+        imported_images=sum(m is not None for m in imports),
+        licences=sorted({str(m["licence"]) for m in imports if m and m.get("licence")}),
     )
+
+
+def _not_competition(s: DataSource) -> bool:
+    """Every image of the source is synthetic or imported (``cellseg import-labels``: other cells)."""
+    return s.synthetic or (s.images > 0 and s.synthetic_images + s.imported_images >= s.images)
+
+
+def _origin_label(s: DataSource) -> str:
+    """``synthetic``, ``imported``, ``synthetic + imported`` or ``real`` (a train.csv with other images)."""
+    if s.synthetic:
+        return "synthetic"
+    if _not_competition(s):
+        return "imported" if s.imported_images >= s.images else "synthetic + imported"
+    return "real"
 
 
 def training_sources(cfg: Any, train_csv: Path, base: Iterable[Any], extra: Iterable[Any]) -> list[DataSource]:
@@ -199,7 +240,7 @@ def summarize(models: Any) -> str:
     pseudo-labels (1,972)``; a source shared by several models (same sha256) is counted once."""
     recs = _records(models)
     n = len(recs)
-    groups: dict[tuple[str, bool], dict[str, int]] = {}
+    groups: dict[tuple[str, str], dict[str, int]] = {}
     imports: dict[str, FileRef] = {}
     unknown = 0
     for p in recs:
@@ -207,13 +248,14 @@ def summarize(models: Any) -> str:
             unknown += 1
             continue
         for s in p.sources:
-            g = groups.setdefault((s.kind, s.synthetic), {})
+            label = _origin_label(s)
+            prefix = "" if label == "real" and s.kind != "train_csv" else f"{label} "
+            g = groups.setdefault((s.kind, prefix), {})
             g[s.sha256] = max(g.get(s.sha256, 0), s.images)
         if p.imported is not None:
             imports[p.imported.sha256 or p.imported.path] = p.imported
     parts = []
-    for (kind, synthetic), files in groups.items():
-        prefix = "synthetic " if synthetic else ("real " if kind == "train_csv" else "")
+    for (kind, prefix), files in groups.items():
         parts.append(f"{prefix}{_LABELS[kind]} ({_count(sum(files.values()), kind)})")
     for ref in imports.values():
         parts.append(f"{DETECTRON2} (sha256 {(ref.sha256 or '?')[:12]})")
@@ -233,9 +275,11 @@ def describe(p: Provenance | None) -> str:
     srcs = []
     for s in p.sources:
         what = "synthetic (cellseg synth" + (f" seed {s.synth_seed}" if s.synth_seed is not None else "") + ")"
+        mix = [f"{n:,} {k}" for n, k in ((s.synthetic_images, "synthetic"), (s.imported_images, "imported")) if n]
+        origin = what if s.synthetic else "not synthetic" + (f": {' + '.join(mix)}" if mix else "")
+        licence = f", licence {' + '.join(s.licences)}" if s.licences else ""
         srcs.append(
-            f"{_LABELS[s.kind]} {s.path} ({_count(s.images, s.kind)}, sha256 {s.sha256[:12]}, "
-            f"{what if s.synthetic else 'not synthetic'})"
+            f"{_LABELS[s.kind]} {s.path} ({_count(s.images, s.kind)}, sha256 {s.sha256[:12]}, {origin}{licence})"
         )
     bits = [f"{TRAINED}" + (f" fold {p.fold}" if p.fold is not None else "") + (f" epoch {p.epoch}" if p.epoch else "")]
     bits.append("; ".join(srcs) if srcs else "no training data recorded")
@@ -246,11 +290,31 @@ def describe(p: Provenance | None) -> str:
     return ": ".join(bits[:2]) + "".join(f"; {b}" for b in bits[2:])
 
 
+def no_competition_data(models: Any) -> bool:
+    """True when every model was trained only on ``cellseg synth`` output and ``cellseg
+    import-labels`` data (other cells, another microscope: the demo weights), so a leaderboard
+    submission would score near 0. Unknown provenance and Detectron2 imports make it False."""
+    recs = _records(models)
+    return bool(recs) and all(
+        p is not None
+        and p.origin == TRAINED
+        and p.imported is None
+        and p.sources
+        and all(_not_competition(s) for s in p.sources)
+        for p in recs
+    )
+
+
 def verdict(models: Any) -> str:
     """What the provenance means for a leaderboard submission, in one line."""
     recs = _records(models)
     if synthetic_only(recs):
         return "synthetic data only: every model was trained on `cellseg synth` output (near 0 on the leaderboard)"
+    if no_competition_data(recs):
+        return (
+            "no competition data: every model was trained on `cellseg synth` output and `cellseg import-labels` "
+            "data only (other cells, another microscope; near 0 on the leaderboard)"
+        )
     unknown = sum(p is None for p in recs)
     if unknown:
         return f"{UNKNOWN} for {unknown} of {len(recs)} model(s): the synthetic-data check does not apply"
@@ -268,6 +332,7 @@ def plan_lines(manifest: Any) -> list[str]:
 __all__ = [
     "describe",
     "from_checkpoint",
+    "no_competition_data",
     "init_record",
     "plan_lines",
     "run_provenance",
