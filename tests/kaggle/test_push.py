@@ -395,7 +395,7 @@ def test_all_stops_at_the_first_failure_and_says_what_next(tmp_path, site, fake)
     assert "push.py: next:" in p.stderr and "push.py kernel" in p.stderr
 
 
-DEMO = REPO / "weights" / "demo" / "manifest.yaml"  # the committed demo model: trained on synthetic data only
+DEMO = REPO / "weights" / "demo" / "manifest.yaml"  # the committed demo model: synthetic + imported (Usiigaci) data only
 
 
 def test_submit_and_all_refuse_the_synthetic_demo_weights_before_anything(tmp_path, site, fake):
@@ -403,7 +403,7 @@ def test_submit_and_all_refuse_the_synthetic_demo_weights_before_anything(tmp_pa
         p = push(tmp_path, site, fake.url, step, "--weights", str(DEMO))
         assert p.returncode == 2 and fake.calls == [], p.stderr
         (line,) = p.stderr.strip().splitlines()
-        assert line.startswith("push.py: error:") and "synthetic data only" in line and "--allow-synthetic" in line
+        assert line.startswith("push.py: error:") and "no competition data" in line and "--allow-synthetic" in line
     assert not (site["checkout"] / "dist").exists()  # refused before staging anything
 
 
@@ -411,8 +411,9 @@ def test_dry_run_shows_the_verdict_without_refusing(tmp_path, site, fake):
     p = push(tmp_path, site, fake.url, "submit", "--dry-run", "--weights", str(DEMO), "--username", USER, creds=None)
     assert p.returncode == 0, p.stderr
     assert fake.calls == []
-    assert "model.pth: cellseg train fold 0" in p.stdout and "synthetic (cellseg synth seed 1)" in p.stdout
-    assert "ensemble: 1 model: synthetic train.csv (485 images)" in p.stdout
+    assert "model.pth: cellseg train epoch 2" in p.stdout and "360 synthetic + 120 imported" in p.stdout
+    assert "licence MIT License" in p.stdout
+    assert "ensemble: 1 model: synthetic + imported train.csv (480 images)" in p.stdout
     assert "submit: would be REFUSED (exit 2)" in p.stdout
 
 

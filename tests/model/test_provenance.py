@@ -153,11 +153,14 @@ def test_verdict_synthetic_only_and_fine_tuning_chains(runs, exported, tmp_path)
     assert not synthetic_only([p])
 
 
-def test_committed_demo_weights_are_synthetic_only():
+def test_committed_demo_weights_hold_no_competition_data():
+    """weights/demo: fine-tuned on synthetic + imported Usiigaci images (MIT), never competition data."""
     m = load_manifest(demo_manifest())  # the model file's sha256 is verified: the weights are unchanged
-    assert synthetic_only(m)
-    assert summarize(m) == "1 model: synthetic train.csv (485 images)"
-    assert verdict(m).startswith("synthetic data only")
+    assert no_competition_data(m) and not synthetic_only(m)
+    assert summarize(m) == "1 model: synthetic + imported train.csv (480 images)"
+    assert verdict(m).startswith("no competition data")
+    (src,) = m.models[0].provenance.sources
+    assert (src.synthetic_images, src.imported_images, src.licences) == (360, 120, ["MIT License"])
 
 
 def test_old_manifest_loads_as_provenance_unknown_and_is_never_refused(tmp_path):
