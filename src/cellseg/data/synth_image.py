@@ -41,6 +41,15 @@ makes up the rest, so sparse images get a stronger drift, not stark cells. Measu
 type (seed 7): mean 129 / 127 / 126 and std 19.3 / 19.6 / 21.0 for cort / shsy5y / astro. A global
 threshold does not segment them: Otsu's threshold (either polarity) vs the union of the cells gives
 IoU 0.01-0.06 on cort, 0.16-0.38 on shsy5y and 0.12-0.45 on astro images; the tests require < 0.75.
+
+Cell zoom (``make_image(zoom=Z)``, ``cellseg synth --cell-zoom Z``): the cells are placed on a canvas
+``Z`` times smaller with ``Z**2`` times fewer cells, then enlarged by nearest neighbour, so they are
+``Z`` times wider at the competition's crowding; halo, texture, processes, debris and noise are drawn
+at full resolution (the same optics at a higher magnification). ``Z = 2`` gives Usiigaci-sized cells
+(median 1,892 px). Zoom 1 is the default and byte-identical to the generator without the option.
+Transfer to real pixels stays poor (benchmarks/README.md, bench_real.py): a model trained on zoom-2
+images finds Usiigaci's cells but segments only their dark cores, since the synthetic body is
+darkened evenly while a real cell is a dark nucleus in pale cytoplasm ringed by a bright halo.
 """
 
 from __future__ import annotations
