@@ -329,3 +329,12 @@ def test_cell_zoom_is_deterministic_recorded_and_range_checked(tmp_path: Path) -
         with pytest.raises(CellsegError, match="cell zoom"):
             synth.generate(tmp_path / f"bad{bad}", cell_zoom=bad, **kw)
         assert not (tmp_path / f"bad{bad}").exists()
+
+
+def test_cli_refuses_a_bad_cell_zoom_in_one_line(tmp_path: Path) -> None:
+    for bad in ("nan", "0.5", "9"):
+        out = tmp_path / f"z{bad}"
+        cmd = _cellseg_cmd() + ["synth", "--out", str(out), "--train-images", "1", "--cell-zoom", bad]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "cell zoom must be between 1 and 8" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not out.exists()
