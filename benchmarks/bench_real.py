@@ -44,9 +44,13 @@ def _cellseg(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cellseg", *args], check=True, env=env)
 
 
-def _import(src: Path, out: Path, sets: str, cell_type: str) -> None:
-    if not (out / "cellseg-import.json").is_file():
+def _import(src: Path, out: Path, sets: str, cell_type: str) -> dict:
+    """Import ``sets`` of ``src`` into ``out`` unless an import with the median cell area is there;
+    returns its marker (an import made before the median was recorded is redone)."""
+    marker = out / "cellseg-import.json"
+    if not marker.is_file() or "suggested_input_scale" not in json.loads(marker.read_text()):
         _cellseg("import-labels", str(src), "--out", str(out), "--samples", sets, "--cell-type", cell_type)
+    return json.loads(marker.read_text())
 
 
 def _merge(folders: list[Path], out: Path) -> Path:
@@ -156,8 +160,7 @@ def main() -> None:
     run = args.run
     if run is None:
         folders = [train_data if str(f) == "usiigaci" else f for f in args.train_data or ["usiigaci"]]
-        _import(args.src, train_data, args.train_sets, args.cell_type)
-        suggested = json.loads((train_data / "cellseg-import.json").read_text())["suggested_input_scale"]
+        suggested = _import(args.src, train_data, args.train_sets, args.cell_type)["suggested_input_scale"]
         scales = {"auto": suggested, "native": 1.0}
         args.input_scale = float(scales.get(args.scale, args.scale))
         summary["input_scale"] = args.input_scale

@@ -395,7 +395,8 @@ def test_all_stops_at_the_first_failure_and_says_what_next(tmp_path, site, fake)
     assert "push.py: next:" in p.stderr and "push.py kernel" in p.stderr
 
 
-DEMO = REPO / "weights" / "demo" / "manifest.yaml"  # the committed demo model: synthetic + imported (Usiigaci) data only
+# the committed demo model: synthetic + imported (Usiigaci) data only, no competition data
+DEMO = REPO / "weights" / "demo" / "manifest.yaml"
 
 
 def test_submit_and_all_refuse_the_synthetic_demo_weights_before_anything(tmp_path, site, fake):
