@@ -325,6 +325,18 @@ def licence_name(path: Path) -> str | None:
     return first[:100] or None
 
 
+def _copy_licence(src: Path, tmp: Path) -> str | None:
+    """Copy the source's top-level LICENSE/LICENCE/COPYING/README files into ``tmp``; returns the
+    licence's name (:func:`licence_name` of the first licence file) or None."""
+    licence = None
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name.upper().startswith(("LICENSE", "LICENCE", "COPYING", "README")):
+            shutil.copyfile(p, tmp / p.name)
+            if licence is None and not p.name.upper().startswith("README"):
+                licence = licence_name(p)
+    return licence
+
+
 def suggest_input_scale(median_area: float) -> float:
     """``model.input_scale`` that brings cells of ``median_area`` px to the competition's size.
 
@@ -420,12 +432,7 @@ def import_labels(
         median_area = float(np.median(np.concatenate([s.pop("areas") for s in per_sample])))
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
         pd.DataFrame({"id": [], "predicted": []}).to_csv(tmp / "sample_submission.csv", index=False)
-        licence = None
-        for p in sorted(src.iterdir()):
-            if p.is_file() and p.name.upper().startswith(("LICENSE", "LICENCE", "COPYING", "README")):
-                shutil.copyfile(p, tmp / p.name)
-                if licence is None and not p.name.upper().startswith("README"):
-                    licence = licence_name(p)
+        licence = _copy_licence(src, tmp)
         summary = {
             "source": str(src.resolve()),
             "layout": layout,
