@@ -70,9 +70,9 @@ class Provenance:
     note: str = ""
 
 
-def synth_marker(folder: str | Path) -> dict | None:
-    """The ``cellseg synth`` marker of ``folder`` (its JSON; ``{}`` when unreadable), or None if unmarked."""
-    p = Path(folder) / SYNTH_MARKER
+def read_marker(folder: str | Path, name: str) -> dict | None:
+    """The JSON marker file ``name`` of ``folder`` (``{}`` when unreadable), or None if there is none."""
+    p = Path(folder) / name
     if not p.is_file():
         return None
     try:
@@ -98,6 +98,6 @@ __all__ = [
     "FileRef",
     "Provenance",
     "SourceKind",
-    "synth_marker",
+    "read_marker",
     "write_synth_marker",
 ]

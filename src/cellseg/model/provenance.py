@@ -21,8 +21,7 @@ as before and never triggers the refusal. Example summary::
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from cellseg.config.provenance import (
     FileRef,
     Provenance,
     SourceKind,
-    synth_marker,
+    read_marker,
 )
 from cellseg.errors import CellsegError
 from cellseg.io import sha256_file
@@ -46,20 +45,6 @@ _LABELS = {"train_csv": "train.csv", "pseudo_csv": "pseudo-labels", "coco_json":
 
 
 # ----------------------------------------------------------------------------------- recording
-
-
-def _marker(folder: Path, name: str) -> dict | None:
-    """The JSON marker ``name`` of ``folder`` (``{}`` when unreadable), or None if there is none."""
-    if name == SYNTH_MARKER:
-        return synth_marker(folder)
-    p = folder / name
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _image_marker(image: Path, cache: dict[tuple[Path, str], dict | None], name: str = SYNTH_MARKER) -> dict | None:
@@ -72,7 +57,7 @@ def _image_marker(image: Path, cache: dict[tuple[Path, str], dict | None], name:
         places += [real.parent, real.parent.parent]
     for folder in places:
         if (folder, name) not in cache:
-            cache[(folder, name)] = _marker(folder, name)
+            cache[(folder, name)] = read_marker(folder, name)
         if cache[(folder, name)] is not None:
             return cache[(folder, name)]
     return None
@@ -221,18 +206,20 @@ def _count(n: int, kind: str) -> str:
     return f"{n:,} images" if kind == "train_csv" else f"{n:,}"
 
 
+def _every_source(models: Any, test: Callable[[DataSource], bool]) -> bool:
+    """True when every model was trained by us (recorded sources, no Detectron2 import) and ``test``
+    holds for each of its sources; unknown provenance makes it False."""
+    recs = _records(models)
+    return bool(recs) and all(
+        p is not None and p.origin == TRAINED and p.imported is None and p.sources and all(map(test, p.sources))
+        for p in recs
+    )
+
+
 def synthetic_only(models: Any) -> bool:
     """True when every model of the ensemble was trained on ``cellseg synth`` data only. Models of
     unknown provenance, Detectron2 imports and models without recorded sources make it False."""
-    recs = _records(models)
-    return bool(recs) and all(
-        p is not None
-        and p.origin == TRAINED
-        and p.imported is None
-        and p.sources
-        and all(s.synthetic for s in p.sources)
-        for p in recs
-    )
+    return _every_source(models, lambda s: s.synthetic)
 
 
 def summarize(models: Any) -> str:
@@ -294,15 +281,7 @@ def no_competition_data(models: Any) -> bool:
     """True when every model was trained only on ``cellseg synth`` output and ``cellseg
     import-labels`` data (other cells, another microscope: the demo weights), so a leaderboard
     submission would score near 0. Unknown provenance and Detectron2 imports make it False."""
-    recs = _records(models)
-    return bool(recs) and all(
-        p is not None
-        and p.origin == TRAINED
-        and p.imported is None
-        and p.sources
-        and all(_not_competition(s) for s in p.sources)
-        for p in recs
-    )
+    return _every_source(models, _not_competition)
 
 
 def verdict(models: Any) -> str:
@@ -337,7 +316,6 @@ __all__ = [
     "plan_lines",
     "run_provenance",
     "summarize",
-    "synth_marker",
     "synthetic_only",
     "training_sources",
     "verdict",
