@@ -256,4 +256,4 @@ def test_imported_and_merged_data_is_counted_per_image_and_never_submitted(runs,
     (real / "cellseg-import.json").unlink()
     copy = export_weights([tiny_train(real, tmp_path / "run-real")], tmp_path / "w-real").manifest
     assert not no_competition_data(load_manifest(copy))
-    assert summarize(load_manifest(copy)) == "1 model: real train.csv (1 images)"
+    assert summarize(load_manifest(copy)) == "1 model: real train.csv (1 image)"

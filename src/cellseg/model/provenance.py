@@ -203,7 +203,7 @@ def _records(models: Any) -> list[Provenance | None]:
 
 
 def _count(n: int, kind: str) -> str:
-    return f"{n:,} images" if kind == "train_csv" else f"{n:,}"
+    return (f"{n:,} image" + ("s" if n != 1 else "")) if kind == "train_csv" else f"{n:,}"
 
 
 def _every_source(models: Any, test: Callable[[DataSource], bool]) -> bool:
