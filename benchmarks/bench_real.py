@@ -10,7 +10,7 @@ over tiles, as the competition averages over images).
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_real.py --steps 600 --work /tmp/bench-real
 
-Cell size: Usiigaci's cells are ~8x the competition's median area, so by default (``--scale auto``)
+Cell size: Usiigaci's cells are ~4x the competition's astro median area, so by default (``--scale auto``)
 training runs at the ``suggested_input_scale`` that ``import-labels`` records (0.5 here) with
 ``augment.crop_size`` divided by it (the model still sees 256 x 256 crops); ``--scale native`` trains
 at the config's own scale (the 0.106 row of benchmarks/README.md).
@@ -81,6 +81,19 @@ def scale_overrides(config: Path, scale: float) -> list[str]:
     return [f"model.input_scale={scale:g}", f"augment.crop_size=[{crop[0]},{crop[1]}]"]
 
 
+def _scale_choice(text: str) -> str | float:
+    """``--scale``: ``auto``, ``native`` or a number > 0 (argparse type)."""
+    if text in ("auto", "native"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected auto, native or a number > 0, got {text!r}")
+    return value
+
+
 def _train(args: argparse.Namespace, data: Path, run: Path) -> float:
     from cellseg.config.experiment import load_experiment
     from cellseg.data.truth import read_train_csv
@@ -146,6 +159,7 @@ def main() -> None:
     )
     p.add_argument(
         "--scale",
+        type=_scale_choice,
         default="auto",
         help="training input scale: auto (import-labels' suggestion, 0.5 for Usiigaci), native (the config's) or a number",
     )

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="Z",
         help="draw cells Z times wider (Z*Z times the area) and Z*Z times fewer, as a higher magnification "
         "shows them; the optics (halo, texture, noise) stay the same. 2 gives Usiigaci-sized cells "
-        "(~3,700 px). 1-8 (default: 1, the competition's sizes)",
+        "(median 1,892 px). 1-8 (default: 1, the competition's sizes)",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 

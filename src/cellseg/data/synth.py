@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.config.provenance import write_synth_marker
 from cellseg.data.rle import encode_crop
-from cellseg.data.synth_image import MAX_ZOOM, make_image
+from cellseg.data.synth_image import check_zoom, make_image
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
@@ -300,8 +300,7 @@ def generate(
         workers = os.cpu_count() or 1
     if workers < 1:
         raise CellsegError(f"workers must be >= 1, got {workers}")
-    if not 1.0 <= cell_zoom <= MAX_ZOOM:
-        raise CellsegError(f"cell zoom must be between 1 and {MAX_ZOOM:g}, got {cell_zoom}")
+    check_zoom(cell_zoom)  # before the temporary folder and the workers
     out = Path(out)
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,26 +47,32 @@ _LABELS = {"train_csv": "train.csv", "pseudo_csv": "pseudo-labels", "coco_json":
 # ----------------------------------------------------------------------------------- recording
 
 
-def _image_marker(image: Path, cache: dict[tuple[Path, str], dict | None], name: str = SYNTH_MARKER) -> dict | None:
-    """Marker ``name`` of the dataset an image belongs to: its folder (``<csv dir>/x.png``) or the folder
-    above (``<data>/train/x.png``), the image's own first, then the file a symlink points to (a merged
-    folder of links keeps each image's origin)."""
+_Markers = tuple[dict | None, dict | None]
+
+
+def _image_markers(image: Path, cache: dict[Path, _Markers]) -> _Markers:
+    """``(synth marker, import marker)`` of the dataset an image belongs to (None: not found).
+
+    Each is looked up in the image's folder (``<csv dir>/x.png``), then the folder above
+    (``<data>/train/x.png``), then the same two for the file a symlink points to, so a merged folder
+    of links keeps each image's origin. ``cache`` holds every folder's two markers, read once."""
     places = [image.parent, image.parent.parent]
     if image.is_symlink():
         real = image.resolve()
         places += [real.parent, real.parent.parent]
+    found: list[dict | None] = [None, None]
     for folder in places:
-        if (folder, name) not in cache:
-            cache[(folder, name)] = read_marker(folder, name)
-        if cache[(folder, name)] is not None:
-            return cache[(folder, name)]
-    return None
+        if folder not in cache:
+            cache[folder] = (read_marker(folder, SYNTH_MARKER), read_marker(folder, IMPORT_MARKER))
+        found = [f if f is not None else m for f, m in zip(found, cache[folder])]
+        if all(f is not None for f in found):
+            break
+    return found[0], found[1]
 
 
 def _source(kind: SourceKind, path: Path, images: Sequence[Path], cache: dict) -> DataSource:
     unique = sorted({str(p) for p in images})
-    markers = [_image_marker(Path(p), cache) for p in unique]
-    imports = [_image_marker(Path(p), cache, IMPORT_MARKER) for p in unique]
+    markers, imports = zip(*(_image_markers(Path(p), cache) for p in unique)) if unique else ((), ())
     synthetic = bool(markers) and all(m is not None for m in markers)
     first = markers[0] if markers else None
     seed = first.get("seed") if synthetic and first is not None else None
@@ -109,7 +115,7 @@ def training_sources(cfg: Any, train_csv: Path, base: Iterable[Any], extra: Iter
     Returns:
         One :class:`DataSource` per file (train.csv first), images counted once each.
     """
-    cache: dict[Path, dict | None] = {}
+    cache: dict[Path, _Markers] = {}
     extra = list(extra)
     out = [_source("train_csv", Path(train_csv), [r.path for r in base], cache)]
     extras: list[tuple[SourceKind, str, list[str]]] = [
