@@ -338,3 +338,69 @@ def test_cli_refuses_a_bad_cell_zoom_in_one_line(tmp_path: Path) -> None:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "cell zoom must be between 1 and 8" in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+# ------------------------------------------------------------------------------ look="phase"
+
+
+def _edge_profile(s: synth_image.SynthImage) -> dict[str, float]:
+    """Mean grey level minus the far background's median: 1-2 px outside the annotated cells, 1-2 px
+    inside them, and deep inside (>= 6 px from the edge)."""
+    union = label_image(s.cells, H, W)[0] > 0
+    out = ndimage.distance_transform_edt(~union)
+    inside = ndimage.distance_transform_edt(union)
+    img = s.image.astype(float)
+    bg = float(np.median(img[out > 15]))
+    return {
+        "out": float(img[(out > 0) & (out <= 2)].mean()) - bg,
+        "in": float(img[(inside > 0) & (inside <= 2)].mean()) - bg,
+        "deep": float(img[inside >= 6].mean()) - bg,
+    }
+
+
+@pytest.mark.parametrize("zoom", [1.0, 2.0])
+def test_phase_look_draws_a_bright_band_across_every_edge(zoom: float) -> None:
+    """Real phase contrast (Usiigaci, measured): a bright band straddles the annotated edge (+19 grey
+    levels just outside, +18 just inside) and the deep interior is near the background (-3). The
+    classic look has the opposite inside the edge (a dark rim), so the same check fails there."""
+    for t in CELL_TYPES:
+        for seed in range(3):
+            phase = _edge_profile(synth_image.make_image(np.random.default_rng(seed), t, zoom=zoom, look="phase"))
+            assert phase["out"] > 8 and phase["in"] > 8, (t, seed, phase)
+            assert phase["deep"] < phase["in"] - 8, (t, seed, phase)
+            classic = _edge_profile(synth_image.make_image(np.random.default_rng(seed), t, zoom=zoom))
+            assert not (classic["in"] > 8 and classic["deep"] < classic["in"] - 8), (t, seed, classic)
+
+
+def test_phase_look_keeps_the_cells_and_annotations_of_the_seed() -> None:
+    """The look changes only the pixels: same cells, same (broken) annotations, another image."""
+    for t in CELL_TYPES:
+        a = synth_image.make_image(np.random.default_rng(5), t, look="phase")
+        b = synth_image.make_image(np.random.default_rng(5), t)
+        assert len(a.cells) == len(b.cells) > 0
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.annotations, b.annotations))
+        assert not np.array_equal(a.image, b.image)
+        assert a.image.dtype == np.uint8 and a.image.shape == (H, W) and 110 < a.image.mean() < 146
+
+
+def test_phase_look_is_deterministic_recorded_and_checked(tmp_path: Path) -> None:
+    kw = dict(train_images=2, test_images=1, semi_images=1, seed=3, progress=False)
+    synth.generate(tmp_path / "a", look="phase", workers=1, **kw)
+    synth.generate(tmp_path / "b", look="phase", workers=2, **kw)
+    synth.generate(tmp_path / "c", workers=1, **kw)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all(filecmp.cmp(tmp_path / "a" / f, tmp_path / "b" / f, shallow=False) for f in files)
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert not any(filecmp.cmp(tmp_path / "a" / f, tmp_path / "c" / f, shallow=False) for f in pngs)
+    assert (tmp_path / "a" / "train.csv").read_bytes() == (tmp_path / "c" / "train.csv").read_bytes()
+    assert any('"look": "phase"' in p.read_text() for p in (tmp_path / "a").glob("*.json"))
+    assert not any('"look"' in p.read_text() for p in (tmp_path / "c").glob("*.json"))
+    with pytest.raises(CellsegError, match="unknown look 'dic'"):
+        synth.generate(tmp_path / "bad", look="dic", **kw)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(CellsegError, match="unknown look"):
+        synth_image.make_image(np.random.default_rng(0), "cort", look="dic")
+    p = subprocess.run(
+        _cellseg_cmd() + ["synth", "--out", str(tmp_path / "cli"), "--look", "dic"], capture_output=True, text=True
+    )
+    assert p.returncode == 2 and "invalid choice: 'dic'" in p.stderr and not (tmp_path / "cli").exists()

@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shows them; the optics (halo, texture, noise) stay the same. 2 gives Usiigaci-sized cells "
         "(median 1,892 px). 1-8 (default: 1, the competition's sizes)",
     )
+    parser.add_argument(
+        "--look",
+        choices=("classic", "phase"),
+        default="classic",
+        help="how cells are drawn: classic (flat darker bodies with a thin halo; the default, the demo "
+        "model's and the tests' data) or phase (a bright band straddling every edge, pale nucleus, dark "
+        "granules, bright rounded cells: measured closer to real phase contrast, docs/TRAINING.md)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             workers=args.workers,
             cell_zoom=args.cell_zoom,
+            look=args.look,
         )
     print(
         f"wrote {s['out']}: {s['train_images']} train ({s['instances']} cells), {s['test_images']} test, "

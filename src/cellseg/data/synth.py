@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.config.provenance import write_synth_marker
 from cellseg.data.rle import encode_crop
-from cellseg.data.synth_image import check_zoom, make_image
+from cellseg.data.synth_image import LOOKS, check_zoom, make_image
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
@@ -148,11 +148,11 @@ def _hex_ids(rng: np.random.Generator, n: int) -> list[str]:
 # the dataset
 
 
-def _job(task: tuple[np.random.SeedSequence, str, str, bool, float]) -> tuple[list[str], list[int], int]:
+def _job(task: tuple[np.random.SeedSequence, str, str, bool, float, str]) -> tuple[list[str], list[int], int]:
     """Worker: render one image, write its PNG; return (RLEs, annotation areas, broken count)."""
-    seed_seq, cell_type, path, annotate, zoom = task
+    seed_seq, cell_type, path, annotate, zoom, look = task
     height, width = IMAGE_SHAPE
-    si = make_image(np.random.default_rng(seed_seq), cell_type, height, width, zoom=zoom)
+    si = make_image(np.random.default_rng(seed_seq), cell_type, height, width, zoom=zoom, look=look)
     write_gray(path, si.image)
     if not annotate:
         return [], [], 0
@@ -169,7 +169,13 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _plan(
-    seed: int, train_images: int, test_images: int, semi_images: int, tmp: Path, zoom: float = 1.0
+    seed: int,
+    train_images: int,
+    test_images: int,
+    semi_images: int,
+    tmp: Path,
+    zoom: float = 1.0,
+    look: str = "classic",
 ) -> tuple[list[tuple], list[_Meta], list[str], list[str]]:
     """Draw the types, samples and ids, and one render task per image (paths under ``tmp``).
 
@@ -191,11 +197,17 @@ def _plan(
     ids = _hex_ids(rng, train_images + test_images)
     train_ids, test_ids = ids[:train_images], ids[train_images:]
     train_dir, test_dir, semi_dir = tmp / "train", tmp / "test", tmp / "train_semi_supervised"
-    tasks = [(seqs[1 + i], t, str(train_dir / f"{train_ids[i]}.png"), True, zoom) for i, t in enumerate(train_types)]
+    tasks = [
+        (seqs[1 + i], t, str(train_dir / f"{train_ids[i]}.png"), True, zoom, look) for i, t in enumerate(train_types)
+    ]
     k = 1 + train_images
-    tasks += [(seqs[k + i], t, str(test_dir / f"{test_ids[i]}.png"), False, zoom) for i, t in enumerate(test_types)]
+    tasks += [
+        (seqs[k + i], t, str(test_dir / f"{test_ids[i]}.png"), False, zoom, look) for i, t in enumerate(test_types)
+    ]
     k += test_images
-    tasks += [(seqs[k + i], m.cell_type, str(semi_dir / _semi_name(m)), False, zoom) for i, m in enumerate(semi_meta)]
+    tasks += [
+        (seqs[k + i], m.cell_type, str(semi_dir / _semi_name(m)), False, zoom, look) for i, m in enumerate(semi_meta)
+    ]
     return tasks, train_meta, train_ids, test_ids
 
 
@@ -277,6 +289,7 @@ def generate(
     force: bool = False,
     workers: int | None = None,
     cell_zoom: float = 1.0,
+    look: str = "classic",
 ) -> dict:
     """Write a synthetic dataset in the competition layout to ``out`` and return a summary.
 
@@ -286,7 +299,8 @@ def generate(
     fewer than 4 images per worker stay in this process); files are byte-identical for a seed whatever the
     worker count. ``cell_zoom`` (1-8) draws cells that many times wider and fewer, as a higher
     magnification shows them (:func:`cellseg.data.synth_image.make_image`'s ``zoom``); 1 keeps the
-    competition's sizes.
+    competition's sizes. ``look`` is ``classic`` (the default) or ``phase`` (:data:`LOOKS`,
+    :func:`cellseg.data.synth_image.make_image`).
 
     Summary: ``out``, ``seed``, ``train_images``, ``test_images``, ``semi_images``, ``instances``,
     ``seconds`` and ``per_type[type] = {images, instances, mean_instances, min_instances,
@@ -301,6 +315,8 @@ def generate(
     if workers < 1:
         raise CellsegError(f"workers must be >= 1, got {workers}")
     check_zoom(cell_zoom)  # before the temporary folder and the workers
+    if look not in LOOKS:
+        raise CellsegError(f"unknown look {look!r}; expected one of {', '.join(LOOKS)}")
     out = Path(out)
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +325,9 @@ def generate(
         os.chmod(tmp, 0o755)
         for sub in ("train", "test", "train_semi_supervised"):
             (tmp / sub).mkdir()
-        tasks, train_meta, train_ids, test_ids = _plan(seed, train_images, test_images, semi_images, tmp, cell_zoom)
+        tasks, train_meta, train_ids, test_ids = _plan(
+            seed, train_images, test_images, semi_images, tmp, cell_zoom, look
+        )
         results = _run_jobs(tasks, workers, progress)
         rows, per_type = _train_rows(results[:train_images], train_meta, train_ids)
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
@@ -319,7 +337,8 @@ def generate(
         counts = {"train_images": train_images, "test_images": test_images, "semi_images": semi_images}
         # marks the folder as synthetic: training on it is recorded so (cellseg.model.provenance)
         zoomed = {"cell_zoom": cell_zoom} if cell_zoom != 1.0 else {}
-        write_synth_marker(tmp, {"seed": seed, **counts, **zoomed, "instances": len(rows["id"])})
+        looked = {"look": look} if look != "classic" else {}
+        write_synth_marker(tmp, {"seed": seed, **counts, **zoomed, **looked, "instances": len(rows["id"])})
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
