@@ -372,6 +372,19 @@ def test_phase_look_draws_a_bright_band_across_every_edge(zoom: float) -> None:
             assert not (classic["in"] > 8 and classic["deep"] < classic["in"] - 8), (t, seed, classic)
 
 
+@pytest.mark.parametrize("zoom", [1.0, 2.0])
+def test_phase_look_has_the_competition_intensity_statistics(zoom: float) -> None:
+    """Per image a grey mean of ~128 and a standard deviation of ~20 (what import-labels'
+    ``standardize`` also gives real images); sparse images may stay lower (the gain is capped)."""
+    for t in CELL_TYPES:
+        images = [synth_image.make_image(np.random.default_rng(s), t, zoom=zoom, look="phase").image for s in range(6)]
+        means = np.array([i.mean() for i in images])
+        stds = np.array([i.std() for i in images])
+        assert np.all((115 < means) & (means < 141)), (t, means.round(1))
+        assert np.all((12 < stds) & (stds < 26)), (t, stds.round(1))
+        assert 14.5 < stds.mean() < 23, (t, stds.round(1))
+
+
 def test_phase_look_keeps_the_cells_and_annotations_of_the_seed() -> None:
     """The look changes only the pixels: same cells, same (broken) annotations, another image."""
     for t in CELL_TYPES:

@@ -54,15 +54,18 @@ darkened evenly while a real cell is a dark nucleus in pale cytoplasm ringed by 
 The ``phase`` look (``make_image(look="phase")``, ``cellseg synth --look phase``) draws the same cells
 and annotations (the same seed gives the same train.csv) with what real phase contrast shows,
 measured on Usiigaci's images against their labels: a bright band straddling every edge (+19 grey
-levels 1 px outside the annotation, +18 1 px inside, fading over ~6 px each way; the drawn band gives
-+20 / +18), brighter on one side of the frame (phase shading) and dark on the other where it is
+levels 1 px outside the annotation, +18 1 px inside, fading over ~6 px each way, the deep interior
+-3 to -5), brighter on one side of the frame (phase shading) and dark on the other where it is
 strong; a body near the background's grey (40 % of the cells clearly darker), a paler nucleus with
 two dark nucleoli at the cell's deepest point, dark granules around it, rounded (mitotic) cells bright
-inside with a thick band, dark debris clumps and specks on the background. It does not force the
-competition's standard deviation (its images have 9-18 where real ones have ~20: fewer extreme
-pixels). A model trained on it transfers to real pixels ~10x better than on the classic look
-(benchmarks/README.md); ``classic`` stays the default, so the demo model, the tests and the golden
-submission keep their data.
+inside with a thick band, dark debris clumps and specks on the background. Then the competition's
+statistics as in the classic look: the contrast is raised (at most ``MAX_PHASE_GAIN`` = 3x) towards a
+standard deviation drawn from ``TARGET_STD``, the mean drawn from ``TARGET_MEAN`` (8 images per type,
+seeds 0-7: std 16-20, sparse cort images stop at the cap). The band then reads +30 / +27 (zoom 2,
+seed 0): real images reach their deviation of 20 with more extreme pixels elsewhere. A model trained
+on this look transfers to real pixels ~10x better than on the classic look (benchmarks/README.md);
+``classic`` stays the default, so the demo model, the tests and the golden submission keep their
+data.
 """
 
 from __future__ import annotations
@@ -418,6 +421,8 @@ def _render(rng: np.random.Generator, labels: np.ndarray, cell_type: str) -> np.
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
+#: The phase look's contrast is raised at most this much towards the drawn standard deviation.
+MAX_PHASE_GAIN = 3.0
 #: ``make_image(look=...)``: ``classic`` (the flat-blob look above, the default) or ``phase``.
 LOOKS = ("classic", "phase")
 
@@ -457,46 +462,35 @@ def _dots(rng: np.random.Generator, where: np.ndarray, weight: np.ndarray, count
     return out
 
 
-def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float) -> np.ndarray:
-    """(H, W) uint8 phase-contrast image of ``labels`` (the ``phase`` look).
-
-    Drawn from the label image alone (module docstring, "The phase look"): a bright band across every
-    edge (a Gaussian in the signed distance to the edge, centred 0.5 px outside it, 1.6-2.6 px wide
-    times ``sqrt(zoom)``), shaded by a per-image direction; bodies near the background's grey, 40 %
-    of them darker; a pale nucleus with two dark nucleoli and dark granules around it; rounded cells
-    bright inside; fine texture; dark processes and debris, unannotated; smooth illumination, optics
-    blur and Gaussian camera noise, shifted to a mean drawn from ``TARGET_MEAN``.
-
-    Args:
-        rng: the image's generator (drawn from after the cells and annotations).
-        labels: (H, W) int32 cells, 0 = background, ids 1..N (non-overlapping).
-        cell_type: the image's type (processes for shsy5y / astro, the debris count).
-        zoom: the cells' magnification (>= 1): edge widths and blurs scale with ``sqrt(zoom)``.
-
-    Returns:
-        (H, W) uint8 image."""
-    spec = SPECS[cell_type]
-    height, width = labels.shape
-    fg = labels > 0
-    n = int(labels.max())
-    edt, dcentre, rmax = _cell_geometry(labels, fg)
-    # optics scale with the magnification a little (edges stay 1-3 px)
-    px = np.float32(max(1.0, zoom**0.5))
-    neur = _neurites(rng, labels, cell_type)
-    sp = _debris(rng, spec, fg)
-    objects = fg.copy()
-    objects |= ndimage.binary_dilation(neur)
-    # the bright band of phase contrast straddles the cell's edge (measured on Usiigaci: +19 just
-    # outside, +18 just inside, fading over ~6 px each way; the deep interior a little darker)
+def _phase_band(rng: np.random.Generator, objects: np.ndarray, edt: np.ndarray, px: float) -> np.ndarray:
+    """(H, W) float32 bright band across every edge of ``objects`` (cells and processes, bool (H, W)):
+    a Gaussian in the signed distance to the edge (``edt``: the inner distance, (H, W)), centred
+    0.5 px outside it, 1.6-2.6 ``px`` wide, shaded by a per-image direction (up to 2.6x brighter on one
+    side, negative where the shading is strong on the other)."""
     sd = ndimage.distance_transform_edt(~objects).astype(np.float32) - edt  # signed distance, outside > 0
-    width_ = np.float32(rng.uniform(1.6, 2.6)) * px
-    band = np.exp(-((sd - np.float32(0.5)) ** 2) / (2 * width_ * width_))
-    # phase shading: the band is brighter on the side facing a per-image direction
+    width = np.float32(rng.uniform(1.6, 2.6) * px)
+    band = np.exp(-((sd - np.float32(0.5)) ** 2) / (2 * width * width))
     smooth = ndimage.gaussian_filter(objects.astype(np.float32), 2.0 * px)
     gy, gx = np.gradient(smooth)
     ang = rng.uniform(0, 2 * np.pi)
-    side = -(gy * np.float32(math.sin(ang)) + gx * np.float32(math.cos(ang))) * (np.float32(5.0) * px)
-    band *= np.float32(1.0) + np.float32(rng.uniform(0.8, 1.6)) * np.clip(side, -1, 1)
+    side = -(gy * np.float32(math.sin(ang)) + gx * np.float32(math.cos(ang))) * np.float32(5.0 * px)
+    return band * (np.float32(1.0) + np.float32(rng.uniform(0.8, 1.6)) * np.clip(side, -1, 1))
+
+
+def _phase_cells(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    band: np.ndarray,
+    geometry: tuple[np.ndarray, np.ndarray, np.ndarray],
+    px: float,
+) -> np.ndarray:
+    """(H, W) float32 signal of the cells themselves: the band's amplitude per cell, bodies near the
+    background's grey (40 % clearly darker), rounded cells bright inside with a 3x band, a pale
+    nucleus with two dark nucleoli at the deepest point and dark granules around it, fine texture.
+    ``geometry`` is :func:`_cell_geometry`'s ``(edt, dcentre, rmax)``."""
+    edt, dcentre, rmax = geometry
+    fg = labels > 0
+    n = int(labels.max())
     per = lambda lo, hi: rng.uniform(lo, hi, n + 1).astype(np.float32)  # noqa: E731
     h_amp, depth = per(12, 35), per(-2, 8)
     dark = rng.random(n + 1) < 0.4  # contracted cells: clearly darker than the background
@@ -509,37 +503,73 @@ def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, 
     nearest = ndimage.grey_dilation(labels, size=(9, 9))  # the cell a band pixel outside belongs to
     signal = h_amp[np.where(fg, labels, nearest)] * band
     signal -= depth[labels] * fg * np.clip((edt - 2.0) / 4.0, 0, 1)
-    l_amp = per(10, 25)
-    # nucleus: a pale disc at the deepest point, two dark nucleoli, dark granules around it
+    envelope = per(10, 25)
     rn = np.maximum(rmax * per(0.45, 0.75), 2.0)
     has_nucleus = (rmax >= 3.0 * px) & ~rounded
     nuc = fg & has_nucleus[labels] & (dcentre < rn[labels])
-    nuc_soft = ndimage.gaussian_filter(nuc.astype(np.float32), 1.0 * px)
+    nuc_soft = ndimage.gaussian_filter(nuc.astype(np.float32), px)
     signal += per(4, 14)[labels] * nuc_soft * fg
-    signal -= np.float32(0.5) * l_amp[labels] * (nuc_soft * (1 - nuc_soft) * 4) * fg  # nuclear envelope
-    area = float(fg.sum())
+    signal -= np.float32(0.5) * envelope[labels] * (nuc_soft * (1 - nuc_soft) * 4) * fg
     near = np.exp(-dcentre / np.maximum(rn[labels] * 1.5, 1.0)) * fg
     nucleoli = _dots(rng, nuc & (dcentre < 0.6 * rn[labels]), np.ones_like(near), int(2 * has_nucleus.sum()))
-    granules = _dots(rng, fg & ~nuc, near**3 + 0.02, int(area / (120 * float(px) ** 2) * rng.uniform(0.3, 1.5)))
+    count = int(float(fg.sum()) / (120 * px**2) * rng.uniform(0.3, 1.5))
+    granules = _dots(rng, fg & ~nuc, near**3 + 0.02, count)
     blobs = ndimage.gaussian_filter(nucleoli * 1.5 + granules, 0.9 * px) * np.float32(2 * np.pi * (0.9 * px) ** 2)
     signal -= np.float32(rng.uniform(45, 90)) * np.minimum(blobs, 1.5)
-    # fine cytoplasm texture, processes and debris
-    tex = ndimage.gaussian_filter(rng.standard_normal((height, width)).astype(np.float32), 0.8 * px)
+    tex = ndimage.gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), 0.8 * px)
     signal += np.float32(rng.uniform(3, 7) / max(float(tex.std()), 1e-6)) * tex * fg
-    signal -= np.float32(rng.uniform(10, 25)) * ndimage.gaussian_filter(neur.astype(np.float32), 0.6 * px) * 2
+    return signal
+
+
+def _phase_clutter(rng: np.random.Generator, fg: np.ndarray, neur: np.ndarray, sp: np.ndarray, px: float) -> np.ndarray:
+    """(H, W) float32 unannotated clutter: dark processes ``neur`` (bool (H, W)), debris clumps at
+    ``sp`` ((K, 2) pixels; dark in 85 % of the images) and 100-600 small dark specks on the background."""
+    signal = -np.float32(rng.uniform(10, 25)) * ndimage.gaussian_filter(neur.astype(np.float32), 0.6 * px) * 2
     sign = np.float32(-1.0 if rng.random() < 0.85 else 1.0)
-    specks = np.zeros((height, width), dtype=np.float32)
+    specks = np.zeros(fg.shape, dtype=np.float32)
     specks[sp[:, 0], sp[:, 1]] = 1.0
     signal += sign * np.float32(rng.uniform(20, 45)) * ndimage.gaussian_filter(specks, 0.8 * px) * 2
-    small = _dots(rng, ~fg, np.ones((height, width), dtype=np.float32), int(rng.integers(100, 600)))
+    small = _dots(rng, ~fg, np.ones(fg.shape, dtype=np.float32), int(rng.integers(100, 600)))
     signal -= np.float32(rng.uniform(20, 50)) * ndimage.gaussian_filter(small, 0.8) * 4
+    return signal
+
+
+def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float) -> np.ndarray:
+    """(H, W) uint8 phase-contrast image of ``labels`` (the ``phase`` look).
+
+    Drawn from the label image alone (module docstring, "The phase look"): the band across every edge
+    (:func:`_phase_band`), the cells (:func:`_phase_cells`), unannotated clutter
+    (:func:`_phase_clutter`), faint bright seams between touching cells; then smooth illumination,
+    optics blur, the contrast raised (at most ``MAX_PHASE_GAIN`` x) towards a standard deviation drawn
+    from ``TARGET_STD``, a mean from ``TARGET_MEAN`` and Gaussian camera noise.
+
+    Args:
+        rng: the image's generator (drawn from after the cells and annotations).
+        labels: (H, W) int32 cells, 0 = background, ids 1..N (non-overlapping).
+        cell_type: the image's type (processes for shsy5y / astro, the debris count).
+        zoom: the cells' magnification (>= 1): edge widths and blurs scale with ``sqrt(zoom)``.
+
+    Returns:
+        (H, W) uint8 image.
+    """
+    fg = labels > 0
+    geometry = _cell_geometry(labels, fg)
+    px = max(1.0, zoom**0.5)  # optics scale with the magnification a little (edges stay 1-4 px)
+    neur = _neurites(rng, labels, cell_type)
+    sp = _debris(rng, SPECS[cell_type], fg)
+    band = _phase_band(rng, fg | ndimage.binary_dilation(neur), geometry[0], px)
+    signal = _phase_cells(rng, labels, band, geometry, px)
+    signal += _phase_clutter(rng, fg, neur, sp, px)
     signal += np.float32(4.0) * _seams(labels, fg)
-    illum = _illumination(rng, height, width)
+    illum = _illumination(rng, *labels.shape)
     dev = (illum - np.float32(illum.mean())) * np.float32(rng.uniform(0.3, 1.0))
     img = ndimage.gaussian_filter(signal, 0.6, truncate=2.5) * (illum * np.float32(1 / 128)) + dev
-    img += np.float32(rng.uniform(*TARGET_MEAN) - float(img.mean()))
     noise_sd = np.float32(rng.uniform(2.0, 4.0))
-    img += rng.standard_normal((height, width), dtype=np.float32) * noise_sd
+    target = rng.uniform(*TARGET_STD)
+    gain = math.sqrt(max(target**2 - float(noise_sd) ** 2, 1.0) / max(float(img.var()), 1e-6))
+    img = (img - np.float32(img.mean())) * np.float32(min(max(gain, 1.0), MAX_PHASE_GAIN))
+    img += np.float32(rng.uniform(*TARGET_MEAN))
+    img += rng.standard_normal(labels.shape, dtype=np.float32) * noise_sd
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
