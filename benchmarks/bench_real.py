@@ -16,7 +16,7 @@ training runs at the ``suggested_input_scale`` that ``import-labels`` records (0
 at the config's own scale (the 0.106 row of benchmarks/README.md).
 
 ``--run DIR`` scores an already trained run folder instead of training; ``--train-data DIR`` trains
-on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2`` output: the transfer
+on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2 --look phase`` output: the transfer
 measurement).
 Not a timed test: it writes ``summary.json`` in ``--work``; figures go to benchmarks/README.md.
 """
