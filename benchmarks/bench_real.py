@@ -48,9 +48,11 @@ def _import(src: Path, out: Path, sets: str, cell_type: str) -> dict:
     """Import ``sets`` of ``src`` into ``out`` unless an import with the median cell area is there;
     returns its marker (an import made before the median was recorded is redone)."""
     marker = out / "cellseg-import.json"
-    if not marker.is_file() or "suggested_input_scale" not in json.loads(marker.read_text()):
+    data = json.loads(marker.read_text()) if marker.is_file() else {}
+    if "suggested_input_scale" not in data:
         _cellseg("import-labels", str(src), "--out", str(out), "--samples", sets, "--cell-type", cell_type)
-    return json.loads(marker.read_text())
+        data = json.loads(marker.read_text())
+    return data
 
 
 def _merge(folders: list[Path], out: Path) -> Path:

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.config.provenance import write_synth_marker
 from cellseg.data.rle import encode_crop
-from cellseg.data.synth_image import LOOKS, check_zoom, make_image
+from cellseg.data.synth_image import check_look, check_zoom, make_image
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
@@ -299,7 +299,7 @@ def generate(
     fewer than 4 images per worker stay in this process); files are byte-identical for a seed whatever the
     worker count. ``cell_zoom`` (1-8) draws cells that many times wider and fewer, as a higher
     magnification shows them (:func:`cellseg.data.synth_image.make_image`'s ``zoom``); 1 keeps the
-    competition's sizes. ``look`` is ``classic`` (the default) or ``phase`` (:data:`LOOKS`,
+    competition's sizes. ``look`` is ``classic`` (the default) or ``phase`` (:data:`~cellseg.data.synth_image.LOOKS`,
     :func:`cellseg.data.synth_image.make_image`).
 
     Summary: ``out``, ``seed``, ``train_images``, ``test_images``, ``semi_images``, ``instances``,
@@ -315,8 +315,7 @@ def generate(
     if workers < 1:
         raise CellsegError(f"workers must be >= 1, got {workers}")
     check_zoom(cell_zoom)  # before the temporary folder and the workers
-    if look not in LOOKS:
-        raise CellsegError(f"unknown look {look!r}; expected one of {', '.join(LOOKS)}")
+    check_look(look)
     out = Path(out)
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)

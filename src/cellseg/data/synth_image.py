@@ -427,14 +427,20 @@ MAX_PHASE_GAIN = 3.0
 LOOKS = ("classic", "phase")
 
 
-def _cell_geometry(labels: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cell_geometry(labels: np.ndarray, fg: np.ndarray, seams: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel inner distance and the distance to the own cell's centre, and per-cell depth.
 
-    Returns ``(edt, dcentre, rmax)``: ``edt`` (H, W) float32 distance to the nearest pixel outside the
-    cell (touching cells are split by their seams), ``dcentre`` (H, W) float32 distance to the
-    cell's deepest pixel (0 outside cells), ``rmax`` (N + 1,) the deepest distance of every cell."""
+    Args:
+        labels: (H, W) int32 cells, 0 = background; ``fg`` (H, W) bool ``labels > 0``; ``seams``
+            (H, W) bool :func:`_seams` of them.
+
+    Returns:
+        ``(edt, dcentre, rmax)``: ``edt`` (H, W) float32 distance to the nearest pixel outside the
+        cell (touching cells are split by their seams), ``dcentre`` (H, W) float32 distance to the
+        cell's deepest pixel (0 outside cells), ``rmax`` (N + 1,) the deepest distance of every cell.
+    """
     n = int(labels.max())
-    edt = ndimage.distance_transform_edt(fg & ~_seams(labels, fg)).astype(np.float32)
+    edt = ndimage.distance_transform_edt(fg & ~seams).astype(np.float32)
     idx = np.arange(1, n + 1)
     rmax = np.zeros(n + 1, dtype=np.float32)
     cy = np.zeros(n + 1, dtype=np.float32)
@@ -553,14 +559,15 @@ def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, 
         (H, W) uint8 image.
     """
     fg = labels > 0
-    geometry = _cell_geometry(labels, fg)
+    seams = _seams(labels, fg)
+    geometry = _cell_geometry(labels, fg, seams)
     px = max(1.0, zoom**0.5)  # optics scale with the magnification a little (edges stay 1-4 px)
     neur = _neurites(rng, labels, cell_type)
     sp = _debris(rng, SPECS[cell_type], fg)
     band = _phase_band(rng, fg | ndimage.binary_dilation(neur), geometry[0], px)
     signal = _phase_cells(rng, labels, band, geometry, px)
     signal += _phase_clutter(rng, fg, neur, sp, px)
-    signal += np.float32(4.0) * _seams(labels, fg)
+    signal += np.float32(4.0) * seams
     illum = _illumination(rng, *labels.shape)
     dev = (illum - np.float32(illum.mean())) * np.float32(rng.uniform(0.3, 1.0))
     img = ndimage.gaussian_filter(signal, 0.6, truncate=2.5) * (illum * np.float32(1 / 128)) + dev
@@ -577,6 +584,12 @@ def check_zoom(zoom: float) -> None:
     """Raise CellsegError unless ``1 <= zoom <= MAX_ZOOM`` (NaN included)."""
     if not 1.0 <= zoom <= MAX_ZOOM:
         raise CellsegError(f"cell zoom must be between 1 and {MAX_ZOOM:g}, got {zoom}")
+
+
+def check_look(look: str) -> None:
+    """Raise CellsegError unless ``look`` is one of :data:`LOOKS`."""
+    if look not in LOOKS:
+        raise CellsegError(f"unknown look {look!r}; expected one of {', '.join(LOOKS)}")
 
 
 def _zoomed_cells(
@@ -619,8 +632,7 @@ def make_image(
     if cell_type not in SPECS:
         raise CellsegError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
     check_zoom(zoom)
-    if look not in LOOKS:
-        raise CellsegError(f"unknown look {look!r}; expected one of {', '.join(LOOKS)}")
+    check_look(look)
     if zoom == 1.0:
         labels, partial = _place_cells(rng, cell_type, height, width)
     else:
