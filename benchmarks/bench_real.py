@@ -165,6 +165,12 @@ def main() -> None:
         default="auto",
         help="training input scale: auto (import-labels' suggestion, 0.5 for Usiigaci), native (the config's) or a number",
     )
+    p.add_argument(
+        "--test-scale",
+        type=float,
+        default=None,
+        help="score the trained model at this input scale (`cellseg export --input-scale`); default: the training scale",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for training")
     args = p.parse_args()
 
@@ -185,7 +191,9 @@ def main() -> None:
         summary["train_seconds"] = round(_train(args, data, run), 1)
         summary.update(steps=args.steps, train_data=str(data))
     weights = work / "weights-trained"
-    _cellseg("export", str(run / "last.pth"), "--out", str(weights), "--force")
+    scale_args = [] if args.test_scale is None else ["--input-scale", str(args.test_scale)]
+    _cellseg("export", str(run / "last.pth"), "--out", str(weights), "--force", *scale_args)
+    summary["test_scale"] = args.test_scale
     summary["trained"] = _score("trained", test_data, weights, work / "report-trained")
     if str(args.baseline) != "none":
         summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")

@@ -9,10 +9,12 @@ import yaml
 from cellseg.cli import main
 from cellseg.config.manifest import ClassThresholds, load_manifest, write_manifest
 from cellseg.errors import CellsegError
+from cellseg.inference.ensemble import Ensemble
 from cellseg.model.build import build_model
 from cellseg.model.checkpoint import load_model, read_checkpoint, save_checkpoint
 from cellseg.model.export import export_weights
-from inference_helpers import make_checkpoint, make_competition, tiny_model_config
+from cellseg.tuning.raw_cache import cache_fingerprint
+from inference_helpers import blob_image, make_checkpoint, make_competition, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +138,53 @@ def test_errors_leave_no_manifest(run_dir, tmp_path, capsys):
         yaml.safe_load((out / "manifest.yaml").read_text())["models"][0]["sha256"]
         != yaml.safe_load(before)["models"][0]["sha256"]
     )
+
+
+def _raw_boxes(weights_dir, image) -> list:
+    ens = Ensemble.load(load_manifest(weights_dir / "manifest.yaml"), torch.device("cpu"))
+    return [(r.boxes, r.scores) for r in ens.forward(image)]
+
+
+def test_input_scale_predicts_as_the_model_trained_at_that_scale(tmp_path):
+    # the same weights (same seed) saved once as a scale-1 model and once as a scale-2 model
+    at1 = make_checkpoint(tmp_path / "s1.pth", input_scale=1.0)
+    at2 = make_checkpoint(tmp_path / "s2.pth", input_scale=2.0)
+    assert main(["export", str(at1), "--out", str(tmp_path / "over"), "--input-scale", "2"]) == 0
+    export_weights([at2], tmp_path / "native2")
+    export_weights([at1], tmp_path / "native1")
+    assert load_manifest(tmp_path / "over" / "manifest.yaml").models[0].input_scale == 2.0
+    assert load_manifest(tmp_path / "native1" / "manifest.yaml").models[0].input_scale is None
+
+    image = blob_image(0, 96, 128)
+    over, native2, native1 = (_raw_boxes(tmp_path / d, image) for d in ("over", "native2", "native1"))
+    assert len(over) == 2 and all(len(b) for b, _ in over)
+    for (b, s), (b2, s2) in zip(over, native2):
+        torch.testing.assert_close(b, b2)
+        torch.testing.assert_close(s, s2)
+    assert any(b.shape != b1.shape or not torch.allclose(b, b1) for (b, _), (b1, _) in zip(over, native1))
+
+    # a cached pre-fusion run of one scale is never reused for another
+    assert cache_fingerprint(load_manifest(tmp_path / "over" / "manifest.yaml")) != cache_fingerprint(
+        load_manifest(tmp_path / "native1" / "manifest.yaml")
+    )
+
+
+def test_input_scale_refusals_write_nothing(run_dir, tmp_path, capsys):
+    sized = run_dir / "fold0" / "best.pth"  # resizes to min_size / max_size: no factor to set
+    out = tmp_path / "w"
+    assert main(["export", str(sized), "--out", str(out), "--input-scale", "1.5"]) == 2
+    assert "needs a model trained at a fixed input scale" in capsys.readouterr().err
+    assert not out.exists()
+    fixed = make_checkpoint(tmp_path / "fixed.pth", input_scale=1.0)
+    for bad in ("0", "-1", "nan", "9"):
+        assert main(["export", str(fixed), "--out", str(out), "--input-scale", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--input-scale" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+    # a hand-edited manifest is checked as well
+    export_weights([fixed], out)
+    data = yaml.safe_load((out / "manifest.yaml").read_text())
+    data["models"][0]["input_scale"] = 0
+    (out / "manifest.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(CellsegError, match=r"models\[0\]\.input_scale: 0.0 is out of range"):
+        load_manifest(out / "manifest.yaml")

@@ -47,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="W1,W2,...",
         help="ensemble weight per checkpoint (default 1 each)",
     )
+    p.add_argument(
+        "--input-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="predict at this input scale instead of the one each model was trained at (models trained "
+        "with model.input_scale > 0 only; e.g. 0.9 for a model trained at 0.75 on larger cells than the "
+        "test images hold); written per model into the manifest",
+    )
     p.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16, half the size)")
     p.add_argument(
         "--force",
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         template=args.thresholds_from,
         weights=args.model_weights,
         force=args.force,
+        input_scale=args.input_scale,
     )
     for dest, src, size in res.files:
         print(f"{dest}  {size / 1e6:.1f} MB  <- {src}")

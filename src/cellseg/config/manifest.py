@@ -37,6 +37,11 @@ class ModelEntry:
     #: mask paste shift of this model in pixels; None = 0 for models with aligned ROIAlign
     #: (Detectron2 conversions: box-aligned mask targets), else ``fusion.paste_shift``.
     paste_shift: float | None = None
+    #: inference input scale of this model: its images are resized by this factor before the forward
+    #: and its boxes and masks mapped back to the full image; None = the scale it was trained at
+    #: (``model.input_scale`` of its checkpoint). Only for fixed-scale models (``input_scale`` > 0).
+    #: Set with ``cellseg export --input-scale``.
+    input_scale: float | None = field(default=None, metadata=bounds(0, 8, lo_open=True))
     #: what the model was trained on (:mod:`cellseg.model.provenance`); None = provenance unknown
     #: (manifests written before it was recorded).
     provenance: Provenance | None = None

@@ -28,6 +28,7 @@ from cellseg.config.manifest import FusionConfig, Manifest
 from cellseg.errors import CellsegError
 from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
+from cellseg.model.build import set_input_scale
 from cellseg.model.checkpoint import load_model
 from cellseg.model.precision import half_precision
 
@@ -243,11 +244,14 @@ def load_ensemble(
     manifest: Manifest, device: torch.device, fp16: bool | None = None, fold_bn: bool = True
 ) -> list[LoadedModel]:
     """Load and prepare every model of the manifest (checksums are checked by load_manifest); ``fp16``
-    and ``fold_bn`` as in :func:`prepare_model`."""
+    and ``fold_bn`` as in :func:`prepare_model`; a model entry's ``input_scale`` replaces the scale it
+    was trained at."""
     out = []
     for e in manifest.models:
         path = manifest.checkpoint_path(e)
         model, info = load_model(path, device)
+        if e.input_scale is not None:
+            set_input_scale(model, e.input_scale, str(path))
         out.append(
             as_loaded(
                 model,

@@ -203,6 +203,27 @@ class ScaledRCNNTransform(RCNNTransform):
         return f"{self.__class__.__name__}(scale={self.scale}, mean={self.image_mean}, std={self.image_std})"
 
 
+def set_input_scale(model: nn.Module, scale: float, where: str) -> None:
+    """Make a fixed-scale model (``model.input_scale`` > 0) resize its inputs by ``scale`` from now on
+    (inference at another scale than training; the manifest's ``input_scale``).
+
+    Args:
+        model: a model of :func:`build_model`.
+        scale: the new factor (> 0).
+        where: names the model in the error (e.g. its checkpoint path).
+
+    Raises:
+        CellsegError: the model resizes to a min/max size (``input_scale: 0``), so it has no factor to set.
+    """
+    transform = model.transform
+    if not isinstance(transform, ScaledRCNNTransform):
+        raise CellsegError(
+            f"{where}: input_scale {scale} needs a model trained at a fixed input scale (model.input_scale > 0); "
+            "this one resizes to model.min_size / max_size"
+        )
+    transform.scale = float(scale)
+
+
 #: RPN, RoI-heads and (short-side resize) transform classes, by ``ModelConfig.detectron2_inference``
 PART_CLASSES: dict[bool, tuple[type[RPN], type[MaskRoIHeads], type[RCNNTransform]]] = {
     False: (RPN, MaskRoIHeads, RCNNTransform),

@@ -31,10 +31,11 @@ from typing import cast
 
 from cellseg import CELL_TYPES
 from cellseg.config.experiment import ExperimentConfig, upgrade_keys
-from cellseg.config.loader import from_dict
+from cellseg.config.loader import check_number, field_range, from_dict
 from cellseg.config.manifest import VIEWS, Manifest, ModelEntry, View, default_classes, load_manifest, write_manifest
 from cellseg.errors import CellsegError
 from cellseg.io import check_replaceable, check_writable, replace_dir, staging
+from cellseg.model.build import set_input_scale
 from cellseg.model.checkpoint import load_model, save_checkpoint
 from cellseg.model.provenance import from_checkpoint
 
@@ -90,7 +91,9 @@ def _check_out(out: Path, force: bool) -> None:
     check_replaceable(out, MARKER, "an earlier export (a folder with manifest.yaml)")
 
 
-def _write_models(loaded: list, tmp: Path, half: bool, weights: Sequence[float] | None) -> tuple[list, list]:
+def _write_models(
+    loaded: list, tmp: Path, half: bool, weights: Sequence[float] | None, input_scale: float | None
+) -> tuple[list, list]:
     """Save each loaded checkpoint's weights into ``tmp``: (files, manifest entries)."""
     files, entries = [], []
     for i, ((s, model, info), fname) in enumerate(zip(loaded, _file_names(len(loaded)))):
@@ -110,6 +113,7 @@ def _write_models(loaded: list, tmp: Path, half: bool, weights: Sequence[float] 
             ModelEntry(
                 fname,
                 weight=1.0 if weights is None else float(weights[i]),
+                input_scale=input_scale,
                 provenance=from_checkpoint(info.provenance),  # None (unknown) for pre-provenance checkpoints
             )
         )
@@ -140,6 +144,7 @@ def export_weights(
     template: str | Path | None = None,
     weights: Sequence[float] | None = None,
     force: bool = False,
+    input_scale: float | None = None,
 ) -> ExportResult:
     """Write ``out/model*.pth`` + ``out/manifest.yaml`` from our checkpoints (built beside ``out``,
     checked, then swapped in: see the module docstring).
@@ -154,12 +159,16 @@ def export_weights(
             Its ranges are checked, so a bad manifest is never copied into a new one.
         weights: ensemble weight per checkpoint (default 1 each; each finite and > 0).
         force: replace an earlier export in ``out`` (a folder holding ``manifest.yaml``).
+        input_scale: inference input scale of every model (the manifest's ``models[i].input_scale``);
+            None = each predicts at the scale it was trained at. Each model must be a fixed-scale one.
 
     Returns:
         The manifest path and, per model, (file in ``out``, source checkpoint, size in bytes).
     """
     srcs = [Path(c) for c in checkpoints]
     views = _check_arguments(srcs, tta, weights)
+    if input_scale is not None:
+        check_number(input_scale, "--input-scale", field_range(ModelEntry, "input_scale"))
     out = Path(out)
     _check_out(out, force)
     base = load_manifest(template, verify=False) if template is not None else Manifest(classes=default_classes())
@@ -168,9 +177,11 @@ def export_weights(
         model, info = load_model(s)  # CellsegError when it is not ours or does not match its config
         if list(info.class_names) != list(CELL_TYPES):
             raise CellsegError(f"{s}: classes {info.class_names} differ from the competition's {list(CELL_TYPES)}")
+        if input_scale is not None:
+            set_input_scale(model, input_scale, str(s))  # a min/max-size model has no factor: refused here
         loaded.append((s, model, info))
     with staging(out) as tmp:
-        files, entries = _write_models(loaded, tmp, half, weights)
+        files, entries = _write_models(loaded, tmp, half, weights, input_scale)
         m = dataclasses.replace(
             base, name=name or out.resolve().name, models=entries, tta=cast(list[View], views), base_dir=""
         )

@@ -38,10 +38,14 @@ PRE_FUSION = ("detections_per_view", "model_score_thresh", "model_nms_thresh", "
 
 def cache_fingerprint(manifest: Manifest) -> str:
     """Hex sha256 of what shapes an ensemble's cached pre-fusion detections: each model's sha256,
-    weight and paste shift, the TTA views and the :data:`PRE_FUSION` settings (not the per-class
+    weight, paste shift and inference input scale (when set), the TTA views and the :data:`PRE_FUSION` settings (not the per-class
     thresholds, which ``cellseg tune`` rewrites)."""
     payload = {
-        "models": [[m.sha256, m.weight, m.paste_shift] for m in manifest.models],
+        # the input scale only when set, so fingerprints of manifests without one stay as they were
+        "models": [
+            [m.sha256, m.weight, m.paste_shift] + ([m.input_scale] if m.input_scale is not None else [])
+            for m in manifest.models
+        ],
         "tta": list(manifest.tta),
         "fusion": {k: getattr(manifest.fusion, k) for k in PRE_FUSION},
     }
