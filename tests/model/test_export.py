@@ -154,6 +154,8 @@ def test_input_scale_predicts_as_the_model_trained_at_that_scale(tmp_path):
     export_weights([at1], tmp_path / "native1")
     assert load_manifest(tmp_path / "over" / "manifest.yaml").models[0].input_scale == 2.0
     assert load_manifest(tmp_path / "native1" / "manifest.yaml").models[0].input_scale is None
+    # unset, the key is left out: the manifest is what exports wrote before input_scale existed
+    assert "input_scale" not in (tmp_path / "native1" / "manifest.yaml").read_text()
 
     image = blob_image(0, 96, 128)
     over, native2, native1 = (_raw_boxes(tmp_path / d, image) for d in ("over", "native2", "native1"))

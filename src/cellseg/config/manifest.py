@@ -167,6 +167,9 @@ def write_manifest(m: Manifest, path: str | Path, fill_checksums: bool = True) -
     check_manifest(m, str(path))
     data = to_dict(m)
     data.pop("base_dir")
+    for entry in data["models"]:  # unset: left out, so such a manifest reads as it did before the key
+        if entry.get("input_scale") is None:
+            entry.pop("input_scale", None)
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
