@@ -169,7 +169,8 @@ def main() -> None:
         "--test-scale",
         type=float,
         default=None,
-        help="score the trained model at this input scale (`cellseg export --input-scale`); default: the training scale",
+        help="score the trained model at this input scale (`cellseg export --input-scale`), and at its training "
+        "scale in the same run for the ratio; default: the training scale only",
     )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for training")
     args = p.parse_args()
@@ -195,6 +196,16 @@ def main() -> None:
     _cellseg("export", str(run / "last.pth"), "--out", str(weights), "--force", *scale_args)
     summary["test_scale"] = args.test_scale
     summary["trained"] = _score("trained", test_data, weights, work / "report-trained")
+    scale_line = ""
+    if args.test_scale is not None:  # the same model at its training scale, scored in this run
+        plain = work / "weights-training-scale"
+        _cellseg("export", str(run / "last.pth"), "--out", str(plain), "--force")
+        summary["at_training_scale"] = _score("trained, at its training scale", test_data, plain, work / "report-plain")
+        p = summary["at_training_scale"]["score"]
+        t = summary["trained"]["score"]
+        summary["test_scale_over_training_scale"] = round(t / p, 3) if p > 0 else None
+        ratio = f"{t / p:.3f}x" if p > 0 else "n/a (0 at the training scale)"
+        scale_line = f"\nat test scale {args.test_scale:g}: {t:.4f}  at the training scale: {p:.4f}  ratio {ratio}"
     if str(args.baseline) != "none":
         summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
     trained = summary["trained"]["score"]
@@ -206,7 +217,7 @@ def main() -> None:
         ratio = f"{trained / b:.1f}x" if b > 0 else "n/a (baseline 0)"
         base = f"  baseline {b:.4f}  trained - baseline {trained - b:+.4f}  trained / baseline {ratio}"
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\ntrained {trained:.4f}{base}  ({work})")
+    print(f"\ntrained {trained:.4f}{base}  ({work}){scale_line}")
 
 
 if __name__ == "__main__":
