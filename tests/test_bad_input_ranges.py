@@ -137,6 +137,7 @@ BAD_OVERRIDES = {
     "train.val_thresholds.score=2": ("train.val_thresholds.score", "[0, 1]"),
     "data.folds=1": ("data.folds", ">= 2"),
     "augment.hflip=1.5": ("augment.hflip", "[0, 1]"),
+    "train.loss_weights={loss_mask: -1}": ("train.loss_weights.loss_mask", ">= 0"),
 }
 
 
@@ -146,6 +147,13 @@ def test_experiment_values_out_of_range_are_one_line(override, data, tmp_path, c
     run = tmp_path / "run"
     res = cli_inproc(capsys, "train", "--config", DEMO, "--data", data, "--out", run, override)
     assert_one_line_error(res, f"command-line override {override!r}", key, allowed)
+    assert not run.exists()
+
+
+def test_an_unknown_loss_weight_is_refused_before_training(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    res = cli_inproc(capsys, "train", "--config", DEMO, "--data", data, "--out", run, "train.loss_weights={loss_msk: 2}")
+    assert_one_line_error(res, "train.loss_weights", "'loss_msk'", "loss_mask")
     assert not run.exists()
 
 

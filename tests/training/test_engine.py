@@ -18,7 +18,7 @@ from cellseg.data.truth import read_train_csv
 from cellseg.errors import CellsegError
 from cellseg.model.checkpoint import read_checkpoint_info
 from cellseg.paths import demo_manifest
-from cellseg.training.engine import train_one_epoch, validation_manifest
+from cellseg.training.engine import LOSS_NAMES, train_one_epoch, validation_manifest
 from cellseg.training.loop import train
 
 DEMO_MODEL = demo_manifest().parent / "model.pth"
@@ -115,3 +115,31 @@ def test_train_one_epoch_means_and_a_non_finite_loss_named_by_term():
     assert stats.means == pytest.approx({"loss_a": 0.5, "loss_b": 0.25, "loss": 0.75})
     with pytest.raises(CellsegError, match=r"loss is nan at step 1 \(epoch 1\): loss_a=0\.5, loss_b=nan"):
         run(_LossModel(bad_at=2), 3)
+
+
+class _TwoTermModel(torch.nn.Module):
+    """loss_mask = 0.5 * a and loss_classifier = 0.25 * b, through two real parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.ones(()))
+        self.b = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images, targets):
+        return {"loss_mask": self.a * 0.5, "loss_classifier": self.b * 0.25}
+
+
+def test_loss_weights_reach_the_optimiser_and_the_logged_terms_stay_unweighted():
+    assert {"loss_mask", "loss_classifier"} <= set(LOSS_NAMES)
+    model = _TwoTermModel()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tc = TrainConfig(loss_weights={"loss_mask": 0.0, "loss_classifier": 3.0}, grad_clip=0.0)
+    stats = train_one_epoch(
+        model, [([torch.zeros(3, 4, 4)], [{}])], opt, sched, torch.amp.GradScaler("cuda", enabled=False),
+        torch.device("cpu"), tc, epoch=0, step=0, total_steps=1, steps_per_epoch=1, use_amp=False,
+        log=lambda m: None, progress=False,
+    )  # fmt: skip
+    assert model.a.item() == 1.0  # weight 0: no gradient reaches the mask term's parameter
+    assert model.b.item() == pytest.approx(1.0 - 3.0 * 0.25)  # weight 3: three times the step
+    assert stats.means == pytest.approx({"loss_mask": 0.5, "loss_classifier": 0.25, "loss": 0.75})

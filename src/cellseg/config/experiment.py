@@ -138,6 +138,10 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata=bounds(0, lo_open=True))
     #: max global L2 norm of the gradients (0 = off).
     grad_clip: float = field(default=10.0, metadata=bounds(0))
+    #: multiply these loss terms before they are summed (loss_classifier, loss_box_reg, loss_mask,
+    #: loss_objectness, loss_rpn_box_reg; e.g. {loss_mask: 2.0}); missing terms: 1. The logged terms
+    #: stay unweighted, the logged total is the weighted sum the optimiser sees.
+    loss_weights: dict[str, float] = field(default_factory=dict, metadata=bounds(0))
     #: mixed precision on GPU (torch.autocast + GradScaler); always off on CPU.
     amp: bool = True
     seed: int = 0

@@ -102,7 +102,7 @@ def train_one_epoch(
         raise_if_interrupted()  # a Ctrl-C that a loader worker's shutdown swallowed
         with torch.autocast(device_type=device.type, enabled=use_amp):
             loss_dict = model(*to_device(images, targets, device))
-        loss = sum(loss_dict.values())
+        loss = weighted_loss(loss_dict, tc.loss_weights)
         values = loss_values(loss_dict, loss, step, epoch)
         optimizer_step(loss, model, optimizer, scheduler, scaler, tc.grad_clip)
         step += 1
@@ -136,6 +136,26 @@ def to_device(
     on_device = [im.to(device, non_blocking=True) for im in images]
     moved = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return on_device, moved
+
+
+#: the loss terms of torchvision's Mask R-CNN in training mode (``train.loss_weights`` keys).
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def weighted_loss(loss_dict: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """The loss the optimiser minimises: the sum of the terms, each times its weight (missing: 1).
+
+    Args:
+        loss_dict: loss name -> scalar tensor, as the model returns it in training mode.
+        weights: ``train.loss_weights`` (loss name -> factor >= 0).
+
+    Returns:
+        A scalar tensor.
+    """
+    return sum(
+        (v * weights.get(k, 1.0) for k, v in loss_dict.items()),
+        torch.zeros((), device=next(iter(loss_dict.values())).device),
+    )
 
 
 def loss_values(loss_dict: Mapping[str, torch.Tensor], loss: Any, step: int, epoch: int) -> dict[str, float]:

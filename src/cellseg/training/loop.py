@@ -73,7 +73,7 @@ from cellseg.training.distributed import (
     process_group,
     reduce_mean,
 )
-from cellseg.training.engine import EpochStats, evaluate, evaluate_livecell, train_one_epoch
+from cellseg.training.engine import LOSS_NAMES, EpochStats, evaluate, evaluate_livecell, train_one_epoch
 from cellseg.training.interrupt import deferred_interrupts, interrupt_guard, raise_if_interrupted
 from cellseg.training.optim import build_optimizer, lr_factor, scale_to_global_batch
 from cellseg.training.rng import seed_everything, set_rng_state
@@ -118,6 +118,9 @@ def check_train_config(tc: TrainConfig) -> None:
         raise CellsegError(f"train.epochs must be >= 1, got {tc.epochs}")
     if tc.reference_batch < 1:
         raise CellsegError(f"train.reference_batch must be >= 1, got {tc.reference_batch}")
+    unknown = sorted(set(tc.loss_weights) - set(LOSS_NAMES))
+    if unknown:
+        raise CellsegError(f"train.loss_weights: unknown loss {unknown[0]!r}; expected one of {', '.join(LOSS_NAMES)}")
     if tc.time_limit is not None and not tc.time_limit >= 0:
         raise CellsegError(f"train.time_limit must be >= 0 seconds, got {tc.time_limit}")
 
