@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace, data: Path, run: Path) -> float:
     from cellseg.config.experiment import load_experiment
     from cellseg.data.truth import read_train_csv
 
-    cfg = load_experiment(args.config, [])
+    cfg = load_experiment(args.config, list(args.set))  # a --set train.batch_size changes the steps per epoch
     per_epoch = math.ceil(len(read_train_csv(data / "train.csv")) / cfg.train.batch_size)
     epochs = math.ceil(args.steps / per_epoch)
     t0 = time.perf_counter()
