@@ -152,7 +152,9 @@ def test_experiment_values_out_of_range_are_one_line(override, data, tmp_path, c
 
 def test_an_unknown_loss_weight_is_refused_before_training(data, tmp_path, capsys):
     run = tmp_path / "run"
-    res = cli_inproc(capsys, "train", "--config", DEMO, "--data", data, "--out", run, "train.loss_weights={loss_msk: 2}")
+    res = cli_inproc(
+        capsys, "train", "--config", DEMO, "--data", data, "--out", run, "train.loss_weights={loss_msk: 2}"
+    )
     assert_one_line_error(res, "train.loss_weights", "'loss_msk'", "loss_mask")
     assert not run.exists()
 
