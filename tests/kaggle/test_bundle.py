@@ -141,6 +141,7 @@ def test_wheel_installs_offline_into_a_fresh_venv(staged, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env=bare_env(),  # a checkout's src/ on PYTHONPATH would read as cellseg already installed
     )
     assert proc.returncode == 0, proc.stderr
     site = subprocess.run(
