@@ -19,8 +19,9 @@ at the config's own scale (the 0.106 row of benchmarks/README.md).
 on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2 --look phase`` output: the transfer
 measurement). ``--one-class`` gives every training row ``--cell-type``, so a synthetic-trained model has
 one class like the real run's (trained on the synthetic set's three types, one run voted ``cort`` on 59
-of the 60 real tiles and predicted them with cort's thresholds). ``--baseline DIR`` scores another weights folder in the same run
-(e.g. the real-trained run's ``weights-trained``) and prints the ratio: the transfer figure.
+of the 60 real tiles and predicted them with cort's thresholds). ``--baseline DIR`` scores another
+weights folder in the same run (e.g. the real-trained run's ``weights-trained``) and prints the ratio:
+the transfer figure.
 Not a timed test: it writes ``summary.json`` in ``--work``; figures go to benchmarks/README.md.
 """
 
