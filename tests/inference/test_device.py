@@ -99,7 +99,7 @@ def test_explicit_cuda_on_a_device_without_context_is_an_error(monkeypatch):
 
 
 def test_speed_options_are_off_unless_asked(monkeypatch):
-    """cudnn.benchmark and channels_last stay off by default (no GPU has measured them faster); the
+    """cudnn.benchmark and channels_last stay off by default (an H100 measured neither faster); the
     environment switches turn them on, and channels_last leaves a model's outputs unchanged."""
     for name in (inference_device.CUDNN_BENCHMARK_ENV, inference_device.CHANNELS_LAST_ENV):
         monkeypatch.delenv(name, raising=False)

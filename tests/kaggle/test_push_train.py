@@ -352,7 +352,7 @@ def test_dry_run_prints_the_gpu_plan_and_the_recipe_stage_that_applies(tmp_path,
     assert fake.calls == []
     out = p.stdout
     assert "5 kernels x 1.50 h time limit = 7.5 GPU-hours at most" in out
-    assert "ESTIMATE 1 s/step (no GPU measurement; pass --sec-per-step)" in out
+    assert "ESTIMATE 1 s/step (not measured on this accelerator; pass --sec-per-step)" in out
     assert "week 1: 5 folds from LIVECell" in out and "week 2: pseudo-label round, 5 folds" in out
     assert "LIVECell pretraining" not in out  # another config's stage
     assert out.count('"machine_shape": "NvidiaTeslaT4"') == 5

@@ -138,7 +138,8 @@ def resolve_device(device: str = "auto", log: Callable[[str], None] | None = Non
 #: environment switches of :func:`apply_speed_options` ("1" turns one on)
 CUDNN_BENCHMARK_ENV = "CELLSEG_CUDNN_BENCHMARK"
 CHANNELS_LAST_ENV = "CELLSEG_CHANNELS_LAST"
-#: defaults while no GPU measurement says either is faster (benchmarks/gpu_check.sh, r50_inference.options)
+#: off: on an H100 (benchmarks/gpu_check.sh, r50_inference.options, 2026-12-05) neither made the R50
+#: forward faster (cudnn.benchmark 0.83x, channels_last 0.87x, both 0.86x)
 CUDNN_BENCHMARK_DEFAULT = False
 CHANNELS_LAST_DEFAULT = False
 

@@ -43,10 +43,11 @@ RETIRED = ("NvidiaTeslaP100", "TpuV38", "Tpu1VmV38")
 #: 3,188 and val 570 images).
 TRAIN_IMAGES = 606
 LIVECELL_IMAGES = {"train": 3188, "val": 570, "test": 1564}
-#: ESTIMATE, not a measurement (no GPU figure exists yet): seconds per optimiser step of the R50-FPN
+#: ESTIMATE, not a measurement (no T4 has been measured): seconds per optimiser step of the R50-FPN
 #: configs (2 images per GPU at input_scale 2, AMP) on NvidiaTeslaT4, and seconds per image to
-#: validate or predict with the default TTA. Replace with benchmarks/gpu_check.sh figures via
-#: ``--sec-per-step``.
+#: validate or predict with the default TTA. The one GPU figure is an H100's (benchmarks/README.md,
+#: gpu_check.sh, 2026-12-05): 0.48 s/step with AMP, 0.27 without, 0.35 s/image for an R50 with 4 views;
+#: a T4 is slower, so these are lower bounds there. Pass a T4's measured s/step as ``--sec-per-step``.
 ESTIMATED_SEC_PER_STEP = 1.0
 ESTIMATED_SEC_PER_IMAGE = 0.5
 
@@ -115,7 +116,7 @@ def plan_lines(plan: Plan) -> list[str]:
     basis = (
         f"measured {plan.sec_per_step:g} s/step"
         if plan.sec_per_step is not None
-        else f"ESTIMATE {ESTIMATED_SEC_PER_STEP:g} s/step (no GPU measurement; pass --sec-per-step)"
+        else f"ESTIMATE {ESTIMATED_SEC_PER_STEP:g} s/step (not measured on this accelerator; pass --sec-per-step)"
     )
     exp = plan.expected_hours_per_kernel
     return [
