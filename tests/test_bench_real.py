@@ -1,0 +1,49 @@
+"""benchmarks/bench_real.py kept from rotting: one training step of a tiny demo model on the committed
+Usiigaci fixture (set 31, MIT), scored at export's thresholds and, with ``--tune``, with thresholds tuned
+on the training tiles (predict-raw + tune), as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellseg.paths import repo_root
+
+FIXTURE = Path(__file__).parent / "fixtures" / "usiigaci"
+TINY = [
+    "model.returned_layers=[1,2]",
+    "model.anchor_sizes=[[8],[16],[32]]",
+    "model.fpn_channels=16",
+    "model.box_head_dim=32",
+    "model.mask_head_convs=1",
+    "train.num_workers=0",
+    "augment.crop_size=[128,128]",
+]
+
+
+@pytest.mark.slow
+def test_tune_scores_the_held_out_tiles_with_thresholds_tuned_on_the_training_tiles(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(repo_root() / "benchmarks" / "bench_real.py"), "--src", str(FIXTURE),
+           "--work", str(work), "--train-sets", "31-31", "--test-sets", "31-31", "--steps", "1", "--scale", "1.0",
+           "--baseline", "none", "--tune", "--set", *TINY]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    # the fixture's 128 x 192 crop is one tile: trained on, tuned on, and scored with export's thresholds
+    # and with the tuned ones
+    assert summary["trained"]["tiles"] == 1
+    assert summary["tuned_on_train"]["tiles"] == 1
+    assert summary["tune_seconds"] > 0
+    assert [p.stem for p in (work / "cache-train").glob("*.npz")] == ["set31"]  # predict-raw cached it
+    assert (work / "weights-tuned" / "manifest.yaml").is_file()
+    assert (work / "report-tuned" / "summary.json").is_file()
+    assert "tuned on the training tiles: " in res.stdout
+    # the trained weights keep export's thresholds: tuning wrote only into its own copy
+    assert "manifest.v1.yaml" not in {p.name for p in (work / "weights-trained").iterdir()}
