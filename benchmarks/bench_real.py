@@ -265,7 +265,12 @@ def main() -> None:
         tuned, seconds = _tune_on_train(data, weights, work)
         summary["tune_seconds"] = round(seconds, 1)
         summary["tuned_on_train"] = _score("tuned on the training tiles", test_data, tuned, work / "report-tuned")
-        tuned_line = f"\ntuned on the training tiles: {summary['tuned_on_train']['score']:.4f}  ({tuned})"
+        u, t = summary["tuned_on_train"]["score"], summary["trained"]["score"]
+        summary["tuned_over_trained"] = round(u / t, 3) if t > 0 else None
+        ratio = f"{u / t:.3f}x" if t > 0 else "n/a (0 at export's thresholds)"
+        tuned_line = (
+            f"\ntuned on the training tiles: {u:.4f}  at export's thresholds: {t:.4f}  ratio {ratio}  ({tuned})"
+        )
     if str(args.baseline) != "none":
         summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
     trained = summary["trained"]["score"]

@@ -45,3 +45,5 @@ def test_tune_scores_the_held_out_tiles_with_thresholds_tuned_on_the_training_ti
     assert (work / "weights-tuned" / "manifest.yaml").is_file()
     assert (work / "report-tuned" / "summary.json").is_file()
     assert "tuned on the training tiles: " in res.stdout
+    assert "ratio n/a (0 at export's thresholds)" in res.stdout  # one step of the tiny model scores 0
+    assert summary["tuned_over_trained"] is None
