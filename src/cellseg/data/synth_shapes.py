@@ -1,10 +1,11 @@
 """Synthetic cell outlines: star-shaped polar shapes rasterised many at a time.
 
 Each cell is a star-shaped polar outline ``rho <= r(theta)`` (ellipse x low Fourier wobble + narrow
-Gaussian bumps for neurites/branches, then bent and swirled), rasterised on its own small crop and
-scaled to a target area. The inside test is vectorised over all cells of one crop size, with the
-angle of every pixel read from a cached lookup table (``np.arctan2`` is the slow part otherwise;
-benchmarks/bench_synth.py measures it against a per-cell arctan2 baseline).
+Gaussian bumps for neurites/branches, then bent and swirled; or, on request, a straight-edged polygon
+with tails, :func:`_polygon`), rasterised on its own small crop and scaled to a target area. The
+inside test is vectorised over all cells of one crop size, with the angle of every pixel read from
+a cached lookup table (``np.arctan2`` is the slow part otherwise; benchmarks/bench_synth.py measures
+it against a per-cell arctan2 baseline).
 
 Used by :mod:`cellseg.data.synth_image` (one image) and so by :mod:`cellseg.data.synth` (the dataset).
 """
@@ -60,6 +61,37 @@ def _profiles(rng: np.random.Generator, cell_type: str, n: int) -> tuple[np.ndar
     return r, bend, swirl
 
 
+def _polygon(rng: np.random.Generator) -> np.ndarray:
+    """One unit-scale polygon outline ``r(theta)`` (_N_ANGLES,): straight edges between 3-7 corners.
+
+    What fibroblast-like cells in phase contrast look like, and how they are annotated (Usiigaci's
+    labels are hand-drawn polygons): a quarter of the corners are pulled out 1.5-3x into tails, the
+    whole is stretched to an aspect of 1-3, and half of the outlines have concave sides. The corners
+    are spread so that no gap between them reaches 0.85 pi: the polygon stays star-shaped about its
+    centre, as every outline here is.
+    """
+    k = int(rng.integers(3, 8))
+    while True:
+        corners = np.sort(rng.uniform(-np.pi, np.pi, k))
+        if np.diff(np.concatenate([corners, corners[:1] + 2 * np.pi])).max() < 0.85 * np.pi:
+            break
+    rad = np.exp(rng.normal(0.0, 0.3, k))
+    tails = rng.random(k) < 0.25
+    rad[tails] *= rng.uniform(1.5, 3.0, int(tails.sum()))
+    a = np.sqrt(rng.uniform(1.0, 3.0))
+    rad /= np.sqrt((np.cos(corners) / a) ** 2 + (np.sin(corners) * a) ** 2)
+    after = np.searchsorted(corners, _THETA) % k  # the corner after each angle, and the one before
+    before = (after - 1) % k
+    into = _wrap(_THETA - corners[before]) % (2 * np.pi)  # angle past the corner before
+    span = _wrap(corners[after] - corners[before]) % (2 * np.pi)
+    r1, r2 = rad[before], rad[after]
+    # the straight edge between the corners (r1, t1) and (r2, t2), in polar form
+    r = r1 * r2 * np.sin(span) / np.maximum(r1 * np.sin(into) + r2 * np.sin(span - into), 1e-6)
+    if rng.random() < 0.5:  # concave sides: each edge bows inwards by 10-35 % at its middle
+        r = r * (1.0 - rng.uniform(0.1, 0.35) * np.sin(np.pi * np.clip(into / np.maximum(span, 1e-6), 0, 1)))
+    return r
+
+
 _ANGLE_Q = 4  # angle table resolution: 1/4 px
 _angle_table: np.ndarray = np.zeros((1, 1), dtype=np.int32)
 
@@ -77,16 +109,31 @@ def _angles(extent: int) -> np.ndarray:
     return _angle_table
 
 
-def cell_shapes(rng: np.random.Generator, cell_type: str, areas: np.ndarray) -> list[CropMask]:
+def cell_shapes(rng: np.random.Generator, cell_type: str, areas: np.ndarray, polygons: float = 0.0) -> list[CropMask]:
     """Cells of about ``areas`` (n,) px, each a CropMask whose (top, left) are relative to the cell's
     centre pixel.
 
     Inside test ``rho <= r(theta)`` in the cell's rotated, bent and swirled frame, evaluated for
     many cells at once on crops of equal size (the outline's bounding box rounded up to 4 px).
+
+    Args:
+        rng: the generator every draw comes from.
+        cell_type: "shsy5y", "astro" or "cort" (the outline family, module docstring).
+        areas: (n,) target areas in px.
+        polygons: share of shsy5y and astro cells drawn as straight-edged polygons instead
+            (:func:`_polygon`, neither bent nor swirled). 0 (the default) draws nothing more from
+            ``rng``, so the shapes are those of the generator without the option.
+
+    Returns:
+        n CropMasks.
     """
     areas = np.asarray(areas, dtype=np.float64)
     n = areas.size
     r, bend, swirl = _profiles(rng, cell_type, n)
+    if polygons > 0 and cell_type in ("shsy5y", "astro"):
+        for i in np.flatnonzero(rng.random(n) < polygons):
+            r[i] = _polygon(rng)
+            bend[i] = swirl[i] = 0.0
     r = r * np.sqrt(areas / (0.5 * (r * r).sum(1) * (2 * np.pi / _N_ANGLES)))[:, None]
     rmax = r.max(1)
     offset = rng.random((n, 2))
