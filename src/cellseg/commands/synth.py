@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("classic", "phase"),
         default="classic",
         help="how cells are drawn: classic (flat darker bodies with a thin halo; the default, the demo "
-        "model's and the tests' data) or phase (a bright band straddling every edge, pale nucleus, dark "
-        "granules, bright rounded cells: measured closer to real phase contrast, docs/TRAINING.md)",
+        "model's and the tests' data) or phase (a bright, patchy band straddling every edge, pale nucleus, "
+        "dark granules, bright rounded cells, polygon outlines with tails for most shsy5y and astro cells, "
+        "unannotated textured clumps and out-of-focus rings: measured closer to real phase contrast, "
+        "docs/TRAINING.md)",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
