@@ -51,29 +51,27 @@ Transfer to real pixels stays poor (benchmarks/README.md, bench_real.py): a mode
 images finds Usiigaci's cells but segments only their dark cores, since the synthetic body is
 darkened evenly while a real cell is a dark nucleus in pale cytoplasm ringed by a bright halo.
 
-The ``phase`` look (``make_image(look="phase")``, ``cellseg synth --look phase``) draws the cells
-with what real phase contrast shows,
-measured on Usiigaci's images against their labels: a bright band straddling every edge (+19 grey
-levels 1 px outside the annotation, +18 1 px inside, fading over ~6 px each way, the deep interior
--3 to -5), brighter on one side of the frame (phase shading) and dark on the other where it is
-strong; a body near the background's grey (40 % of the cells clearly darker), a paler nucleus with
-two dark nucleoli at the cell's deepest point, dark granules around it, rounded (mitotic) cells bright
-inside with a thick band, dark debris clumps and specks on the background. Since the transfer
-measure (below) stalled at a third of the real-data score with the pixels measured to match, the
-phase look also changes the outlines and adds what a real frame holds besides its cells:
-``PHASE_POLYGONS`` (70 %) of the shsy5y and astro cells are straight-edged polygons with 3-7
-corners, some pulled out into tails and half with concave sides (Usiigaci's fibroblasts, annotated by
-hand as polygons; cort keeps its round outlines); the band is patchy along each edge (stretches of
-it faint); unannotated flat textured clumps without a band and faint out-of-focus rings lie on the
-background (``_phase_ghosts``); focus blur (0.4-1.5 px), camera noise (1.5-6) and the cells' fine
-texture (2-12) vary from image to image. Then the competition's
-statistics as in the classic look: the contrast is raised (at most ``MAX_PHASE_GAIN`` = 3x) towards a
-standard deviation drawn from ``TARGET_STD``, the mean drawn from ``TARGET_MEAN`` (8 images per type,
-seeds 0-7: std 16-20, sparse cort images stop at the cap). A model trained on this look transfers
-to real pixels ~10x better than on the classic look (benchmarks/README.md); ``classic`` stays the
-default and draws exactly what it drew before, so the demo model, the tests and the golden
-submission keep their data. The phase look draws the classic look's cort cells, and with
-``PHASE_POLYGONS = 0`` every cell and annotation of the seed.
+The ``phase`` look (``make_image(look="phase")``, ``cellseg synth --look phase``) draws the cells with
+what real phase contrast shows, measured on Usiigaci's images against their labels: a bright band
+straddling every edge (+19 grey levels 1 px outside the annotation, +18 1 px inside, fading over ~6 px
+each way, the deep interior -3 to -5), brighter on one side of the frame (phase shading) and dark on the
+other where it is strong; a body near the background's grey (40 % of the cells clearly darker), a paler
+nucleus with two dark nucleoli at the cell's deepest point, dark granules around it, rounded (mitotic)
+cells bright inside with a thick band, dark debris clumps and specks on the background. Since the
+transfer measure (above) stalled at a third of the real-data score with the pixels measured to match,
+the phase look also changes the outlines and adds what a real frame holds besides its cells:
+``PHASE_POLYGONS`` (70 %) of the shsy5y and astro cells are straight-edged polygons with 3-7 corners,
+some pulled out into tails and half with concave sides (Usiigaci's fibroblasts, annotated by hand as
+polygons; cort keeps its round outlines); the band is patchy along each edge (stretches of it faint);
+unannotated flat textured clumps without a band and faint out-of-focus rings lie on the background
+(``_phase_ghosts``); focus blur (0.4-1.5 px), camera noise (1.5-6) and the cells' fine texture (2-12)
+vary from image to image. Then the competition's statistics as in the classic look: the contrast is
+raised (at most ``MAX_PHASE_GAIN`` = 3x) towards a standard deviation drawn from ``TARGET_STD``, the
+mean drawn from ``TARGET_MEAN`` (8 images per type, seeds 0-7: std 16-20, sparse cort images stop at the
+cap). A model trained on this look transfers to real pixels more than 10x better than on the classic look
+(benchmarks/README.md); ``classic`` stays the default and draws exactly what it drew before, so the demo
+model, the tests and the golden submission keep their data. The phase look draws the classic look's cort
+cells, and with ``PHASE_POLYGONS = 0`` every cell and annotation of the seed.
 """
 
 from __future__ import annotations
