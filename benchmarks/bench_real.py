@@ -173,6 +173,14 @@ def _score(name: str, data: Path, manifest: Path, report: Path) -> dict:
     }
 
 
+def _ratio(num: float, den: float, why_none: str) -> tuple[float | None, str]:
+    """``num / den`` for summary.json (3 decimals; None when ``den`` is 0) and as printed ("1.078x", or
+    "n/a (why_none)")."""
+    if den <= 0:
+        return None, f"n/a ({why_none})"
+    return round(num / den, 3), f"{num / den:.3f}x"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "usiigaci")
@@ -255,8 +263,7 @@ def main() -> None:
         summary["at_training_scale"] = _score("trained, at its training scale", test_data, plain, work / "report-plain")
         p = summary["at_training_scale"]["score"]
         t = summary["trained"]["score"]
-        summary["test_scale_over_training_scale"] = round(t / p, 3) if p > 0 else None
-        ratio = f"{t / p:.3f}x" if p > 0 else "n/a (0 at the training scale)"
+        summary["test_scale_over_training_scale"], ratio = _ratio(t, p, "0 at the training scale")
         scale_line = f"\nat test scale {args.test_scale:g}: {t:.4f}  at the training scale: {p:.4f}  ratio {ratio}"
     tuned_line = ""
     if args.tune:
@@ -266,8 +273,7 @@ def main() -> None:
         summary["tune_seconds"] = round(seconds, 1)
         summary["tuned_on_train"] = _score("tuned on the training tiles", test_data, tuned, work / "report-tuned")
         u, t = summary["tuned_on_train"]["score"], summary["trained"]["score"]
-        summary["tuned_over_trained"] = round(u / t, 3) if t > 0 else None
-        ratio = f"{u / t:.3f}x" if t > 0 else "n/a (0 at export's thresholds)"
+        summary["tuned_over_trained"], ratio = _ratio(u, t, "0 at export's thresholds")
         tuned_line = (
             f"\ntuned on the training tiles: {u:.4f}  at export's thresholds: {t:.4f}  ratio {ratio}  ({tuned})"
         )
@@ -278,8 +284,7 @@ def main() -> None:
     if "baseline" in summary:
         b = summary["baseline"]["score"]
         summary["trained_minus_baseline"] = round(trained - b, 4)
-        summary["trained_over_baseline"] = round(trained / b, 2) if b > 0 else None
-        ratio = f"{trained / b:.1f}x" if b > 0 else "n/a (baseline 0)"
+        summary["trained_over_baseline"], ratio = _ratio(trained, b, "baseline 0")
         base = f"  baseline {b:.4f}  trained - baseline {trained - b:+.4f}  trained / baseline {ratio}"
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\ntrained {trained:.4f}{base}  ({work}){scale_line}{tuned_line}")
