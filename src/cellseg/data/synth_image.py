@@ -510,9 +510,9 @@ def _phase_cells(
     px: float,
 ) -> np.ndarray:
     """(H, W) float32 signal of the cells themselves: the band's amplitude per cell, bodies near the
-    background's grey (40 % clearly darker), rounded cells bright inside with a
-    3x band, a pale nucleus with two dark nucleoli at the deepest point and dark granules around it,
-    fine texture (2-12).
+    background's grey (40 % clearly darker), rounded cells bright inside with a 3x band, a pale
+    nucleus with two dark nucleoli at the deepest point and dark granules around it, fine texture
+    (2-12, drawn per image).
     ``geometry`` is :func:`_cell_geometry`'s ``(edt, dcentre, rmax)``."""
     edt, dcentre, rmax = geometry
     fg = labels > 0
