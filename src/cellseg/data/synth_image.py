@@ -212,6 +212,19 @@ def _centres(rng: np.random.Generator, spec: TypeSpec, n: int, height: int, widt
     return pts.astype(np.int64)
 
 
+def _in_frame(
+    top: int, left: int, shape: tuple[int, int], height: int, width: int
+) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where a crop of ``shape`` (h, w) placed at (top, left) lies in a (height, width) frame.
+
+    Returns ``(frame, inside)``: the slices of the frame it covers and the matching slices of the
+    crop (both empty when it lies wholly outside).
+    """
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = max(min(top + shape[0], height), y0), max(min(left + shape[1], width), x0)
+    return (slice(y0, y1), slice(x0, x1)), (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+
+
 def _place_cells(
     rng: np.random.Generator,
     cell_type: str,
@@ -247,13 +260,12 @@ def _place_cells(
     for crop, tries in zip(shapes, centres):
         h, w = crop.mask.shape
         for cy, cx in tries:
-            top, left = cy + crop.top, cx + crop.left
-            y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
-            m = crop.mask[y0 - top : y1 - top, x0 - left : x1 - left]
+            frame, inside = _in_frame(cy + crop.top, cx + crop.left, (h, w), height, width)
+            m = crop.mask[inside]
             area = int(np.count_nonzero(m))
             if area < spec.min_area:
                 continue
-            view = labels[y0:y1, x0:x1]
+            view = labels[frame]
             m_free = m & (view == 0)
             taken = area - int(np.count_nonzero(m_free))
             if taken > spec.max_overlap * area:
@@ -572,12 +584,9 @@ def _phase_ghosts(rng: np.random.Generator, fg: np.ndarray, px: float) -> np.nda
     tex *= np.float32(1.0 / max(float(tex.std()), 1e-6))
     for c in shapes:
         top, left = int(rng.integers(0, h)) + c.top, int(rng.integers(0, w)) + c.left
-        mh, mw = c.mask.shape
-        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + mh, h), min(left + mw, w)
-        if y1 <= y0 or x1 <= x0:
-            continue
-        m = ndimage.gaussian_filter(c.mask[y0 - top : y1 - top, x0 - left : x1 - left].astype(np.float32), 1.5 * px)
-        out[y0:y1, x0:x1] += m * (np.float32(rng.uniform(5, 14)) * tex[y0:y1, x0:x1] - np.float32(rng.uniform(-2, 8)))
+        frame, inside = _in_frame(top, left, c.mask.shape, h, w)
+        m = ndimage.gaussian_filter(c.mask[inside].astype(np.float32), 1.5 * px)
+        out[frame] += m * (np.float32(rng.uniform(5, 14)) * tex[frame] - np.float32(rng.uniform(-2, 8)))
     for _ in range(int(rng.integers(0, 15))):
         cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(6, 30) * px
         y0, y1 = int(max(cy - r - 6, 0)), int(min(cy + r + 6, h))
