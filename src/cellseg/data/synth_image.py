@@ -71,11 +71,12 @@ that stop at the drawn edge segmented real cells about 2 px too tight (dilating 
 the transfer measure from 0.088 to 0.102; trained on the margin, 0.103 / 0.109 over two seeds). Then the
 competition's statistics as in the classic look: the contrast is raised (at most ``MAX_PHASE_GAIN`` =
 3x) towards a standard deviation drawn from ``TARGET_STD``, the mean drawn from ``TARGET_MEAN`` (8
-images per type, seeds 0-7: std 16-20, sparse cort images stop at the cap). A model trained on this look transfers to real pixels more than 10x better than on the classic look
-(benchmarks/README.md); ``classic`` stays the default and draws exactly what it drew before, so the demo
-model, the tests and the golden submission keep their data. The phase look draws the classic look's cort
-cells, and with ``PHASE_POLYGONS = 0`` every cell of the seed (annotated with the margin; with
-``PHASE_LABEL_PAD = 0`` too, every annotation of the seed).
+images per type, seeds 0-7: std 16-20, sparse cort images stop at the cap). A model trained on this
+look transfers to real pixels more than 10x better than on the classic look (benchmarks/README.md);
+``classic`` stays the default and draws exactly what it drew before, so the demo model, the tests and
+the golden submission keep their data. The phase look draws the classic look's cort cells, and with
+``PHASE_POLYGONS = 0`` every cell of the seed (annotated with the margin; with ``PHASE_LABEL_PAD = 0``
+too, every annotation of the seed).
 """
 
 from __future__ import annotations
