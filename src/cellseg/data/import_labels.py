@@ -49,7 +49,7 @@ import pandas as pd
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.config.provenance import IMPORT_MARKER
-from cellseg.data.masks import CropMask
+from cellseg.data.masks import CropMask, instances
 from cellseg.data.rle import encode_crop
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
@@ -244,24 +244,6 @@ def tile_starts(length: int, tile: int) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-def tile_instances(labels: np.ndarray) -> list[tuple[int, CropMask]]:
-    """(label value, CropMask) of every instance in a (tile) label image, ascending by value.
-
-    Args:
-        labels: (h, w) integer label image, 0 = background.
-
-    Returns:
-        One pair per label value present; each CropMask sits in ``labels``' frame.
-    """
-    from scipy import ndimage
-
-    out = []
-    for value, sl in enumerate(ndimage.find_objects(labels.astype(np.int64)), start=1):
-        if sl is not None:
-            out.append((value, CropMask(sl[0].start, sl[1].start, labels[sl] == value)))
-    return out
-
-
 def cut_tiles(
     image: np.ndarray, labels: np.ndarray, tile: tuple[int, int], min_area: int
 ) -> list[tuple[int, int, np.ndarray, list[CropMask]]]:
@@ -284,7 +266,7 @@ def cut_tiles(
     for top in tile_starts(h, th):
         for left in tile_starts(w, tw):
             sub = labels[top : top + th, left : left + tw]
-            kept = [c for v, c in tile_instances(sub) if c.area >= min_area or c.area == total[v]]
+            kept = [c for v, c in instances(sub) if c.area >= min_area or c.area == total[v]]
             if kept:
                 out.append((top, left, image[top : top + th, left : left + tw], kept))
     return out

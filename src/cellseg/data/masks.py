@@ -87,6 +87,23 @@ def label_image(crops: Iterable[CropMask], height: int, width: int) -> tuple[np.
     return labels, overlap
 
 
+def instances(labels: np.ndarray) -> list[tuple[int, CropMask]]:
+    """(label value, CropMask) of every instance in a label image, ascending by value: the inverse
+    of :func:`label_image`.
+
+    Args:
+        labels: (H, W) integer label image, 0 = background.
+
+    Returns:
+        One pair per label value present; each CropMask sits in ``labels``' frame.
+    """
+    out = []
+    for value, sl in enumerate(ndimage.find_objects(labels.astype(np.int64)), start=1):
+        if sl is not None:
+            out.append((value, CropMask(sl[0].start, sl[1].start, labels[sl] == value)))
+    return out
+
+
 def stack(crops: Sequence[CropMask], height: int, width: int) -> np.ndarray:
     """(N, height, width) bool mask stack."""
     out = np.zeros((len(crops), height, width), dtype=bool)

@@ -88,7 +88,7 @@ import numpy as np
 from scipy import ndimage
 
 from cellseg import CELL_TYPES, IMAGE_SHAPE
-from cellseg.data.masks import CropMask
+from cellseg.data.masks import CropMask, instances
 from cellseg.data.synth_shapes import cell_shapes
 from cellseg.errors import CellsegError
 
@@ -718,9 +718,7 @@ def make_image(
     cells = _read_cells(labels, partial, SPECS[cell_type].min_area)
     if look == "phase":  # the annotations reach past the drawn edge (PHASE_LABEL_PAD)
         grown = grow_labels(labels, PHASE_LABEL_PAD * max(1.0, zoom) ** 0.5)
-        cells = [
-            CropMask(sl[0].start, sl[1].start, grown[sl] == i) for i, sl in enumerate(ndimage.find_objects(grown), 1)
-        ]
+        cells = [c for _, c in instances(grown)]
     annotations = list(cells)
     broken = np.zeros(len(cells), dtype=bool)
     if cell_type == "astro":
