@@ -28,7 +28,7 @@ from cellseg.config.manifest import FusionConfig, Manifest
 from cellseg.errors import CellsegError
 from cellseg.inference.fold import fold_batchnorm
 from cellseg.inference.fusion import Detections, SoftCrop
-from cellseg.model.build import set_input_scale
+from cellseg.model.build import image_tensor, set_input_scale
 from cellseg.model.checkpoint import load_model
 from cellseg.model.precision import half_precision
 
@@ -78,12 +78,6 @@ def prepare_model(
     if fp16:
         half_precision(model)
     return model
-
-
-def image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W) uint8 grey -> (3, H, W) float32 in [0, 1] on ``device`` (grey repeated)."""
-    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device)
-    return (t.float() / 255.0).unsqueeze(0).expand(3, -1, -1)
 
 
 def flip_image(t: torch.Tensor, view: str) -> torch.Tensor:

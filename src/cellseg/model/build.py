@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -229,6 +230,13 @@ PART_CLASSES: dict[bool, tuple[type[RPN], type[MaskRoIHeads], type[RCNNTransform
     False: (RPN, MaskRoIHeads, RCNNTransform),
     True: (d2.D2RPN, d2.D2RoIHeads, d2.D2Transform),
 }
+
+
+def image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The model's input for one image: (H, W) uint8 grey -> (3, H, W) float32 in [0, 1] on
+    ``device`` (grey repeated; the transform normalises it)."""
+    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device)
+    return (t.float() / 255.0).unsqueeze(0).expand(3, -1, -1)
 
 
 def build_transform(cfg: ModelConfig, keep_source_masks: bool = False) -> RCNNTransform:
