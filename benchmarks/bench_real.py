@@ -24,7 +24,10 @@ weights folder in the same run (e.g. the real-trained run's ``weights-trained``)
 the transfer figure. ``--tune`` also runs the user's loop past export: ``cellseg predict-raw`` on every
 training tile and ``cellseg tune`` on them (in-sample for the model: no held-out tile is seen; the grid
 extended to NMS IoU 0.7 and min pixels 400 for cells this size), then scores the held-out tiles with
-the tuned manifest as well (``weights-tuned``; summary key ``tuned_on_train``).
+the tuned manifest as well (``weights-tuned``; summary key ``tuned_on_train``). ``--adapt-bn`` also scores an export
+whose BatchNorm statistics are recomputed on the training tiles, their labels unread (``cellseg export
+--adapt-bn``; ``weights-adapted``, summary key ``adapted``): with synthetic ``--train-data``, what a user
+with unlabelled images of the kind they predict gains (docs/TRAINING.md).
 Not a timed test: it writes ``summary.json`` in ``--work``; figures go to benchmarks/README.md.
 """
 
@@ -181,6 +184,24 @@ def _ratio(num: float, den: float, why_none: str) -> tuple[float | None, str]:
     return round(num / den, 3), f"{num / den:.3f}x"
 
 
+def _score_adapted(
+    args: argparse.Namespace, run: Path, train_data: Path, test_data: Path, scale_args: list[str], summary: dict
+) -> str:
+    """Export ``run`` with ``--adapt-bn`` on the training tiles' images and score the held-out tiles
+    (summary keys ``adapted``, ``adapted_over_trained``); returns the line to print."""
+    if args.run is not None:
+        _import(args.src, train_data, args.train_sets, args.cell_type)
+    adapted = args.work / "weights-adapted"
+    _cellseg(
+        "export", str(run / "last.pth"), "--out", str(adapted), "--force", "--adapt-bn", str(train_data / "train"),
+        *scale_args,
+    )  # fmt: skip
+    summary["adapted"] = _score("BatchNorm adapted", test_data, adapted, args.work / "report-adapted")
+    a, t = summary["adapted"]["score"], summary["trained"]["score"]
+    summary["adapted_over_trained"], ratio = _ratio(a, t, "0 at the training statistics")
+    return f"\nBatchNorm statistics of the training tiles: {a:.4f}  as trained: {t:.4f}  ratio {ratio}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "usiigaci")
@@ -227,6 +248,12 @@ def main() -> None:
         action="store_true",
         help="also tune the thresholds on the training tiles (predict-raw + tune) and score the held-out "
         "tiles with them: the user's loop, with no held-out tile seen",
+    )
+    p.add_argument(
+        "--adapt-bn",
+        action="store_true",
+        help="also score an export whose BatchNorm statistics are recomputed on the imported training tiles, "
+        "their labels unread (`cellseg export --adapt-bn`): for a model trained on other images (--train-data)",
     )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for training")
     args = p.parse_args()
@@ -277,6 +304,7 @@ def main() -> None:
         tuned_line = (
             f"\ntuned on the training tiles: {u:.4f}  at export's thresholds: {t:.4f}  ratio {ratio}  ({tuned})"
         )
+    adapt_line = _score_adapted(args, run, train_data, test_data, scale_args, summary) if args.adapt_bn else ""
     if str(args.baseline) != "none":
         summary["baseline"] = _score("baseline", test_data, args.baseline, work / "report-baseline")
     trained = summary["trained"]["score"]
@@ -287,7 +315,7 @@ def main() -> None:
         summary["trained_over_baseline"], ratio = _ratio(trained, b, "baseline 0")
         base = f"  baseline {b:.4f}  trained - baseline {trained - b:+.4f}  trained / baseline {ratio}"
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\ntrained {trained:.4f}{base}  ({work}){scale_line}{tuned_line}")
+    print(f"\ntrained {trained:.4f}{base}  ({work}){scale_line}{tuned_line}{adapt_line}")
 
 
 if __name__ == "__main__":

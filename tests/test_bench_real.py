@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cellseg.paths import repo_root
 
@@ -32,7 +33,7 @@ def test_tune_scores_the_held_out_tiles_with_thresholds_tuned_on_the_training_ti
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(repo_root() / "benchmarks" / "bench_real.py"), "--src", str(FIXTURE),
            "--work", str(work), "--train-sets", "31-31", "--test-sets", "31-31", "--steps", "1", "--scale", "1.0",
-           "--baseline", "none", "--tune", "--set", *TINY]  # fmt: skip
+           "--baseline", "none", "--tune", "--adapt-bn", "--set", *TINY]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((work / "summary.json").read_text())
@@ -46,4 +47,9 @@ def test_tune_scores_the_held_out_tiles_with_thresholds_tuned_on_the_training_ti
     assert (work / "report-tuned" / "summary.json").is_file()
     assert "tuned on the training tiles: " in res.stdout
     assert "ratio n/a (0 at export's thresholds)" in res.stdout  # one step of the tiny model scores 0
+    # --adapt-bn: the export with BatchNorm statistics of the training tiles, scored on the held-out ones
+    assert summary["adapted"]["tiles"] == 1
+    adapted = yaml.safe_load((work / "weights-adapted" / "manifest.yaml").read_text())
+    assert adapted["models"][0]["provenance"]["adapted"]["images"] == 1
+    assert "BatchNorm statistics of the training tiles: " in res.stdout
     assert summary["tuned_over_trained"] is None

@@ -56,6 +56,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with model.input_scale > 0 only; e.g. 0.9 for a model trained at 0.75 on larger cells than the "
         "test images hold); written per model into the manifest",
     )
+    p.add_argument(
+        "--adapt-bn",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="recompute the backbone's and FPN's BatchNorm statistics on the unlabelled PNG images of DIR "
+        "(e.g. the competition's train_semi_supervised/): for a model trained on other images (cellseg synth, "
+        "another microscope) that will predict images like these; no label is read and no weight is trained "
+        "(docs/TRAINING.md). bn and frozen_bn models; runs on the CPU, a few seconds per image",
+    )
+    p.add_argument(
+        "--adapt-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --adapt-bn: use at most N of its images, evenly spaced over the sorted names (default 200)",
+    )
     p.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16, half the size)")
     p.add_argument(
         "--force",
@@ -66,12 +83,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # lazy imports: `cellseg <command> --help` imports this module and must stay instant (no torch)
+    from cellseg.errors import CellsegError
     from cellseg.io import check_writable
     from cellseg.model.export import export_weights
 
     # before any checkpoint is read; export_weights checks every argument before it writes, and
     # builds the folder beside --out, so checkpoints or a template inside --out are read safely
     check_writable(args.out, "dir")
+    if args.adapt_bn is None and args.adapt_images is not None:
+        raise CellsegError("--adapt-images needs --adapt-bn DIR")
     tta = args.tta.split(",")
     res = export_weights(
         args.checkpoints,
@@ -83,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         weights=args.model_weights,
         force=args.force,
         input_scale=args.input_scale,
+        adapt_bn=args.adapt_bn,
+        adapt_images=200 if args.adapt_images is None else args.adapt_images,
     )
     for dest, src, size in res.files:
         print(f"{dest}  {size / 1e6:.1f} MB  <- {src}")

@@ -52,12 +52,25 @@ class FileRef:
 
 
 @dataclass
+class Adaptation:
+    """BatchNorm statistics recomputed on unlabelled images (``cellseg export --adapt-bn``): the
+    folder, how many of its images, one sha256 over their names and contents, how many layers."""
+
+    path: str
+    images: int
+    sha256: str
+    layers: int
+
+
+@dataclass
 class Provenance:
     """Where one model's weights came from (the ``provenance`` of a manifest entry).
 
     ``sources``: every data source the weights were trained on, those of an init checkpoint of ours
     included (fine-tuning chains). ``init``: the starting weights of the last run. ``imported``: the
     original file of a Detectron2 conversion (``origin`` "detectron2 import"), kept through fine-tuning.
+    ``adapted``: the images the backbone's BatchNorm statistics were recomputed on after training
+    (None: they are the training data's).
     """
 
     origin: Literal["cellseg train", "detectron2 import"] = TRAINED
@@ -68,6 +81,7 @@ class Provenance:
     epoch: int | None = None
     git_commit: str | None = None
     note: str = ""
+    adapted: Adaptation | None = None
 
 
 def read_marker(folder: str | Path, name: str) -> dict | None:

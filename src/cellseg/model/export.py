@@ -11,6 +11,9 @@ defaults, or those of a template manifest), so the folder is what ``cellseg pred
     export_weights(["runs/r50/fold0/best.pth", "runs/r50/fold1/best.pth"], "weights/r50")
     # weights/r50/model_0.pth, model_1.pth, manifest.yaml
 
+``adapt_bn`` (``cellseg export --adapt-bn DIR``) recomputes each model's backbone BatchNorm statistics
+on unlabelled images first (:mod:`cellseg.model.adapt`) and records them in the model's provenance.
+
 Every argument is checked before anything is written. The folder is built complete beside ``out``
 (checkpoints, then the manifest), checked (the manifest loads and every checksum matches) and only
 then renamed into place: a failure at any point (a bad argument, a full disk, a kill) leaves an
@@ -34,10 +37,12 @@ from cellseg.config.experiment import ExperimentConfig, upgrade_keys
 from cellseg.config.loader import check_number, field_range, from_dict
 from cellseg.config.manifest import VIEWS, Manifest, ModelEntry, View, default_classes, load_manifest, write_manifest
 from cellseg.errors import CellsegError
-from cellseg.io import check_replaceable, check_writable, replace_dir, staging
+from cellseg.io import check_replaceable, check_writable, read_gray, replace_dir, staging
+from cellseg.model.adapt import adapt_batchnorm, adaptation_record, pick_images
 from cellseg.model.build import set_input_scale
 from cellseg.model.checkpoint import load_model, save_checkpoint
 from cellseg.model.provenance import from_checkpoint
+from cellseg.progress import progress
 
 
 @dataclass
@@ -120,6 +125,18 @@ def _write_models(
     return files, entries
 
 
+def _adapt(loaded: list, folder: Path, limit: int) -> None:
+    """Recompute the BatchNorm statistics of every loaded model on up to ``limit`` images of ``folder``
+    (in place) and record it in each checkpoint's provenance (``bn_adapted``)."""
+    files = pick_images(folder, limit)
+    images = [read_gray(p) for p in files]  # every image is read (and checked) before any model changes
+    for s, model, info in loaded:
+        bar = progress(total=len(images), desc=f"adapt-bn {s.name}", unit="img", every=25)
+        layers = adapt_batchnorm(model, images, on_batch=bar.update)
+        bar.close()
+        info.provenance["bn_adapted"] = adaptation_record(folder, files, layers)
+
+
 def _keep_extras(out: Path, tmp: Path) -> None:
     """Copy into ``tmp`` the files of the earlier export ``out`` that the new one does not write
     (kept manifest versions, notes), but not its model files."""
@@ -145,6 +162,8 @@ def export_weights(
     weights: Sequence[float] | None = None,
     force: bool = False,
     input_scale: float | None = None,
+    adapt_bn: str | Path | None = None,
+    adapt_images: int = 200,
 ) -> ExportResult:
     """Write ``out/model*.pth`` + ``out/manifest.yaml`` from our checkpoints (built beside ``out``,
     checked, then swapped in: see the module docstring).
@@ -161,6 +180,11 @@ def export_weights(
         force: replace an earlier export in ``out`` (a folder holding ``manifest.yaml``).
         input_scale: inference input scale of every model (the manifest's ``models[i].input_scale``);
             None = each predicts at the scale it was trained at. Each model must be a fixed-scale one.
+        adapt_bn: a folder of unlabelled PNG images like those the models will predict: the
+            backbone's and FPN's BatchNorm statistics of every model are recomputed on them, at
+            ``input_scale`` when given (:mod:`cellseg.model.adapt`). None: kept as trained.
+        adapt_images: at most this many images of ``adapt_bn`` are used, evenly spaced over its
+            sorted file names.
 
     Returns:
         The manifest path and, per model, (file in ``out``, source checkpoint, size in bytes).
@@ -171,6 +195,8 @@ def export_weights(
         check_number(input_scale, "--input-scale", field_range(ModelEntry, "input_scale"))
     out = Path(out)
     _check_out(out, force)
+    if adapt_bn is not None:
+        pick_images(adapt_bn, adapt_images)  # a missing or empty folder is refused before any model loads
     base = load_manifest(template, verify=False) if template is not None else Manifest(classes=default_classes())
     loaded = []
     for s in srcs:
@@ -180,6 +206,8 @@ def export_weights(
         if input_scale is not None:
             set_input_scale(model, input_scale, str(s))  # a min/max-size model has no factor: refused here
         loaded.append((s, model, info))
+    if adapt_bn is not None:
+        _adapt(loaded, Path(adapt_bn), adapt_images)
     with staging(out) as tmp:
         files, entries = _write_models(loaded, tmp, half, weights, input_scale)
         m = dataclasses.replace(

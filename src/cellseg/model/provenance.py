@@ -31,6 +31,7 @@ from cellseg.config.provenance import (
     IMPORT_MARKER,
     SYNTH_MARKER,
     TRAINED,
+    Adaptation,
     DataSource,
     FileRef,
     Provenance,
@@ -181,11 +182,13 @@ def from_checkpoint(prov: dict | None) -> Provenance | None:
         "epoch": prov.get("epoch"),
         "git_commit": prov.get("git_commit"),
     }
+    adapted = from_dict(Adaptation, prov["bn_adapted"], "bn_adapted") if prov.get("bn_adapted") else None
     if prov.get("source") == "detectron2" or prov.get("origin") == DETECTRON2:
         return Provenance(
             origin=DETECTRON2,
             imported=FileRef(str(prov.get("detectron2_weights", "")), prov.get("detectron2_weights_sha256")),
             git_commit=prov.get("git_commit"),
+            adapted=adapted,
         )
     if "data_sources" not in prov:
         return None
@@ -195,6 +198,7 @@ def from_checkpoint(prov: dict | None) -> Provenance | None:
         sources=[from_dict(DataSource, s, "data_sources") for s in prov["data_sources"]],
         init=init,
         imported=from_dict(FileRef, prov["imported"], "imported") if prov.get("imported") else None,
+        adapted=adapted,
         **common,
     )
 
@@ -263,8 +267,14 @@ def describe(p: Provenance | None) -> str:
     """One model's provenance in one line (for the bundle / push plans)."""
     if p is None:
         return UNKNOWN
+    adapted = (
+        f"; BatchNorm statistics from {p.adapted.images:,} unlabelled images in {p.adapted.path} "
+        f"(sha256 {p.adapted.sha256[:12]})"
+        if p.adapted is not None
+        else ""
+    )
     if p.origin == DETECTRON2 and p.imported is not None:
-        return f"{DETECTRON2} of {p.imported.path} (sha256 {p.imported.sha256 or '?'})"
+        return f"{DETECTRON2} of {p.imported.path} (sha256 {p.imported.sha256 or '?'}){adapted}"
     srcs = []
     for s in p.sources:
         what = "synthetic (cellseg synth" + (f" seed {s.synth_seed}" if s.synth_seed is not None else "") + ")"
@@ -280,7 +290,7 @@ def describe(p: Provenance | None) -> str:
         bits.append(f"init {p.init.path} (sha256 {(p.init.sha256 or '?')[:12]})")
     if p.imported is not None:
         bits.append(f"from {DETECTRON2} {p.imported.path} (sha256 {(p.imported.sha256 or '?')[:12]})")
-    return ": ".join(bits[:2]) + "".join(f"; {b}" for b in bits[2:])
+    return ": ".join(bits[:2]) + "".join(f"; {b}" for b in bits[2:]) + adapted
 
 
 def no_competition_data(models: Any) -> bool:
