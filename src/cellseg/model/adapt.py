@@ -143,10 +143,10 @@ def pick_images(folder: str | Path, limit: int) -> list[Path]:
     return [files[i] for i in idx]
 
 
-def adaptation_record(folder: str | Path, images: list[Path], layers: int) -> dict:
-    """What a checkpoint's provenance keeps of an adaptation (``bn_adapted``): the folder, how many
-    images, one sha256 over their names and contents, and how many layers."""
+def adaptation_record(folder: str | Path, images: list[Path]) -> dict:
+    """What a checkpoint's provenance keeps of an adaptation (``bn_adapted``, less its per-model
+    ``layers``): the folder, how many images, one sha256 over their names and contents."""
     h = hashlib.sha256()
     for p in images:
         h.update(p.name.encode("utf-8") + b"\0" + sha256_file(p).encode() + b"\n")
-    return {"path": str(Path(folder).resolve()), "images": len(images), "sha256": h.hexdigest(), "layers": layers}
+    return {"path": str(Path(folder).resolve()), "images": len(images), "sha256": h.hexdigest()}

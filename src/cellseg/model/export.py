@@ -125,16 +125,16 @@ def _write_models(
     return files, entries
 
 
-def _adapt(loaded: list, folder: Path, limit: int) -> None:
-    """Recompute the BatchNorm statistics of every loaded model on up to ``limit`` images of ``folder``
+def _adapt(loaded: list, folder: Path, files: list[Path]) -> None:
+    """Recompute the BatchNorm statistics of every loaded model on the images ``files`` of ``folder``
     (in place) and record it in each checkpoint's provenance (``bn_adapted``)."""
-    files = pick_images(folder, limit)
     images = [read_gray(p) for p in files]  # every image is read (and checked) before any model changes
+    record = adaptation_record(folder, files)  # one digest of the images for every model
     for s, model, info in loaded:
         bar = progress(total=len(images), desc=f"adapt-bn {s.name}", unit="img", every=25)
         layers = adapt_batchnorm(model, images, on_batch=bar.update)
         bar.close()
-        info.provenance["bn_adapted"] = adaptation_record(folder, files, layers)
+        info.provenance["bn_adapted"] = dict(record, layers=layers)
 
 
 def _keep_extras(out: Path, tmp: Path) -> None:
@@ -195,8 +195,8 @@ def export_weights(
         check_number(input_scale, "--input-scale", field_range(ModelEntry, "input_scale"))
     out = Path(out)
     _check_out(out, force)
-    if adapt_bn is not None:
-        pick_images(adapt_bn, adapt_images)  # a missing or empty folder is refused before any model loads
+    # a missing or empty folder is refused before any model loads
+    adapt_files = pick_images(adapt_bn, adapt_images) if adapt_bn is not None else []
     base = load_manifest(template, verify=False) if template is not None else Manifest(classes=default_classes())
     loaded = []
     for s in srcs:
@@ -207,7 +207,7 @@ def export_weights(
             set_input_scale(model, input_scale, str(s))  # a min/max-size model has no factor: refused here
         loaded.append((s, model, info))
     if adapt_bn is not None:
-        _adapt(loaded, Path(adapt_bn), adapt_images)
+        _adapt(loaded, Path(adapt_bn), adapt_files)
     with staging(out) as tmp:
         files, entries = _write_models(loaded, tmp, half, weights, input_scale)
         m = dataclasses.replace(
