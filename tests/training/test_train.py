@@ -122,6 +122,38 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path, capsys):
     assert "train.lr: expected float" in capsys.readouterr().err
     assert main(train_args(tiny_data, tmp_path / "x", "--init", str(tmp_path / "none.pth"))) == 2
     assert "none.pth: checkpoint not found" in capsys.readouterr().err
+    # --config may be left out only by a resume, which then needs a run folder with its config.yaml
+    bare = ["train", "--data", str(tiny_data), "--quiet"]
+    assert main(bare) == 2
+    assert "--config is required" in capsys.readouterr().err
+    assert main([*bare, "--resume"]) == 2
+    assert "--resume without --config needs --out" in capsys.readouterr().err
+    assert main([*bare, "--resume", "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "config.yaml: not found" in err
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resume_continues_with_the_runs_own_config(tiny_data, tmp_path):
+    """The error a resume with another model config gets says "resume with the run's own config.yaml":
+    leaving --config out reads it, and naming it is no longer refused as an input inside --out."""
+    out = tmp_path / "run"
+    first = cli(*train_args(tiny_data, out, "train.epochs=1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = cli("train", "--data", str(tiny_data), "--out", str(out), "--quiet", "--resume", "train.epochs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = read_checkpoint_info(out / "last.pth")
+    assert info.provenance["epoch"] == 2 and info.provenance["config"] == "demo"  # the name of the run's config
+    assert info.model_config.fpn_channels == 16  # the toy model of the first call, not demo.yaml's
+    assert load_experiment(out / "config.yaml").train.epochs == 2  # rewritten with this call's override
+    r = cli("train", "--config", str(out / "config.yaml"), "--data", str(tiny_data), "--out", str(out), "--quiet",
+            "--resume", "train.epochs=3")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_checkpoint_info(out / "last.pth").provenance["epoch"] == 3
+    # without --resume the run's own config.yaml is still an input inside the output folder
+    r = cli("train", "--config", str(out / "config.yaml"), "--data", str(tiny_data), "--out", str(out), "--force")
+    assert r.returncode == 2 and "is (or holds) the input" in r.stderr
+    assert (out / "last.pth").is_file() and read_checkpoint_info(out / "last.pth").provenance["epoch"] == 3
 
 
 @pytest.mark.slow

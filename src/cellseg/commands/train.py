@@ -14,6 +14,7 @@ examples:
   cellseg train --config configs/demo.yaml --data /tmp/synth --fold 0
   cellseg train --config configs/maskrcnn_r50_fpn.yaml --data DATA --init coco_maskrcnn_r50.pth train.lr=0.01
   cellseg train --config configs/demo.yaml --data DATA --out runs/demo --resume      # after a kill
+  cellseg train --data DATA --out runs/demo --resume train.epochs=30   # the run's own config.yaml, trained longer
   cellseg train --config configs/demo.yaml --data DATA --init runs/demo/fold0/best.pth \
       --pseudo runs/pseudo.csv --pseudo-ratio 0.5 --out runs/demo_pseudo/fold0   # a new run from the first one
   torchrun --nproc_per_node 4 -m cellseg train --config configs/maskrcnn_r50_fpn_v2.yaml --data DATA
@@ -50,10 +51,41 @@ def check_run_folder(out: Path, resume: bool, force: bool, main_rank: bool) -> N
             (out / name).unlink()
 
 
+def config_source(config: Path | None, out: Path | None, resume: bool) -> tuple[Path, bool]:
+    """The experiment YAML to load and whether it is the run's own ``out/config.yaml``.
+
+    ``--config`` may be left out only to ``--resume`` a run: its folder's config.yaml, as written with
+    the run's first checkpoint, is then read. A resume may also name that file itself. It is read
+    before anything is written; the run's next checkpoint rewrites it atomically, with this call's
+    overrides, as every run's config.yaml records the run as configured.
+
+    Raises:
+        CellsegError: no ``--config`` and no run to continue (one line naming what to pass).
+    """
+    own = out / "config.yaml" if out is not None else None
+    if config is None:
+        if not resume:
+            raise CellsegError(
+                "--config is required (only --resume may leave it out, to read the run's own config.yaml)"
+            )
+        if own is None:
+            raise CellsegError("--resume without --config needs --out: the run folder whose config.yaml it continues")
+        if not own.is_file():
+            raise CellsegError(f"{own}: not found, so there is no run to continue there; pass --config")
+        return own, True
+    is_own = resume and own is not None and own.is_file() and config.is_file() and os.path.samefile(config, own)
+    return config, is_own
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="experiment YAML (configs/*.yaml); with --resume it may be left out: the run's own OUT/config.yaml",
+    )
     parser.add_argument("--data", required=True, type=Path, help="competition-layout folder (train.csv, train/)")
     parser.add_argument(
         "--fold",
@@ -108,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             fold = int(args.fold)
         except ValueError:
             raise CellsegError(f"--fold must be an integer or 'all', got {args.fold!r}") from None
-    cfg = load_experiment(args.config, args.overrides)
+    config, own_config = config_source(args.config, args.out, args.resume)
+    cfg = load_experiment(config, args.overrides)
     check_train_config(cfg.train)  # before any folder: a run that cannot train leaves nothing behind
     for csv in args.pseudo or []:
         if not csv.is_file():
@@ -120,12 +153,13 @@ def run(args: argparse.Namespace) -> int:
         cfg.data.extra_ratio = args.pseudo_ratio
     if args.init and not args.resume and not args.init.is_file():
         raise CellsegError(f"--init {args.init}: checkpoint not found")
-    name = args.config.stem
-    out = args.out or Path("runs") / name / ("all" if fold is None else f"fold{fold}")
+    name = None if own_config else config.stem  # the run's own config.yaml: its checkpoint keeps the name
+    out = args.out or Path("runs") / config.stem / ("all" if fold is None else f"fold{fold}")
     # fail now, not after the first epoch; never into a folder the run reads (checked before --force
     # clears the old run's files, so an --init inside --out is refused, not deleted)
     init = None if args.resume else args.init  # a resume continues last.pth in the folder itself
-    check_writable(out, "dir", inputs=command_inputs(args.data, None, args.config, init, *(args.pseudo or [])))
+    read = None if own_config else config  # the run's own config.yaml: read now, rewritten whole at the next checkpoint
+    check_writable(out, "dir", inputs=command_inputs(args.data, None, read, init, *(args.pseudo or [])))
     check_run_folder(out, args.resume, args.force, main_rank=os.environ.get("RANK", "0") == "0")
     result = train(
         cfg,

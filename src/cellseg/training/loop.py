@@ -208,7 +208,7 @@ def read_resume_point(last_path: Path, cfg: ExperimentConfig, model: nn.Module) 
     ckpt = read_checkpoint(last_path)
     if ckpt.get("model_config") != to_dict(cfg.model):
         raise CellsegError(
-            f"{last_path}: its model config differs from --config; resume with the run's own config.yaml"
+            f"{last_path}: its model config differs from --config; leave --config out to resume with the run's own config.yaml"
         )
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
     state = ckpt.get("train_state")
@@ -430,7 +430,7 @@ def _provenance_base(
     base = {
         "fold": fold,
         "git_commit": git_commit(),
-        "config": config_name,
+        "config": config_name if config_name is not None or resumed is None else resumed.get("config"),
         "data": str(data_dir),
         "init": init_name,
         "world_size": info.world_size,
