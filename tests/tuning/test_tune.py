@@ -15,7 +15,15 @@ from cellseg.inference.postprocess import postprocess
 from cellseg.io import write_gray
 from cellseg.tuning import raw_cache
 from cellseg.tuning.raw_cache import CachedImage, cache_fingerprint, load_cached, predict_raw, save_cached
-from cellseg.tuning.report import decide, grid_edge_warnings, report, report_table, write_tuned_manifest
+from cellseg.tuning.report import (
+    decide,
+    extended_grid,
+    grid_edge_warnings,
+    grid_edges,
+    report,
+    report_table,
+    write_tuned_manifest,
+)
 from cellseg.tuning.tune import TuneGrid, choose, image_grid_scores, plot_curves, tune
 from helpers import train_rows, write_train_csv
 from inference_helpers import make_manifest
@@ -220,6 +228,29 @@ def test_a_threshold_at_the_edge_of_its_grid_is_warned_about(tmp_path):
     inner = tune(cache, truth, manifest, grid=TuneGrid(min_pixels=[0, 10, 40]), progress=False)
     assert inner.classes["cort"].tuned.min_pixels == 10
     assert not [w for w in grid_edge_warnings(inner) if "min_pixels" in w]
+    # the grid extended past the edge: the two values beyond it, other thresholds as they were
+    grid = TuneGrid(min_pixels=[0, 10])
+    bigger = extended_grid(grid, grid_edges(edge))
+    assert bigger is not None and bigger.min_pixels == [0, 10, 20, 30] and bigger.score == grid.score
+    assert extended_grid(bigger, grid_edges(edge)) is None  # nothing new to add: the rounds stop
+
+
+def test_cli_tune_extend_grid_searches_past_the_edge(tmp_path, capsys):
+    """``--extend-grid N`` re-tunes with the values past an edge instead of only warning about it."""
+    mpath, _, cache, _ = make_tuning_case(tmp_path)
+    truth_csv = tmp_path / "train.csv"
+    write_truth_csv(truth_csv, tmp_path)
+    args = ["tune", "--cache", str(cache), "--truth", str(truth_csv), "--weights", str(mpath), "--no-write"]
+    assert main([*args, "--min-pixels", "0,10"]) == 0
+    out = capsys.readouterr().out
+    assert "cort min_pixels = 10 is the largest value tried" in out and "extending the grid" not in out
+    assert main([*args, "--min-pixels", "0,10", "--extend-grid", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "extending the grid: cort min_pixels past 10" in out
+    assert "min_pixels = 10 is the largest value tried" not in out  # 10 now has 20 and 30 beyond it
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--extend-grid", "-1"])
+    assert bad.value.code == 2 and "--extend-grid: must be >= 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- predict-raw: one ensemble per cache

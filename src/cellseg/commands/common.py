@@ -53,6 +53,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    """An int >= 0 (argparse type)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def command_inputs(data: Path | None = None, weights: Path | None = None, *more: Path | None) -> list[Path]:
     """What a command reads, for :func:`cellseg.io.check_writable`'s ``inputs``: the competition
     folder's files and image folders, the ensemble's manifest and model files, and ``more``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cellseg.commands.common import finite_float, positive_int
+from cellseg.commands.common import finite_float, non_negative_int, positive_int
 from cellseg.data.truth import read_train_csv
 from cellseg.tuning.report import MIN_GAIN
 from cellseg.tuning.tune import TuneGrid
@@ -45,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="write every class's tuned thresholds, whatever the out-of-fold check says"
     )
     p.add_argument("--fill-holes", action="store_true", help="fill holes of the ground-truth masks first")
+    p.add_argument(
+        "--extend-grid",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="when a threshold is chosen at the edge of its grid while the score still rises towards it, add "
+        "the two values past it and tune again, at most N times (default 0: warn only; each round re-scores "
+        "the whole grid)",
+    )
     d = TuneGrid()
     for name, kind in (("nms_iou", float), ("mask_threshold", float), ("min_pixels", int), ("score", float)):
         default = getattr(d, name)
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from cellseg.config.manifest import load_manifest
     from cellseg.errors import CellsegError
     from cellseg.io import check_fresh_dir, check_writable
-    from cellseg.tuning.report import decide, report, write_tuned_manifest
+    from cellseg.tuning.report import decide, extended_grid, grid_edges, report, write_tuned_manifest
     from cellseg.tuning.tune import plot_curves, tune
 
     plots = args.plots or args.cache / "plots"
@@ -99,9 +108,19 @@ def run(args: argparse.Namespace) -> int:
     if not truth:
         raise CellsegError(f"{args.truth}: holds no annotated image (header only); nothing to tune against")
     res = tune(args.cache, truth, manifest, grid=grid, folds=args.folds, jobs=args.jobs)
+    seconds = res.seconds
+    for _ in range(args.extend_grid):
+        edges = grid_edges(res)
+        bigger = extended_grid(grid, edges)
+        if bigger is None:
+            break
+        print("extending the grid: " + "; ".join(f"{e.cell_type} {e.name} past {e.chosen:g}" for e in edges))
+        grid = bigger
+        res = tune(args.cache, truth, manifest, grid=grid, folds=args.folds, jobs=args.jobs)
+        seconds += res.seconds
     decision = decide(res, min_gain=args.min_gain, force=args.force)
     print(report(res, decision))
-    print(f"({res.images} image(s) in {res.seconds:.1f}s)")
+    print(f"({res.images} image(s) in {seconds:.1f}s)")
     for p in plot_curves(res, args.plots or args.cache / "plots"):
         print(f"plot: {p}")
     if args.no_write:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellseg.config.manifest import ClassThresholds, Manifest, write_manifest
-from cellseg.tuning.tune import TuneResult
+from cellseg.tuning.tune import TuneGrid, TuneResult
 
 #: default margin by which the out-of-fold score must beat the current thresholds (`tune --min-gain`)
 MIN_GAIN = 0.003
@@ -95,9 +95,39 @@ def decide(res: TuneResult, min_gain: float = MIN_GAIN, force: bool = False) -> 
     return Decision(classes, changed, reasons, bool(changed) or force, min_gain)
 
 
-def grid_edge_warnings(res: TuneResult) -> list[str]:
-    """One line per tuned threshold chosen at the edge of its grid while the score still rises
-    towards that edge (a better value may lie outside), with a flag value that extends the grid."""
+@dataclass(frozen=True)
+class GridEdge:
+    """A tuned threshold chosen at the edge of its grid while the score still rises towards it.
+
+    Attributes:
+        cell_type, name: the class and the threshold (one of :data:`NAMES`).
+        chosen: the value chosen, the smallest or largest one tried (``largest`` says which).
+        beyond: up to two values one and two grid steps past it, inside the threshold's range.
+        neighbour: the grid value next to ``chosen``.
+    """
+
+    cell_type: str
+    name: str
+    chosen: float
+    largest: bool
+    beyond: tuple[float, ...]
+    neighbour: float
+
+    def warning(self) -> str:
+        """One line naming the edge and a flag value that extends the grid past it."""
+        values = sorted({self.neighbour, self.chosen, *self.beyond})
+        flag = "--" + self.name.replace("_", "-")
+        return (
+            f"warning: {self.cell_type} {self.name} = {self.chosen:g} is the "
+            f"{'largest' if self.largest else 'smallest'} value tried and the score still rises towards it: "
+            f"extend the grid, e.g. {flag} {','.join(f'{v:g}' for v in values)} (or --extend-grid N)"
+        )
+
+
+def grid_edges(res: TuneResult) -> list[GridEdge]:
+    """Every tuned threshold chosen at the edge of its grid while the score still rises towards that
+    edge (a better value may lie outside), with the values one and two steps past it. An edge at the
+    natural bound of its value (min_pixels 0, a score of 1) is not one."""
     out = []
     for ct, r in res.classes.items():
         for name in NAMES:
@@ -118,15 +148,25 @@ def grid_edge_warnings(res: TuneResult) -> list[str]:
                 ext = [int(round(v)) for v in ext if v >= 0]
             else:
                 ext = [round(v, 3) for v in ext if 0 < v < 1]
-            if not ext:  # at the natural bound of the value (e.g. min_pixels 0)
-                continue
-            values = sorted({xs[j], chosen, *ext})
-            flag = "--" + name.replace("_", "-")
-            out.append(
-                f"warning: {ct} {name} = {chosen:g} is the {'smallest' if i == 0 else 'largest'} value tried and "
-                f"the score still rises towards it: extend the grid, e.g. {flag} {','.join(f'{v:g}' for v in values)}"
-            )
+            if ext:
+                out.append(GridEdge(ct, name, chosen, i != 0, tuple(ext), xs[j]))
     return out
+
+
+def grid_edge_warnings(res: TuneResult) -> list[str]:
+    """One line per :func:`grid_edges` edge, with a flag value that extends the grid."""
+    return [e.warning() for e in grid_edges(res)]
+
+
+def extended_grid(grid: TuneGrid, edges: list[GridEdge]) -> TuneGrid | None:
+    """``grid`` with every edge's values past it added (one grid for all classes, as tune searches
+    one), or None when ``edges`` add no value the grid does not hold already."""
+    values = {n: list(getattr(grid, n)) for n in NAMES}
+    for e in edges:
+        values[e.name] = sorted(set(values[e.name]) | set(e.beyond))
+    if all(set(values[n]) == set(getattr(grid, n)) for n in NAMES):
+        return None
+    return TuneGrid(**values).check()
 
 
 def _score(v: float | None) -> str:
