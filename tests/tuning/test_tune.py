@@ -251,6 +251,9 @@ def test_cli_tune_extend_grid_searches_past_the_edge(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         main([*args, "--extend-grid", "-1"])
     assert bad.value.code == 2 and "--extend-grid: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--extend-grid", "two"])
+    assert bad.value.code == 2 and "--extend-grid: expected an integer" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- predict-raw: one ensemble per cache
