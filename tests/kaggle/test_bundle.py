@@ -16,7 +16,7 @@ import pytest
 
 from cellseg.errors import CellsegError
 from cellseg.kaggle import bundle, training
-from cellseg.paths import configs_dir
+from cellseg.paths import configs_dir, repo_root
 from fake_kaggle import PLANTED, make_checkout, make_weights, plant_secrets
 from kernel_helpers import bare_env
 
@@ -112,6 +112,26 @@ def test_marker_and_table_describe_the_files(staged):
         assert sha256(out / path) in row
     total = sum((out / p).stat().st_size for p in files_under(out) - {"dataset-metadata.json"})
     assert f"({total} bytes)" in stdout
+
+
+def test_package_metadata_builds_under_setuptools_strict_rules(wheel_dir):
+    """pyproject.toml uses no form that setuptools deprecates: the ``license = {text = ...}`` table is
+    refused by setuptools releases after 2027-02-18, and `make venv` (an isolated build with the newest
+    setuptools) would then fail on a fresh machine. Applied with warnings as errors, and the wheel
+    carries the SPDX expression."""
+    probe = (
+        "from setuptools.dist import Distribution\n"
+        "from setuptools.config.pyprojecttoml import apply_configuration\n"
+        "print(apply_configuration(Distribution(), 'pyproject.toml').metadata.license_expression)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", probe], capture_output=True, text=True, cwd=repo_root(), timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "MIT", proc.stderr[-500:]
+    (whl,) = wheel_dir.glob("*.whl")
+    with zipfile.ZipFile(whl) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in meta.splitlines()
 
 
 def test_wheel_installs_offline_into_a_fresh_venv(staged, tmp_path):
