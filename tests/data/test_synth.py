@@ -358,19 +358,20 @@ def _edge_profile(s: synth_image.SynthImage) -> dict[str, float]:
     }
 
 
+@pytest.mark.parametrize("look", ["phase", "optics"])
 @pytest.mark.parametrize("zoom", [1.0, 2.0])
-def test_phase_look_draws_a_bright_band_across_every_edge(zoom: float) -> None:
+def test_phase_look_draws_a_bright_band_across_every_edge(zoom: float, look: str) -> None:
     """Real phase contrast (Usiigaci, measured): a bright band straddles the annotated edge (+19 grey
     levels just outside, +18 just inside) and the deep interior is near the background (-3). The
     classic look has the opposite inside the edge (a dark rim), so the same check fails there.
 
     The profile is averaged over three images per type, as the real one is averaged over cells: a
     sparse cort image whose few cells are mostly rounded (bright inside, as mitotic cells are) can be
-    brighter deep inside than at its edge on its own."""
+    brighter deep inside than at its edge on its own. The optics look is held to the same profile,
+    which it is not drawn to but gets from its phase plate."""
     for t in CELL_TYPES:
         phases = [
-            _edge_profile(synth_image.make_image(np.random.default_rng(s), t, zoom=zoom, look="phase"))
-            for s in range(3)
+            _edge_profile(synth_image.make_image(np.random.default_rng(s), t, zoom=zoom, look=look)) for s in range(3)
         ]
         phase = {k: float(np.mean([p[k] for p in phases])) for k in phases[0]}
         assert phase["out"] > 8 and phase["in"] > 8, (t, phases)
@@ -380,12 +381,13 @@ def test_phase_look_draws_a_bright_band_across_every_edge(zoom: float) -> None:
             assert not (classic["in"] > 8 and classic["deep"] < classic["in"] - 8), (t, seed, classic)
 
 
+@pytest.mark.parametrize("look", ["phase", "optics"])
 @pytest.mark.parametrize("zoom", [1.0, 2.0])
-def test_phase_look_has_the_competition_intensity_statistics(zoom: float) -> None:
+def test_phase_look_has_the_competition_intensity_statistics(zoom: float, look: str) -> None:
     """Per image a grey mean of ~128 and a standard deviation of ~20 (what import-labels'
     ``standardize`` also gives real images); sparse images may stay lower (the gain is capped)."""
     for t in CELL_TYPES:
-        images = [synth_image.make_image(np.random.default_rng(s), t, zoom=zoom, look="phase").image for s in range(6)]
+        images = [synth_image.make_image(np.random.default_rng(s), t, zoom=zoom, look=look).image for s in range(6)]
         means = np.array([i.mean() for i in images])
         stds = np.array([i.std() for i in images])
         assert np.all((115 < means) & (means < 141)), (t, means.round(1))
@@ -429,32 +431,34 @@ def test_grow_labels_gives_each_background_pixel_within_pad_to_its_nearest_cell(
     np.testing.assert_array_equal(synth_image.grow_labels(touching, 0.0), touching)
 
 
+@pytest.mark.parametrize("look", ["phase", "optics"])
 @pytest.mark.parametrize("zoom", [1.0, 2.0])
-def test_phase_look_annotates_past_the_drawn_edge(monkeypatch: pytest.MonkeyPatch, zoom: float) -> None:
+def test_phase_look_annotates_past_the_drawn_edge(monkeypatch: pytest.MonkeyPatch, zoom: float, look: str) -> None:
     """A model trained on annotations that stop at the drawn edge segments real cells about 2 px too
     tight (transfer 0.088 -> 0.102 by dilating its masks 2 px; benchmarks/README.md): the phase look's
     annotations are the drawn cells grown ``PHASE_LABEL_PAD * sqrt(zoom)`` px into the background, and
     the pixels are those drawn without the margin (the astro images aside, whose broken annotations
     draw from the generator after the margin)."""
     drawn: list[np.ndarray] = []
-    render = synth_image._render_phase
+    renderer = "_render_phase" if look == "phase" else "_render_optics"
+    render = getattr(synth_image, renderer)
 
     def spy(rng: np.random.Generator, labels: np.ndarray, cell_type: str, z: float) -> np.ndarray:
         drawn.append(labels.copy())
         return render(rng, labels, cell_type, z)
 
-    monkeypatch.setattr(synth_image, "_render_phase", spy)
+    monkeypatch.setattr(synth_image, renderer, spy)
     default = synth_image.PHASE_LABEL_PAD
     pad = default * zoom**0.5
     for t in CELL_TYPES:
-        s = synth_image.make_image(np.random.default_rng(7), t, zoom=zoom, look="phase")
+        s = synth_image.make_image(np.random.default_rng(7), t, zoom=zoom, look=look)
         cells, overlap = label_image(s.cells, H, W)
         np.testing.assert_array_equal(cells, synth_image.grow_labels(drawn[-1], pad))
         assert overlap == 0 and len(s.cells) == drawn[-1].max() > 0, t
         assert (cells > 0).sum() > 1.1 * (drawn[-1] > 0).sum(), t
         if t != "astro":
             monkeypatch.setattr(synth_image, "PHASE_LABEL_PAD", 0.0)
-            bare = synth_image.make_image(np.random.default_rng(7), t, zoom=zoom, look="phase")
+            bare = synth_image.make_image(np.random.default_rng(7), t, zoom=zoom, look=look)
             monkeypatch.setattr(synth_image, "PHASE_LABEL_PAD", default)
             np.testing.assert_array_equal(bare.image, s.image)
             np.testing.assert_array_equal(label_image(bare.cells, H, W)[0], drawn[-1])
@@ -490,16 +494,17 @@ def test_polygon_outlines_have_straight_edges_and_the_default_draws_as_before() 
     assert all(abs(x.area / 900.0 - 1) < 0.2 for x in c), [x.area for x in c]
 
 
-def test_phase_look_is_deterministic_recorded_and_checked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("look", ["phase", "optics"])
+def test_phase_look_is_deterministic_recorded_and_checked(tmp_path: Path, look: str) -> None:
     kw = dict(train_images=2, test_images=1, semi_images=1, seed=3, progress=False)
-    synth.generate(tmp_path / "a", look="phase", workers=1, **kw)
-    synth.generate(tmp_path / "b", look="phase", workers=2, **kw)
+    synth.generate(tmp_path / "a", look=look, workers=1, **kw)
+    synth.generate(tmp_path / "b", look=look, workers=2, **kw)
     synth.generate(tmp_path / "c", workers=1, **kw)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files and all(filecmp.cmp(tmp_path / "a" / f, tmp_path / "b" / f, shallow=False) for f in files)
     pngs = [f for f in files if f.suffix == ".png"]
     assert not any(filecmp.cmp(tmp_path / "a" / f, tmp_path / "c" / f, shallow=False) for f in pngs)
-    assert any('"look": "phase"' in p.read_text() for p in (tmp_path / "a").glob("*.json"))
+    assert any(f'"look": "{look}"' in p.read_text() for p in (tmp_path / "a").glob("*.json"))
     assert not any('"look"' in p.read_text() for p in (tmp_path / "c").glob("*.json"))
     with pytest.raises(CellsegError, match="unknown look 'dic'"):
         synth.generate(tmp_path / "bad", look="dic", **kw)
@@ -509,4 +514,50 @@ def test_phase_look_is_deterministic_recorded_and_checked(tmp_path: Path) -> Non
     p = subprocess.run(
         _cellseg_cmd() + ["synth", "--out", str(tmp_path / "cli"), "--look", "dic"], capture_output=True, text=True
     )
-    assert p.returncode == 2 and "invalid choice: 'dic'" in p.stderr and not (tmp_path / "cli").exists()
+    assert (
+        p.returncode == 2
+        and "invalid choice: 'dic'" in p.stderr
+        and "'optics'" in p.stderr
+        and not (tmp_path / "cli").exists()
+    )
+
+
+# ----------------------------------------------------------------------------- look="optics"
+
+
+def test_optics_look_draws_the_phase_looks_cells_and_annotations() -> None:
+    """The optics look changes how the frame is imaged, not what is in it: for one seed it has the
+    phase look's cells (polygons and all) and annotations (margin, broken astro outlines), and other
+    pixels."""
+    for t in CELL_TYPES:
+        a = synth_image.make_image(np.random.default_rng(5), t, look="optics")
+        b = synth_image.make_image(np.random.default_rng(5), t, look="phase")
+        assert len(a.cells) == len(b.cells) > 0, t
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.cells, b.cells)), t
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.annotations, b.annotations)), t
+        assert not np.array_equal(a.image, b.image), t
+
+
+def _disc(radius: float, phase: float, size: int = 256) -> np.ndarray:
+    yy, xx = np.indices((size, size)) - size // 2
+    return np.where(np.hypot(yy, xx) <= radius, np.float32(phase), np.float32(0.0)).astype(np.float32)
+
+
+def test_zernike_plate_gives_halo_shade_off_and_bright_thick_cells() -> None:
+    """What phase contrast shows of a flat, transparent disc comes out of the optics model, not out of
+    drawing: a thin disc (0.4 rad) is dark just inside its edge with a bright halo just outside; a
+    small one (3 px) is dark all through, a wide one (60 px) fades back to the background's grey in
+    its middle (shade-off); a thick disc (2.5 rad, a rounded cell) is brighter than the background
+    inside. An empty frame is uniform: the plate's amplitude squared."""
+    c = 128
+    empty = synth_image._zernike(np.random.default_rng(0), np.zeros((256, 256), np.float32), 1.0)
+    bg = float(empty.mean())
+    assert float(empty.std()) < 1e-4 * bg and 0.15**2 * 0.9 < bg < 0.4**2 * 1.1
+    wide = synth_image._zernike(np.random.default_rng(0), _disc(60, 0.4), 1.0)
+    small = synth_image._zernike(np.random.default_rng(0), _disc(3, 0.4), 1.0)
+    inside_edge = float(wide[c, c + 59])
+    halo = float(wide[c, c + 61 : c + 66].max())
+    assert inside_edge < 0.8 * bg and halo > 1.2 * bg, (inside_edge, halo, bg)
+    assert float(small[c, c]) < 0.3 * bg and abs(float(wide[c, c]) - bg) < 0.05 * bg, (small[c, c], wide[c, c], bg)
+    thick = synth_image._zernike(np.random.default_rng(0), _disc(8, 2.5), 1.0)
+    assert float(thick[c - 3 : c + 4, c - 3 : c + 4].mean()) > bg, float(thick[c, c])

@@ -44,13 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--look",
-        choices=("classic", "phase"),
+        choices=("classic", "phase", "optics"),  # synth_image.LOOKS (not imported: --help stays instant)
         default="classic",
         help="how cells are drawn: classic (flat darker bodies with a thin halo; the default, the demo "
         "model's and the tests' data) or phase (a bright, patchy band straddling every edge, pale nucleus, "
         "dark granules, bright rounded cells, polygon outlines with tails for most shsy5y and astro cells, "
         "unannotated textured clumps and out-of-focus rings: measured closer to real phase contrast, "
-        "docs/TRAINING.md)",
+        "docs/TRAINING.md) or optics (the phase look's cells and clutter as a specimen of thin, "
+        "phase-shifting cells imaged through a Zernike phase plate: halo, shade-off and bright rounded "
+        "cells come from the optics; the best transfer to real pixels measured, docs/TRAINING.md)",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 

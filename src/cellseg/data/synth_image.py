@@ -77,6 +77,20 @@ look transfers to real pixels more than 10x better than on the classic look (ben
 the golden submission keep their data. The phase look draws the classic look's cort cells, and with
 ``PHASE_POLYGONS = 0`` every cell of the seed (annotated with the margin; with ``PHASE_LABEL_PAD = 0``
 too, every annotation of the seed).
+
+The ``optics`` look (``make_image(look="optics")``, ``cellseg synth --look optics``) has the phase
+look's cells and annotations (polygons, margin, broken astro outlines) but images them instead of
+drawing their appearance: each cell is a transparent specimen, an optical path of 0.05-0.25 rad at
+its edge thickening to 0.25-1 rad inside (rounded cells 1.5-3 rad), with a nucleus, nucleoli,
+granules, texture and thinner seams where cells touch; neurites, debris and specks are phase objects
+too (:func:`_optics_phase`). Its field ``exp(i phase)`` passes a Zernike phase plate in the Fourier
+domain (:func:`_zernike`: the direct light, a soft disc of low frequencies, retarded a quarter wave
+and attenuated), and the intensity shows what phase contrast shows without any of it being drawn: the
+bright halo around every object, dark thin cells, wide flat interiors fading back to the grey of the
+background (shade-off), bright rounded cells. The phase look's unannotated clumps and rings, its
+illumination, contrast, mean and noise (:func:`_camera`) follow. Held to the same measured edge
+profile and statistics as the phase look (tests/data/test_synth.py), it transfers best of the looks
+to real pixels (docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -460,7 +474,7 @@ PHASE_POLYGONS = 0.7
 #: the halo that a model trained on the drawn edge leaves out on real cells (module docstring).
 PHASE_LABEL_PAD = 1.45
 #: ``make_image(look=...)``: ``classic`` (the flat-blob look above, the default) or ``phase``.
-LOOKS = ("classic", "phase")
+LOOKS = ("classic", "phase", "optics")
 
 
 def _cell_geometry(labels: np.ndarray, fg: np.ndarray, seams: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -639,13 +653,143 @@ def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, 
     dev = (illum - np.float32(illum.mean())) * np.float32(rng.uniform(0.3, 1.0))
     blur = rng.uniform(0.4, 1.5)  # focus varies from image to image
     img = ndimage.gaussian_filter(signal, blur, truncate=2.5) * (illum * np.float32(1 / 128)) + dev
+    return _camera(rng, img, min_gain=1.0)
+
+
+def _camera(rng: np.random.Generator, img: np.ndarray, min_gain: float) -> np.ndarray:
+    """(H, W) uint8 of the look's grey levels ``img`` ((H, W) float32, any offset) with the
+    competition's statistics: the contrast scaled towards a standard deviation drawn from
+    ``TARGET_STD`` (by ``min_gain`` to ``MAX_PHASE_GAIN``), the mean drawn from ``TARGET_MEAN``, and
+    Gaussian camera noise (1.5-6 grey levels, drawn per image)."""
     noise_sd = np.float32(rng.uniform(1.5, 6.0))
     target = rng.uniform(*TARGET_STD)
     gain = math.sqrt(max(target**2 - float(noise_sd) ** 2, 1.0) / max(float(img.var()), 1e-6))
-    img = (img - np.float32(img.mean())) * np.float32(min(max(gain, 1.0), MAX_PHASE_GAIN))
+    img = (img - np.float32(img.mean())) * np.float32(min(max(gain, min_gain), MAX_PHASE_GAIN))
     img += np.float32(rng.uniform(*TARGET_MEAN))
-    img += rng.standard_normal(labels.shape, dtype=np.float32) * noise_sd
+    img += rng.standard_normal(img.shape, dtype=np.float32) * noise_sd
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+#: The ``optics`` look's Zernike phase plate: the direct light's amplitude (its share that passes the
+#: ring's absorbing coat) and the range of the halo's spatial scale in px (times ``sqrt(zoom)``).
+OPTICS_PLATE_AMPLITUDE = (0.15, 0.4)
+OPTICS_HALO_PX = (1.5, 4.0)
+
+
+def _optics_phase(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    cell_type: str,
+    geometry: tuple[np.ndarray, np.ndarray, np.ndarray],
+    px: float,
+) -> np.ndarray:
+    """(H, W) float32 optical path of the frame in radians (the ``optics`` look's specimen).
+
+    Each cell is thin at its edge (0.05-0.25 rad) and thickens inwards to a peak of 0.25-1.0 rad
+    (``1 - exp(-d / l)`` of the inner distance ``d``, ``l`` = 20-70 % of the cell's depth): spread
+    cells are mostly thin margin, compact ones a dome. Half of the compact cells are rounded (mitotic,
+    1.5-3 rad: far past the plate's linear range, so they come out bright). A nucleus bump (-0.2 to
+    0.5 rad), nucleoli and granules (dense dots), a fine texture and a thinner seam where two cells
+    touch; unannotated neurites, debris and background specks are phase objects too.
+
+    Args:
+        rng: the image's generator.
+        labels: (H, W) int32 cells, 0 = background.
+        cell_type: the image's type (its processes and debris count).
+        geometry: :func:`_cell_geometry`'s ``(edt, dcentre, rmax)``.
+        px: the optics scale, ``sqrt(zoom)`` (>= 1).
+
+    Returns:
+        (H, W) float32 phase, 0 on the empty background.
+    """
+    edt, dcentre, rmax = geometry
+    fg = labels > 0
+    n = int(labels.max())
+    per = lambda lo, hi: rng.uniform(lo, hi, n + 1).astype(np.float32)  # noqa: E731
+    peak = per(0.25, 1.0)
+    lam = np.maximum(rmax * per(0.2, 0.7), 1.5)
+    compact = np.bincount(labels.ravel(), minlength=n + 1) / np.maximum(np.pi * rmax * rmax, 1.0)
+    rounded = (rng.random(n + 1) < 0.5) & (compact < 1.6)
+    peak[rounded] = rng.uniform(1.5, 3.0, int(rounded.sum()))
+    lam[rounded] = np.maximum(rmax[rounded] * 0.5, 1.5)
+    margin = per(0.05, 0.25)
+    dome = 1.0 - np.exp(-edt / lam[labels])
+    phi = (margin[labels] + (peak[labels] - margin[labels]) * dome) * fg
+    rn = np.maximum(rmax * per(0.45, 0.75), 2.0)
+    has_nucleus = (rmax >= 3.0 * px) & ~rounded
+    nuc = fg & has_nucleus[labels] & (dcentre < rn[labels])
+    phi += per(-0.2, 0.5)[labels] * ndimage.gaussian_filter(nuc.astype(np.float32), px) * fg
+    near = np.exp(-dcentre / np.maximum(rn[labels] * 1.5, 1.0)) * fg
+    nucleoli = _dots(rng, nuc & (dcentre < 0.6 * rn[labels]), np.ones_like(near), int(2 * has_nucleus.sum()))
+    count = int(float(fg.sum()) / (120 * px**2) * rng.uniform(0.3, 1.5))
+    granules = _dots(rng, fg & ~nuc, near**3 + 0.02, count)
+    blobs = ndimage.gaussian_filter(nucleoli * 1.5 + granules, 0.9 * px) * np.float32(2 * np.pi * (0.9 * px) ** 2)
+    phi += np.float32(rng.uniform(0.3, 0.9)) * np.minimum(blobs, 1.5)
+    tex = ndimage.gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), 0.8 * px)
+    phi += np.float32(rng.uniform(0.02, 0.12) / max(float(tex.std()), 1e-6)) * tex * fg
+    phi -= np.float32(rng.uniform(0.0, 0.3)) * _seams(labels, fg) * phi
+    neur = _neurites(rng, labels, cell_type)
+    phi += np.float32(rng.uniform(0.2, 0.6)) * ndimage.gaussian_filter(neur.astype(np.float32), 0.6 * px) * 2
+    sp = _debris(rng, SPECS[cell_type], fg)
+    specks = np.zeros(fg.shape, dtype=np.float32)
+    specks[sp[:, 0], sp[:, 1]] = 1.0
+    phi += np.float32(rng.uniform(0.3, 1.2)) * ndimage.gaussian_filter(specks, 0.8 * px) * 2
+    small = _dots(rng, ~fg, np.ones(fg.shape, dtype=np.float32), int(rng.integers(100, 600)))
+    phi += np.float32(rng.uniform(0.2, 0.8)) * ndimage.gaussian_filter(small, 0.8) * 4
+    return phi
+
+
+def _zernike(rng: np.random.Generator, phi: np.ndarray, px: float) -> np.ndarray:
+    """(H, W) float32 intensity of the phase object ``phi`` ((H, W) radians) under positive phase
+    contrast, in the scalar Fourier model (an empty frame gives the plate's amplitude squared).
+
+    The specimen's field ``exp(i phi)`` is filtered in the Fourier domain: the direct light, the
+    frequencies within a soft disc around zero (a Gaussian of radius ``1 / (2 pi s)``, ``s`` drawn from
+    ``OPTICS_HALO_PX``), is retarded a quarter wave and attenuated to ``OPTICS_PLATE_AMPLITUDE``; a
+    Gaussian aperture (0.5-1.5 px) low-passes everything. The squared modulus then shows what phase
+    contrast shows without drawing it: thin cells dark on grey, a bright halo around every object (the
+    low frequencies the plate treats as direct light), interiors of wide flat cells fading back to the
+    background (shade-off), and thick rounded cells turning bright.
+    """
+    h, w = phi.shape
+    ky = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    kx = np.fft.fftfreq(w).astype(np.float32)[None, :]
+    k2 = ky * ky + kx * kx
+    s = rng.uniform(*OPTICS_HALO_PX) * px
+    ring = np.exp(-k2 * np.float32(2 * (np.pi * s) ** 2))
+    plate = np.complex64(rng.uniform(*OPTICS_PLATE_AMPLITUDE) * np.exp(-0.5j * np.pi))
+    blur = rng.uniform(0.5, 1.5) * px
+    pupil = np.exp(-k2 * np.float32(2 * (np.pi * blur) ** 2))
+    field = np.fft.ifft2(np.fft.fft2(np.exp(1j * phi.astype(np.float32))) * ((1 + (plate - 1) * ring) * pupil))
+    return (np.abs(field) ** 2).astype(np.float32)
+
+
+def _render_optics(rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float) -> np.ndarray:
+    """(H, W) uint8 phase-contrast image of ``labels`` (the ``optics`` look): the specimen's optical
+    path (:func:`_optics_phase`) imaged through a Zernike phase plate (:func:`_zernike`), the phase
+    look's unannotated clutter (:func:`_phase_ghosts`) on top, then the phase look's illumination,
+    contrast, mean and camera noise (:func:`_camera`).
+
+    Args:
+        rng: the image's generator (drawn from after the cells and annotations).
+        labels: (H, W) int32 cells, 0 = background, ids 1..N (non-overlapping).
+        cell_type: the image's type (processes for shsy5y / astro, the debris count).
+        zoom: the cells' magnification (>= 1): the optics scale with ``sqrt(zoom)``.
+
+    Returns:
+        (H, W) uint8 image.
+    """
+    fg = labels > 0
+    px = max(1.0, zoom**0.5)
+    phi = _optics_phase(rng, labels, cell_type, _cell_geometry(labels, fg, _seams(labels, fg)), px)
+    inten = _zernike(rng, phi, px)
+    # grey levels: 60 per unit of the background's intensity, 0 on the background (outside the cells)
+    bg = float(np.median(inten[~fg])) if (~fg).any() else float(inten.mean())
+    signal = (inten / np.float32(max(bg, 1e-6)) - np.float32(1.0)) * np.float32(60.0)
+    signal += _phase_ghosts(rng, fg, px)
+    illum = _illumination(rng, *labels.shape)
+    dev = (illum - np.float32(illum.mean())) * np.float32(rng.uniform(0.3, 1.0))
+    return _camera(rng, signal * (illum * np.float32(1 / 128)) + dev, min_gain=0.3)
 
 
 def grow_labels(labels: np.ndarray, pad: float) -> np.ndarray:
@@ -710,13 +854,13 @@ def make_image(
         raise CellsegError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
     check_zoom(zoom)
     check_look(look)
-    polygons = PHASE_POLYGONS if look == "phase" else 0.0
+    polygons = 0.0 if look == "classic" else PHASE_POLYGONS
     if zoom == 1.0:
         labels, partial = _place_cells(rng, cell_type, height, width, polygons=polygons)
     else:
         labels, partial = _zoomed_cells(rng, cell_type, height, width, zoom, polygons)
     cells = _read_cells(labels, partial, SPECS[cell_type].min_area)
-    if look == "phase":  # the annotations reach past the drawn edge (PHASE_LABEL_PAD)
+    if look != "classic":  # the annotations reach past the drawn edge (PHASE_LABEL_PAD)
         grown = grow_labels(labels, PHASE_LABEL_PAD * max(1.0, zoom) ** 0.5)
         cells = [c for _, c in instances(grown)]
     annotations = list(cells)
@@ -727,5 +871,10 @@ def make_image(
                 b = _break(rng, cells[i])
                 if b is not None:
                     annotations[i], broken[i] = b, True
-    image = _render(rng, labels, cell_type) if look == "classic" else _render_phase(rng, labels, cell_type, zoom)
+    if look == "classic":
+        image = _render(rng, labels, cell_type)
+    elif look == "phase":
+        image = _render_phase(rng, labels, cell_type, zoom)
+    else:
+        image = _render_optics(rng, labels, cell_type, zoom)
     return SynthImage(image, cell_type, cells, annotations, broken)
