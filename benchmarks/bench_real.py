@@ -16,7 +16,7 @@ training runs at the ``suggested_input_scale`` that ``import-labels`` records (0
 at the config's own scale (the 0.106 row of benchmarks/README.md).
 
 ``--run DIR`` scores an already trained run folder instead of training; ``--train-data DIR`` trains
-on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2 --look phase`` output: the transfer
+on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2 --look optics`` output: the transfer
 measurement). ``--one-class`` gives every training row ``--cell-type``, so a synthetic-trained model has
 one class like the real run's (trained on the synthetic set's three types, one run voted ``cort`` on 59
 of the 60 real tiles and predicted them with cort's thresholds). ``--baseline DIR`` scores another

@@ -299,8 +299,8 @@ def generate(
     fewer than 4 images per worker stay in this process); files are byte-identical for a seed whatever the
     worker count. ``cell_zoom`` (1-8) draws cells that many times wider and fewer, as a higher
     magnification shows them (:func:`cellseg.data.synth_image.make_image`'s ``zoom``); 1 keeps the
-    competition's sizes. ``look`` is ``classic`` (the default) or ``phase`` (:data:`~cellseg.data.synth_image.LOOKS`,
-    :func:`cellseg.data.synth_image.make_image`).
+    competition's sizes. ``look`` is ``classic`` (the default), ``phase`` or ``optics``
+    (:data:`~cellseg.data.synth_image.LOOKS`, :func:`cellseg.data.synth_image.make_image`).
 
     Summary: ``out``, ``seed``, ``train_images``, ``test_images``, ``semi_images``, ``instances``,
     ``seconds`` and ``per_type[type] = {images, instances, mean_instances, min_instances,

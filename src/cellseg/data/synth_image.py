@@ -845,6 +845,8 @@ def make_image(
             halo, texture, processes, debris and noise unchanged (the same optics at a higher
             magnification, e.g. 2 for Usiigaci-sized cells, median 1,892 px). 1: the competition's
             sizes, byte-identical to before the option existed.
+        look: :data:`LOOKS`: ``classic`` (the default), ``phase`` (drawn to match real phase contrast)
+            or ``optics`` (the phase look's cells imaged through a phase plate); module docstring.
 
     Returns:
         A :class:`SynthImage`: ``image`` (height, width) uint8, ``cells`` and ``annotations`` (N
