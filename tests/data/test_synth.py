@@ -5,6 +5,7 @@ real subprocess."""
 from __future__ import annotations
 
 import filecmp
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -295,6 +296,38 @@ def test_neurites_and_debris_are_drawn_but_never_annotated() -> None:
             assert thick.sum() < 0.05 * neur.sum()
 
 
+@pytest.mark.parametrize("look", ["classic", "phase", "optics"])
+def test_no_neurites_leaves_out_the_processes_and_nothing_else(look: str) -> None:
+    """``neurites=False`` (``cellseg synth --no-neurites``): the process map is empty after the same
+    draws, so cells and annotations are those of the seed and a cort image (no processes) is the same
+    to the byte; shsy5y and astro images lose their processes."""
+    for t in CELL_TYPES:
+        with_, without = (
+            synth_image.make_image(np.random.default_rng(5), t, zoom=2.0, look=look, neurites=n) for n in (True, False)
+        )
+        assert len(with_.annotations) == len(without.annotations) > 0, t
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(with_.annotations, without.annotations)), t
+        assert np.array_equal(with_.image, without.image) == (t == "cort"), (t, look)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    labels, _ = synth_image._place_cells(np.random.default_rng(5), "shsy5y", H, W)
+    assert synth_image._neurites(rng_a, labels, "shsy5y").sum() > 200
+    assert not synth_image._neurites(rng_b, labels, "shsy5y", drawn=False).any()
+    assert rng_a.random() == rng_b.random()
+
+
+def test_cli_no_neurites_is_recorded(tmp_path: Path) -> None:
+    p = subprocess.run(
+        _cellseg_cmd()
+        + ["synth", "--out", str(tmp_path / "d"), "--train-images", "2", "--test-images", "0", "--semi-images", "0"]
+        + ["--look", "optics", "--no-neurites", "--workers", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    marker = json.loads((tmp_path / "d" / "cellseg-synth.json").read_text())
+    assert marker["neurites"] is False and marker["look"] == "optics"
+
+
 # ------------------------------------------------------------------------------ cell zoom
 
 
@@ -443,9 +476,9 @@ def test_phase_look_annotates_past_the_drawn_edge(monkeypatch: pytest.MonkeyPatc
     renderer = "_render_phase" if look == "phase" else "_render_optics"
     render = getattr(synth_image, renderer)
 
-    def spy(rng: np.random.Generator, labels: np.ndarray, cell_type: str, z: float) -> np.ndarray:
+    def spy(rng: np.random.Generator, labels: np.ndarray, cell_type: str, z: float, **kw: bool) -> np.ndarray:
         drawn.append(labels.copy())
-        return render(rng, labels, cell_type, z)
+        return render(rng, labels, cell_type, z, **kw)
 
     monkeypatch.setattr(synth_image, renderer, spy)
     default = synth_image.PHASE_LABEL_PAD

@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "phase-shifting cells imaged through a Zernike phase plate: halo, shade-off and bright rounded "
         "cells come from the optics; the best transfer to real pixels measured, docs/TRAINING.md)",
     )
+    parser.add_argument(
+        "--no-neurites",
+        dest="neurites",
+        action="store_false",
+        help="leave the thin unannotated processes of shsy5y and astro cells out of the images (everything "
+        "else stays as drawn with them): for real data that annotates thin processes as part of their cells, "
+        "as Usiigaci does its fibroblasts' tails (docs/TRAINING.md)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
@@ -75,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             cell_zoom=args.cell_zoom,
             look=args.look,
+            neurites=args.neurites,
         )
     print(
         f"wrote {s['out']}: {s['train_images']} train ({s['instances']} cells), {s['test_images']} test, "

@@ -148,11 +148,13 @@ def _hex_ids(rng: np.random.Generator, n: int) -> list[str]:
 # the dataset
 
 
-def _job(task: tuple[np.random.SeedSequence, str, str, bool, float, str]) -> tuple[list[str], list[int], int]:
-    """Worker: render one image, write its PNG; return (RLEs, annotation areas, broken count)."""
-    seed_seq, cell_type, path, annotate, zoom, look = task
+def _job(task: tuple[np.random.SeedSequence, str, str, bool, dict]) -> tuple[list[str], list[int], int]:
+    """Worker: render one image, write its PNG; return (RLEs, annotation areas, broken count).
+    ``task``: the image's seed, cell type, PNG path, whether it is annotated, and :func:`make_image`'s
+    ``zoom``, ``look`` and ``neurites``."""
+    seed_seq, cell_type, path, annotate, render = task
     height, width = IMAGE_SHAPE
-    si = make_image(np.random.default_rng(seed_seq), cell_type, height, width, zoom=zoom, look=look)
+    si = make_image(np.random.default_rng(seed_seq), cell_type, height, width, **render)
     write_gray(path, si.image)
     if not annotate:
         return [], [], 0
@@ -174,14 +176,15 @@ def _plan(
     test_images: int,
     semi_images: int,
     tmp: Path,
-    zoom: float = 1.0,
-    look: str = "classic",
+    render: dict | None = None,
 ) -> tuple[list[tuple], list[_Meta], list[str], list[str]]:
     """Draw the types, samples and ids, and one render task per image (paths under ``tmp``).
 
-    Returns ``(tasks, train_meta, train_ids, test_ids)``; tasks are :func:`_job`'s arguments, train
-    images first, then test, then semi-supervised.
+    ``render``: :func:`make_image`'s ``zoom``, ``look`` and ``neurites`` for every image (default: its
+    defaults). Returns ``(tasks, train_meta, train_ids, test_ids)``; tasks are :func:`_job`'s arguments,
+    train images first, then test, then semi-supervised.
     """
+    render = render or {}
     seqs = np.random.SeedSequence(seed).spawn(1 + train_images + test_images + semi_images)
     rng = np.random.default_rng(seqs[0])
     vessels = iter(rng.permutation(np.arange(100, 100 + 2 * (train_images + test_images + semi_images) + 100)).tolist())
@@ -197,17 +200,11 @@ def _plan(
     ids = _hex_ids(rng, train_images + test_images)
     train_ids, test_ids = ids[:train_images], ids[train_images:]
     train_dir, test_dir, semi_dir = tmp / "train", tmp / "test", tmp / "train_semi_supervised"
-    tasks = [
-        (seqs[1 + i], t, str(train_dir / f"{train_ids[i]}.png"), True, zoom, look) for i, t in enumerate(train_types)
-    ]
+    tasks = [(seqs[1 + i], t, str(train_dir / f"{train_ids[i]}.png"), True, render) for i, t in enumerate(train_types)]
     k = 1 + train_images
-    tasks += [
-        (seqs[k + i], t, str(test_dir / f"{test_ids[i]}.png"), False, zoom, look) for i, t in enumerate(test_types)
-    ]
+    tasks += [(seqs[k + i], t, str(test_dir / f"{test_ids[i]}.png"), False, render) for i, t in enumerate(test_types)]
     k += test_images
-    tasks += [
-        (seqs[k + i], m.cell_type, str(semi_dir / _semi_name(m)), False, zoom, look) for i, m in enumerate(semi_meta)
-    ]
+    tasks += [(seqs[k + i], m.cell_type, str(semi_dir / _semi_name(m)), False, render) for i, m in enumerate(semi_meta)]
     return tasks, train_meta, train_ids, test_ids
 
 
@@ -290,6 +287,7 @@ def generate(
     workers: int | None = None,
     cell_zoom: float = 1.0,
     look: str = "classic",
+    neurites: bool = True,
 ) -> dict:
     """Write a synthetic dataset in the competition layout to ``out`` and return a summary.
 
@@ -301,6 +299,7 @@ def generate(
     magnification shows them (:func:`cellseg.data.synth_image.make_image`'s ``zoom``); 1 keeps the
     competition's sizes. ``look`` is ``classic`` (the default), ``phase`` or ``optics``
     (:data:`~cellseg.data.synth_image.LOOKS`, :func:`cellseg.data.synth_image.make_image`).
+    ``neurites=False`` leaves the unannotated processes out of every image (recorded in the marker).
 
     Summary: ``out``, ``seed``, ``train_images``, ``test_images``, ``semi_images``, ``instances``,
     ``seconds`` and ``per_type[type] = {images, instances, mean_instances, min_instances,
@@ -324,9 +323,8 @@ def generate(
         os.chmod(tmp, 0o755)
         for sub in ("train", "test", "train_semi_supervised"):
             (tmp / sub).mkdir()
-        tasks, train_meta, train_ids, test_ids = _plan(
-            seed, train_images, test_images, semi_images, tmp, cell_zoom, look
-        )
+        render = {"zoom": cell_zoom, "look": look, "neurites": neurites}
+        tasks, train_meta, train_ids, test_ids = _plan(seed, train_images, test_images, semi_images, tmp, render)
         results = _run_jobs(tasks, workers, progress)
         rows, per_type = _train_rows(results[:train_images], train_meta, train_ids)
         pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)).to_csv(tmp / "train.csv", index=False)
@@ -337,7 +335,8 @@ def generate(
         # marks the folder as synthetic: training on it is recorded so (cellseg.model.provenance)
         zoomed = {"cell_zoom": cell_zoom} if cell_zoom != 1.0 else {}
         looked = {"look": look} if look != "classic" else {}
-        write_synth_marker(tmp, {"seed": seed, **counts, **zoomed, **looked, "instances": len(rows["id"])})
+        bare = {} if neurites else {"neurites": False}
+        write_synth_marker(tmp, {"seed": seed, **counts, **zoomed, **looked, **bare, "instances": len(rows["id"])})
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

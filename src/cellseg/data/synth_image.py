@@ -368,11 +368,13 @@ MAX_GAIN = 2.0
 _POINTS = 160  # samples along one process (enough for 1 px steps on the longest)
 
 
-def _neurites(rng: np.random.Generator, labels: np.ndarray, cell_type: str) -> np.ndarray:
+def _neurites(rng: np.random.Generator, labels: np.ndarray, cell_type: str, drawn: bool = True) -> np.ndarray:
     """(H, W) bool map of thin curved processes leaving the cells (never inside one, never annotated).
 
     Each is a quadratic Bezier curve from a random cell's box centre in a random direction, with a
-    sideways-displaced control point, rasterised 1 px wide; shsy5y and astro only."""
+    sideways-displaced control point, rasterised 1 px wide; shsy5y and astro only. ``drawn=False``
+    (``make_image(neurites=False)``): an empty map, after the same draws from ``rng``, so everything
+    else in the image stays as it is with them."""
     height, width = labels.shape
     out = np.zeros((height, width), dtype=bool)
     boxes = [sl for sl in ndimage.find_objects(labels) if sl is not None]
@@ -391,7 +393,7 @@ def _neurites(rng: np.random.Generator, labels: np.ndarray, cell_type: str) -> n
     pts = (1 - t) ** 2 * p0[:, None] + 2 * t * (1 - t) * p1[:, None] + t * t * p2[:, None]
     yx = np.rint(pts.reshape(-1, 2)).astype(np.int64)
     ok = (yx[:, 0] >= 0) & (yx[:, 0] < height) & (yx[:, 1] >= 0) & (yx[:, 1] < width)
-    out[yx[ok, 0], yx[ok, 1]] = True
+    out[yx[ok, 0], yx[ok, 1]] = drawn
     return out & (labels == 0)
 
 
@@ -414,13 +416,13 @@ def _seams(labels: np.ndarray, fg: np.ndarray) -> np.ndarray:
     return seam
 
 
-def _render(rng: np.random.Generator, labels: np.ndarray, cell_type: str) -> np.ndarray:
+def _render(rng: np.random.Generator, labels: np.ndarray, cell_type: str, neurites: bool = True) -> np.ndarray:
     """(H, W) uint8 phase-contrast-like image of the cells in ``labels`` (see the module docstring)."""
     spec = SPECS[cell_type]
     height, width = labels.shape
     fg = labels > 0
     sp = _debris(rng, spec, fg)
-    neur = _neurites(rng, labels, cell_type)
+    neur = _neurites(rng, labels, cell_type, neurites)
     vis = fg.astype(np.float32)
     vis[sp[:, 0], sp[:, 1]] = 1.0
     vis = np.maximum(vis, np.float32(0.7) * neur)
@@ -620,7 +622,9 @@ def _phase_ghosts(rng: np.random.Generator, fg: np.ndarray, px: float) -> np.nda
     return out * ~fg
 
 
-def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float) -> np.ndarray:
+def _render_phase(
+    rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float, neurites: bool = True
+) -> np.ndarray:
     """(H, W) uint8 phase-contrast image of ``labels`` (the ``phase`` look).
 
     Drawn from the label image alone (module docstring, "The phase look"): the band across every edge
@@ -642,7 +646,7 @@ def _render_phase(rng: np.random.Generator, labels: np.ndarray, cell_type: str, 
     seams = _seams(labels, fg)
     geometry = _cell_geometry(labels, fg, seams)
     px = max(1.0, zoom**0.5)  # optics scale with the magnification a little (edges stay 1-4 px)
-    neur = _neurites(rng, labels, cell_type)
+    neur = _neurites(rng, labels, cell_type, neurites)
     sp = _debris(rng, SPECS[cell_type], fg)
     band = _phase_band(rng, fg | ndimage.binary_dilation(neur), geometry[0], px)
     signal = _phase_cells(rng, labels, band, geometry, px)
@@ -682,6 +686,7 @@ def _optics_phase(
     cell_type: str,
     geometry: tuple[np.ndarray, np.ndarray, np.ndarray],
     px: float,
+    neurites: bool = True,
 ) -> np.ndarray:
     """(H, W) float32 optical path of the frame in radians (the ``optics`` look's specimen).
 
@@ -698,6 +703,7 @@ def _optics_phase(
         cell_type: the image's type (its processes and debris count).
         geometry: :func:`_cell_geometry`'s ``(edt, dcentre, rmax)``.
         px: the optics scale, ``sqrt(zoom)`` (>= 1).
+        neurites: draw the unannotated processes (:func:`_neurites`).
 
     Returns:
         (H, W) float32 phase, 0 on the empty background.
@@ -728,7 +734,7 @@ def _optics_phase(
     tex = ndimage.gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), 0.8 * px)
     phi += np.float32(rng.uniform(0.02, 0.12) / max(float(tex.std()), 1e-6)) * tex * fg
     phi -= np.float32(rng.uniform(0.0, 0.3)) * _seams(labels, fg) * phi
-    neur = _neurites(rng, labels, cell_type)
+    neur = _neurites(rng, labels, cell_type, neurites)
     phi += np.float32(rng.uniform(0.2, 0.6)) * ndimage.gaussian_filter(neur.astype(np.float32), 0.6 * px) * 2
     sp = _debris(rng, SPECS[cell_type], fg)
     specks = np.zeros(fg.shape, dtype=np.float32)
@@ -764,7 +770,9 @@ def _zernike(rng: np.random.Generator, phi: np.ndarray, px: float) -> np.ndarray
     return (np.abs(field) ** 2).astype(np.float32)
 
 
-def _render_optics(rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float) -> np.ndarray:
+def _render_optics(
+    rng: np.random.Generator, labels: np.ndarray, cell_type: str, zoom: float, neurites: bool = True
+) -> np.ndarray:
     """(H, W) uint8 phase-contrast image of ``labels`` (the ``optics`` look): the specimen's optical
     path (:func:`_optics_phase`) imaged through a Zernike phase plate (:func:`_zernike`), the phase
     look's unannotated clutter (:func:`_phase_ghosts`) on top, then the phase look's illumination,
@@ -781,7 +789,7 @@ def _render_optics(rng: np.random.Generator, labels: np.ndarray, cell_type: str,
     """
     fg = labels > 0
     px = max(1.0, zoom**0.5)
-    phi = _optics_phase(rng, labels, cell_type, _cell_geometry(labels, fg, _seams(labels, fg)), px)
+    phi = _optics_phase(rng, labels, cell_type, _cell_geometry(labels, fg, _seams(labels, fg)), px, neurites)
     inten = _zernike(rng, phi, px)
     # grey levels: 60 per unit of the background's intensity, 0 on the background (outside the cells)
     bg = float(np.median(inten[~fg])) if (~fg).any() else float(inten.mean())
@@ -833,6 +841,7 @@ def make_image(
     width: int = IMAGE_SHAPE[1],
     zoom: float = 1.0,
     look: str = "classic",
+    neurites: bool = True,
 ) -> SynthImage:
     """Generate one image of ``cell_type`` with its cells and (possibly broken) annotations.
 
@@ -847,6 +856,9 @@ def make_image(
             sizes, byte-identical to before the option existed.
         look: :data:`LOOKS`: ``classic`` (the default), ``phase`` (drawn to match real phase contrast)
             or ``optics`` (the phase look's cells imaged through a phase plate); module docstring.
+        neurites: draw the unannotated thin processes of shsy5y and astro cells (the competition's
+            neurites). False leaves them out of the image and nothing else (the same draws are made):
+            for data whose thin processes are annotated as part of their cells, as Usiigaci's tails.
 
     Returns:
         A :class:`SynthImage`: ``image`` (height, width) uint8, ``cells`` and ``annotations`` (N
@@ -874,9 +886,9 @@ def make_image(
                 if b is not None:
                     annotations[i], broken[i] = b, True
     if look == "classic":
-        image = _render(rng, labels, cell_type)
+        image = _render(rng, labels, cell_type, neurites=neurites)
     elif look == "phase":
-        image = _render_phase(rng, labels, cell_type, zoom)
+        image = _render_phase(rng, labels, cell_type, zoom, neurites=neurites)
     else:
-        image = _render_optics(rng, labels, cell_type, zoom)
+        image = _render_optics(rng, labels, cell_type, zoom, neurites=neurites)
     return SynthImage(image, cell_type, cells, annotations, broken)
