@@ -475,7 +475,7 @@ PHASE_POLYGONS = 0.7
 #: ``sqrt(zoom)`` (2 px at zoom 2, 1.4 px at zoom 1): hand-drawn labels take in the inner half of
 #: the halo that a model trained on the drawn edge leaves out on real cells (module docstring).
 PHASE_LABEL_PAD = 1.45
-#: ``make_image(look=...)``: ``classic`` (the flat-blob look above, the default) or ``phase``.
+#: ``make_image(look=...)``: ``classic`` (the flat-blob look above, the default), ``phase`` or ``optics``.
 LOOKS = ("classic", "phase", "optics")
 
 
@@ -518,6 +518,32 @@ def _dots(rng: np.random.Generator, where: np.ndarray, weight: np.ndarray, count
     pick = rng.choice(flat, size=count, p=p)
     np.add.at(out.ravel(), pick, np.float32(1.0))
     return out
+
+
+def _granules(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    nuc: np.ndarray,
+    dcentre: np.ndarray,
+    rn: np.ndarray,
+    nuclei: int,
+    px: float,
+) -> np.ndarray:
+    """(H, W) float32 dark-granule map of the phase and optics looks (peaks ~1-1.5): two nucleoli per
+    nucleus near its centre, and granules in the cytoplasm, densest around the nucleus.
+
+    Args:
+        rng: the image's generator.
+        labels: (H, W) int32 cells; ``nuc`` (H, W) bool their nuclei; ``dcentre`` (H, W) float32 the
+            distance to the own cell's centre (:func:`_cell_geometry`); ``rn`` (N + 1,) the nucleus
+            radius per cell; ``nuclei`` how many cells have one; ``px`` the optics scale.
+    """
+    fg = labels > 0
+    near = np.exp(-dcentre / np.maximum(rn[labels] * 1.5, 1.0)) * fg
+    nucleoli = _dots(rng, nuc & (dcentre < 0.6 * rn[labels]), np.ones_like(near), 2 * nuclei)
+    count = int(float(fg.sum()) / (120 * px**2) * rng.uniform(0.3, 1.5))
+    granules = _dots(rng, fg & ~nuc, near**3 + 0.02, count)
+    return ndimage.gaussian_filter(nucleoli * 1.5 + granules, 0.9 * px) * np.float32(2 * np.pi * (0.9 * px) ** 2)
 
 
 def _phase_band(rng: np.random.Generator, objects: np.ndarray, edt: np.ndarray, px: float) -> np.ndarray:
@@ -573,11 +599,7 @@ def _phase_cells(
     nuc_soft = ndimage.gaussian_filter(nuc.astype(np.float32), px)
     signal += per(4, 14)[labels] * nuc_soft * fg
     signal -= np.float32(0.5) * envelope[labels] * (nuc_soft * (1 - nuc_soft) * 4) * fg
-    near = np.exp(-dcentre / np.maximum(rn[labels] * 1.5, 1.0)) * fg
-    nucleoli = _dots(rng, nuc & (dcentre < 0.6 * rn[labels]), np.ones_like(near), int(2 * has_nucleus.sum()))
-    count = int(float(fg.sum()) / (120 * px**2) * rng.uniform(0.3, 1.5))
-    granules = _dots(rng, fg & ~nuc, near**3 + 0.02, count)
-    blobs = ndimage.gaussian_filter(nucleoli * 1.5 + granules, 0.9 * px) * np.float32(2 * np.pi * (0.9 * px) ** 2)
+    blobs = _granules(rng, labels, nuc, dcentre, rn, int(has_nucleus.sum()), px)
     signal -= np.float32(rng.uniform(45, 90)) * np.minimum(blobs, 1.5)
     tex = ndimage.gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), 0.8 * px)
     signal += np.float32(rng.uniform(2, 12) / max(float(tex.std()), 1e-6)) * tex * fg
@@ -638,6 +660,7 @@ def _render_phase(
         labels: (H, W) int32 cells, 0 = background, ids 1..N (non-overlapping).
         cell_type: the image's type (processes for shsy5y / astro, the debris count).
         zoom: the cells' magnification (>= 1): edge widths and blurs scale with ``sqrt(zoom)``.
+        neurites: draw the unannotated processes (:func:`_neurites`).
 
     Returns:
         (H, W) uint8 image.
@@ -725,11 +748,7 @@ def _optics_phase(
     has_nucleus = (rmax >= 3.0 * px) & ~rounded
     nuc = fg & has_nucleus[labels] & (dcentre < rn[labels])
     phi += per(-0.2, 0.5)[labels] * ndimage.gaussian_filter(nuc.astype(np.float32), px) * fg
-    near = np.exp(-dcentre / np.maximum(rn[labels] * 1.5, 1.0)) * fg
-    nucleoli = _dots(rng, nuc & (dcentre < 0.6 * rn[labels]), np.ones_like(near), int(2 * has_nucleus.sum()))
-    count = int(float(fg.sum()) / (120 * px**2) * rng.uniform(0.3, 1.5))
-    granules = _dots(rng, fg & ~nuc, near**3 + 0.02, count)
-    blobs = ndimage.gaussian_filter(nucleoli * 1.5 + granules, 0.9 * px) * np.float32(2 * np.pi * (0.9 * px) ** 2)
+    blobs = _granules(rng, labels, nuc, dcentre, rn, int(has_nucleus.sum()), px)
     phi += np.float32(rng.uniform(0.3, 0.9)) * np.minimum(blobs, 1.5)
     tex = ndimage.gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), 0.8 * px)
     phi += np.float32(rng.uniform(0.02, 0.12) / max(float(tex.std()), 1e-6)) * tex * fg
@@ -783,6 +802,7 @@ def _render_optics(
         labels: (H, W) int32 cells, 0 = background, ids 1..N (non-overlapping).
         cell_type: the image's type (processes for shsy5y / astro, the debris count).
         zoom: the cells' magnification (>= 1): the optics scale with ``sqrt(zoom)``.
+        neurites: draw the unannotated processes (:func:`_neurites`).
 
     Returns:
         (H, W) uint8 image.
