@@ -594,3 +594,47 @@ def test_zernike_plate_gives_halo_shade_off_and_bright_thick_cells() -> None:
     assert float(small[c, c]) < 0.3 * bg and abs(float(wide[c, c]) - bg) < 0.05 * bg, (small[c, c], wide[c, c], bg)
     thick = synth_image._zernike(np.random.default_rng(0), _disc(8, 2.5), 1.0)
     assert float(thick[c - 3 : c + 4, c - 3 : c + 4].mean()) > bg, float(thick[c, c])
+
+
+def test_label_margin_sets_how_far_annotations_reach_and_nothing_else() -> None:
+    """``label_margin`` (``cellseg synth --label-margin PX``) replaces the default margin
+    (``PHASE_LABEL_PAD * sqrt(zoom)``): the annotations are the drawn cells grown by it, and the
+    pixels of a cort or shsy5y image are those drawn with the default margin."""
+    for t in ("cort", "shsy5y"):
+        default = synth_image.make_image(np.random.default_rng(7), t, zoom=2.0, look="optics")
+        wide = synth_image.make_image(np.random.default_rng(7), t, zoom=2.0, look="optics", label_margin=2.7)
+        bare = synth_image.make_image(np.random.default_rng(7), t, zoom=2.0, look="optics", label_margin=0.0)
+        np.testing.assert_array_equal(wide.image, default.image)
+        drawn = label_image(bare.cells, H, W)[0]
+        np.testing.assert_array_equal(label_image(wide.cells, H, W)[0], synth_image.grow_labels(drawn, 2.7))
+        assert (label_image(wide.cells, H, W)[0] > 0).sum() > (label_image(default.cells, H, W)[0] > 0).sum(), t
+    for bad, match in ((-1.0, "finite number"), (float("nan"), "finite number"), (float("inf"), "finite number")):
+        with pytest.raises(CellsegError, match=match):
+            synth_image.make_image(np.random.default_rng(0), "cort", look="optics", label_margin=bad)
+    with pytest.raises(CellsegError, match="phase and optics looks only"):
+        synth_image.make_image(np.random.default_rng(0), "cort", label_margin=2.0)
+
+
+def test_cli_label_margin_is_recorded_and_refused_in_one_line(tmp_path: Path) -> None:
+    base = _cellseg_cmd() + [
+        "synth",
+        "--train-images",
+        "2",
+        "--test-images",
+        "0",
+        "--semi-images",
+        "0",
+        "--workers",
+        "1",
+    ]
+    ok = subprocess.run(
+        base + ["--out", str(tmp_path / "d"), "--look", "optics", "--label-margin", "2.7"],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "d" / "cellseg-synth.json").read_text())["label_margin"] == 2.7
+    for args in (["--look", "optics", "--label-margin", "-1"], ["--label-margin", "2"]):
+        p = subprocess.run(base + ["--out", str(tmp_path / "bad"), *args], capture_output=True, text=True)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "bad").exists()

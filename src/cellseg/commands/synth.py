@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "else stays as drawn with them): for real data that annotates thin processes as part of their cells, "
         "as Usiigaci does its fibroblasts' tails (docs/TRAINING.md)",
     )
+    parser.add_argument(
+        "--label-margin",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="px the phase and optics looks' annotations reach past the drawn cells, as hand-drawn labels take "
+        "in the inner halo (default: 1.45 x sqrt(cell zoom), 2.1 px at zoom 2; 2.7 at zoom 2 transferred best "
+        "with --look optics --no-neurites, docs/TRAINING.md)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
@@ -84,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             cell_zoom=args.cell_zoom,
             look=args.look,
             neurites=args.neurites,
+            label_margin=args.label_margin,
         )
     print(
         f"wrote {s['out']}: {s['train_images']} train ({s['instances']} cells), {s['test_images']} test, "

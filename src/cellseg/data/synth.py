@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from cellseg import CELL_TYPES, IMAGE_SHAPE
 from cellseg.config.provenance import write_synth_marker
 from cellseg.data.rle import encode_crop
-from cellseg.data.synth_image import check_look, check_zoom, make_image
+from cellseg.data.synth_image import check_label_margin, check_look, check_zoom, make_image
 from cellseg.data.truth import TRAIN_COLUMNS
 from cellseg.errors import CellsegError
 from cellseg.io import write_gray
@@ -288,6 +288,7 @@ def generate(
     cell_zoom: float = 1.0,
     look: str = "classic",
     neurites: bool = True,
+    label_margin: float | None = None,
 ) -> dict:
     """Write a synthetic dataset in the competition layout to ``out`` and return a summary.
 
@@ -299,7 +300,9 @@ def generate(
     magnification shows them (:func:`cellseg.data.synth_image.make_image`'s ``zoom``); 1 keeps the
     competition's sizes. ``look`` is ``classic`` (the default), ``phase`` or ``optics``
     (:data:`~cellseg.data.synth_image.LOOKS`, :func:`cellseg.data.synth_image.make_image`).
-    ``neurites=False`` leaves the unannotated processes out of every image (recorded in the marker).
+    ``neurites=False`` leaves the unannotated processes out of every image, ``label_margin`` (px) sets
+    how far the phase and optics looks' annotations reach past the drawn cells (both recorded in the
+    marker when given).
 
     Summary: ``out``, ``seed``, ``train_images``, ``test_images``, ``semi_images``, ``instances``,
     ``seconds`` and ``per_type[type] = {images, instances, mean_instances, min_instances,
@@ -315,6 +318,7 @@ def generate(
         raise CellsegError(f"workers must be >= 1, got {workers}")
     check_zoom(cell_zoom)  # before the temporary folder and the workers
     check_look(look)
+    check_label_margin(label_margin, look)
     out = Path(out)
     _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +327,7 @@ def generate(
         os.chmod(tmp, 0o755)
         for sub in ("train", "test", "train_semi_supervised"):
             (tmp / sub).mkdir()
-        render = {"zoom": cell_zoom, "look": look, "neurites": neurites}
+        render = {"zoom": cell_zoom, "look": look, "neurites": neurites, "label_margin": label_margin}
         tasks, train_meta, train_ids, test_ids = _plan(seed, train_images, test_images, semi_images, tmp, render)
         results = _run_jobs(tasks, workers, progress)
         rows, per_type = _train_rows(results[:train_images], train_meta, train_ids)
@@ -335,7 +339,9 @@ def generate(
         # marks the folder as synthetic: training on it is recorded so (cellseg.model.provenance)
         zoomed = {"cell_zoom": cell_zoom} if cell_zoom != 1.0 else {}
         looked = {"look": look} if look != "classic" else {}
-        bare = {} if neurites else {"neurites": False}
+        bare = ({} if neurites else {"neurites": False}) | (
+            {} if label_margin is None else {"label_margin": label_margin}
+        )
         write_synth_marker(tmp, {"seed": seed, **counts, **zoomed, **looked, **bare, "instances": len(rows["id"])})
         _move_into_place(tmp, out)
     except BaseException:

@@ -835,6 +835,17 @@ def check_zoom(zoom: float) -> None:
         raise CellsegError(f"cell zoom must be between 1 and {MAX_ZOOM:g}, got {zoom}")
 
 
+def check_label_margin(margin: float | None, look: str) -> None:
+    """Raise CellsegError unless ``margin`` is None or a finite number of px >= 0 for a look that has
+    a margin (``phase``, ``optics``; the classic look's annotations are the drawn cells)."""
+    if margin is None:
+        return
+    if not 0.0 <= margin < math.inf:  # NaN fails both comparisons
+        raise CellsegError(f"label margin must be a finite number of px >= 0, got {margin}")
+    if look == "classic":
+        raise CellsegError("a label margin applies to the phase and optics looks only (--look phase|optics)")
+
+
 def check_look(look: str) -> None:
     """Raise CellsegError unless ``look`` is one of :data:`LOOKS`."""
     if look not in LOOKS:
@@ -862,6 +873,7 @@ def make_image(
     zoom: float = 1.0,
     look: str = "classic",
     neurites: bool = True,
+    label_margin: float | None = None,
 ) -> SynthImage:
     """Generate one image of ``cell_type`` with its cells and (possibly broken) annotations.
 
@@ -879,6 +891,8 @@ def make_image(
         neurites: draw the unannotated thin processes of shsy5y and astro cells (the competition's
             neurites). False leaves them out of the image and nothing else (the same draws are made):
             for data whose thin processes are annotated as part of their cells, as Usiigaci's tails.
+        label_margin: px the phase and optics looks' annotations reach past the drawn cells (None:
+            ``PHASE_LABEL_PAD * sqrt(zoom)``, 2.1 px at zoom 2); not for the classic look.
 
     Returns:
         A :class:`SynthImage`: ``image`` (height, width) uint8, ``cells`` and ``annotations`` (N
@@ -888,6 +902,7 @@ def make_image(
         raise CellsegError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
     check_zoom(zoom)
     check_look(look)
+    check_label_margin(label_margin, look)
     polygons = 0.0 if look == "classic" else PHASE_POLYGONS
     if zoom == 1.0:
         labels, partial = _place_cells(rng, cell_type, height, width, polygons=polygons)
@@ -895,7 +910,8 @@ def make_image(
         labels, partial = _zoomed_cells(rng, cell_type, height, width, zoom, polygons)
     cells = _read_cells(labels, partial, SPECS[cell_type].min_area)
     if look != "classic":  # the annotations reach past the drawn edge (PHASE_LABEL_PAD)
-        grown = grow_labels(labels, PHASE_LABEL_PAD * max(1.0, zoom) ** 0.5)
+        pad = PHASE_LABEL_PAD * max(1.0, zoom) ** 0.5 if label_margin is None else label_margin
+        grown = grow_labels(labels, pad)
         cells = [c for _, c in instances(grown)]
     annotations = list(cells)
     broken = np.zeros(len(cells), dtype=bool)
