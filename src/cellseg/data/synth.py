@@ -151,7 +151,7 @@ def _hex_ids(rng: np.random.Generator, n: int) -> list[str]:
 def _job(task: tuple[np.random.SeedSequence, str, str, bool, dict]) -> tuple[list[str], list[int], int]:
     """Worker: render one image, write its PNG; return (RLEs, annotation areas, broken count).
     ``task``: the image's seed, cell type, PNG path, whether it is annotated, and :func:`make_image`'s
-    ``zoom``, ``look`` and ``neurites``."""
+    keyword arguments (``zoom``, ``look``, ``neurites``, ``label_margin``)."""
     seed_seq, cell_type, path, annotate, render = task
     height, width = IMAGE_SHAPE
     si = make_image(np.random.default_rng(seed_seq), cell_type, height, width, **render)
@@ -180,8 +180,8 @@ def _plan(
 ) -> tuple[list[tuple], list[_Meta], list[str], list[str]]:
     """Draw the types, samples and ids, and one render task per image (paths under ``tmp``).
 
-    ``render``: :func:`make_image`'s ``zoom``, ``look`` and ``neurites`` for every image (default: its
-    defaults). Returns ``(tasks, train_meta, train_ids, test_ids)``; tasks are :func:`_job`'s arguments,
+    ``render``: :func:`make_image`'s keyword arguments for every image (``zoom``, ``look``,
+    ``neurites``, ``label_margin``; default: its defaults). Returns ``(tasks, train_meta, train_ids, test_ids)``; tasks are :func:`_job`'s arguments,
     train images first, then test, then semi-supervised.
     """
     render = render or {}

@@ -708,6 +708,7 @@ def _optics_phase(
     labels: np.ndarray,
     cell_type: str,
     geometry: tuple[np.ndarray, np.ndarray, np.ndarray],
+    seams: np.ndarray,
     px: float,
     neurites: bool = True,
 ) -> np.ndarray:
@@ -725,6 +726,7 @@ def _optics_phase(
         labels: (H, W) int32 cells, 0 = background.
         cell_type: the image's type (its processes and debris count).
         geometry: :func:`_cell_geometry`'s ``(edt, dcentre, rmax)``.
+        seams: (H, W) bool :func:`_seams` of ``labels`` (the geometry's too).
         px: the optics scale, ``sqrt(zoom)`` (>= 1).
         neurites: draw the unannotated processes (:func:`_neurites`).
 
@@ -752,7 +754,7 @@ def _optics_phase(
     phi += np.float32(rng.uniform(0.3, 0.9)) * np.minimum(blobs, 1.5)
     tex = ndimage.gaussian_filter(rng.standard_normal(labels.shape).astype(np.float32), 0.8 * px)
     phi += np.float32(rng.uniform(0.02, 0.12) / max(float(tex.std()), 1e-6)) * tex * fg
-    phi -= np.float32(rng.uniform(0.0, 0.3)) * _seams(labels, fg) * phi
+    phi -= np.float32(rng.uniform(0.0, 0.3)) * seams * phi
     neur = _neurites(rng, labels, cell_type, neurites)
     phi += np.float32(rng.uniform(0.2, 0.6)) * ndimage.gaussian_filter(neur.astype(np.float32), 0.6 * px) * 2
     sp = _debris(rng, SPECS[cell_type], fg)
@@ -809,7 +811,8 @@ def _render_optics(
     """
     fg = labels > 0
     px = max(1.0, zoom**0.5)
-    phi = _optics_phase(rng, labels, cell_type, _cell_geometry(labels, fg, _seams(labels, fg)), px, neurites)
+    seams = _seams(labels, fg)
+    phi = _optics_phase(rng, labels, cell_type, _cell_geometry(labels, fg, seams), seams, px, neurites)
     inten = _zernike(rng, phi, px)
     # grey levels: 60 per unit of the background's intensity, 0 on the background (outside the cells)
     bg = float(np.median(inten[~fg])) if (~fg).any() else float(inten.mean())
