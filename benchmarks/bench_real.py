@@ -166,9 +166,12 @@ def _score(name: str, data: Path, manifest: Path, report: Path) -> dict:
     for row in per.itertuples():
         print(f"  {row.id:16s} {row.score:.4f}  true {row.n_true:4d}  pred {row.n_pred:4d}")
     print("  per set: " + "  ".join(f"{k} {v:.3f}" for k, v in per_set.items()))
+    by_iou = res.summary["per_threshold"]
+    print("  by IoU threshold: " + "  ".join(f"{r['iou']:.2f} {r['score']:.3f}" for r in by_iou))
     print(f"  overall {res.score:.4f} over {len(per)} tiles ({seconds:.0f} s)")
     return {
         "score": res.score,
+        "per_threshold": by_iou,
         "tiles": len(per),
         "seconds": round(seconds, 1),
         "per_set": {k: round(float(v), 4) for k, v in per_set.items()},

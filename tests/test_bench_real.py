@@ -42,6 +42,8 @@ def test_tune_scores_the_held_out_tiles_with_thresholds_tuned_on_the_training_ti
     assert summary["trained"]["tiles"] == 1
     assert summary["tuned_on_train"]["tiles"] == 1
     assert summary["tune_seconds"] > 0
+    assert [r["iou"] for r in summary["trained"]["per_threshold"]][::9] == [0.5, 0.95]
+    assert "by IoU threshold: 0.50 " in res.stdout
     assert [p.stem for p in (work / "cache-train").glob("*.npz")] == ["set31"]  # predict-raw cached it
     assert (work / "weights-tuned" / "manifest.yaml").is_file()
     assert (work / "report-tuned" / "summary.json").is_file()

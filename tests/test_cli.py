@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,25 @@ def test_train_progress_counts_the_steps_it_takes_and_prints_lines_into_a_log(fo
     assert lines and lines[-1].startswith("epoch 1/3: 2/2 step (100%)"), proc.stderr[-2000:]
     assert not [line for line in proc.stderr.splitlines() if "/4 step" in line]
     assert "Warning" not in proc.stderr  # nothing a user cannot act on
+
+
+def test_score_by_threshold_shows_where_a_loose_mask_loses(tmp_path, capsys):
+    """``cellseg score --by-threshold``: a cell drawn 2 columns off (IoU 0.667) is a TP up to 0.65 and an
+    FP + FN above; ``--json`` carries the same rows."""
+    from cellseg.data import rle
+
+    cell = np.zeros((20, 30), bool)
+    cell[2:12, 2:12] = True
+    truth = write_train_csv(tmp_path / "train.csv", train_rows("a", "cort", [cell]))
+    sub = tmp_path / "sub.csv"
+    sub.write_text(f"id,predicted\na,{rle.encode(np.roll(cell, 2, axis=1))}\n")
+    assert main(["score", "--truth", str(truth), "--submission", str(sub), "--by-threshold"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:2] in ("0.", "me")]
+    assert [r[0] for r in rows] == [f"{t:.2f}" for t in np.arange(0.5, 1.0, 0.05)] + ["mean"]
+    assert [r[1:] for r in rows[3:5]] == [["1", "0", "0", "1.0000"], ["0", "1", "1", "0.0000"]]
+    assert rows[-1] == ["mean", "0.4000"]
+    assert main(["score", "--truth", str(truth), "--submission", str(sub)]) == 0
+    assert "IoU >" not in capsys.readouterr().out  # the table is asked for
+    assert main(["score", "--truth", str(truth), "--submission", str(sub), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["tp"] for r in out["per_threshold"]] == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]

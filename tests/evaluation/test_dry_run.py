@@ -57,6 +57,12 @@ def test_dry_run_report(synth, manifest, tmp_path, capsys):
     assert s["images"] == 3
     assert s["projected_seconds_240_images"] == pytest.approx(s["load_seconds"] + 240 * s["seconds_per_image"])
     assert s["score"] == pytest.approx(per["score"].mean())
+    by_iou = pd.read_csv(rep / "per_threshold.csv")
+    assert list(by_iou.columns) == ["iou", "tp", "fp", "fn", "score"] and len(by_iou) == 10
+    assert by_iou["score"].mean() == pytest.approx(s["score"], abs=1e-5)
+    assert ((by_iou["tp"] + by_iou["fn"]) == per["n_true"].sum()).all()
+    assert ((by_iou["tp"] + by_iou["fp"]) == per["n_pred"].sum()).all()
+    assert [r["tp"] for r in s["per_threshold"]] == by_iou["tp"].tolist()
     assert s["provenance"] == "1 model: provenance unknown" and "ensemble: 1 model: provenance unknown" in out
     sub = (rep / "submission.csv").read_text().splitlines()
     assert sub[0] == "id,predicted" and {line.split(",")[0] for line in sub[1:]} == set(per["id"])

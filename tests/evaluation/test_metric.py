@@ -129,3 +129,66 @@ def test_score_images_rejects_overlaps_and_unknown_ids():
         metric.score_images(truth, {"i1": [a, a2]})
     with pytest.raises(CellsegError, match="not in the truth"):
         metric.score_images(truth, {"zz": [a]})
+
+
+def test_per_threshold_counts_and_scores_a_loose_mask():
+    """One 10 x 10 cell predicted shifted by 2 columns: IoU 80 / 120 = 0.667, a match up to 0.65 only."""
+    gt = CropMask(0, 0, np.ones((10, 10), bool))
+    loose = CropMask(0, 2, np.ones((10, 10), bool))
+    extra = CropMask(15, 15, np.ones((3, 3), bool))
+    other = CropMask(12, 0, np.ones((4, 4), bool))
+    truth = {
+        "loose": _ann("loose", "cort", [gt]),
+        "missed": _ann("missed", "cort", [other]),  # a cell and no prediction: FN everywhere
+        "empty": _ann("empty", "astro", []),  # no cells, no predictions: 1.0 at every threshold
+    }
+    rep = metric.score_images(truth, {"loose": [loose, extra]})
+    per = rep.per_threshold
+    assert list(per.columns) == metric.THRESHOLD_COLUMNS and list(per["iou"]) == list(metric.THRESHOLDS)
+    matched = per["iou"] < 0.667
+    assert list(per["tp"]) == [1 if m else 0 for m in matched]
+    assert list(per["fp"]) == [1 if m else 2 for m in matched]  # the extra square, and the loose one past 0.65
+    assert list(per["fn"]) == [1 if m else 2 for m in matched]
+    # loose image: TP / (1 cell + 2 predictions - TP) = 1 / 2 while matched, else 0; missed: 0; empty: 1
+    expected = [(1 / 2 + 0 + 1) / 3 if m else 1 / 3 for m in matched]
+    assert per["score"].tolist() == pytest.approx(expected)
+    assert rep.score == pytest.approx(per["score"].mean())
+    assert rep.to_json()["per_threshold"][3] == {"iou": 0.65, "tp": 1, "fp": 1, "fn": 1, "score": pytest.approx(1 / 2)}
+    table = rep.threshold_table().splitlines()
+    assert len(table) == 12 and table[-1].split() == ["mean", f"{rep.score:.4f}"]
+
+
+def test_per_threshold_scores_average_to_the_score():
+    rng = np.random.default_rng(3)
+    truth, preds = {}, {}
+    for k in range(6):
+        cells = [CropMask(int(y), int(x), rng.random((6, 6)) > 0.2) for y, x in rng.integers(0, 30, (4, 2))]
+        gt = _disjoint(cells, 40, 40)
+        pred = _disjoint(
+            [CropMask(c.top + int(rng.integers(-1, 2)), c.left + 1, c.mask) for c in gt[: k % 4 + 1]], 40, 40
+        )
+        truth[f"i{k}"] = _ann(f"i{k}", "shsy5y", gt, 40, 40)
+        preds[f"i{k}"] = pred
+    rep = metric.score_images(truth, preds)
+    assert rep.score == pytest.approx(rep.per_threshold["score"].mean(), abs=1e-12)
+    n_true = int(rep.per_image["n_true"].sum())
+    n_pred = int(rep.per_image["n_pred"].sum())
+    assert ((rep.per_threshold["tp"] + rep.per_threshold["fn"]) == n_true).all()
+    assert ((rep.per_threshold["tp"] + rep.per_threshold["fp"]) == n_pred).all()
+    assert rep.per_threshold["tp"].is_monotonic_decreasing and rep.per_threshold["tp"].iloc[0] > 0
+
+
+def _disjoint(crops, h, w):
+    """The crops clipped to (h, w) with earlier ones keeping contested pixels (no overlaps, none empty)."""
+    taken = np.zeros((h, w), bool)
+    out = []
+    for c in crops:
+        full = np.zeros((h, w), bool)
+        y0, x0 = max(c.top, 0), max(c.left, 0)
+        sub = c.mask[y0 - c.top :, x0 - c.left :]
+        full[y0 : y0 + sub.shape[0], x0 : x0 + sub.shape[1]] = sub[: h - y0, : w - x0]
+        full &= ~taken
+        if full.any():
+            taken |= full
+            out.append(CropMask(0, 0, full).tight())
+    return out

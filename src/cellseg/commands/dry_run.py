@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--report",
         type=Path,
         default=Path("dry-run"),
-        help="report folder: submission.csv, per_image.csv, overlays/, score_by_class.png, summary.json",
+        help="report folder: submission.csv, per_image.csv, per_threshold.csv, overlays/, score_by_class.png, "
+        "summary.json",
     )
     p.add_argument("--time-budget", default=None, metavar="DURATION", help="as for `cellseg predict`")
     add_device(p)

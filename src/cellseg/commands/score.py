@@ -23,7 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="score only the images whose PNG is in this folder (default: every image in the truth)",
     )
     p.add_argument("--fill-holes", action="store_true", help="fill holes of the ground-truth masks first")
-    p.add_argument("--json", action="store_true", help="print one JSON object: score, per_class, images")
+    p.add_argument("--json", action="store_true", help="print one JSON object: score, per_class, images, per_threshold")
+    p.add_argument(
+        "--by-threshold",
+        action="store_true",
+        help="also print TP, FP, FN and the score at each IoU threshold 0.50-0.95: where the score is lost "
+        "(missed or extra cells lower every row; loose masks lower the high thresholds)",
+    )
     p.add_argument(
         "--strict",
         action="store_true",
@@ -58,4 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json()))
     else:
         print(report.table())
+        if args.by_threshold:
+            print()
+            print(report.threshold_table())
     return 0

@@ -10,8 +10,9 @@ decoded and scored. The report folder receives::
     overlays/NN_<id>.png  image with truth (green) and prediction (magenta) contours, unmatched cells
                           hatched, and a legend saying so (cellseg.plot.save_overlay), worst first
     score_by_class.png    bar chart of the score per cell type
+    per_threshold.csv     iou, tp, fp, fn, score at each IoU threshold 0.50-0.95 (where the score is lost)
     summary.json          provenance (the ensemble's training data in one line), score, per_class, images,
-                          device, seconds per image, projected runtime
+                          per_threshold, device, seconds per image, projected runtime
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def dry_run(
     scores = score_images(truth, preds)
     per_image = per_image_table(scores, run)
     per_image.to_csv(report / "per_image.csv", index=False, float_format="%.5f")
+    scores.per_threshold.to_csv(report / "per_threshold.csv", index=False, float_format="%.5f")
     write_overlays(report / "overlays", paths, per_image.head(overlays), truth, preds)
     plot.score_by_class(
         scores.per_class, per_image["cell_type"].value_counts().to_dict(), report / "score_by_class.png"
@@ -162,6 +164,7 @@ def run_summary(manifest: Manifest, scores: ScoreReport, run: RunResult, per_ima
         "score": scores.score,
         "per_class": scores.per_class,
         "images": len(per_image),
+        "per_threshold": scores.per_threshold_records(),
         "device": run.device,
         "views": run.views,
         "models": run.models,
