@@ -97,12 +97,7 @@ def threshold_scores(tp: np.ndarray, n_gt: int, n_pred: int) -> np.ndarray:
 
 def score_from_ious(ious: np.ndarray, n_gt: int, n_pred: int) -> float:
     """Image score from the IoUs of intersecting pairs (see module docstring)."""
-    if n_gt == 0 and n_pred == 0:
-        return 1.0
-    if n_gt == 0 or n_pred == 0:
-        return 0.0
-    tp = true_positives(ious)
-    return float(np.mean(tp / (n_gt + n_pred - tp)))
+    return float(np.mean(threshold_scores(true_positives(ious), n_gt, n_pred)))
 
 
 def image_score(gt: np.ndarray, pred: np.ndarray, n_gt: int | None = None, n_pred: int | None = None) -> float:
@@ -200,8 +195,9 @@ def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> Sco
         ious = matched_ious(gt, pr, n_gt, n_pred)
         tp = true_positives(ious)
         counts += np.stack([tp, n_pred - tp, n_gt - tp])
-        at_threshold += threshold_scores(tp, n_gt, n_pred)
-        rows.append((image_id, ann.cell_type, score_from_ious(ious, n_gt, n_pred), n_gt, n_pred))
+        image = threshold_scores(tp, n_gt, n_pred)
+        at_threshold += image
+        rows.append((image_id, ann.cell_type, float(np.mean(image)), n_gt, n_pred))
     per_image = pd.DataFrame(rows, columns=["id", "cell_type", "score", "n_true", "n_pred"])
     per_class = {ct: float(g["score"].mean()) for ct, g in per_image.groupby("cell_type", sort=True)}
     score = float(per_image["score"].mean()) if len(per_image) else 0.0
