@@ -144,7 +144,7 @@ def test_per_threshold_counts_and_scores_a_loose_mask():
     }
     rep = metric.score_images(truth, {"loose": [loose, extra]})
     per = rep.per_threshold
-    assert list(per.columns) == metric.THRESHOLD_COLUMNS and list(per["iou"]) == list(metric.THRESHOLDS)
+    assert list(per.columns) == ["iou", "tp", "fp", "fn", "score"] and list(per["iou"]) == list(metric.THRESHOLDS)
     matched = per["iou"] < 0.667
     assert list(per["tp"]) == [1 if m else 0 for m in matched]
     assert list(per["fp"]) == [1 if m else 2 for m in matched]  # the extra square, and the loose one past 0.65

@@ -181,8 +181,9 @@ def _plan(
     """Draw the types, samples and ids, and one render task per image (paths under ``tmp``).
 
     ``render``: :func:`make_image`'s keyword arguments for every image (``zoom``, ``look``,
-    ``neurites``, ``label_margin``; default: its defaults). Returns ``(tasks, train_meta, train_ids, test_ids)``; tasks are :func:`_job`'s arguments,
-    train images first, then test, then semi-supervised.
+    ``neurites``, ``label_margin``; default: its defaults). Returns ``(tasks, train_meta, train_ids,
+    test_ids)``; tasks are :func:`_job`'s arguments, train images first, then test, then
+    semi-supervised.
     """
     render = render or {}
     seqs = np.random.SeedSequence(seed).spawn(1 + train_images + test_images + semi_images)

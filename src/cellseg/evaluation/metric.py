@@ -30,8 +30,6 @@ from cellseg.data.masks import CropMask, label_image
 from cellseg.errors import CellsegError
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
-#: columns of :attr:`ScoreReport.per_threshold`
-THRESHOLD_COLUMNS = ["iou", "tp", "fp", "fn", "score"]
 
 
 def matched_pairs(
@@ -119,14 +117,14 @@ class ScoreReport:
     predictions), sorted; callers warn about them (``cellseg score``) or refuse them (``--strict``).
     ``per_threshold``: one row per IoU threshold (columns iou, tp, fp, fn summed over images, and
     score: the mean over images of TP / (TP + FP + FN) at that threshold); ``score`` is the mean of
-    its score column. Empty when not computed.
+    its score column.
     """
 
     score: float
     per_class: dict[str, float]
     per_image: pd.DataFrame
+    per_threshold: pd.DataFrame
     missing: list[str] = field(default_factory=list)
-    per_threshold: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=THRESHOLD_COLUMNS))
 
     @property
     def images(self) -> int:
@@ -211,4 +209,4 @@ def score_images(truth: Mapping, preds: Mapping[str, Sequence[CropMask]]) -> Sco
             "score": at_threshold / max(len(rows), 1),
         }
     )
-    return ScoreReport(score, per_class, per_image, missing, per_threshold)
+    return ScoreReport(score, per_class, per_image, per_threshold, missing)
