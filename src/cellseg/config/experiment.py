@@ -88,6 +88,11 @@ class ModelConfig:
     #: box head width (torchvision: 1024) and mask head depth (torchvision: 4 convs).
     box_head_dim: int = 1024
     mask_head_convs: int = 4
+    #: mask loss of training: ``bce`` (torchvision's binary cross-entropy on each positive proposal's
+    #: M x M mask) or ``bce+dice``, which adds a soft Dice term on the same masks as its own loss,
+    #: ``loss_mask_dice`` (weighted by ``train.loss_weights`` like the others). Dice counts a cell's
+    #: pixels against its whole outline, not pixel by pixel: the IoU the metric thresholds.
+    mask_loss: Literal["bce", "bce+dice"] = "bce"
     #: Detectron2-faithful options (cellseg.detectron2.modeling; all False = plain torchvision; set by
     #: ``cellseg convert-detectron2``). Stride of each ResNet stage's first block on its 1x1 conv
     #: (Detectron2 ``RESNETS.STRIDE_IN_1X1``, MSRA-style weights) instead of the 3x3 conv.

@@ -14,6 +14,7 @@ by ``ModelConfig.detectron2_inference``), and the lean training targets of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -291,11 +292,13 @@ def build_roi_heads(cfg: ModelConfig, training_forward: TrainingForward | None =
     )
 
 
-def _training_parts() -> tuple[AnchorMatching, TrainingForward]:
+def _training_parts(cfg: ModelConfig) -> tuple[AnchorMatching, TrainingForward]:
     """The lean training targets (:mod:`cellseg.model.targets`, imported here only: a model built
-    for inference never loads the training-loss code)."""
+    for inference never loads the training-loss code), with ``cfg.mask_loss``'s Dice term."""
     from cellseg.model import targets
 
+    if cfg.mask_loss == "bce+dice":
+        return targets.chunked_anchor_matching, functools.partial(targets.source_mask_forward, dice=True)
     return targets.chunked_anchor_matching, targets.source_mask_forward
 
 
@@ -306,7 +309,7 @@ def build_model(cfg: ModelConfig, training_targets: bool = True) -> MaskRCNN:
     :mod:`cellseg.model.targets` (False: torchvision's; inference is the same either way, and
     :func:`cellseg.model.checkpoint.load_model` builds with False).
     """
-    anchor_matching, training_forward = _training_parts() if training_targets else (None, None)
+    anchor_matching, training_forward = _training_parts(cfg) if training_targets else (None, None)
     # random initialisation in torchvision's order (backbone, RoI heads, RPN head): a seed gives the same weights
     backbone = build_backbone(cfg)
     roi_heads = build_roi_heads(cfg, training_forward)

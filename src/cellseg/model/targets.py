@@ -141,15 +141,16 @@ def project_masks(
     return out
 
 
-def mask_rcnn_loss(
+def mask_logits_and_targets(
     mask_logits: Tensor,
     proposals: list[Tensor],
     gt_masks: list[Tensor],
     gt_labels: list[Tensor],
     matched_idxs: list[Tensor],
     image_sizes: list[tuple[int, int]],
-) -> Tensor:
-    """torchvision's ``maskrcnn_loss`` with targets from :func:`project_masks`.
+) -> tuple[Tensor, Tensor]:
+    """Each positive proposal's mask logits for its ground truth's class, and its target from
+    :func:`project_masks` (torchvision's ``maskrcnn_loss`` inputs).
 
     Args:
         mask_logits: (P, C, M, M) logits of the positive proposals of all images.
@@ -159,7 +160,7 @@ def mask_rcnn_loss(
         matched_idxs: per image (P_i,) int64 index of each proposal's ground truth.
         image_sizes: per image (H, W) of the network input.
     Returns:
-        scalar: mean binary cross-entropy over the logits of each proposal's class.
+        (P, M, M) float32 logits and (P, M, M) float32 targets in [0, 1].
     """
     size = mask_logits.shape[-1]
     labels = torch.cat([lab[idx] for lab, idx in zip(gt_labels, matched_idxs)], dim=0)
@@ -167,10 +168,50 @@ def mask_rcnn_loss(
         [project_masks(m, p, i, s, size) for m, p, i, s in zip(gt_masks, proposals, matched_idxs, image_sizes)],
         dim=0,
     )
+    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
+    return logits.float(), targets  # fp32 as autocast would
+
+
+def mask_rcnn_loss(
+    mask_logits: Tensor,
+    proposals: list[Tensor],
+    gt_masks: list[Tensor],
+    gt_labels: list[Tensor],
+    matched_idxs: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+) -> Tensor:
+    """torchvision's ``maskrcnn_loss`` with targets from :func:`project_masks` (arguments as
+    :func:`mask_logits_and_targets`).
+
+    Returns:
+        scalar: mean binary cross-entropy over the logits of each proposal's class (0 with no proposal).
+    """
+    logits, targets = mask_logits_and_targets(mask_logits, proposals, gt_masks, gt_labels, matched_idxs, image_sizes)
     if targets.numel() == 0:
         return mask_logits.sum() * 0
-    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(logits.float(), targets)  # fp32 as autocast would
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def soft_dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
+    """Mean over masks of 1 - soft Dice(sigmoid(logits), targets) (Milletari et al. 2016).
+
+    Each mask counts once, whatever its size, and its pixels against its whole outline: the overlap
+    the metric thresholds, where binary cross-entropy weighs every pixel alone.
+
+    Args:
+        logits: (P, M, M) mask logits.
+        targets: (P, M, M) targets in [0, 1].
+        smooth: added to the numerator and the denominator (an empty target and an empty prediction
+            give Dice 1, and the gradient stays finite).
+    Returns:
+        scalar in [0, 1): 0 when every mask matches its target; 0 (with a gradient) when P = 0.
+    """
+    if targets.numel() == 0:
+        return logits.sum() * 0
+    probs = torch.sigmoid(logits).flatten(1)
+    targets = targets.flatten(1)
+    dice = (2 * (probs * targets).sum(1) + smooth) / (probs.sum(1) + targets.sum(1) + smooth)
+    return (1 - dice).mean()
 
 
 def source_mask_forward(
@@ -179,10 +220,12 @@ def source_mask_forward(
     proposals: list[Tensor],
     image_shapes: list[tuple[int, int]],
     targets: list[dict[str, Tensor]],
+    dice: bool = False,
 ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
     """Training forward of a torchvision ``RoIHeads`` (``heads``, with a mask branch) whose mask loss
     comes from :func:`mask_rcnn_loss`: ground-truth masks at any resolution, no full-stack float copy.
-    Sampling, box loss and the returned loss keys are torchvision's.
+    Sampling, box loss and the returned loss keys are torchvision's; ``dice`` adds
+    ``loss_mask_dice``, :func:`soft_dice_loss` on the same masks (``model.mask_loss: bce+dice``).
 
     The ``training_forward`` of :class:`cellseg.model.parts.MaskRoIHeads`.
     """
@@ -195,7 +238,7 @@ def source_mask_forward(
     pos_matched = [m[i] for m, i in zip(matched_idxs, positive)]
     mask_features = heads.mask_head(heads.mask_roi_pool(features, mask_proposals, image_shapes))
     mask_logits = heads.mask_predictor(mask_features)
-    loss_mask = mask_rcnn_loss(
+    logits, mask_targets = mask_logits_and_targets(
         mask_logits,
         mask_proposals,
         [t["masks"] for t in targets],
@@ -203,7 +246,14 @@ def source_mask_forward(
         pos_matched,
         list(image_shapes),
     )
-    return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+    if mask_targets.numel() == 0:
+        loss_mask = mask_logits.sum() * 0
+    else:
+        loss_mask = F.binary_cross_entropy_with_logits(logits, mask_targets)
+    losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+    if dice:
+        losses["loss_mask_dice"] = soft_dice_loss(logits, mask_targets)
+    return [], losses
 
 
 def _iou_block(gt: Tensor, gt_area: Tensor, anchors: Tensor, anchor_area: Tensor) -> Tensor:

@@ -138,8 +138,9 @@ def to_device(
     return on_device, moved
 
 
-#: the loss terms of torchvision's Mask R-CNN in training mode (``train.loss_weights`` keys).
-LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+#: the loss terms of torchvision's Mask R-CNN in training mode, and ``loss_mask_dice`` of
+#: ``model.mask_loss: bce+dice`` (``train.loss_weights`` keys).
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg", "loss_mask_dice")
 
 
 def weighted_loss(loss_dict: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
