@@ -138,6 +138,7 @@ BAD_OVERRIDES = {
     "data.folds=1": ("data.folds", ">= 2"),
     "augment.hflip=1.5": ("augment.hflip", "[0, 1]"),
     "train.loss_weights={loss_mask: -1}": ("train.loss_weights.loss_mask", ">= 0"),
+    "model.mask_loss=dice": ("model.mask_loss", "'bce+dice'"),
 }
 
 

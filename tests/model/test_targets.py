@@ -187,3 +187,59 @@ def test_training_targets_cover_detectron2_options_and_keep_inference(synth_item
     with torch.no_grad():
         out = model([image])[0]
     assert out["masks"].shape[-2:] == image.shape[-2:]
+
+
+def test_soft_dice_counts_each_masks_overlap_once():
+    """1 - Dice per mask, averaged over masks: a perfect mask gives 0, a mask twice its target's area
+    (containing it) 1/3, a disjoint one ~1, and a small perfect mask weighs as much as a large wrong one."""
+    big = 20.0
+
+    def logits_of(mask):
+        return torch.where(mask > 0, big, -big)
+
+    target = torch.zeros(28, 28)
+    target[5:15, 5:15] = 1  # 100 px
+    double = torch.zeros(28, 28)
+    double[5:25, 5:15] = 1  # 200 px, containing the target
+    disjoint = torch.zeros(28, 28)
+    disjoint[18:28, 18:28] = 1
+    loss = targets.soft_dice_loss
+    assert float(loss(logits_of(target)[None], target[None])) < 1e-3
+    assert float(loss(logits_of(double)[None], target[None])) == pytest.approx(1 / 3, abs=0.01)
+    assert float(loss(logits_of(disjoint)[None], target[None])) == pytest.approx(1.0, abs=0.01)
+    small = torch.zeros(28, 28)
+    small[0:2, 0:2] = 1  # a 4 px mask drawn exactly, next to the 100 px one drawn disjoint
+    pair = loss(torch.stack([logits_of(small), logits_of(disjoint)]), torch.stack([small, target]))
+    assert float(pair) == pytest.approx(0.5, abs=0.01)  # pooled over pixels it would be ~0.96
+    none = torch.zeros(0, 28, 28, requires_grad=True)
+    empty = loss(none, torch.zeros(0, 28, 28))
+    assert float(empty.detach()) == 0.0
+    empty.backward()  # no positive proposal in a batch: still a graph to step through
+    assert none.grad is not None
+
+
+def test_bce_dice_adds_one_term_and_keeps_the_others(synth_items):
+    """``model.mask_loss: bce+dice``: the same five torchvision terms as ``bce`` (same weights, same
+    sampled RoIs) plus ``loss_mask_dice``, whose gradient reaches the mask branch and not the box head."""
+    cfg = ModelConfig(**{**TINY, "box_batch_size_per_image": 128})
+    torch.manual_seed(0)
+    plain = build_model(cfg).train()
+    dice = build_model(ModelConfig(**{**TINY, "box_batch_size_per_image": 128, "mask_loss": "bce+dice"})).train()
+    dice.load_state_dict(plain.state_dict())
+    images = [im for im, _ in synth_items]
+
+    def losses(model):
+        tgts = [{k: v.clone() for k, v in t.items() if torch.is_tensor(v)} for _, t in synth_items]
+        torch.manual_seed(1)
+        return model(images, tgts)
+
+    want, got = losses(plain), losses(dice)
+    assert set(got) == set(want) | {"loss_mask_dice"}
+    for k in want:
+        assert float(got[k].detach()) == pytest.approx(float(want[k].detach()), rel=1e-6), k
+    assert 0.05 < float(got["loss_mask_dice"].detach()) < 1.0
+    got["loss_mask_dice"].backward()
+    mask_grad = dice.roi_heads.mask_predictor.mask_fcn_logits.weight.grad
+    assert mask_grad is not None and float(mask_grad.abs().sum()) > 0
+    box_grad = dice.roi_heads.box_predictor.cls_score.weight.grad
+    assert box_grad is None or float(box_grad.abs().sum()) == 0
