@@ -179,17 +179,23 @@ def mask_rcnn_loss(
     gt_labels: list[Tensor],
     matched_idxs: list[Tensor],
     image_sizes: list[tuple[int, int]],
-) -> Tensor:
+    dice: bool = False,
+) -> dict[str, Tensor]:
     """torchvision's ``maskrcnn_loss`` with targets from :func:`project_masks` (arguments as
-    :func:`mask_logits_and_targets`).
+    :func:`mask_logits_and_targets`), and with ``dice`` :func:`soft_dice_loss` on the same masks.
 
     Returns:
-        scalar: mean binary cross-entropy over the logits of each proposal's class (0 with no proposal).
+        ``loss_mask``: the mean binary cross-entropy over the logits of each proposal's class (0 with
+        no proposal); with ``dice`` also ``loss_mask_dice``. Scalars.
     """
     logits, targets = mask_logits_and_targets(mask_logits, proposals, gt_masks, gt_labels, matched_idxs, image_sizes)
     if targets.numel() == 0:
-        return mask_logits.sum() * 0
-    return F.binary_cross_entropy_with_logits(logits, targets)
+        loss = mask_logits.sum() * 0
+    else:
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+    if not dice:
+        return {"loss_mask": loss}
+    return {"loss_mask": loss, "loss_mask_dice": soft_dice_loss(logits, targets)}
 
 
 def soft_dice_loss(logits: Tensor, targets: Tensor, smooth: float = 1.0) -> Tensor:
@@ -225,7 +231,7 @@ def source_mask_forward(
     """Training forward of a torchvision ``RoIHeads`` (``heads``, with a mask branch) whose mask loss
     comes from :func:`mask_rcnn_loss`: ground-truth masks at any resolution, no full-stack float copy.
     Sampling, box loss and the returned loss keys are torchvision's; ``dice`` adds
-    ``loss_mask_dice``, :func:`soft_dice_loss` on the same masks (``model.mask_loss: bce+dice``).
+    ``loss_mask_dice`` (``model.mask_loss: bce+dice``).
 
     The ``training_forward`` of :class:`cellseg.model.parts.MaskRoIHeads`.
     """
@@ -238,22 +244,16 @@ def source_mask_forward(
     pos_matched = [m[i] for m, i in zip(matched_idxs, positive)]
     mask_features = heads.mask_head(heads.mask_roi_pool(features, mask_proposals, image_shapes))
     mask_logits = heads.mask_predictor(mask_features)
-    logits, mask_targets = mask_logits_and_targets(
+    mask_losses = mask_rcnn_loss(
         mask_logits,
         mask_proposals,
         [t["masks"] for t in targets],
         [t["labels"] for t in targets],
         pos_matched,
         list(image_shapes),
+        dice=dice,
     )
-    if mask_targets.numel() == 0:
-        loss_mask = mask_logits.sum() * 0
-    else:
-        loss_mask = F.binary_cross_entropy_with_logits(logits, mask_targets)
-    losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
-    if dice:
-        losses["loss_mask_dice"] = soft_dice_loss(logits, mask_targets)
-    return [], losses
+    return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **mask_losses}
 
 
 def _iou_block(gt: Tensor, gt_area: Tensor, anchors: Tensor, anchor_area: Tensor) -> Tensor:
