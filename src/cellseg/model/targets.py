@@ -141,37 +141,6 @@ def project_masks(
     return out
 
 
-def mask_logits_and_targets(
-    mask_logits: Tensor,
-    proposals: list[Tensor],
-    gt_masks: list[Tensor],
-    gt_labels: list[Tensor],
-    matched_idxs: list[Tensor],
-    image_sizes: list[tuple[int, int]],
-) -> tuple[Tensor, Tensor]:
-    """Each positive proposal's mask logits for its ground truth's class, and its target from
-    :func:`project_masks` (torchvision's ``maskrcnn_loss`` inputs).
-
-    Args:
-        mask_logits: (P, C, M, M) logits of the positive proposals of all images.
-        proposals: per image (P_i, 4) positive proposals in the input frame.
-        gt_masks: per image (N_i, h_i, w_i) uint8/bool masks (any resolution; see project_masks).
-        gt_labels: per image (N_i,) int64 classes.
-        matched_idxs: per image (P_i,) int64 index of each proposal's ground truth.
-        image_sizes: per image (H, W) of the network input.
-    Returns:
-        (P, M, M) float32 logits and (P, M, M) float32 targets in [0, 1].
-    """
-    size = mask_logits.shape[-1]
-    labels = torch.cat([lab[idx] for lab, idx in zip(gt_labels, matched_idxs)], dim=0)
-    targets = torch.cat(
-        [project_masks(m, p, i, s, size) for m, p, i, s in zip(gt_masks, proposals, matched_idxs, image_sizes)],
-        dim=0,
-    )
-    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
-    return logits.float(), targets  # fp32 as autocast would
-
-
 def mask_rcnn_loss(
     mask_logits: Tensor,
     proposals: list[Tensor],
@@ -181,14 +150,28 @@ def mask_rcnn_loss(
     image_sizes: list[tuple[int, int]],
     dice: bool = False,
 ) -> dict[str, Tensor]:
-    """torchvision's ``maskrcnn_loss`` with targets from :func:`project_masks` (arguments as
-    :func:`mask_logits_and_targets`), and with ``dice`` :func:`soft_dice_loss` on the same masks.
+    """torchvision's ``maskrcnn_loss`` with targets from :func:`project_masks`, and with ``dice``
+    :func:`soft_dice_loss` on the same masks.
 
+    Args:
+        mask_logits: (P, C, M, M) logits of the positive proposals of all images.
+        proposals: per image (P_i, 4) positive proposals in the input frame.
+        gt_masks: per image (N_i, h_i, w_i) uint8/bool masks (any resolution; see project_masks).
+        gt_labels: per image (N_i,) int64 classes.
+        matched_idxs: per image (P_i,) int64 index of each proposal's ground truth.
+        image_sizes: per image (H, W) of the network input.
+        dice: also return ``loss_mask_dice``.
     Returns:
         ``loss_mask``: the mean binary cross-entropy over the logits of each proposal's class (0 with
         no proposal); with ``dice`` also ``loss_mask_dice``. Scalars.
     """
-    logits, targets = mask_logits_and_targets(mask_logits, proposals, gt_masks, gt_labels, matched_idxs, image_sizes)
+    size = mask_logits.shape[-1]
+    labels = torch.cat([lab[idx] for lab, idx in zip(gt_labels, matched_idxs)], dim=0)
+    targets = torch.cat(
+        [project_masks(m, p, i, s, size) for m, p, i, s in zip(gt_masks, proposals, matched_idxs, image_sizes)],
+        dim=0,
+    )
+    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].float()  # fp32 as autocast would
     if targets.numel() == 0:
         loss = mask_logits.sum() * 0
     else:
