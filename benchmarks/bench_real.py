@@ -15,7 +15,9 @@ training runs at the ``suggested_input_scale`` that ``import-labels`` records (0
 ``augment.crop_size`` divided by it (the model still sees 256 x 256 crops); ``--scale native`` trains
 at the config's own scale (the 0.106 row of benchmarks/README.md).
 
-``--run DIR`` scores an already trained run folder instead of training; ``--train-data DIR`` trains
+``--train-tile HxW`` cuts the training sets into tiles of that size instead (1022x1024: Usiigaci's
+images whole, the recipe of docs/TRAINING.md's "The 0.30 of the goal"); the held-out sets stay 520 x 704
+tiles, so scores compare. ``--run DIR`` scores an already trained run folder instead of training; ``--train-data DIR`` trains
 on another competition-layout folder (e.g. ``cellseg synth --cell-zoom 2 --look optics`` output: the transfer
 measurement). ``--one-class`` gives every training row ``--cell-type``, so a synthetic-trained model has
 one class like the real run's (trained on the synthetic set's three types, one run voted ``cort`` on 59
@@ -46,6 +48,7 @@ from pathlib import Path
 from machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TILE = "520x704"  # import-labels' default: the competition's image size
 sys.path.insert(0, str(ROOT / "src"))
 
 
@@ -54,13 +57,16 @@ def _cellseg(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cellseg", *args], check=True, env=env)
 
 
-def _import(src: Path, out: Path, sets: str, cell_type: str) -> dict:
-    """Import ``sets`` of ``src`` into ``out`` unless an import with the median cell area is there;
-    returns its marker (an import made before the median was recorded is redone)."""
+def _import(src: Path, out: Path, sets: str, cell_type: str, tile: str = DEFAULT_TILE) -> dict:
+    """Import ``sets`` of ``src`` into ``out``, cut into ``tile`` (HxW) tiles, unless an import with the
+    median cell area and that tile size is there; returns its marker (an import made before the median
+    was recorded, or with another tile size, is redone)."""
     marker = out / "cellseg-import.json"
     data = json.loads(marker.read_text()) if marker.is_file() else {}
-    if "suggested_input_scale" not in data:
-        _cellseg("import-labels", str(src), "--out", str(out), "--samples", sets, "--cell-type", cell_type)
+    want = [int(v) for v in tile.lower().split("x")]
+    if "suggested_input_scale" not in data or data.get("tile", want) != want:
+        _cellseg("import-labels", str(src), "--out", str(out), "--samples", sets, "--cell-type", cell_type,
+                 "--tile", tile, *(["--force"] if data else []))  # fmt: skip
         data = json.loads(marker.read_text())
     return data
 
@@ -193,7 +199,7 @@ def _score_adapted(
     """Export ``run`` with ``--adapt-bn`` on the training tiles' images and score the held-out tiles
     (summary keys ``adapted``, ``adapted_over_trained``); returns the line to print."""
     if args.run is not None:
-        _import(args.src, train_data, args.train_sets, args.cell_type)
+        _import(args.src, train_data, args.train_sets, args.cell_type, args.train_tile)
     adapted = args.work / "weights-adapted"
     _cellseg(
         "export", str(run / "last.pth"), "--out", str(adapted), "--force", "--adapt-bn", str(train_data / "train"),
@@ -213,6 +219,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="CPU training steps (default 600)")
     p.add_argument("--train-sets", default="1-30")
     p.add_argument("--test-sets", default="31-45")
+    p.add_argument(
+        "--train-tile",
+        default=DEFAULT_TILE,
+        metavar="HxW",
+        help="tile size of the imported training sets (default 520x704, as the held-out tiles); 1022x1024 keeps "
+        "Usiigaci's images whole: 2.9x the pixels and cells per step for about 1.3x its time (docs/TRAINING.md)",
+    )
     p.add_argument("--cell-type", default="astro", help="cell_type given to the imported rows (default astro)")
     p.add_argument("--run", type=Path, default=None, help="score this trained run folder (its last.pth); no training")
     p.add_argument(
@@ -270,10 +283,13 @@ def main() -> None:
     data = train_data  # what the model trained on (with --run: the imported train sets)
     if run is None:
         folders = [train_data if str(f) == "usiigaci" else f for f in args.train_data or ["usiigaci"]]
-        suggested = _import(args.src, train_data, args.train_sets, args.cell_type)["suggested_input_scale"]
+        suggested = _import(args.src, train_data, args.train_sets, args.cell_type, args.train_tile)[
+            "suggested_input_scale"
+        ]
         scales = {"auto": suggested, "native": 1.0}
         args.input_scale = float(scales.get(args.scale, args.scale))
         summary["input_scale"] = args.input_scale
+        summary["train_tile"] = args.train_tile
         one_class = args.cell_type if args.one_class else None
         merge = len(folders) > 1 or one_class is not None
         data = _merge(folders, work / "train-merged", one_class) if merge else folders[0]
@@ -298,7 +314,7 @@ def main() -> None:
     tuned_line = ""
     if args.tune:
         if args.run is not None:
-            _import(args.src, train_data, args.train_sets, args.cell_type)
+            _import(args.src, train_data, args.train_sets, args.cell_type, args.train_tile)
         tuned, seconds = _tune_on_train(data, weights, work)
         summary["tune_seconds"] = round(seconds, 1)
         summary["tuned_on_train"] = _score("tuned on the training tiles", test_data, tuned, work / "report-tuned")
