@@ -224,7 +224,7 @@ def main() -> None:
         default=DEFAULT_TILE,
         metavar="HxW",
         help="tile size of the imported training sets (default 520x704, as the held-out tiles); 1022x1024 keeps "
-        "Usiigaci's images whole: 2.9x the pixels and cells per step for about 1.3x its time (docs/TRAINING.md)",
+        "Usiigaci's images whole: 2.9x the pixels and 2.4x the cells per step, for 1.9x the time (docs/TRAINING.md)",
     )
     p.add_argument("--cell-type", default="astro", help="cell_type given to the imported rows (default astro)")
     p.add_argument("--run", type=Path, default=None, help="score this trained run folder (its last.pth); no training")
