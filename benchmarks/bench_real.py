@@ -48,7 +48,7 @@ from pathlib import Path
 from machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TILE = "520x704"  # import-labels' default: the competition's image size
+DEFAULT_TILE = (520, 704)  # import-labels' default: the competition's image size
 sys.path.insert(0, str(ROOT / "src"))
 
 
@@ -57,16 +57,15 @@ def _cellseg(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cellseg", *args], check=True, env=env)
 
 
-def _import(src: Path, out: Path, sets: str, cell_type: str, tile: str = DEFAULT_TILE) -> dict:
-    """Import ``sets`` of ``src`` into ``out``, cut into ``tile`` (HxW) tiles, unless an import with the
+def _import(src: Path, out: Path, sets: str, cell_type: str, tile: tuple[int, int] = DEFAULT_TILE) -> dict:
+    """Import ``sets`` of ``src`` into ``out``, cut into ``tile`` (height, width) tiles, unless an import with the
     median cell area and that tile size is there; returns its marker (an import made before the median
     was recorded, or with another tile size, is redone)."""
     marker = out / "cellseg-import.json"
     data = json.loads(marker.read_text()) if marker.is_file() else {}
-    want = [int(v) for v in tile.lower().split("x")]
-    if "suggested_input_scale" not in data or data.get("tile", want) != want:
+    if "suggested_input_scale" not in data or data.get("tile", list(tile)) != list(tile):
         _cellseg("import-labels", str(src), "--out", str(out), "--samples", sets, "--cell-type", cell_type,
-                 "--tile", tile, *(["--force"] if data else []))  # fmt: skip
+                 "--tile", "x".join(map(str, tile)), *(["--force"] if data else []))  # fmt: skip
         data = json.loads(marker.read_text())
     return data
 
@@ -212,6 +211,8 @@ def _score_adapted(
 
 
 def main() -> None:
+    from cellseg.commands.import_labels import parse_tile
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "usiigaci")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-real"))
@@ -221,6 +222,7 @@ def main() -> None:
     p.add_argument("--test-sets", default="31-45")
     p.add_argument(
         "--train-tile",
+        type=parse_tile,
         default=DEFAULT_TILE,
         metavar="HxW",
         help="tile size of the imported training sets (default 520x704, as the held-out tiles); 1022x1024 keeps "
@@ -289,7 +291,7 @@ def main() -> None:
         scales = {"auto": suggested, "native": 1.0}
         args.input_scale = float(scales.get(args.scale, args.scale))
         summary["input_scale"] = args.input_scale
-        summary["train_tile"] = args.train_tile
+        summary["train_tile"] = list(args.train_tile)
         one_class = args.cell_type if args.one_class else None
         merge = len(folders) > 1 or one_class is not None
         data = _merge(folders, work / "train-merged", one_class) if merge else folders[0]

@@ -69,9 +69,9 @@ def test_a_training_import_with_another_tile_size_is_redone(tmp_path: Path, monk
     out = tmp_path / "usi-train"
     whole = bench_real._import(FIXTURE, out, "31-31", "astro")
     assert whole["tile"] == [520, 704] and whole["tiles"] == 1
-    cut = bench_real._import(FIXTURE, out, "31-31", "astro", "64x96")
+    cut = bench_real._import(FIXTURE, out, "31-31", "astro", (64, 96))
     assert cut["tile"] == [64, 96] and cut["tiles"] == 4
     assert len(list((out / "train").glob("*.png"))) == 4
     stamp = (out / "cellseg-import.json").stat().st_mtime_ns
-    assert bench_real._import(FIXTURE, out, "31-31", "astro", "64x96") == cut  # the same size: kept, not redone
+    assert bench_real._import(FIXTURE, out, "31-31", "astro", (64, 96)) == cut  # the same size: kept, not redone
     assert (out / "cellseg-import.json").stat().st_mtime_ns == stamp

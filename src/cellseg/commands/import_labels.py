@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 
-def _tile(text: str) -> tuple[int, int]:
+def parse_tile(text: str) -> tuple[int, int]:
+    """``HxW`` (e.g. ``520x704``) as (height, width); an argparse type (benchmarks/bench_real.py uses it too)."""
     h, sep, w = text.lower().partition("x")
     if not sep or not h.isdigit() or not w.isdigit() or int(h) < 1 or int(w) < 1:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 520x704, got {text!r}")
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path, help="source folder")
     p.add_argument("--out", required=True, type=Path, help="folder to create (refused when it holds other files)")
     p.add_argument("--cell-type", default="astro", help="cell_type of every row (default astro)")
-    p.add_argument("--tile", type=_tile, default=(520, 704), metavar="HxW", help="tile size (default 520x704)")
+    p.add_argument("--tile", type=parse_tile, default=(520, 704), metavar="HxW", help="tile size (default 520x704)")
     p.add_argument("--layout", default="auto", choices=["auto", "stardist", "cellpose", "folders"])
     p.add_argument("--image-name", default="raw.tif", help="image file in each sample folder (default raw.tif)")
     p.add_argument(
